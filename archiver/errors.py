@@ -1,0 +1,106 @@
+"""Error types: raised deep in the library, turned into one-line messages at the CLI and HTTP edges.
+
+Every error carries the exit code the CLI should use and the HTTP status the server should answer with,
+so the edges never have to guess from the message.
+"""
+
+from __future__ import annotations
+
+
+class ArchiverError(Exception):
+    """Base of every error this project raises on purpose. The message is one line, for a user."""
+
+    exit_code: int = 1
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(ArchiverError):
+    """The command line or the call was wrong (bad option value, incompatible options)."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class InputFileError(ArchiverError):
+    """A file the user named does not exist or cannot be read."""
+
+
+class ModelNameError(ArchiverError):
+    """The model name breaks TorchServe's naming rule."""
+
+
+class OutputExistsError(ArchiverError):
+    """The target archive exists and --force was not given; the old file is left untouched."""
+
+
+class DuplicateEntryError(ArchiverError):
+    """Two inputs would land on the same path inside the archive."""
+
+
+class ConfigError(ArchiverError):
+    """A model-config.yaml (or a server config file) is not valid YAML or has keys of the wrong type."""
+
+
+class ManifestError(ArchiverError):
+    """MAR-INF/MANIFEST.json is missing, not JSON, or has fields of the wrong type."""
+
+
+class ArchiveFormatError(ArchiverError):
+    """The file is not a readable archive: not a zip or tgz, truncated, or corrupt."""
+
+
+class UnsafeArchiveError(ArchiveFormatError):
+    """The archive tries something hostile: path traversal, links, devices, duplicates, a bomb."""
+
+
+class IntegrityError(ArchiverError):
+    """A file's bytes do not match the sha256 or size the manifest records, or a listed file is absent."""
+
+
+class ExportError(ArchiverError):
+    """A model could not be traced, scripted or exported, or the result disagrees with the eager model."""
+
+
+class HandlerError(ArchiverError):
+    """A handler cannot be resolved, imported or initialized."""
+
+
+class HandlerInputError(ArchiverError):
+    """One request's payload cannot be used (not an image, too many pixels, bad encoding).
+
+    Handlers raise it, or return an instance of it at that request's index, so that only that request
+    fails (HTTP 400 with this message) while the rest of the batch is answered.
+    """
+
+    http_status = 400
+
+
+class ModelNotFoundError(ArchiverError):
+    """No model (or version) of that name is registered."""
+
+    http_status = 404
+
+
+class ServiceUnavailableError(ArchiverError):
+    """The model is not ready (failed to load, no workers) or its queue is full."""
+
+    http_status = 503
+
+
+class RequestTimeoutError(ArchiverError):
+    """The model did not answer within its response timeout."""
+
+    http_status = 504
+
+
+class RequestTooLargeError(ArchiverError):
+    """The request body is over the server's size limit."""
+
+    http_status = 413
