@@ -86,15 +86,11 @@ def parse_model_config(text: str | bytes, source: str = "model-config.yaml") -> 
         if key not in _KNOWN_KEYS:
             continue  # free-form backend sections (pt2:, pippy:, …) belong to the handler
         types, minimum = _KNOWN_KEYS[key]
-        if isinstance(value, bool) and bool not in types:
-            value_ok = False
-        else:
-            value_ok = isinstance(value, types)
+        # bool is a subclass of int: `batchSize: true` must not pass as 1.
+        value_ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not value_ok:
             wanted = " or ".join(t.__name__ for t in types).replace("float", "number")
-            raise ConfigError(
-                f"{source}: {key} must be {wanted}, got {type(value).__name__} {value!r}"
-            )
+            raise ConfigError(f"{source}: {key} must be {wanted}, got {type(value).__name__} {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{source}: {key} must be >= {minimum:g}, got {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:

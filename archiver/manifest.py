@@ -122,8 +122,7 @@ class Manifest:
             out["integrity"] = {
                 "algorithm": "sha256",
                 "files": {
-                    name: {"sha256": rec.sha256, "size": rec.size}
-                    for name, rec in sorted(self.files.items())
+                    name: {"sha256": rec.sha256, "size": rec.size} for name, rec in sorted(self.files.items())
                 },
             }
         return out
@@ -152,9 +151,7 @@ class Manifest:
             if value is None:
                 continue
             if not isinstance(value, str):
-                raise ManifestError(
-                    f"{MANIFEST_PATH}: model.{json_key} must be a string, got {_kind(value)}"
-                )
+                raise ManifestError(f"{MANIFEST_PATH}: model.{json_key} must be a string, got {_kind(value)}")
             values[attr] = value
         for required in ("modelName", "handler"):
             if not model.get(required):

@@ -1,0 +1,124 @@
+"""The request and response records that pass between the HTTP layer, the batcher and a handler.
+
+They follow TorchServe's conventions, so existing handlers see the ``data`` they expect: one dict per
+request, the body under ``"body"`` (or one key per form field, conventionally ``"data"``); JSON bodies
+parsed, ``text/*`` bodies as ``str``, anything else as ``bytearray``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from archiver.errors import ArchiverError
+
+
+@dataclass
+class InferenceRequest:
+    """One client request, as a handler will see it (``params`` becomes one element of ``data``)."""
+
+    request_id: str
+    params: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    # content type per parameter name ("body", or a form field), as TorchServe passes them.
+    param_content_types: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceResponse:
+    """One answer. ``error`` is set (and ``status`` >= 400) when this request failed on its own."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    error_type: str | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+
+def decode_param(value: bytes, content_type: str | None) -> Any:
+    """TorchServe's value decoding: JSON parsed, ``text/*`` as str, everything else as bytearray.
+
+    A JSON body that does not parse is kept as raw bytes, as TorchServe does, so the handler can decide.
+    """
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    if mime == "application/json":
+        try:
+            return json.loads(value)
+        except (ValueError, UnicodeDecodeError):
+            return bytearray(value)
+    if mime.startswith("text"):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return bytearray(value)
+    return bytearray(value)
+
+
+def make_request(
+    request_id: str,
+    body: bytes,
+    content_type: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> InferenceRequest:
+    """A request whose whole body is one parameter named ``body`` (raw, JSON or text)."""
+    return InferenceRequest(
+        request_id=request_id,
+        params={"body": decode_param(body, content_type)},
+        headers=dict(headers or {}),
+        param_content_types={"body": content_type or ""},
+    )
+
+
+def encode_answer(value: Any, content_type: str | None = None) -> tuple[bytes, str]:
+    """Turn one handler answer into bytes and a content type (TorchServe's per-type rules).
+
+    bytes are sent as they are, str as UTF-8 text, anything else as indented JSON. Unlike TorchServe,
+    a content type is always set, so clients need not guess.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), content_type or "application/octet-stream"
+    if isinstance(value, str):
+        return value.encode("utf-8"), content_type or "text/plain; charset=utf-8"
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    try:
+        text = json.dumps(value, indent=2)
+    except (TypeError, ValueError) as exc:
+        raise ArchiverError(
+            f"handler returned a {type(value).__name__}, which cannot be sent as JSON: {exc}"
+        ) from exc
+    return text.encode("utf-8"), content_type or "application/json"
+
+
+def error_response(status: int, error_type: str, message: str) -> InferenceResponse:
+    """The JSON error body every failure uses: ``{"code", "type", "message"}``."""
+    body = json.dumps({"code": status, "type": error_type, "message": message}).encode("utf-8")
+    return InferenceResponse(
+        status=status,
+        body=body,
+        content_type="application/json",
+        error_type=error_type,
+        message=message,
+    )
+
+
+def response_for_exception(exc: BaseException) -> InferenceResponse:
+    """Map an exception (raised, or returned at a batch index) to its HTTP error response."""
+    if isinstance(exc, ArchiverError):
+        status = exc.http_status
+        message = exc.message
+    else:
+        status = 500
+        message = str(exc) or type(exc).__name__
+    return error_response(status, type(exc).__name__, message)
