@@ -1,0 +1,74 @@
+"""The unpack cache: each archive is unpacked once, into a folder named by the sha256 of its content.
+
+TorchServe re-extracts every archive into a fresh ``/tmp/models/<uuid>`` on every start. Here the folder
+name is the archive's content hash, so a second load (another worker, a restart) finds the folder and
+skips unpacking, and a changed archive can never be mistaken for the old one. The reader unpacks into a
+private temp folder and renames it into place only when every file passed its hash check, so a folder
+that exists under its hash is complete; two processes racing to unpack the same archive both end up
+using the one that won the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from archiver.errors import ArchiverError, UsageError
+from archiver.manifest import MANIFEST_PATH
+from archiver.reader import ArchiveReader
+
+CACHE_ENV = "MODEL_ARCHIVER_CACHE"
+_LAYOUT = "v1"  # bump when the cache's folder layout changes, so old entries are simply not found
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$MODEL_ARCHIVER_CACHE``, else ``~/.cache/model-archiver``."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "model-archiver"
+
+
+def content_key(reader: ArchiveReader) -> str:
+    """The sha256 naming an archive's cache folder: of the file's bytes, or of a folder's files."""
+    digest = hashlib.sha256(_LAYOUT.encode())
+    if reader.format == "dir":
+        # A folder has no single byte stream; hash every file's name and content, in sorted order.
+        for name in reader.files():
+            digest.update(name.encode("utf-8") + b"\0")
+            with open(reader.path.joinpath(*name.split("/")), "rb") as stream:
+                while chunk := stream.read(_CHUNK):
+                    digest.update(chunk)
+            digest.update(b"\0")
+    else:
+        with open(reader.path, "rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unpack_cached(reader: ArchiveReader, cache_dir: str | Path | None = None) -> tuple[Path, bool]:
+    """The folder holding ``reader``'s files, unpacking it first if needed; and whether it unpacked."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    models = root / "models"
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArchiverError(f"cannot create the model cache folder {models}: {exc.strerror}") from exc
+    target = models / content_key(reader)
+    if _complete(target):
+        return target, False
+    try:
+        reader.extract(target)
+    except (OSError, UsageError):
+        # Another process renamed its copy into place first; theirs is as good as ours.
+        if _complete(target):
+            return target, False
+        raise
+    return target, True
+
+
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and (folder / MANIFEST_PATH).is_file()
