@@ -60,6 +60,10 @@ class UnsafeArchiveError(ArchiveFormatError):
     """The archive tries something hostile: path traversal, links, devices, duplicates, a bomb."""
 
 
+class MemberNotFoundError(ArchiverError, KeyError):
+    """The archive has no file of that name (also a KeyError, so ``except KeyError`` works)."""
+
+
 class IntegrityError(ArchiverError):
     """A file's bytes do not match the sha256 or size the manifest records, or a listed file is absent."""
 

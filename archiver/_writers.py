@@ -1,0 +1,214 @@
+"""Write a planned archive's bytes as a zip, a tar.gz or a folder, streaming and hashing every file once.
+
+Output is reproducible: entries in sorted order, fixed permissions (0644 files, 0755 folders), owner 0,
+and every timestamp from SOURCE_DATE_EPOCH when it is set. The manifest is written last, because it
+carries the hashes of everything before it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from archiver.errors import InputFileError
+from archiver.manifest import MANIFEST_PATH, FileRecord, Manifest
+
+CHUNK_BYTES = 1 << 20
+# Deflating float weights costs much time and saves a few percent: these are stored as they are.
+STORED_SUFFIXES = (".pt", ".pt2", ".pth", ".bin", ".safetensors", ".onnx")
+Progress = Callable[[int], None]
+
+
+def source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH as an int, or None when unset (see reproducible-builds.org)."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    return int(value) if value else None
+
+
+def _zip_time(epoch: float) -> tuple[int, int, int, int, int, int]:
+    # Zip cannot record dates before 1980; clamp instead of failing.
+    return time.gmtime(max(epoch, 315532800))[:6]
+
+
+def _chunks(source: Path, expected: int, arcname: str, on_progress: Progress | None) -> Iterator[bytes]:
+    size = 0
+    with open(source, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            size += len(chunk)
+            if on_progress is not None:
+                on_progress(len(chunk))
+            yield chunk
+    if size != expected:
+        raise InputFileError(f"{source} changed while it was being archived ({expected} → {size} bytes)")
+
+
+def _copy(
+    source: Path, expected: int, arcname: str, sink: BinaryIO, on_progress: Progress | None
+) -> FileRecord:
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in _chunks(source, expected, arcname, on_progress):
+        digest.update(chunk)
+        sink.write(chunk)
+        size += len(chunk)
+    return FileRecord(sha256=digest.hexdigest(), size=size)
+
+
+def write_zip(
+    sink: BinaryIO,
+    entries: dict[str, Path],
+    sizes: dict[str, int],
+    manifest: Manifest,
+    *,
+    compress: bool,
+    on_progress: Progress | None = None,
+) -> None:
+    """A flat .mar: the files at the root, MAR-INF/MANIFEST.json last; weights stored, the rest deflated."""
+    epoch = source_date_epoch()
+    records: dict[str, FileRecord] = {}
+    with zipfile.ZipFile(sink, "w", allowZip64=True) as zf:
+        for arcname in sorted(entries):
+            source = entries[arcname]
+            stamp = epoch if epoch is not None else source.stat().st_mtime
+            info = _zip_info(
+                arcname, stamp, deflate=compress and not arcname.lower().endswith(STORED_SUFFIXES)
+            )
+            info.file_size = sizes[arcname]  # lets zipfile choose zip64 up front for big files
+            with zf.open(info, "w") as out:
+                records[arcname] = _copy(source, sizes[arcname], arcname, out, on_progress)
+        manifest.files = records
+        info = _zip_info(MANIFEST_PATH, epoch if epoch is not None else time.time(), deflate=compress)
+        zf.writestr(info, manifest.to_json())
+
+
+def _zip_info(name: str, epoch: float, *, deflate: bool) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_zip_time(epoch))
+    info.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    info.create_system = 3  # unix, so the permission bits below mean what they say
+    info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+    return info
+
+
+class _HashingReader:
+    """A file reader for tarfile.addfile that hashes (and reports) what tarfile pulls through it."""
+
+    def __init__(self, fh: BinaryIO, on_progress: Progress | None) -> None:
+        self._fh = fh
+        self._on_progress = on_progress
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        if self._on_progress is not None:
+            self._on_progress(len(data))
+        return data
+
+    def record(self) -> FileRecord:
+        return FileRecord(sha256=self.digest.hexdigest(), size=self.size)
+
+
+def write_tgz(
+    sink: BinaryIO,
+    entries: dict[str, Path],
+    sizes: dict[str, int],
+    manifest: Manifest,
+    *,
+    top: str,
+    on_progress: Progress | None = None,
+) -> None:
+    """A .tar.gz with every entry under '<top>/', as TorchServe writes it (its server strips that folder)."""
+    epoch = source_date_epoch()
+    stamp = int(epoch if epoch is not None else time.time())
+    records: dict[str, FileRecord] = {}
+    # filename="" keeps the temp file's name out of the gzip header (it would break reproducibility).
+    with (
+        gzip.GzipFile(filename="", fileobj=sink, mode="wb", mtime=stamp, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK_BYTES) as tar,
+    ):
+        made_dirs: set[str] = set()
+        names = sorted(entries) + [MANIFEST_PATH]
+        for arcname in names:
+            parts = f"{top}/{arcname}".split("/")
+            for i in range(1, len(parts)):
+                folder = "/".join(parts[:i])
+                if folder not in made_dirs:
+                    made_dirs.add(folder)
+                    tar.addfile(_tar_info(folder, 0, stamp, directory=True))
+            if arcname == MANIFEST_PATH:
+                manifest.files = records
+                data = manifest.to_json()
+                reader = _BytesReader(data)
+                tar.addfile(_tar_info(f"{top}/{arcname}", len(data), stamp), reader)
+                continue
+            with open(entries[arcname], "rb") as fh:
+                hashing = _HashingReader(fh, on_progress)
+                try:
+                    tar.addfile(_tar_info(f"{top}/{arcname}", sizes[arcname], stamp), hashing)
+                except OSError as exc:  # tarfile's "unexpected end of data": the file shrank
+                    raise InputFileError(f"{entries[arcname]} changed while it was being archived") from exc
+                if fh.read(1):
+                    raise InputFileError(f"{entries[arcname]} changed while it was being archived")
+            records[arcname] = hashing.record()
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def read(self, n: int = -1) -> bytes:
+        data, self._data = (self._data, b"") if n < 0 else (self._data[:n], self._data[n:])
+        return data
+
+
+def _tar_info(name: str, size: int, stamp: int, *, directory: bool = False) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+    info.size = size
+    info.mtime = stamp
+    info.mode = 0o755 if directory else 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_folder(
+    root: Path,
+    entries: dict[str, Path],
+    sizes: dict[str, int],
+    manifest: Manifest,
+    *,
+    on_progress: Progress | None = None,
+) -> None:
+    """The no-archive layout: the files under ``root`` (which must be empty) and MAR-INF/MANIFEST.json."""
+    epoch = source_date_epoch()
+    records: dict[str, FileRecord] = {}
+    for arcname in sorted(entries):
+        records[arcname] = _write_file(
+            root, arcname, lambda out, a=arcname: _copy(entries[a], sizes[a], a, out, on_progress), epoch
+        )
+    manifest.files = records
+    data = manifest.to_json()
+    _write_file(root, MANIFEST_PATH, lambda out: out.write(data), epoch)
+
+
+def _write_file(root: Path, arcname: str, fill: Callable[[BinaryIO], object], epoch: int | None):
+    target = root.joinpath(*arcname.split("/"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "xb") as out:
+        result = fill(out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.chmod(target, 0o644)
+    if epoch is not None:
+        os.utime(target, (epoch, epoch))
+    return result
