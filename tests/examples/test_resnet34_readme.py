@@ -1,0 +1,143 @@
+"""A new user follows examples/resnet34/README.md command by command, and every step does what it says."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+README = EXAMPLES / "resnet34" / "README.md"
+EXPORT = EXAMPLES / "resnet34" / "export.py"
+SEED_ARCHIVE_COMMAND = (
+    "model-archiver --model-name resnet34 --version 1.0 --serialized-file resnet34.pt "
+    "--extra-files ./index_to_name.json,./MyHandler.py --handler my_handler.py --export-path model-store -f"
+)
+pytestmark = pytest.mark.slow
+
+
+def test_readme_keeps_the_seed_command_line_verbatim(readme_commands):
+    assert SEED_ARCHIVE_COMMAND in readme_commands(README)
+
+
+def test_the_index_file_holds_imagenet_classes_with_wordnet_ids():
+    from torchvision.models import ResNet34_Weights
+
+    names = ResNet34_Weights.IMAGENET1K_V1.meta["categories"]
+    for folder in ("resnet34", "efficientnet_lite0"):
+        mapping = json.loads((EXAMPLES / folder / "index_to_name.json").read_text())
+        assert list(mapping) == [str(i) for i in range(1000)]
+        assert [name for _, name in mapping.values()] == names
+        assert all(re.fullmatch(r"n\d{8}", wnid) for wnid, _ in mapping.values())
+        assert len({wnid for wnid, _ in mapping.values()}) == 1000
+        # Spot checks against WordNet: the first class and the three cats the kitten may be.
+        assert mapping["0"] == ["n01440764", "tench"]
+        assert mapping["281"] == ["n02123045", "tabby"]
+        assert mapping["282"] == ["n02123159", "tiger cat"]
+        assert mapping["285"] == ["n02124075", "Egyptian cat"]
+
+
+def test_the_seed_walkthrough_runs_verbatim(
+    example_copy, shell, default_ports_or_skip, readme_commands, port_closes
+):
+    folder = example_copy("resnet34")
+    mapping = json.loads((folder / "index_to_name.json").read_text())
+    session = shell(folder)
+    commands = readme_commands(README)
+    served = False
+    for command in commands:
+        step = session.run(command, timeout_s=90)
+        where = f"README step {command!r} printed:\n{step.output}"
+
+        if command.startswith("python export.py"):
+            assert step.returncode == 0, where
+            assert "WARNING" in step.output and "random weights" in step.output, where
+            assert (folder / "resnet34.pt").stat().st_size > 50_000_000, where
+
+        elif command == SEED_ARCHIVE_COMMAND:
+            assert step.returncode == 0, where
+            with zipfile.ZipFile(folder / "model-store" / "resnet34.mar") as mar:
+                names = set(mar.namelist())
+                manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+            assert {"resnet34.pt", "my_handler.py", "MyHandler.py", "index_to_name.json"} <= names, where
+            assert manifest["model"]["handler"] == "my_handler.py"
+            assert manifest["model"]["serializedFile"] == "resnet34.pt"
+            assert manifest["model"]["modelVersion"] == "1.0"
+
+        elif command.startswith("model-archiver verify"):
+            assert step.returncode == 0, where
+
+        elif command.startswith("model-archiver predict"):
+            assert step.returncode == 0, where
+            answer = step.json_answer()
+            answer = answer[0] if isinstance(answer, list) else answer
+            assert_label_answer(answer, mapping, where)
+
+        elif command.startswith("model-archiver serve") and command.endswith("&"):
+            assert step.returncode == 0, where
+            served = True
+
+        elif command.startswith("curl") and command.endswith("/ping"):
+            assert step.returncode == 0, where
+            assert step.json_answer() == {"status": "Healthy"}, where
+
+        elif command.startswith("curl") and "-T inputs/kitten.jpg" in command:
+            assert step.returncode == 0, where
+            assert_label_answer(step.json_answer(), mapping, where)
+
+        elif command == "kill %1":
+            assert served and step.returncode == 0, where
+            assert port_closes(8080, timeout_s=30), "the server still listens after `kill %1`"
+
+        else:
+            pytest.fail(f"the README has a command this test does not check: {command!r}")
+
+    assert served, "the README never started the server"
+
+
+def assert_label_answer(answer: object, mapping: dict[str, list[str]], where: str) -> None:
+    """The seed handler's answer: {"label": name, "index": i}, the name being the file's for i."""
+    assert isinstance(answer, dict) and set(answer) == {"label", "index"}, where
+    assert isinstance(answer["index"], int) and 0 <= answer["index"] < 1000, where
+    assert answer["label"] == mapping[str(answer["index"])][1], where
+
+
+def test_export_with_weights_loads_them(tmp_path: Path):
+    """`export.py --weights` loads a torchvision state dict: the traced model computes with those weights."""
+    import torch
+    from torchvision.models import resnet34
+
+    torch.manual_seed(0)
+    model = resnet34().eval()
+    weights = tmp_path / "resnet34-weights.pth"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "out.pt"
+    run = subprocess.run(
+        [sys.executable, str(EXPORT), "--weights", str(weights), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "loaded ImageNet weights" in run.stdout and "WARNING" not in run.stderr
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(out))(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_with_a_missing_weights_file_says_so(tmp_path: Path):
+    run = subprocess.run(
+        [sys.executable, str(EXPORT), "--weights", str(tmp_path / "nope.pth")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1
+    assert "weights file not found" in run.stderr
+    assert not (tmp_path / "resnet34.pt").exists()
