@@ -55,7 +55,7 @@ class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, snapshot: Callable[[], Iterable[ModelSnapshot]] = lambda: ()) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self.requests = Counter(
             "model_archiver_requests",
             "Inference requests answered, by model and HTTP status",

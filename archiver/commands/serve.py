@@ -1,0 +1,277 @@
+"""The ``serve`` command: load archives and answer TorchServe's inference and management APIs.
+
+Settings precedence, most specific first: the command line (or its environment variable), then the
+``--config`` YAML file, then each archive's own model-config.yaml (for per-model settings), then the
+built-in defaults. The operator's choice wins over the archive author's suggestion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from archiver.errors import ConfigError, UsageError
+
+# Built-in defaults, chosen by measurement on a 2-core machine (docs/readme/30-serve.md).
+DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 8080,
+    "management_port": 8081,
+    "metrics_port": 8082,
+    "max_request_size": 6553500,
+    "workers": 1,
+    "batch_size": 1,
+    "max_batch_delay": 5.0,
+    "response_timeout": 120.0,
+    "job_queue_size": 100,
+}
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "host": (str,),
+    "port": (int,),
+    "management_port": (int,),
+    "metrics_port": (int,),
+    "model_store": (str,),
+    "models": (str, list),
+    "max_request_size": (int,),
+    "workers": (int,),
+    "batch_size": (int,),
+    "max_batch_delay": (int, float),
+    "response_timeout": (int, float),
+    "job_queue_size": (int,),
+    "token": (str,),
+    "no_auth": (bool,),
+    "cache_dir": (str,),
+}
+
+
+def read_server_config(path: Path) -> dict[str, Any]:
+    """A --config YAML file: the same settings as the flags (dashes or underscores), checked."""
+    try:
+        data = yaml.safe_load(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a YAML mapping of settings")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        norm = str(key).replace("-", "_")
+        if norm not in _CONFIG_TYPES:
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(_CONFIG_TYPES))})")
+        types = _CONFIG_TYPES[norm]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+        out[norm] = value
+    return out
+
+
+def resolve_models(
+    specs: list[str], archives: tuple[str, ...], store: Path | None
+) -> list[tuple[str | None, Path]]:
+    """Turn ``--models`` values (name=file, file, all; commas allowed) and paths into (name, path)."""
+    models: list[tuple[str | None, Path]] = [(None, Path(a)) for a in archives]
+    for spec in [s.strip() for value in specs for s in value.split(",") if s.strip()]:
+        if spec == "all":
+            if store is None:
+                raise UsageError("--models all needs --model-store")
+            models += [(None, p) for p in sorted(store.iterdir()) if _is_archive(p)]
+            continue
+        name, sep, file = spec.partition("=")
+        if not sep:
+            name, file = "", spec
+        path = Path(file)
+        if store is not None and not path.is_absolute() and (store / file).exists():
+            path = store / file
+        if not path.exists():
+            raise UsageError(f"no archive {file!r}" + (f" in the model store {store}" if store else ""))
+        models.append((name or None, path))
+    return models
+
+
+def _is_archive(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "MAR-INF" / "MANIFEST.json").is_file()
+    return path.name.endswith((".mar", ".tar.gz", ".tgz"))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("archives", nargs=-1, type=click.Path(exists=True))
+@click.option("--model-store", type=click.Path(exists=True, file_okay=False), help="Folder of archives.")
+@click.option(
+    "--models",
+    "model_specs",
+    multiple=True,
+    help="name=file.mar (repeatable, or comma-separated), file.mar, or 'all' for every archive in the store.",
+)
+@click.option("--host", help="Address to bind.  [default: 127.0.0.1]")
+@click.option("--port", type=int, help="Inference port (0 picks a free one).  [default: 8080]")
+@click.option("--management-port", type=int, help="Management port.  [default: 8081]")
+@click.option("--metrics-port", type=int, help="Metrics port.  [default: 8082]")
+@click.option("--workers", type=click.IntRange(min=0), help="Workers (threads) per model.  [default: 1]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Largest batch per model.  [default: 1]")
+@click.option(
+    "--max-batch-delay", type=click.FloatRange(min=0), help="Ms to wait for a batch to fill. [default: 5]"
+)
+@click.option("--response-timeout", type=click.FloatRange(min=0), help="Seconds before 504.  [default: 120]")
+@click.option(
+    "--job-queue-size", type=click.IntRange(min=1), help="Queued requests per model before 503. [100]"
+)
+@click.option(
+    "--max-request-size", type=click.IntRange(min=1), help="Body limit in bytes.  [default: 6553500]"
+)
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML of these settings."
+)
+@click.option(
+    "--token", envvar="MODEL_ARCHIVER_TOKEN", help="Require 'Authorization: Bearer TOKEN' (or env)."
+)
+@click.option("--no-auth", is_flag=True, default=None, help="Allow a non-loopback --host without a token.")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), help="Unpack cache.  [~/.cache/model-archiver]"
+)
+@click.option(
+    "--ready-file", type=click.Path(dir_okay=False), help="Write the bound ports here as JSON when ready."
+)
+def serve(
+    archives: tuple[str, ...],
+    model_specs: tuple[str, ...],
+    config_path: str | None,
+    ready_file: str | None,
+    **flags: Any,
+) -> None:
+    """Serve archives over TorchServe's HTTP APIs (inference, management, metrics).
+
+    \b
+    model-archiver serve resnet34.mar
+    model-archiver serve --model-store store --models resnet34=resnet34.mar --batch-size 8
+    """
+    from archiver.serving.registry import ModelSettings
+    from archiver.serving.server import ServerSettings
+
+    file_cfg = read_server_config(Path(config_path)) if config_path else {}
+
+    def pick(key: str) -> Any:
+        if flags.get(key) is not None:
+            return flags[key]
+        if key in file_cfg:
+            return file_cfg[key]
+        return DEFAULTS.get(key)
+
+    store = pick("model_store")
+    store_path = Path(store) if store else None
+    specs = list(model_specs) or _as_list(file_cfg.get("models"))
+    models = resolve_models(specs, archives, store_path)
+    if not models and store_path is None:
+        raise UsageError(
+            "nothing to serve: give archive paths, or --model-store (with --models to load some)"
+        )
+    operator = {
+        "batch_size": _first(flags.get("batch_size"), file_cfg.get("batch_size")),
+        "max_batch_delay_ms": _first(flags.get("max_batch_delay"), file_cfg.get("max_batch_delay")),
+        "workers": _first(flags.get("workers"), file_cfg.get("workers")),
+        "response_timeout_s": _first(flags.get("response_timeout"), file_cfg.get("response_timeout")),
+        "queue_size": _first(flags.get("job_queue_size"), file_cfg.get("job_queue_size")),
+    }
+    defaults = ModelSettings(
+        batch_size=DEFAULTS["batch_size"],
+        max_batch_delay_ms=DEFAULTS["max_batch_delay"],
+        workers=DEFAULTS["workers"],
+        response_timeout_s=DEFAULTS["response_timeout"],
+        queue_size=DEFAULTS["job_queue_size"],
+    )
+    cache_dir = pick("cache_dir")
+    settings = ServerSettings(
+        host=pick("host"),
+        port=pick("port"),
+        management_port=pick("management_port"),
+        metrics_port=pick("metrics_port"),
+        model_store=store_path,
+        models=models,
+        defaults=defaults,
+        operator=operator,
+        max_request_size=pick("max_request_size"),
+        token=pick("token") or None,
+        no_auth=bool(pick("no_auth")),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    _set_torch_threads(operator["workers"] or defaults.workers)
+    code = asyncio.run(_run(settings, Path(ready_file) if ready_file else None))
+    sys.exit(code)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _set_torch_threads(workers: int) -> None:
+    """workers x threads <= cores, unless the user pinned OMP_NUM_THREADS themselves."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    from archiver.serving.server import torch_threads_for
+
+    torch.set_num_threads(torch_threads_for(workers))
+
+
+async def _run(settings: Any, ready_file: Path | None) -> int:
+    from archiver.serving.server import Server, check_exposure
+
+    warning = check_exposure(settings)
+    if warning:
+        click.echo(warning, err=True)
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start(load_models=False)
+    click.echo(
+        f"model-archiver serve: inference {server.url('inference')}  management {server.url('management')}"
+        f"  metrics {server.url('metrics')}" + ("  (token required)" if settings.token else "")
+    )
+    loading = asyncio.ensure_future(server.load_startup_models())
+    await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if loading.done():
+        for entry in loading.result():
+            click.echo(f"  {_state_line(entry)}")
+        ready = {"pid": os.getpid(), **{f"{k}_port": v for k, v in server.ports.items()}}
+        ready["models"] = {e.name: e.state for e in server.registry.entries()}
+        click.echo("READY " + json.dumps(ready), nl=True)
+        if ready_file is not None:
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(json.dumps(ready))
+            os.replace(tmp, ready_file)
+        sys.stdout.flush()
+        await stop.wait()
+    click.echo("model-archiver serve: stopping; finishing requests in flight")
+    loading.cancel()
+    await server.stop()
+    click.echo("model-archiver serve: stopped")
+    return 0
+
+
+def _state_line(entry: Any) -> str:
+    s = entry.settings
+    head = f"{entry.name} {entry.version}: {entry.state}"
+    if entry.error:
+        return f"{head}: {entry.error}"
+    load = f", load {entry.load_time_s:.2f} s" if entry.load_time_s is not None else ""
+    return f"{head} (workers {s.workers}, batch {s.batch_size}, delay {s.max_batch_delay_ms:g} ms{load})"

@@ -1,0 +1,331 @@
+"""The HTTP routes: inference (8080), management (8081) and metrics (8082) as three aiohttp apps.
+
+Every failure leaves as JSON ``{"code", "type", "message"}``. Bodies are read with the size limit
+enforced as they stream (a Content-Length over the limit is refused before a byte is read), so a huge
+upload never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from archiver.errors import ArchiverError, ModelNotFoundError, RequestTooLargeError, UsageError
+from archiver.manifest import MODEL_NAME_PATTERN
+from archiver.serving.metrics import ServerMetrics
+from archiver.serving.protocol import (
+    InferenceRequest,
+    decode_param,
+    error_response,
+    response_for_exception,
+)
+from archiver.serving.registry import ModelRegistry
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
+METRICS_KEY = web.AppKey("metrics", ServerMetrics)
+LIMITS_KEY = web.AppKey("limits", object)
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Request limits shared by the apps."""
+
+    max_request_size: int = 6553500
+    body_read_timeout_s: float = 60.0
+    token: str | None = None
+
+
+class UnauthorizedError(ArchiverError):
+    """The request has no valid ``Authorization: Bearer`` token."""
+
+    http_status = 401
+
+
+def _json(status: int, payload: Any) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(payload, indent=2).encode(), content_type="application/json"
+    )
+
+
+def _error(status: int, error_type: str, message: str) -> web.Response:
+    r = error_response(status, error_type, message)
+    resp = web.Response(status=status, body=r.body, content_type="application/json")
+    if status == 413:
+        resp.force_close()  # the rest of the body is never read, so the connection cannot be reused
+    return resp
+
+
+def _exception_response(exc: BaseException) -> web.Response:
+    r = response_for_exception(exc)
+    return _error(r.status, r.error_type or "ServerError", r.message or "")
+
+
+def _middlewares(limits: HttpLimits, open_paths: frozenset[str]) -> list[Any]:
+    """Token check (when a token is set) and JSON errors for everything, including 404/405."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if limits.token is not None and request.path not in open_paths:
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), limits.token.encode()
+            ):
+                resp = _error(401, "UnauthorizedError", "missing or wrong 'Authorization: Bearer <token>'")
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                return resp
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return _error(
+                    404, "ResourceNotFound", "Requested resource is not found, please refer to API document."
+                )
+            if exc.status == 405:
+                return _error(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path}")
+            return _error(exc.status, type(exc).__name__, exc.reason)
+        except ArchiverError as exc:
+            return _exception_response(exc)
+
+    return [guard]
+
+
+# ---- request bodies ----------------------------------------------------------------------------
+async def _read_capped(stream: Any, limit: int, already: int = 0) -> bytes:
+    body = bytearray()
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if already + len(body) > limit:
+            raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
+
+
+async def read_inference_request(request: web.Request, limits: HttpLimits) -> InferenceRequest:
+    """The HTTP request as a handler sees it: one ``body`` param, or one param per form field."""
+    limit = limits.max_request_size
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLargeError(
+            f"request body of {request.content_length} bytes is over the server's limit of {limit} bytes"
+        )
+    content_type = request.headers.get("Content-Type")
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    headers = dict(request.headers)
+    params: dict[str, Any] = {}
+    types: dict[str, str] = {}
+    if mime == "multipart/form-data":
+        try:
+            reader = await request.multipart()
+            total = 0
+            while (part := await reader.next()) is not None:
+                value = await _read_capped(part, limit, total)
+                total += len(value)
+                name = part.name or "data"
+                part_type = part.headers.get("Content-Type")
+                params[name] = decode_param(value, part_type)
+                types[name] = part_type or ""
+        except (ValueError, AssertionError, RuntimeError) as exc:
+            raise UsageError(f"malformed multipart body: {exc}") from exc
+        if not params:
+            raise UsageError("multipart body has no parts")
+    else:
+        body = await _read_capped(request.content, limit)
+        if mime == "application/x-www-form-urlencoded":
+            for key, value in urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True):
+                params[key] = bytearray(value.encode("latin-1"))
+                types[key] = ""
+        else:
+            params["body"] = decode_param(body, content_type)
+            types["body"] = content_type or ""
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return InferenceRequest(request_id=request_id, params=params, headers=headers, param_content_types=types)
+
+
+# ---- inference app -----------------------------------------------------------------------------
+async def ping(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    if registry.loading():
+        return _json(503, {"status": "Loading"})
+    return _json(200, {"status": "Healthy"})
+
+
+async def predictions(request: web.Request) -> web.StreamResponse:
+    registry = request.app[REGISTRY_KEY]
+    metrics = request.app[METRICS_KEY]
+    limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
+    started = time.perf_counter()
+    name = request.match_info["model"]
+    version = request.match_info.get("version")
+    label = "-"  # unknown names share one label, so a scanner cannot grow the metrics without bound
+    try:
+        if not MODEL_NAME_PATTERN.match(name):
+            raise ModelNotFoundError(f"Model not found: {name}")
+        registry.get(name, version)  # 404 before reading a body we would throw away
+        label = name
+        inference = await read_inference_request(request, limits)
+        if request.path.startswith("/explanations/"):
+            inference.headers["explain"] = "True"
+        answer = await registry.predict(name, version, inference)
+        headers = {"x-request-id": inference.request_id, **answer.headers}
+        resp = web.Response(status=answer.status, body=answer.body, headers=headers)
+        resp.headers["Content-Type"] = answer.content_type or "application/octet-stream"
+    except ArchiverError as exc:
+        resp = _exception_response(exc)
+    except web.HTTPException:
+        raise
+    metrics.observe_request(label, resp.status, time.perf_counter() - started)
+    return resp
+
+
+def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
+    app = web.Application(middlewares=_middlewares(limits, frozenset({"/ping"})))
+    app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
+    for prefix in ("/predictions", "/explanations"):
+        app.router.add_route("POST", prefix + "/{model}", predictions)
+        app.router.add_route("PUT", prefix + "/{model}", predictions)
+        app.router.add_route("POST", prefix + "/{model}/{version}", predictions)
+        app.router.add_route("PUT", prefix + "/{model}/{version}", predictions)
+    app.router.add_get("/ping", ping)
+    return app
+
+
+# ---- management app ----------------------------------------------------------------------------
+def _int_param(query: Any, key: str) -> int | None:
+    raw = query.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"{key} must be an integer, got {raw!r}") from None
+
+
+def _float_param(query: Any, key: str) -> float | None:
+    raw = query.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise UsageError(f"{key} must be a number, got {raw!r}") from None
+
+
+async def list_models(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    limit = max(0, min(100, _int_param(request.query, "limit") or 100))
+    start = max(0, _int_param(request.query, "next_page_token") or 0)
+    names = registry.names()
+    page = names[start : start + limit]
+    payload: dict[str, Any] = {}
+    if start + limit < len(names):
+        payload["nextPageToken"] = str(start + limit)
+    payload["models"] = [{"modelName": n, "modelUrl": registry.get(n).url} for n in page]
+    return _json(200, payload)
+
+
+async def describe_model(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    name, version = request.match_info["model"], request.match_info.get("version")
+    if version in (None, "all"):
+        entries = registry.versions(name) if version == "all" else [registry.get(name)]
+    else:
+        entries = [registry.get(name, version)]
+    return _json(200, [e.describe() for e in entries])
+
+
+async def register_model(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    query: Any = request.query
+    if request.content_type == "application/json" and request.can_read_body:
+        try:
+            body = json.loads(await _read_capped(request.content, 65536))
+        except ValueError as exc:
+            raise UsageError(f"register body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise UsageError("register body must be a JSON object")
+        query = {k: str(v) for k, v in body.items()}
+    url = query.get("url")
+    if not url:
+        raise UsageError("Parameter url is required.")
+    source = registry.store_path(url)
+    overrides = {
+        "batch_size": _int_param(query, "batch_size"),
+        "max_batch_delay_ms": _float_param(query, "max_batch_delay"),
+        "workers": _int_param(query, "initial_workers"),
+        "response_timeout_s": _float_param(query, "response_timeout"),
+    }
+    if overrides["batch_size"] is not None and overrides["batch_size"] < 1:
+        raise UsageError("batch_size must be >= 1")
+    entry = await registry.register(
+        source, name=query.get("model_name") or None, url=url, overrides=overrides
+    )
+    workers = len(entry.batcher.workers) if entry.batcher else 0
+    status = f'Model "{entry.name}" Version: {entry.version} registered with {workers} initial workers'
+    return _json(200, {"status": status})
+
+
+async def scale_model(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    name, version = request.match_info["model"], request.match_info.get("version")
+    workers = _int_param(request.query, "min_worker")
+    if workers is None:
+        workers = registry.get(name, version).settings.workers
+    max_workers = _int_param(request.query, "max_worker")
+    if max_workers is not None and max_workers < workers:
+        raise UsageError("max_worker must be >= min_worker")
+    entry = await registry.scale(name, version, workers)
+    suffix = f", version: {version}" if version else ""
+    return _json(200, {"status": f"Workers scaled to {workers} for model: {entry.name}{suffix}"})
+
+
+async def unregister_model(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    entry = await registry.unregister(request.match_info["model"], request.match_info.get("version"))
+    return _json(200, {"status": f'Model "{entry.name}" version {entry.version} unregistered'})
+
+
+async def set_default(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    entry = registry.set_default(request.match_info["model"], request.match_info["version"])
+    return _json(
+        200, {"status": f'Default version successfully updated for model "{entry.name}" to "{entry.version}"'}
+    )
+
+
+def management_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
+    app = web.Application(middlewares=_middlewares(limits, frozenset()))
+    app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
+    r = app.router
+    r.add_get("/models", list_models)
+    r.add_post("/models", register_model)
+    r.add_get("/models/{model}", describe_model)
+    r.add_get("/models/{model}/{version}", describe_model)
+    r.add_put("/models/{model}", scale_model)
+    r.add_put("/models/{model}/{version}", scale_model)
+    r.add_delete("/models/{model}", unregister_model)
+    r.add_delete("/models/{model}/{version}", unregister_model)
+    r.add_put("/models/{model}/{version}/set-default", set_default)
+    return app
+
+
+# ---- metrics app -------------------------------------------------------------------------------
+async def metrics_page(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+
+def metrics_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
+    app = web.Application(middlewares=_middlewares(limits, frozenset()))
+    app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
+    app.router.add_get("/metrics", metrics_page)
+    return app

@@ -1,0 +1,205 @@
+"""One serving process: binds the three ports, loads the startup models, drains in-flight work on stop.
+
+``Server`` is the asyncio object (start, stop); ``ServerThread`` runs one on its own event loop in a
+background thread, for tests and build scripts that want a live server inside the current process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from archiver.errors import UsageError
+from archiver.serving.app import HttpLimits, inference_app, management_app, metrics_app
+from archiver.serving.metrics import ServerMetrics
+from archiver.serving.registry import FAILED, ModelEntry, ModelRegistry, ModelSettings
+
+DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size
+
+
+@dataclass
+class ServerSettings:
+    """Everything one server needs; ``operator`` holds the per-model settings the operator set."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    model_store: Path | None = None
+    # (name or None, archive path) for each model to load at start.
+    models: list[tuple[str | None, Path]] = field(default_factory=list)
+    defaults: ModelSettings = field(default_factory=ModelSettings)
+    operator: dict[str, Any] = field(default_factory=dict)
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
+    token: str | None = None
+    no_auth: bool = False
+    cache_dir: Path | None = None
+    # A connection that has not sent a complete request line and headers by then is closed.
+    idle_timeout_s: float = 15.0
+    body_read_timeout_s: float = 60.0
+    drain_timeout_s: float = 30.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: ServerSettings) -> str | None:
+    """Refuse a non-loopback bind without a token or --no-auth; return a warning to print, if any."""
+    if settings.token or is_loopback(settings.host):
+        return None
+    if settings.no_auth:
+        return (
+            f"WARNING: serving on {settings.host} without authentication (--no-auth): anyone who can reach "
+            "this address can run predictions and register or remove models"
+        )
+    raise UsageError(
+        f"binding {settings.host} exposes the server beyond this machine: set --token (or "
+        "MODEL_ARCHIVER_TOKEN) so requests must carry 'Authorization: Bearer <token>', or pass --no-auth"
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """The three HTTP apps over one model registry."""
+
+    def __init__(self, settings: ServerSettings, *, loader: Any = None) -> None:
+        check_exposure(settings)
+        self.settings = settings
+        self.metrics = ServerMetrics(lambda: self.registry.snapshot())
+        self.registry = ModelRegistry(
+            model_store=settings.model_store,
+            defaults=settings.defaults,
+            operator=settings.operator,
+            cache_dir=settings.cache_dir,
+            batch_observer=self.metrics.batch_observer,
+            loader=loader,
+        )
+        self.limits = HttpLimits(
+            max_request_size=settings.max_request_size,
+            body_read_timeout_s=settings.body_read_timeout_s,
+            token=settings.token or None,
+        )
+        self.ports: dict[str, int] = {}
+        self._runners: list[web.AppRunner] = []
+
+    def url(self, which: str = "inference") -> str:
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.ports[which]}"
+
+    async def start(self, load_models: bool = True) -> None:
+        """Bind every port (0 picks a free one), then load the startup models."""
+        apps = {
+            "inference": (inference_app, self.settings.port),
+            "management": (management_app, self.settings.management_port),
+            "metrics": (metrics_app, self.settings.metrics_port),
+        }
+        socks = {which: _bind(self.settings.host, port) for which, (_, port) in apps.items()}
+        for which, (factory, _) in apps.items():
+            app = factory(self.registry, self.metrics, self.limits)
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                keepalive_timeout=self.settings.idle_timeout_s,
+                shutdown_timeout=self.settings.drain_timeout_s,
+            )
+            await runner.setup()
+            await web.SockSite(runner, socks[which]).start()
+            self._runners.append(runner)
+            self.ports[which] = socks[which].getsockname()[1]
+        if load_models:
+            await self.load_startup_models()
+
+    async def load_startup_models(self) -> list[ModelEntry]:
+        return list(
+            await asyncio.gather(
+                *(
+                    self.registry.register(path, name=name, startup=True)
+                    for name, path in self.settings.models
+                )
+            )
+        )
+
+    async def stop(self) -> None:
+        """Stop listening, let in-flight requests finish (up to drain_timeout_s), then end the workers."""
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        await self.registry.close(self.settings.drain_timeout_s)
+
+    def failed_models(self) -> list[ModelEntry]:
+        return [e for e in self.registry.entries() if e.state == FAILED]
+
+
+class ServerThread:
+    """A live server on a private event loop in a background thread; ``with`` starts and stops it."""
+
+    def __init__(self, settings: ServerSettings, *, loader: Any = None) -> None:
+        self.server = Server(settings, loader=loader)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="model-archiver-server", daemon=True
+        )
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        return self
+
+    def call(self, coro: Any, timeout_s: float = 120.0) -> Any:
+        """Run a coroutine on the server's loop (e.g. ``registry.register``) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def stop(self) -> None:
+        if not self._loop.is_running():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(120)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+    def url(self, which: str = "inference") -> str:
+        return self.server.url(which)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def torch_threads_for(workers: int, cores: int | None = None) -> int:
+    """Threads per worker so that workers x threads fills the cores without oversubscribing them."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
