@@ -1,0 +1,233 @@
+"""Turn an nn.Module into a serialized file (TorchScript trace/script, or torch.export .pt2), checked.
+
+Users forget ``eval()`` (TorchServe issue 364: dropout and batch-norm in training mode make every answer
+different), so it is always called; the export runs under ``no_grad``; and the saved file is loaded back
+and run on the example input, failing with the max abs difference if it disagrees with the eager model.
+The file appears at ``path`` only once that check has passed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from archiver.errors import ExportError, InputFileError, UsageError
+
+METHODS = ("trace", "script", "export")
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def export_model(
+    model: torch.nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    path: str | os.PathLike,
+    method: str = "trace",
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> Path:
+    """Export ``model`` by ``method`` to ``path``, check it against the eager model, return ``path``."""
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise UsageError("example_inputs must be a tensor or a tuple of tensors")
+    path = Path(path)
+    model.eval()
+    with torch.no_grad():
+        try:
+            expected = model(*inputs)
+        except Exception as exc:
+            raise ExportError(f"the model fails on the example input: {_first_line(exc)}") from exc
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.{os.getpid()}.", suffix=path.suffix, dir=path.parent
+        )
+        os.close(fd)
+        temp = Path(temp_name)
+        try:
+            _save(model, inputs, temp, method)
+            actual = _load_and_run(temp, inputs, method)
+            _compare(expected, actual, rtol=rtol, atol=atol, method=method)
+            os.chmod(temp, 0o644)
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+    return path
+
+
+def _save(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], temp: Path, method: str) -> None:
+    try:
+        if method == "trace":
+            # We compare outputs ourselves below, against the saved file rather than the in-memory trace.
+            torch.jit.save(torch.jit.trace(model, inputs, check_trace=False), str(temp))
+        elif method == "script":
+            torch.jit.save(torch.jit.script(model), str(temp))
+        else:
+            torch.export.save(torch.export.export(model, inputs), str(temp))
+    except ExportError:
+        raise
+    except Exception as exc:
+        api = {"trace": "torch.jit.trace", "script": "torch.jit.script", "export": "torch.export"}[method]
+        raise ExportError(f"{api} failed: {_first_line(exc)}") from exc
+
+
+def _load_and_run(temp: Path, inputs: tuple[torch.Tensor, ...], method: str) -> Any:
+    try:
+        if method == "export":
+            return torch.export.load(str(temp)).module()(*inputs)
+        with warnings.catch_warnings():
+            # Our own check reloads the file; the user chose TorchScript and saw trace/script's warning.
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning
+            )
+            loaded = torch.jit.load(str(temp), map_location="cpu")
+        return loaded(*inputs)
+    except Exception as exc:
+        raise ExportError(f"the exported model fails on the example input: {_first_line(exc)}") from exc
+
+
+def _compare(expected: Any, actual: Any, *, rtol: float, atol: float, method: str) -> None:
+    want, got = list(_tensors(expected)), list(_tensors(actual))
+    if len(want) != len(got):
+        raise ExportError(
+            f"{method}: the exported model returns {len(got)} tensors, the eager model {len(want)}"
+        )
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        if a.shape != b.shape:
+            raise ExportError(
+                f"{method}: output {i} has shape {tuple(b.shape)}, the eager model {tuple(a.shape)}"
+            )
+        if not torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol, equal_nan=True):
+            diff = (a.float() - b.float()).abs().max().item()
+            raise ExportError(
+                f"{method}: the exported model differs from the eager model on the example input "
+                f"(output {i}: max abs difference {diff:.3g}, rtol={rtol:g}, atol={atol:g})"
+            )
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value.detach()
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            yield from _tensors(value[key])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def parse_example_input(spec: str) -> torch.Tensor:
+    """'1,3,224,224' or '1,3,224,224:float32' → a random tensor of that shape (ints: values 0 or 1)."""
+    match = re.fullmatch(r"\s*(\d+(?:\s*,\s*\d+)*)\s*(?::\s*(\w+))?\s*", spec)
+    if not match:
+        raise UsageError(f"--example-input {spec!r}: expected a shape like 1,3,224,224[:float32]")
+    shape = [int(d) for d in match.group(1).split(",")]
+    dtype_name = match.group(2) or "float32"
+    dtype = _DTYPES.get(dtype_name)
+    if dtype is None:
+        raise UsageError(
+            f"--example-input {spec!r}: unknown dtype {dtype_name!r} (one of {', '.join(_DTYPES)})"
+        )
+    generator = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    return torch.randint(0, 2, shape, generator=generator).to(dtype)
+
+
+def load_model_object(spec: str, weights: str | os.PathLike | None = None) -> torch.nn.Module:
+    """Build a model from 'pkg.module:factory' or 'path/to/file.py:ClassName'; load a state_dict if given."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr.isidentifier():
+        raise UsageError(f"--model {spec!r}: expected pkg.module:factory or path/to/file.py:ClassName")
+    module = _import(target)
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise UsageError(f"--model {spec!r}: {target} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ExportError(f"--model {spec!r}: calling {attr}() failed: {_first_line(exc)}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(
+            f"--model {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    if weights is not None:
+        _load_weights(model, Path(weights))
+    return model
+
+
+def _import(target: str) -> Any:
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            raise InputFileError(f"--model: {path} does not exist")
+        name = f"_model_archiver_export_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise UsageError(f"--model: cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.parent.resolve()))  # so the file can import its siblings
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ExportError(f"--model: importing {path} failed: {_first_line(exc)}") from exc
+        finally:
+            sys.path.remove(str(path.parent.resolve()))
+        return module
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(target)
+    except ImportError as exc:
+        raise UsageError(f"--model: cannot import {target}: {exc}") from exc
+    except Exception as exc:
+        raise ExportError(f"--model: importing {target} failed: {_first_line(exc)}") from exc
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise InputFileError(f"--weights: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ExportError(
+            f"--weights {path}: not a state_dict loadable with weights_only=True: {_first_line(exc)}"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise ExportError(f"--weights {path} does not fit the model: {_first_line(exc)}") from exc
