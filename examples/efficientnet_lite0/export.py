@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import archiver
 
+    # torch 2.14 marks torch.jit deprecated; TorchScript is still what TorchServe's BaseHandler loads.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
     model = pretrained_lite0()
     path = archiver.export_model(model, torch.randn(1, 3, 224, 224), args.output, method="trace")
     print(f"saved {path} ({Path(path).stat().st_size / 1e6:.1f} MB, TorchScript, traced and checked)")

