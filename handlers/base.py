@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ import torch
 from archiver.errors import ArchiverError, HandlerError, HandlerInputError
 from handlers.context import Context
 from handlers.labels import LABEL_FILE, load_label_mapping
+
+# TorchServe archives are TorchScript; loading them is the point, so torch's deprecation notice is noise.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
 
 
 def select_device(gpu_id: int | None) -> torch.device:

@@ -1,0 +1,135 @@
+"""Images in: decode a request's payload with clear errors and a pixel limit, and the shared transforms.
+
+Every failure to make an RGB picture out of a payload (not an image, truncated, too many pixels, wrong
+type) is a HandlerInputError naming the reason, so a handler can reject that one request and answer
+the rest of its batch. Unlike TorchServe, images are converted to RGB (grayscale, palette, RGBA and
+CMYK pictures work), EXIF orientation is applied, and the pixel limit never changes PIL's global state.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import functional as F
+
+from archiver.errors import HandlerInputError
+from handlers.base import BaseHandler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# PIL's own default (about 89.5 megapixels, a 0.25 GB RGB buffer): the decompression-bomb guard.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def payload_of(row: Any) -> Any:
+    """A request's payload, TorchServe's way: the form field ``data``, else the whole ``body``."""
+    if not isinstance(row, dict):
+        return row
+    value = row.get("data")
+    return row.get("body") if value is None else value
+
+
+def decode_image(payload: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from raw bytes (or base64 text); HandlerInputError for anything else.
+
+    ``max_pixels`` None lifts the limit (TorchServe's ``limit_max_image_pixels=false``).
+    """
+    if isinstance(payload, str):
+        try:
+            payload = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise HandlerInputError("expected an image; text payloads must be base64-encoded images") from exc
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise HandlerInputError(f"expected an image, got a JSON {type(payload).__name__}")
+    if len(payload) == 0:
+        raise HandlerInputError("expected an image, got an empty body")
+    try:
+        image = Image.open(io.BytesIO(payload))
+    except Image.DecompressionBombError as exc:
+        raise HandlerInputError(f"image is too large: {exc}") from exc
+    except Exception as exc:
+        raise HandlerInputError("not an image PIL can read (JPEG, PNG, WebP, BMP, GIF, ...)") from exc
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise HandlerInputError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+    if width == 0 or height == 0:
+        raise HandlerInputError("image has no pixels")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except Exception as exc:
+        raise HandlerInputError(
+            f"image cannot be decoded ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white rather than dropping alpha, which would reveal whatever the hidden pixels hold.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float grayscale: scale to 8 bits first; convert("RGB") would clip.
+        values = np.asarray(image, dtype=np.float32)
+        lo, hi = float(values.min()), float(values.max())
+        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def imagenet_tensor(image: Image.Image, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """TorchServe's classifier transform: Resize(256), CenterCrop(224), ToTensor, ImageNet Normalize."""
+    image = F.center_crop(F.resize(image, resize), crop)
+    return F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class VisionHandler(BaseHandler):
+    """Decode each request's image on its own; reject the ones that fail, batch the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def initialize(self, context: Any) -> None:
+        super().initialize(context)
+        if not context.system_properties.get("limit_max_image_pixels", True):
+            self.max_pixels = None
+
+    def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """One decoded image to the model's input tensor (C, H, W); override to change the transform."""
+        return imagenet_tensor(image)
+
+    def decode_rows(self, data: list[Any]) -> list[tuple[int, torch.Tensor]]:
+        """(index, tensor) for each request whose image decodes; the others are rejected."""
+        decoded = []
+        for index, row in enumerate(data):
+            try:
+                decoded.append(
+                    (index, self.image_to_tensor(decode_image(payload_of(row), max_pixels=self.max_pixels)))
+                )
+            except HandlerInputError as exc:
+                self.reject(index, exc)
+        return decoded
+
+    def preprocess(self, data: list[Any]) -> torch.Tensor | None:
+        tensors = [tensor for _, tensor in self.decode_rows(data)]
+        if not tensors:
+            return None
+        return torch.stack(tensors).to(self.device)
