@@ -1,0 +1,461 @@
+"""load_model: archives built with build_archive, loaded through the cache, answered in-process."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from archiver import build_archive
+from archiver.errors import ArchiverError, HandlerError, HandlerInputError, IntegrityError
+from archiver.reader import open_archive
+from archiver.serving import load_model
+from archiver.serving.cache import unpack_cached
+from archiver.serving.protocol import make_request
+
+SEED_HANDLER = """
+import io
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+from handlers import BaseHandler
+
+
+class MyHandler(BaseHandler):
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.transform = transforms.Compose([
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ])
+
+    def preprocess_one_image(self, req):
+        image = req.get("data")
+        if image is None:
+            image = req.get("body")
+        image = Image.open(io.BytesIO(image)).convert("RGB")
+        return self.transform(image).unsqueeze(0)
+
+    def preprocess(self, requests):
+        return torch.cat([self.preprocess_one_image(req) for req in requests])
+
+    def inference(self, x):
+        with torch.inference_mode():
+            outs = self.model.forward(x.to(self.device))
+            return torch.argmax(F.softmax(outs, dim=1), dim=1)
+
+    def postprocess(self, preds):
+        return [{"label": self.mapping[str(i)][1], "index": i} for i in preds.cpu().tolist()]
+"""
+
+SEED_ENTRY = """
+from MyHandler import MyHandler
+
+_service = MyHandler()
+
+
+def handle(data, context):
+    if not _service.initialized:
+        _service.initialize(context)
+    if data is None:
+        return None
+    data = _service.preprocess(data)
+    data = _service.inference(data)
+    return _service.postprocess(data)
+"""
+
+LABELS = {"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"], "2": ["n02123045", "tabby"]}
+
+
+class ThreeClasses(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 7, stride=8)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def seed_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seed walkthrough's files: a TorchScript model, MyHandler.py, my_handler.py, the labels."""
+    src = tmp_path_factory.mktemp("seed")
+    torch.manual_seed(0)
+    torch.jit.trace(ThreeClasses().eval(), torch.rand(1, 3, 224, 224)).save(str(src / "model.pt"))
+    write(src, "MyHandler.py", SEED_HANDLER)
+    write(src, "my_handler.py", SEED_ENTRY)
+    (src / "index_to_name.json").write_text(json.dumps(LABELS))
+    return src
+
+
+def build_seed(src: Path, store: Path, name: str = "seed", **overrides) -> Path:
+    kwargs = dict(
+        model_name=name,
+        version="1.0",
+        handler=str(src / "my_handler.py"),
+        serialized_file=str(src / "model.pt"),
+        extra_files=[str(src / "MyHandler.py"), str(src / "index_to_name.json")],
+        export_path=str(store),
+    )
+    kwargs.update(overrides)
+    return build_archive(**kwargs)
+
+
+def function_archive(tmp_path: Path, name: str, source: str, *, extra: dict[str, str] | None = None) -> Path:
+    """An archive whose handler is ``source`` (plus extra .py files), no model."""
+    src = tmp_path / f"src-{name}"
+    handler = write(src, "handler.py", source)
+    extras = [str(write(src, n, text)) for n, text in (extra or {}).items()]
+    return build_archive(
+        model_name=name,
+        version="2.0",
+        handler=str(handler),
+        extra_files=extras or None,
+        export_path=str(tmp_path / "store"),
+    )
+
+
+def test_the_seed_walkthrough_archives_loads_and_names_the_kitten_in_full(
+    seed_inputs, tmp_path, kitten_bytes
+):
+    archive = build_seed(seed_inputs, tmp_path / "store")
+
+    model = load_model(archive, cache_dir=tmp_path / "cache")
+    answers = model.predict([kitten_bytes, kitten_bytes])
+
+    assert model.name == "seed" and model.version == "1.0"
+    assert answers[0] == answers[1]
+    assert set(answers[0]) == {"label", "index"}
+    assert answers[0]["label"] == LABELS[str(answers[0]["index"])][1]  # "tabby", not one letter of it
+    assert model.load_time_s > 0
+
+
+def test_the_seed_written_against_torchserve_imports_runs_too(seed_inputs, tmp_path, kitten_bytes):
+    src = tmp_path / "ts-seed"
+    src.mkdir()
+    for name in ("model.pt", "index_to_name.json", "my_handler.py"):
+        (src / name).write_bytes((seed_inputs / name).read_bytes())
+    ts_source = SEED_HANDLER.replace(
+        "from handlers import BaseHandler", "from ts.torch_handler.base_handler import BaseHandler"
+    )
+    write(src, "MyHandler.py", ts_source)
+    archive = build_seed(src, tmp_path / "store", name="ts_seed")
+
+    answers = load_model(archive, cache_dir=tmp_path / "cache").predict([kitten_bytes])
+    reference = load_model(build_seed(seed_inputs, tmp_path / "store"), cache_dir=tmp_path / "cache")
+
+    assert answers == reference.predict([kitten_bytes])
+    assert not any(name == "ts" or name.startswith("ts.") for name in sys.modules)
+
+
+def test_a_second_load_reuses_the_unpacked_folder(seed_inputs, tmp_path):
+    archive = build_seed(seed_inputs, tmp_path / "store")
+    cache = tmp_path / "cache"
+
+    with open_archive(archive) as reader:
+        first, unpacked_first = unpack_cached(reader, cache)
+    with open_archive(archive) as reader:
+        second, unpacked_second = unpack_cached(reader, cache)
+
+    assert (unpacked_first, unpacked_second) == (True, False)
+    assert first == second
+    assert load_model(archive, cache_dir=cache).model_dir == first
+    assert [p.name for p in (cache / "models").iterdir()] == [first.name]  # no temp folders left
+
+
+def test_a_changed_archive_gets_its_own_cache_folder(seed_inputs, tmp_path):
+    cache = tmp_path / "cache"
+    old = load_model(build_seed(seed_inputs, tmp_path / "a"), cache_dir=cache)
+    new = load_model(build_seed(seed_inputs, tmp_path / "b", version="2.0"), cache_dir=cache)
+
+    assert old.model_dir != new.model_dir
+    assert new.version == "2.0"
+
+
+def test_each_load_gets_its_own_handler_instance(seed_inputs, tmp_path):
+    archive = build_seed(seed_inputs, tmp_path / "store")
+
+    one = load_model(archive, cache_dir=tmp_path / "cache")
+    two = load_model(archive, cache_dir=tmp_path / "cache")
+
+    service_one = one._entry_point.__globals__["_service"]
+    service_two = two._entry_point.__globals__["_service"]
+    assert service_one is not service_two
+    assert service_one.model is not service_two.model
+
+
+def test_two_models_with_same_named_handler_files_do_not_collide(tmp_path):
+    source = """
+        from helper import WHO
+
+        def handle(data, context):
+            if data is None:
+                return None
+            return [WHO for _ in data]
+    """
+    a = function_archive(tmp_path, "a", source, extra={"helper.py": "WHO = 'model a'\n"})
+    b = function_archive(tmp_path, "b", source, extra={"helper.py": "WHO = 'model b'\n"})
+
+    model_a = load_model(a, cache_dir=tmp_path / "cache")
+    model_b = load_model(b, cache_dir=tmp_path / "cache")
+
+    assert model_a.predict(["x"]) == ["model a"]
+    assert model_b.predict(["x"]) == ["model b"]
+    assert "helper" not in sys.modules and "handler" not in sys.modules
+    assert str(model_a.model_dir) not in sys.path and str(model_b.model_dir) not in sys.path
+
+
+def test_a_function_entry_point_is_called_once_with_none_at_load_time(tmp_path):
+    source = """
+        CALLS = []
+
+        def handle(data, context):
+            CALLS.append(data)
+            return None if data is None else [len(CALLS) for _ in data]
+    """
+    model = load_model(function_archive(tmp_path, "fn", source), cache_dir=tmp_path / "cache")
+
+    assert model.predict([b"x", b"y"]) == [2, 2]
+
+
+def test_module_function_handler_strings_pick_that_function(tmp_path):
+    src = tmp_path / "src"
+    handler = write(
+        src, "entry.py", "def answer(data, context):\n    return data and ['picked' for _ in data]\n"
+    )
+    archive = build_archive(
+        model_name="picked",
+        version="1",
+        handler=f"{handler}:answer".replace(".py:", ":"),
+        export_path=str(tmp_path / "store"),
+    )
+    assert load_model(archive, cache_dir=tmp_path / "cache").predict(["x"]) == ["picked"]
+
+
+def test_a_module_with_one_handler_class_and_a_helper_class_is_instantiated(tmp_path):
+    source = """
+        from dataclasses import dataclass
+
+        @dataclass
+        class Greeting:
+            word: str
+
+        class Greeter:
+            def initialize(self, context):
+                self.greeting = Greeting(context.model_yaml_config.get("handler", {}).get("word", "hi"))
+
+            def handle(self, data, context):
+                return [self.greeting.word for _ in data]
+    """
+    src = tmp_path / "src"
+    handler = write(src, "greeter.py", source)
+    config = write(src, "model-config.yaml", "batchSize: 4\nhandler:\n  word: hello\n")
+    archive = build_archive(
+        model_name="greeter",
+        version="1",
+        handler=str(handler),
+        config_file=str(config),
+        export_path=str(tmp_path / "store"),
+    )
+
+    model = load_model(archive, cache_dir=tmp_path / "cache")
+
+    assert model.predict(["x"]) == ["hello"]
+    assert model.config.batch_size == 4
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("import no_such_module_here\n", "failed to import: ModuleNotFoundError: No module named 'no_such_"),
+        ("raise RuntimeError('broken at import')\n", "failed to import: RuntimeError: broken at import"),
+        ("X = 1\n", "has no handle function and must define exactly one handler class (found: none)"),
+        (
+            "class A:\n    def handle(self, d, c): pass\nclass B:\n    def handle(self, d, c): pass\n",
+            "exactly one handler class (found: A, B)",
+        ),
+        (
+            "def handle(data, context):\n    if data is None:\n        raise ValueError('no weights')\n",
+            "failed to initialize: ValueError: no weights",
+        ),
+    ],
+    ids=["missing-import", "raises", "no-entry", "two-classes", "init-fails"],
+)
+def test_a_handler_that_cannot_load_is_refused_with_the_reason(tmp_path, source, reason):
+    archive = function_archive(tmp_path, "broken", source)
+
+    with pytest.raises(HandlerError) as caught:
+        load_model(archive, cache_dir=tmp_path / "cache")
+
+    assert reason in str(caught.value)
+    assert "handler.py" in str(caught.value)
+
+
+def test_a_tampered_archive_is_refused_before_any_code_runs(tmp_path):
+    marker = tmp_path / "ran"
+    source = f"open({str(marker)!r}, 'w').close()\ndef handle(data, context):\n    return data\n"
+    archive = function_archive(tmp_path, "tampered", source)
+    folder = tmp_path / "folder"
+    with open_archive(archive) as reader:
+        reader.extract(folder)
+    (folder / "handler.py").write_text(source + "# changed\n")
+
+    with pytest.raises(IntegrityError):
+        load_model(folder, cache_dir=tmp_path / "cache")
+    assert not marker.exists()
+
+
+ROLES = """
+    from handlers import HandlerInputError
+
+    def handle(data, context):
+        if data is None:
+            return None
+        texts = [row["body"] if isinstance(row["body"], str) else bytes(row["body"]).decode() for row in data]
+        if "raise" in texts:
+            raise RuntimeError("boom")
+        if "short" in texts:
+            return texts[:-1]
+        if "tuple" in texts:
+            return tuple(texts)
+        answers = []
+        for i, text in enumerate(texts):
+            if text == "reject":
+                answers.append(HandlerInputError("cannot use this one"))
+            elif text == "teapot":
+                context.set_response_status(418, "I'm a teapot", i)
+                answers.append("short and stout")
+            elif text == "png":
+                context.set_response_content_type(i, "image/png")
+                context.set_response_header(i, "X-Kind", "mask")
+                answers.append(b"\\x89PNG fake")
+            elif text == "object":
+                answers.append(object())
+            elif text == "raw":
+                answers.append(b"\\x00\\x01")
+            else:
+                answers.append({"echo": text, "header": context.get_request_header(i, "x-trace")})
+        return answers
+"""
+
+
+@pytest.fixture
+def roles(tmp_path):
+    return load_model(function_archive(tmp_path, "roles", ROLES), cache_dir=tmp_path / "cache")
+
+
+def requests(*texts: str):
+    return [
+        make_request(f"r{i}", t.encode(), "text/plain", {"X-Trace": f"t{i}"}) for i, t in enumerate(texts)
+    ]
+
+
+def test_each_request_gets_its_own_answer_and_only_the_bad_ones_fail(roles):
+    responses = roles.handle(requests("one", "reject", "teapot", "png", "object", "two"))
+
+    assert [r.status for r in responses] == [200, 400, 418, 200, 500, 200]
+    assert json.loads(responses[0].body) == {"echo": "one", "header": "t0"}
+    assert responses[0].content_type == "application/json"
+    assert json.loads(responses[1].body) == {
+        "code": 400,
+        "type": "HandlerInputError",
+        "message": "cannot use this one",
+    }
+    assert json.loads(responses[2].body)["message"] == "I'm a teapot"
+    assert (responses[3].body, responses[3].content_type) == (b"\x89PNG fake", "image/png")
+    assert responses[3].headers == {"X-Kind": "mask"}
+    assert "cannot be sent as JSON" in json.loads(responses[4].body)["message"]
+    assert json.loads(responses[5].body)["echo"] == "two"
+
+
+@pytest.mark.parametrize(
+    ("trigger", "message"),
+    [
+        ("raise", "boom"),
+        ("short", "handler returned 1 answers for a batch of 2 requests"),
+        ("tuple", "handler returned a tuple for a batch of 2 requests"),
+    ],
+)
+def test_a_failing_handler_fails_every_request_of_the_batch_and_keeps_working(roles, trigger, message):
+    responses = roles.handle(requests("fine", trigger))
+
+    assert [r.status for r in responses] == [500, 500]
+    assert all(json.loads(r.body)["message"] == message for r in responses)
+    assert roles.handle(requests("again"))[0].status == 200
+
+
+def test_statuses_and_content_types_do_not_leak_into_the_next_batch(roles):
+    roles.handle(requests("teapot", "png"))
+
+    responses = roles.handle(requests("a", "b"))
+
+    assert [r.status for r in responses] == [200, 200]
+    assert [r.content_type for r in responses] == ["application/json"] * 2
+
+
+def test_predict_decodes_answers_and_returns_errors_in_place(roles):
+    answers = roles.predict(["hello", b"reject", "raw", "teapot"])
+
+    assert answers[0] == {"echo": "hello", "header": None}
+    assert isinstance(answers[1], HandlerInputError) and str(answers[1]) == "cannot use this one"
+    assert answers[2] == b"\x00\x01"
+    assert isinstance(answers[3], ArchiverError) and answers[3].http_status == 418
+
+
+def test_a_built_in_handler_name_loads_our_default_handler(tmp_path, kitten_bytes):
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.manual_seed(0)
+    torch.jit.trace(ThreeClasses().eval(), torch.rand(1, 3, 224, 224)).save(str(src / "model.pt"))
+    (src / "index_to_name.json").write_text(json.dumps(LABELS))
+    archive = build_archive(
+        model_name="classes",
+        version="1.0",
+        handler="image_classifier",
+        serialized_file=str(src / "model.pt"),
+        extra_files=str(src / "index_to_name.json"),
+        export_path=str(tmp_path / "store"),
+    )
+
+    (answer, bad) = load_model(archive, cache_dir=tmp_path / "cache").predict([kitten_bytes, b"nope"])
+
+    assert set(answer) == {"tench", "goldfish", "tabby"}  # top-5 capped at the 3 classes
+    assert isinstance(bad, HandlerInputError)
+
+
+def test_a_handler_that_is_neither_in_the_archive_nor_built_in_is_named(tmp_path):
+    folder = tmp_path / "m"
+    (folder / "MAR-INF").mkdir(parents=True)
+    manifest = {
+        "runtime": "python",
+        "model": {"modelName": "m", "handler": "densenet_handler", "modelVersion": "1"},
+    }
+    (folder / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ArchiverError, match="densenet_handler.py"):
+        load_model(folder, cache_dir=tmp_path / "cache")
+
+
+def test_closing_a_model_releases_its_handler(roles):
+    roles.close()
+
+    assert roles.handler is None
+    with pytest.raises(HandlerError, match="closed"):
+        roles.handle(requests("x"))
