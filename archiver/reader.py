@@ -48,6 +48,7 @@ class VerifyReport:
     has_hashes: bool = False
     notes: list[str] = field(default_factory=list)
     files_checked: int = 0
+    sha256: dict[str, str] = field(default_factory=dict)  # computed, for every file that could be read
 
 
 def open_archive(path: str | Path, *, limits: ReadLimits | None = None) -> ArchiveReader:
@@ -124,13 +125,14 @@ class ArchiveReader:
         meter = Meter(self.limits, self.path.name)
         try:
             for member, chunks in self._guarded(self._source.iter_all(meter)):
-                problem = self._check_member(member, chunks)
+                problem = self._check_member(member, chunks, report)
                 report.files_checked += 1
                 if problem:
                     report.problems.append(problem)
         except ArchiverError as exc:
             report.problems.append(exc.message)
         report.problems.extend(self._check_contents(names))
+        report.problems = list(dict.fromkeys(report.problems))  # a bad handler fails two checks: say it once
         report.ok = not report.problems
         return report
 
@@ -232,9 +234,10 @@ class ArchiveReader:
                 sink.write(chunk)
         return size, digest.hexdigest()
 
-    def _check_member(self, member: Member, chunks: Iterator[bytes]) -> str | None:
+    def _check_member(self, member: Member, chunks: Iterator[bytes], report: VerifyReport) -> str | None:
         try:
             size, sha = self._hash_chunks(member, chunks)
+            report.sha256[member.name] = sha
             self._check_hash(member.name, size, sha)
         except IntegrityError as exc:
             return exc.message

@@ -7,60 +7,38 @@ import sys
 
 import click
 
-from archiver.reader import open_archive
+from archiver.manifest import MANIFEST_PATH
+from archiver.reader import ArchiveReader, VerifyReport, open_archive
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("archive_path", metavar="ARCHIVE", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest and file table as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest, files and check results as JSON.")
 def inspect(archive_path: str, as_json: bool) -> None:
-    """Show an archive's manifest and its files with sizes and sha256 (.mar, .tar.gz or folder)."""
+    """Show an archive's manifest and files with sizes and sha256; exit 1 if it is not intact.
+
+    The sha256 shown is computed from the bytes; a file whose bytes disagree with the manifest is flagged.
+    """
     with open_archive(archive_path) as reader:
-        manifest = reader.manifest
-        records = manifest.files or {}
-        rows = []
-        for name in reader.files():
-            record = records.get(name)
-            rows.append(
-                {
-                    "name": name,
-                    "size": reader.size(name),
-                    "sha256": record.sha256 if record else None,
-                }
-            )
+        report = reader.verify()
+        rows = _rows(reader, report)
         if as_json:
             doc = {
                 "path": str(reader.path),
                 "format": reader.format,
                 "has_hashes": reader.has_hashes,
-                "manifest": manifest.to_dict(),
+                "ok": report.ok,
+                "problems": report.problems,
+                "manifest": reader.manifest.to_dict(),
                 "files": rows,
             }
             click.echo(json.dumps(doc, indent=2))
-            return
-        model = manifest.to_dict()["model"]
-        lines = [
-            ("archive", f"{reader.path} ({reader.format})"),
-            ("model", f"{manifest.model_name} version {manifest.model_version or '-'}"),
-            ("handler", manifest.handler),
-            *(
-                (key, model[key])
-                for key in ("serializedFile", "modelFile", "requirementsFile", "configFile")
-                if key in model
-            ),
-            ("runtime", manifest.runtime),
-            ("created", f"{manifest.created_on or '-'} by archiver {manifest.archiver_version or '-'}"),
-        ]
-        if not reader.has_hashes:
-            lines.append(("hashes", "none recorded (not built by model-archiver)"))
-        for label, value in lines:
-            click.echo(f"{label + ':':<18}{value}")
-        width = max(len(r["name"]) for r in rows)
-        click.echo("")
-        click.echo(f"{'file':<{width}}  {'size':>12}  sha256")
-        for row in rows:
-            digest = row["sha256"] or ("(manifest)" if row["name"] == "MAR-INF/MANIFEST.json" else "-")
-            click.echo(f"{row['name']:<{width}}  {row['size']:>12,}  {digest}")
+        else:
+            _print_summary(reader)
+            _print_table(rows)
+            _print_findings(report)
+    if not report.ok:
+        sys.exit(1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -80,12 +58,59 @@ def verify(archive_path: str, as_json: bool) -> None:
         }
         click.echo(json.dumps(doc, indent=2))
     else:
-        for note in report.notes:
-            click.echo(f"note: {note}")
-        for problem in report.problems:
-            click.echo(f"problem: {problem}")
-        verdict = "OK" if report.ok else "FAILED"
-        hashes = "all sha256 match" if report.has_hashes and report.ok else ""
-        click.echo(f"{verdict}: {archive_path} ({count} files{', ' + hashes if hashes else ''})")
+        _print_findings(report)
+        detail = f"{count} files, all sha256 match" if report.has_hashes and report.ok else f"{count} files"
+        click.echo(f"{'OK' if report.ok else 'FAILED'}: {archive_path} ({detail})")
     if not report.ok:
         sys.exit(1)
+
+
+def _rows(reader: ArchiveReader, report: VerifyReport) -> list[dict]:
+    records = reader.manifest.files or {}
+    rows = []
+    for name in reader.files():
+        computed = report.sha256.get(name)
+        record = records.get(name)
+        if name == MANIFEST_PATH:
+            status = "manifest"
+        elif record is None:
+            status = "unrecorded" if reader.has_hashes else "no hash recorded"
+        else:
+            status = "ok" if computed == record.sha256 else "MISMATCH"
+        rows.append({"name": name, "size": reader.size(name), "sha256": computed, "status": status})
+    return rows
+
+
+def _print_summary(reader: ArchiveReader) -> None:
+    manifest = reader.manifest
+    model = manifest.to_dict()["model"]
+    lines = [
+        ("archive", f"{reader.path} ({reader.format})"),
+        ("model", f"{manifest.model_name} version {manifest.model_version or '-'}"),
+        ("handler", manifest.handler),
+        *(
+            (key, model[key])
+            for key in ("serializedFile", "modelFile", "requirementsFile", "configFile")
+            if key in model
+        ),
+        ("runtime", manifest.runtime),
+        ("created", f"{manifest.created_on or '-'} by archiver {manifest.archiver_version or '-'}"),
+    ]
+    for label, value in lines:
+        click.echo(f"{label + ':':<18}{value}")
+
+
+def _print_table(rows: list[dict]) -> None:
+    width = max(len("file"), *(len(r["name"]) for r in rows))
+    click.echo("")
+    click.echo(f"{'file':<{width}}  {'size':>13}  {'sha256':<64}  check")
+    for row in rows:
+        click.echo(f"{row['name']:<{width}}  {row['size']:>13,}  {row['sha256'] or '-':<64}  {row['status']}")
+    click.echo("")
+
+
+def _print_findings(report: VerifyReport) -> None:
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    for problem in report.problems:
+        click.echo(f"problem: {problem}")
