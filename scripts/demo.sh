@@ -8,19 +8,20 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: scripts/demo.sh [--keep] [--skip-setup] [--port N]
+usage: scripts/demo.sh [--keep] [--skip-setup] [--port N] [--out DIR]
 
   --keep        leave the server running at the end (the script says how to stop it)
   --skip-setup  use .venv as it is (no scripts/setup.sh)
   --port N      inference port (default 8080, or a free one if 8080 is taken)
-
-Outputs go to build/demo/ (the .pt, the .mar, the server log).
+  --out DIR     where the .pt, the .mar and the server log go (default build/demo)
 EOF
 }
 
+repo=$(cd "$(dirname "$0")/.." && pwd)
 keep=0
 skip_setup=0
 port=""
+work=$repo/build/demo
 while [ $# -gt 0 ]; do
     case "$1" in
         --keep) keep=1 ;;
@@ -30,14 +31,21 @@ while [ $# -gt 0 ]; do
             port=$2
             shift
             ;;
+        --out)
+            [ $# -ge 2 ] || { echo "demo.sh: --out needs a folder" >&2; exit 2; }
+            work=$2
+            shift
+            ;;
         -h | --help) usage; exit 0 ;;
         *) echo "demo.sh: unknown option: $1" >&2; usage >&2; exit 2 ;;
     esac
     shift
 done
 
-cd "$(dirname "$0")/.."
-work=build/demo
+mkdir -p "$work/model-store"
+work=$(cd "$work" && pwd)
+cd "$repo"
+out=${work#"$repo"/} # for messages: build/demo rather than /path/to/repo/build/demo
 model=efficientnet_lite0
 kitten=examples/efficientnet_lite0/inputs/kitten.jpg
 py=.venv/bin/python
@@ -84,7 +92,7 @@ on_exit() {
         echo >&2
         echo "demo.sh: FAILED at step '$step_name' (exit $rc) after $(elapsed "$demo_start") s" >&2
         if [ -n "$server_pid" ] && [ -s "$work/serve.log" ]; then
-            echo "demo.sh: the server's last log lines ($work/serve.log):" >&2
+            echo "demo.sh: the server's last log lines ($out/serve.log):" >&2
             tail -n 20 "$work/serve.log" >&2
         fi
         stop_server
@@ -116,8 +124,6 @@ else
 fi
 step_done
 
-mkdir -p "$work/model-store"
-
 step "export the pretrained EfficientNet-Lite0 to TorchScript"
 "$py" examples/efficientnet_lite0/export.py --output "$work/$model.pt"
 step_done
@@ -126,7 +132,7 @@ step "archive it: model-archiver --handler image_classifier"
 "$cli" --model-name "$model" --version 1.0 --serialized-file "$work/$model.pt" \
     --extra-files examples/efficientnet_lite0/index_to_name.json --handler image_classifier \
     --export-path "$work/model-store" -f
-ls -l "$work/model-store/$model.mar" | awk '{ printf "    %s: %.1f MB\n", $NF, $5 / 1e6 }'
+ls -l "$work/model-store/$model.mar" | awk '{ printf "    %.1f MB\n", $5 / 1e6 }'
 step_done
 
 step "serve it on 127.0.0.1"
@@ -166,7 +172,7 @@ read -r inference_port management_port metrics_port <<<"$ports"
     --port "$inference_port" --management-port "$management_port" --metrics-port "$metrics_port" \
     >"$work/serve.log" 2>&1 &
 server_pid=$!
-echo "    server pid $server_pid, log in $work/serve.log"
+echo "    server pid $server_pid, log in $out/serve.log"
 base=http://127.0.0.1:$inference_port
 deadline=$((SECONDS + 90))
 until curl -sf --max-time 2 "$base/ping" >/dev/null 2>&1; do
@@ -195,19 +201,25 @@ sys.exit(0 if label in cats else 1)
 echo "    $verdict"
 step_done
 
+if [ "$keep" -ne 1 ]; then
+    step "stop the server"
+    stop_server
+    step_done
+fi
+
 finished=1
 echo
 echo "==> demo finished in $(elapsed "$demo_start") s"
 echo
-echo "Try it by hand:"
+echo "Try it by hand (from the project folder, $repo):"
 if [ "$keep" -eq 1 ]; then
     echo "    curl -X POST $base/predictions/$model -T $kitten"
     echo
-    echo "The server is still running (pid $server_pid, log $work/serve.log). Stop it with:"
+    echo "The server is still running (pid $server_pid, log $out/serve.log). Stop it with:"
     echo "    kill $server_pid"
 else
-    echo "    .venv/bin/model-archiver serve --model-store $work/model-store --models $model=$model.mar &"
+    echo "    .venv/bin/model-archiver serve --model-store $out/model-store --models $model=$model.mar &"
     echo "    curl -X POST http://127.0.0.1:8080/predictions/$model -T $kitten"
     echo "(the demo's server is stopped now; run scripts/demo.sh --keep to leave it up)"
 fi
-echo "Or without a server:  .venv/bin/model-archiver predict $work/model-store/$model.mar $kitten"
+echo "Or without a server:  .venv/bin/model-archiver predict $out/model-store/$model.mar $kitten"
