@@ -86,6 +86,8 @@ class Batcher:
         self._ids = itertools.count(1)
         self._last_batch_size = 0
         self._stopping = False
+        # Workers being loaded (a replacement for a hung one): requests may queue for them meanwhile.
+        self.pending_workers = 0
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -159,7 +161,7 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
-            if not any(not w.retired for w in self._workers):
+            if self.pending_workers <= 0 and not any(not w.retired for w in self._workers):
                 raise ServiceUnavailableError(f'model "{self.name}" has no workers; scale it up first')
             if len(self._queue) >= self.queue_size:
                 raise ServiceUnavailableError(

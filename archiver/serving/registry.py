@@ -188,9 +188,7 @@ class ModelRegistry:
         return out
 
     # ---- inference ---------------------------------------------------------------------------
-    async def predict(
-        self, name: str, version: str | None, request: InferenceRequest
-    ) -> InferenceResponse:
+    async def predict(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:
         """Answer one request through the model's batcher (404, 503 and 504 raised as errors)."""
         entry = self.get(name, version)
         if entry.state != READY or entry.batcher is None:
@@ -211,6 +209,7 @@ class ModelRegistry:
         for worker in batcher.stuck_workers(entry.settings.response_timeout_s):
             batcher.abandon(worker)
             entry.replacing += 1
+            batcher.pending_workers += 1
             asyncio.get_running_loop().create_task(self._add_workers(entry, 1, replacing=True))
 
     # ---- registration ------------------------------------------------------------------------
@@ -313,6 +312,8 @@ class ModelRegistry:
         finally:
             if replacing:
                 entry.replacing -= 1
+                if entry.batcher is not None:
+                    entry.batcher.pending_workers -= 1
 
     def _load_instance(self, entry: ModelEntry) -> Any:
         loader = self._loader
