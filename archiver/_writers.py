@@ -99,14 +99,17 @@ def _zip_info(name: str, epoch: float, *, deflate: bool) -> zipfile.ZipInfo:
 class _HashingReader:
     """A file reader for tarfile.addfile that hashes (and reports) what tarfile pulls through it."""
 
-    def __init__(self, fh: BinaryIO, on_progress: Progress | None) -> None:
+    def __init__(self, fh: BinaryIO, source: Path, on_progress: Progress | None) -> None:
         self._fh = fh
+        self._source = source
         self._on_progress = on_progress
         self.digest = hashlib.sha256()
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._fh.read(n)
+        if n > 0 and len(data) < n:  # tarfile asks for exactly what is left: the file shrank
+            raise InputFileError(f"{self._source} changed while it was being archived")
         self.digest.update(data)
         self.size += len(data)
         if self._on_progress is not None:
@@ -151,11 +154,8 @@ def write_tgz(
                 tar.addfile(_tar_info(f"{top}/{arcname}", len(data), stamp), reader)
                 continue
             with open(entries[arcname], "rb") as fh:
-                hashing = _HashingReader(fh, on_progress)
-                try:
-                    tar.addfile(_tar_info(f"{top}/{arcname}", sizes[arcname], stamp), hashing)
-                except OSError as exc:  # tarfile's "unexpected end of data": the file shrank
-                    raise InputFileError(f"{entries[arcname]} changed while it was being archived") from exc
+                hashing = _HashingReader(fh, entries[arcname], on_progress)
+                tar.addfile(_tar_info(f"{top}/{arcname}", sizes[arcname], stamp), hashing)
                 if fh.read(1):
                     raise InputFileError(f"{entries[arcname]} changed while it was being archived")
             records[arcname] = hashing.record()
