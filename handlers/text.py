@@ -26,6 +26,10 @@ _IRREGULAR = {
     "ain't": "is not",
     "let's": "let us",
 }
+# "'s" is a possessive after a noun; after these words it is "is", as in TorchServe's table.
+_IRREGULAR.update(
+    {f"{w}'s": f"{w} is" for w in ("it", "he", "she", "that", "what", "there", "here", "who", "where", "how")}
+)
 _IRREGULAR_RE = re.compile(r"\b(" + "|".join(re.escape(k) for k in _IRREGULAR) + r")\b")
 _SUFFIXES = [
     (re.compile(r"n't\b"), " not"),

@@ -1,0 +1,174 @@
+"""Image and text decoding: every format and mode a user sends, and every broken payload refused cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from archiver.errors import HandlerInputError
+from handlers.text import decode_text, tokenize
+from handlers.vision import decode_image, imagenet_tensor
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+def red_left_blue_right(width: int = 40, height: int = 20) -> Image.Image:
+    image = Image.new("RGB", (width, height), (255, 0, 0))
+    image.paste((0, 0, 255), (width // 2, 0, width, height))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [
+        ("JPEG", "RGB"),
+        ("JPEG", "L"),
+        ("JPEG", "CMYK"),
+        ("PNG", "RGBA"),
+        ("PNG", "LA"),
+        ("PNG", "P"),
+        ("PNG", "I;16"),
+        ("WEBP", "RGB"),
+        ("WEBP", "RGBA"),
+        ("BMP", "RGB"),
+        ("GIF", "P"),
+        ("TIFF", "F"),
+    ],
+)
+def test_every_format_and_mode_becomes_an_rgb_picture(fmt, mode):
+    source = red_left_blue_right().convert(mode) if mode not in ("I;16", "F") else Image.new(mode, (40, 20))
+
+    image = decode_image(encoded(source, fmt))
+
+    assert image.mode == "RGB" and image.size == (40, 20)
+    assert imagenet_tensor(image).shape == (3, 224, 224)
+
+
+def test_transparent_pixels_become_white_not_whatever_they_hid():
+    source = Image.new("RGBA", (4, 4), (10, 200, 30, 0))
+
+    assert decode_image(encoded(source, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    payload = encoded(red_left_blue_right(40, 20), "JPEG", exif=exif.tobytes())
+
+    image = decode_image(payload)
+
+    assert image.size == (20, 40)
+    top, bottom = image.getpixel((10, 2)), image.getpixel((10, 37))
+    assert top[0] > 200 and top[2] < 60  # the red (left) half is on top after rotating clockwise
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a huge picture: a decompression bomb's calling card."""
+    real = encoded(Image.new("L", (1, 1)), "PNG")
+    ihdr_data = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr_data
+    ihdr = struct.pack(">I", len(ihdr_data)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return real[:8] + ihdr + real[8 + 25 :]
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(HandlerInputError, match="too large|over the limit"):
+        decode_image(png_claiming(100_000, 100_000))
+
+
+def test_the_pixel_limit_is_ours_to_set_and_to_lift():
+    payload = encoded(Image.new("RGB", (200, 100)), "PNG")
+
+    with pytest.raises(HandlerInputError, match="200x100 = 20000 pixels, over the limit of 10000"):
+        decode_image(payload, max_pixels=10_000)
+    assert decode_image(payload, max_pixels=None).size == (200, 100)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "empty body"),
+        (b"plain text, not a picture", "not an image"),
+        ("not base64 !!", "base64"),
+        ({"image": "in JSON"}, "JSON dict"),
+        ([1, 2, 3], "JSON list"),
+    ],
+)
+def test_payloads_that_are_not_images_say_why(payload, reason):
+    with pytest.raises(HandlerInputError, match=reason):
+        decode_image(payload)
+
+
+def test_a_truncated_image_is_refused_not_half_decoded(kitten_bytes):
+    with pytest.raises(HandlerInputError, match="cannot be decoded"):
+        decode_image(kitten_bytes[: len(kitten_bytes) // 2])
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_bytes_are_an_image_or_a_handler_input_error(payload):
+    with contextlib.suppress(HandlerInputError):
+        assert decode_image(payload).mode == "RGB"
+
+
+@FUZZ
+@given(st.sampled_from(["PNG", "GIF", "BMP", "WEBP", "JPEG"]), st.data())
+def test_damaged_real_images_are_an_image_or_a_handler_input_error(fmt, data):
+    payload = bytearray(encoded(red_left_blue_right(16, 16), fmt))
+    for _ in range(data.draw(st.integers(1, 8))):
+        payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(payload)))
+    with contextlib.suppress(HandlerInputError):
+        decode_image(bytes(payload[:cut]))
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_random_bytes_are_text_or_a_handler_input_error(payload):
+    try:
+        text = decode_text(payload)
+    except HandlerInputError:
+        return
+    assert isinstance(text, str) and text.strip()
+    assert all(isinstance(token, str) and token for token in tokenize(text))
+
+
+@FUZZ
+@given(st.text(max_size=300))
+def test_any_text_tokenizes_to_lowercase_words_and_bigrams(text):
+    tokens = tokenize(text)
+    words = [t for t in tokens if " " not in t]
+    assert len(tokens) == max(0, 2 * len(words) - 1)
+    assert all(t == t.lower() for t in tokens)
+
+
+def test_tokenize_matches_torchserves_cleaning():
+    assert tokenize("<b>Don't</b> PANIC, it's Café time!") == [
+        "do",
+        "not",
+        "panic",
+        "it",
+        "is",
+        "cafe",
+        "time",
+        "do not",
+        "not panic",
+        "panic it",
+        "it is",
+        "is cafe",
+        "cafe time",
+    ]
