@@ -99,7 +99,11 @@ def http(
 ) -> Reply:
     """One HTTP call with a timeout; error statuses are returned, not raised."""
     data = body.encode() if isinstance(body, str) else body
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    headers = dict(headers or {})
+    if data is not None and not any(k.lower() == "content-type" for k in headers):
+        # urllib would say form-urlencoded; a raw upload (curl -T) says nothing more specific than bytes.
+        headers["Content-Type"] = "application/octet-stream"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return Reply(resp.status, dict(resp.headers), resp.read())
@@ -120,19 +124,27 @@ def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "con
 
 
 def raw_exchange(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
-    """Send raw bytes to 127.0.0.1:port and read until the server closes or answers."""
+    """Send raw bytes to 127.0.0.1:port; return the first response (or what came before the close)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(payload)
-        chunks = []
+        data = b""
         while True:
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
-                break
+                return data
             if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+                return data
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    key, _, value = line.partition(b":")
+                    if key.strip().lower() == b"content-length":
+                        length = int(value)
+                if len(body) >= length:
+                    return data
 
 
 @pytest.fixture
