@@ -45,7 +45,7 @@ done
 mkdir -p "$work/model-store"
 work=$(cd "$work" && pwd)
 cd "$repo"
-out=${work#"$repo"/} # for messages: build/demo rather than /path/to/repo/build/demo
+work=${work#"$repo"/} # relative to the project when inside it: shorter commands and messages
 model=efficientnet_lite0
 kitten=examples/efficientnet_lite0/inputs/kitten.jpg
 py=.venv/bin/python
@@ -92,7 +92,7 @@ on_exit() {
         echo >&2
         echo "demo.sh: FAILED at step '$step_name' (exit $rc) after $(elapsed "$demo_start") s" >&2
         if [ -n "$server_pid" ] && [ -s "$work/serve.log" ]; then
-            echo "demo.sh: the server's last log lines ($out/serve.log):" >&2
+            echo "demo.sh: the server's last log lines ($work/serve.log):" >&2
             tail -n 20 "$work/serve.log" >&2
         fi
         stop_server
@@ -172,7 +172,7 @@ read -r inference_port management_port metrics_port <<<"$ports"
     --port "$inference_port" --management-port "$management_port" --metrics-port "$metrics_port" \
     >"$work/serve.log" 2>&1 &
 server_pid=$!
-echo "    server pid $server_pid, log in $out/serve.log"
+echo "    server pid $server_pid, log in $work/serve.log"
 base=http://127.0.0.1:$inference_port
 deadline=$((SECONDS + 90))
 until curl -sf --max-time 2 "$base/ping" >/dev/null 2>&1; do
@@ -215,11 +215,11 @@ echo "Try it by hand (from the project folder, $repo):"
 if [ "$keep" -eq 1 ]; then
     echo "    curl -X POST $base/predictions/$model -T $kitten"
     echo
-    echo "The server is still running (pid $server_pid, log $out/serve.log). Stop it with:"
+    echo "The server is still running (pid $server_pid, log $work/serve.log). Stop it with:"
     echo "    kill $server_pid"
 else
-    echo "    .venv/bin/model-archiver serve --model-store $out/model-store --models $model=$model.mar &"
+    echo "    .venv/bin/model-archiver serve --model-store $work/model-store --models $model=$model.mar &"
     echo "    curl -X POST http://127.0.0.1:8080/predictions/$model -T $kitten"
     echo "(the demo's server is stopped now; run scripts/demo.sh --keep to leave it up)"
 fi
-echo "Or without a server:  .venv/bin/model-archiver predict $out/model-store/$model.mar $kitten"
+echo "Or without a server:  .venv/bin/model-archiver predict $work/model-store/$model.mar $kitten"
