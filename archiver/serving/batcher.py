@@ -142,7 +142,10 @@ class Batcher:
             self._stopping = True
             self._cond.notify_all()
         deadline = time.monotonic() + timeout_s
+        # Retired workers are left alone: a hung one may never return, and nobody waits for its answers.
         for worker in list(self._workers):
+            if worker.retired:
+                continue
             if worker.thread is not None and worker.thread is not threading.current_thread():
                 worker.thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
