@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 from archiver.errors import ArchiverError, UsageError
@@ -21,6 +22,8 @@ from archiver.reader import ArchiveReader
 CACHE_ENV = "MODEL_ARCHIVER_CACHE"
 _LAYOUT = "v1"  # bump when the cache's folder layout changes, so old entries are simply not found
 _CHUNK = 1 << 20
+_KEYS: dict[tuple[int, int, int, int], str] = {}
+_KEYS_LOCK = threading.Lock()
 
 
 def default_cache_dir() -> Path:
@@ -32,7 +35,28 @@ def default_cache_dir() -> Path:
 
 
 def content_key(reader: ArchiveReader) -> str:
-    """The sha256 naming an archive's cache folder: of the file's bytes, or of a folder's files."""
+    """The sha256 naming an archive's cache folder: of the file's bytes, or of a folder's files.
+
+    A file's key is remembered for this process by (device, inode, size, mtime), so the workers of one
+    model hash its archive once; an archive rewritten in place (atomically, as build_archive does) gets
+    a new inode and is hashed again.
+    """
+    stamp = None
+    if reader.format != "dir":
+        info = os.stat(reader.path)
+        stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        with _KEYS_LOCK:
+            known = _KEYS.get(stamp)
+        if known is not None:
+            return known
+    key = _hash_content(reader)
+    if stamp is not None:
+        with _KEYS_LOCK:
+            _KEYS[stamp] = key
+    return key
+
+
+def _hash_content(reader: ArchiveReader) -> str:
     digest = hashlib.sha256(_LAYOUT.encode())
     if reader.format == "dir":
         # A folder has no single byte stream; hash every file's name and content, in sorted order.

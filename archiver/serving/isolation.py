@@ -87,6 +87,7 @@ def isolated_imports(model_dir: str | Path) -> Iterator[None]:
                 if _is_system_module(sys.modules.get(top)):
                     continue
                 hidden[name] = sys.modules.pop(name)
+        before = set(sys.modules)
         sys.path.insert(0, str(folder))
         importlib.invalidate_caches()
         try:
@@ -94,7 +95,10 @@ def isolated_imports(model_dir: str | Path) -> Iterator[None]:
         finally:
             with contextlib.suppress(ValueError):
                 sys.path.remove(str(folder))
-            for name, module in list(sys.modules.items()):
+            # Only modules first imported inside the window can come from the folder (checking every
+            # module in the process would cost ~0.2 s of path resolution per load).
+            for name in [n for n in sys.modules if n not in before]:
+                module = sys.modules[name]
                 if module is not None and _belongs_to(module, prefix):
                     del sys.modules[name]
             sys.modules.update(hidden)
