@@ -156,6 +156,19 @@ def serve(
     model-archiver serve resnet34.mar
     model-archiver serve --model-store store --models resnet34=resnet34.mar --batch-size 8
     """
+    settings = build_settings(archives, model_specs, config_path, flags)
+    from archiver.serving.server import check_exposure
+
+    check_exposure(settings)  # refuse an exposed bind before paying for torch's import
+    _set_torch_threads(settings.operator.get("workers") or settings.defaults.workers)
+    code = asyncio.run(_run(settings, Path(ready_file) if ready_file else None))
+    sys.exit(code)
+
+
+def build_settings(
+    archives: tuple[str, ...], model_specs: tuple[str, ...], config_path: str | None, flags: dict[str, Any]
+) -> Any:
+    """ServerSettings from the flags (None where not given) over the --config file over the defaults."""
     from archiver.serving.registry import ModelSettings
     from archiver.serving.server import ServerSettings
 
@@ -205,9 +218,7 @@ def serve(
         no_auth=bool(pick("no_auth")),
         cache_dir=Path(cache_dir) if cache_dir else None,
     )
-    _set_torch_threads(operator["workers"] or defaults.workers)
-    code = asyncio.run(_run(settings, Path(ready_file) if ready_file else None))
-    sys.exit(code)
+    return settings
 
 
 def _first(*values: Any) -> Any:
