@@ -51,19 +51,24 @@ kitten=examples/efficientnet_lite0/inputs/kitten.jpg
 py=.venv/bin/python
 cli=.venv/bin/model-archiver
 
+now() { # wall-clock seconds: EPOCHREALTIME (bash 5, a comma in some locales) or whole seconds
+    local t=${EPOCHREALTIME:-$(date +%s)}
+    echo "${t/,/.}"
+}
+
 step_name=""
 step_start=""
-demo_start=$EPOCHREALTIME
+demo_start=$(now)
 server_pid=""
 finished=0
 
 elapsed() { # seconds since $1, one decimal
-    awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'
+    awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'
 }
 
 step() {
     step_name=$1
-    step_start=$EPOCHREALTIME
+    step_start=$(now)
     echo
     echo "==> $step_name"
 }
@@ -132,7 +137,7 @@ step "archive it: model-archiver --handler image_classifier"
 "$cli" --model-name "$model" --version 1.0 --serialized-file "$work/$model.pt" \
     --extra-files examples/efficientnet_lite0/index_to_name.json --handler image_classifier \
     --export-path "$work/model-store" -f
-ls -l "$work/model-store/$model.mar" | awk '{ printf "    %.1f MB\n", $5 / 1e6 }'
+awk -v bytes="$(wc -c <"$work/model-store/$model.mar")" 'BEGIN { printf "    %.1f MB\n", bytes / 1e6 }'
 step_done
 
 step "serve it on 127.0.0.1"
