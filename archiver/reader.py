@@ -124,7 +124,7 @@ class ArchiveReader:
                 report.problems.append(f"{listed!r} is listed in the manifest's hashes but absent")
         meter = Meter(self.limits, self.path.name)
         try:
-            for member, chunks in self._guarded(self._source.iter_all(meter)):
+            for member, chunks in self._all_members(meter):
                 problem = self._check_member(member, chunks, report)
                 report.files_checked += 1
                 if problem:
@@ -160,7 +160,7 @@ class ArchiveReader:
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
         try:
             meter = Meter(self.limits, self.path.name)
-            for member, chunks in self._guarded(self._source.iter_all(meter)):
+            for member, chunks in self._all_members(meter):
                 self._write_member(staging, member, chunks)
             os.chmod(staging, 0o755)
             os.rename(staging, dest)
@@ -176,6 +176,10 @@ class ArchiveReader:
         if member is None:
             raise MemberNotFoundError(f"{self.path.name} has no file {name!r}")
         return member
+
+    def _all_members(self, meter: Meter) -> Iterator[tuple[Member, Iterator[bytes]]]:
+        for member, chunks in self._guarded(self._source.iter_all(meter)):
+            yield member, self._guarded(chunks)
 
     def _guarded(self, items: Iterator) -> Iterator:
         """Re-raise the zip/tar/zlib modules' errors for corrupt bytes as ArchiveFormatError."""
