@@ -224,6 +224,7 @@ if [ "$keep" -eq 1 ]; then
     echo "    kill $server_pid"
 else
     echo "    .venv/bin/model-archiver serve --model-store $work/model-store --models $model=$model.mar &"
+    echo "    # wait for its READY line (a few seconds), then:"
     echo "    curl -X POST http://127.0.0.1:8080/predictions/$model -T $kitten"
     echo "(the demo's server is stopped now; run scripts/demo.sh --keep to leave it up)"
 fi
