@@ -49,7 +49,8 @@ def model() -> torch.nn.Module:
 def folders(kit, tmp_path, model):
     example = torch.rand(2, 4)
     pt2 = tmp_path / "exported.pt2"
-    torch.export.save(torch.export.export(model, (example,)), str(pt2))
+    batch = {"x": {0: torch.export.Dim("batch", min=1, max=64)}}
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=batch), str(pt2))
     return {
         "eager": kit.write_model_dir(
             tmp_path / "eager",
@@ -184,3 +185,21 @@ def test_reject_fails_one_request_and_the_others_are_answered_in_order(kit, tmp_
     assert isinstance(answers[1], HandlerInputError) and str(answers[1]) == "negative numbers are not allowed"
     assert isinstance(answers[3], HandlerInputError)
     assert kit.run_batch(handler, context, [4]) == [8]  # rejections do not leak into the next batch
+
+
+@pytest.mark.parametrize("kind", ["eager", "torchscript", "export"])
+def test_a_gpu_id_uses_cuda_when_present_and_the_cpu_otherwise(folders, model, kind):
+    from handlers import Context
+
+    folder = folders[kind]
+    manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+    context = Context("m", str(folder), manifest, 1, 0, "test")
+    handler = BaseHandler()
+    handler.initialize(context)
+    rows = [[0.5, 0.25, -1.0, 2.0]]
+
+    answers = handler.handle(rows, context)
+
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert str(handler.device) == expected
+    assert answers[0] == pytest.approx(model(torch.tensor(rows)).tolist()[0], abs=1e-4)
