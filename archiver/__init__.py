@@ -16,6 +16,8 @@ _LAZY = {
     "build_archive": "archiver.build",
     "open_archive": "archiver.reader",
     "ArchiveReader": "archiver.reader",
+    "ReadLimits": "archiver.reader",
+    "VerifyReport": "archiver.reader",
     "Manifest": "archiver.manifest",
     "FileRecord": "archiver.manifest",
     "ModelConfig": "archiver.config",

@@ -37,7 +37,7 @@ def _zip_time(epoch: float) -> tuple[int, int, int, int, int, int]:
     return time.gmtime(max(epoch, 315532800))[:6]
 
 
-def _chunks(source: Path, expected: int, arcname: str, on_progress: Progress | None) -> Iterator[bytes]:
+def _chunks(source: Path, expected: int, on_progress: Progress | None) -> Iterator[bytes]:
     size = 0
     with open(source, "rb") as fh:
         while chunk := fh.read(CHUNK_BYTES):
@@ -49,12 +49,10 @@ def _chunks(source: Path, expected: int, arcname: str, on_progress: Progress | N
         raise InputFileError(f"{source} changed while it was being archived ({expected} → {size} bytes)")
 
 
-def _copy(
-    source: Path, expected: int, arcname: str, sink: BinaryIO, on_progress: Progress | None
-) -> FileRecord:
+def _copy(source: Path, expected: int, sink: BinaryIO, on_progress: Progress | None) -> FileRecord:
     digest = hashlib.sha256()
     size = 0
-    for chunk in _chunks(source, expected, arcname, on_progress):
+    for chunk in _chunks(source, expected, on_progress):
         digest.update(chunk)
         sink.write(chunk)
         size += len(chunk)
@@ -82,7 +80,7 @@ def write_zip(
             )
             info.file_size = sizes[arcname]  # lets zipfile choose zip64 up front for big files
             with zf.open(info, "w") as out:
-                records[arcname] = _copy(source, sizes[arcname], arcname, out, on_progress)
+                records[arcname] = _copy(source, sizes[arcname], out, on_progress)
         manifest.files = records
         info = _zip_info(MANIFEST_PATH, epoch if epoch is not None else time.time(), deflate=compress)
         zf.writestr(info, manifest.to_json())
@@ -194,7 +192,7 @@ def write_folder(
     records: dict[str, FileRecord] = {}
     for arcname in sorted(entries):
         records[arcname] = _write_file(
-            root, arcname, lambda out, a=arcname: _copy(entries[a], sizes[a], a, out, on_progress), epoch
+            root, arcname, lambda out, a=arcname: _copy(entries[a], sizes[a], out, on_progress), epoch
         )
     manifest.files = records
     data = manifest.to_json()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 METHOD_SUFFIX = {"trace": ".pt", "script": ".pt", "export": ".pt2"}
@@ -55,12 +57,20 @@ def export(
 
     inputs = tuple(parse_example_input(spec) for spec in example_inputs)
     model = load_model_object(model_spec, weights)
-    path = export_model(
-        model,
-        inputs,
-        output or f"model{METHOD_SUFFIX[method]}",
-        method=method,
-        rtol=rtol,
-        atol=atol,
-    )
+    with warnings.catch_warnings():
+        # torch prints three multi-line FutureWarnings for one trace; one line says the same.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        path = export_model(
+            model,
+            inputs,
+            output or f"model{METHOD_SUFFIX[method]}",
+            method=method,
+            rtol=rtol,
+            atol=atol,
+        )
+    if method != "export":
+        click.echo(
+            "note: torch 2.14 deprecates TorchScript (torch.jit); --method export is the maintained path",
+            err=True,
+        )
     click.echo(str(path))
