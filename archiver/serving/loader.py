@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -211,6 +212,8 @@ class LoadedModel:
         self.handler = handler
         self.load_time_s = load_time_s
         self._entry_point: EntryPoint | None = entry_point
+        # The Context carries one batch's per-request state: batches through one instance take turns.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LoadedModel(name={self.name!r}, version={self.version!r}, model_dir='{self.model_dir}')"
@@ -220,20 +223,24 @@ class LoadedModel:
         count = len(requests)
         if count == 0:
             return []
-        if self._entry_point is None:
-            raise HandlerError(f"model {self.name!r} is closed")
-        context = self.context
-        context.begin_batch([r.request_id for r in requests], [dict(r.headers) for r in requests])
-        data = [dict(r.params) for r in requests]
-        try:
-            answers = self._entry_point(data, context)
-        except (Exception, SystemExit) as exc:
-            return [response_for_exception(exc) for _ in requests]
-        if not isinstance(answers, list) or len(answers) != count:
-            got = f"{len(answers)} answers" if isinstance(answers, list) else f"a {type(answers).__name__}"
-            message = f"handler returned {got} for a batch of {count} requests"
-            return [error_response(500, "HandlerError", message) for _ in requests]
-        return [self._response(i, answer) for i, answer in enumerate(answers)]
+        with self._lock:
+            entry_point = self._entry_point
+            if entry_point is None:
+                raise HandlerError(f"model {self.name!r} is closed")
+            context = self.context
+            context.begin_batch([r.request_id for r in requests], [dict(r.headers) for r in requests])
+            data = [dict(r.params) for r in requests]
+            try:
+                answers = entry_point(data, context)
+            except (Exception, SystemExit) as exc:
+                return [response_for_exception(exc) for _ in requests]
+            if not isinstance(answers, list) or len(answers) != count:
+                got = (
+                    f"{len(answers)} answers" if isinstance(answers, list) else f"a {type(answers).__name__}"
+                )
+                message = f"handler returned {got} for a batch of {count} requests"
+                return [error_response(500, "HandlerError", message) for _ in requests]
+            return [self._response(i, answer) for i, answer in enumerate(answers)]
 
     def _response(self, idx: int, answer: Any) -> InferenceResponse:
         context = self.context

@@ -74,3 +74,22 @@ def test_base64_text_is_decoded_as_an_image_like_torchserve(kit, classifier_dir,
     as_text = kit.run_batch(handler, context, [base64.b64encode(photos[0]).decode()])[0]
 
     kit.same(as_text, kit.run_batch(handler, context, [photos[0]])[0])
+
+
+def test_a_decompression_bomb_in_a_batch_fails_alone(kit, classifier_dir, photos):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    tiny = kit.image_bytes(Image.new("RGB", (1, 1)), "PNG")
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 60_000, 60_000, 8, 2, 0, 0, 0)
+    # the tiny PNG with its header swapped for one claiming 3.6 gigapixels
+    bomb = tiny[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + tiny[33:]
+    handler, context = kit.start(ImageClassifier, classifier_dir)
+
+    good, refused = kit.run_batch(handler, context, [photos[0], bomb])
+
+    assert isinstance(refused, HandlerInputError)
+    assert "too large" in str(refused) or "over the limit" in str(refused)
+    kit.same(good, kit.run_batch(handler, context, [photos[0]])[0])

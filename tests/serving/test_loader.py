@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from archiver import build_archive
-from archiver.errors import ArchiverError, HandlerError, HandlerInputError, IntegrityError
+from archiver.errors import ArchiverError, HandlerError, HandlerInputError, IntegrityError, UnsafeArchiveError
 from archiver.reader import open_archive
 from archiver.serving import load_model
 from archiver.serving.cache import unpack_cached
@@ -459,3 +459,55 @@ def test_closing_a_model_releases_its_handler(roles):
     assert roles.handler is None
     with pytest.raises(HandlerError, match="closed"):
         roles.handle(requests("x"))
+
+
+@pytest.mark.parametrize("archive_format", ["default", "zip-store", "tgz", "no-archive"])
+def test_every_archive_format_loads(seed_inputs, tmp_path, kitten_bytes, archive_format):
+    archive = build_seed(seed_inputs, tmp_path / "store", archive_format=archive_format)
+
+    (answer,) = load_model(archive, cache_dir=tmp_path / "cache").predict([kitten_bytes])
+
+    assert set(answer) == {"label", "index"}
+
+
+def test_a_hostile_archive_is_refused_and_nothing_lands_outside_the_cache(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "store" / "evil.mar"
+    archive.parent.mkdir()
+    manifest = {"runtime": "python", "model": {"modelName": "evil", "handler": "h.py", "modelVersion": "1"}}
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("h.py", "def handle(data, context):\n    return data\n")
+        zf.writestr("../../escaped.txt", "outside")
+        zf.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
+    cache = tmp_path / "deep" / "cache"
+
+    with pytest.raises(UnsafeArchiveError):
+        load_model(archive, cache_dir=cache)
+
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (cache / "models").exists() or not list((cache / "models").iterdir())
+
+
+def test_the_image_pixel_limit_can_be_lifted_for_a_model(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.jit.trace(ThreeClasses().eval(), torch.rand(1, 3, 224, 224)).save(str(src / "model.pt"))
+    archive = build_archive(
+        model_name="big",
+        version="1",
+        handler="image_classifier",
+        serialized_file=str(src / "model.pt"),
+        export_path=str(tmp_path / "store"),
+    )
+
+    limited = load_model(archive, cache_dir=tmp_path / "cache")
+    lifted = load_model(archive, cache_dir=tmp_path / "cache", limit_max_image_pixels=False)
+
+    assert limited.handler.max_pixels == 89_478_485
+    assert lifted.handler.max_pixels is None
+    assert lifted.context.system_properties["limit_max_image_pixels"] is False
+    assert Image.MAX_IMAGE_PIXELS is None  # TorchServe's meaning: PIL's own guard is off too
