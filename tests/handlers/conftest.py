@@ -12,6 +12,7 @@ import json
 import math
 import random
 import textwrap
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,9 @@ import torch
 from PIL import Image
 
 from handlers.context import Context
+
+# TorchServe archives are TorchScript, so these tests make and load it; torch's deprecation notice is noise.
+QUIET = {"action": "ignore", "message": r"`torch\.jit\.", "category": FutureWarning}
 
 CLASS_NAMES = ["tench", "goldfish", "shark", "tabby", "tiger cat", "heron", "robin", "wren", "lynx", "otter"]
 
@@ -209,7 +213,9 @@ def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = TinyCNN().eval()
     buffer = io.BytesIO()
-    torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, 224, 224)), buffer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(**QUIET)
+        torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, 224, 224)), buffer)
     labels = {str(i): [f"n{i:08d}", name] for i, name in enumerate(CLASS_NAMES)}
     return write_model_dir(
         tmp_path_factory.mktemp("classifier") / "tiny_cnn",
@@ -285,7 +291,9 @@ def text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.eval()
     buffer = io.BytesIO()
     example = (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]))
-    torch.jit.save(torch.jit.trace(model, example), buffer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(**QUIET)
+        torch.jit.save(torch.jit.trace(model, example), buffer)
     return write_model_dir(
         tmp_path_factory.mktemp("text") / "topics",
         handler="text_classifier",
@@ -296,6 +304,13 @@ def text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "index_to_name.json": json.dumps({str(i): t for i, t in enumerate(topics)}),
         },
     )
+
+
+@pytest.fixture(autouse=True)
+def _quiet_torchscript():
+    with warnings.catch_warnings():
+        warnings.filterwarnings(**QUIET)
+        yield
 
 
 @pytest.fixture(scope="session")

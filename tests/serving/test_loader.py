@@ -17,6 +17,9 @@ from archiver.serving import load_model
 from archiver.serving.cache import unpack_cached
 from archiver.serving.protocol import make_request
 
+# TorchServe archives are TorchScript, so these tests make and load it; torch's deprecation notice is noise.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+
 SEED_HANDLER = """
 import io
 
