@@ -21,13 +21,17 @@ DEFAULT_TOPK = 5
 class ImageClassifier(VisionHandler):
     """Softmax over the model's logits, then the k most likely classes of each image."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.topk = DEFAULT_TOPK
+    topk = DEFAULT_TOPK  # a subclass may change it, as in TorchServe; model-config.yaml wins
+
+    def set_max_result_classes(self, topk: int) -> None:
+        self.topk = topk
+
+    def get_max_result_classes(self) -> int:
+        return self.topk
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)
-        topk = self.handler_config().get("topk", DEFAULT_TOPK)
+        topk = self.handler_config().get("topk", self.topk)
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ConfigError(f"handler.topk in model-config.yaml must be an integer >= 1, got {topk!r}")
         self.topk = topk

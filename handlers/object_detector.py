@@ -25,13 +25,11 @@ DEFAULT_THRESHOLD = 0.5
 class ObjectDetector(VisionHandler):
     """Detections above the threshold for each image, in the model's order (highest score first)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.threshold = DEFAULT_THRESHOLD
+    threshold = DEFAULT_THRESHOLD  # a subclass may change it, as in TorchServe; model-config.yaml wins
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)
-        threshold = self.handler_config().get("threshold", DEFAULT_THRESHOLD)
+        threshold = self.handler_config().get("threshold", self.threshold)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ConfigError(
                 f"handler.threshold in model-config.yaml must be between 0 and 1, got {threshold!r}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,13 @@ def payload_of(row: Any) -> Any:
     return row.get("body") if value is None else value
 
 
-def decode_image(payload: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    payload: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, keep_grayscale: bool = False
+) -> Image.Image:
     """An RGB PIL image from raw bytes (or base64 text); HandlerInputError for anything else.
 
     ``max_pixels`` None lifts the limit (TorchServe's ``limit_max_image_pixels=false``).
+    ``keep_grayscale`` returns grayscale pictures as mode "L", for single-channel models (MNIST).
     """
     if isinstance(payload, str):
         try:
@@ -65,15 +69,15 @@ def decode_image(payload: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        return _to_rgb(image, keep_grayscale)
     except Exception as exc:
         raise HandlerInputError(
             f"image cannot be decoded ({type(exc).__name__}: {_first_line(exc)})"
         ) from exc
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
+def _to_rgb(image: Image.Image, keep_grayscale: bool = False) -> Image.Image:
+    if image.mode == "RGB" or (keep_grayscale and image.mode == "L"):
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite on white rather than dropping alpha, which would reveal whatever the hidden pixels hold.
@@ -86,6 +90,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         lo, hi = float(values.min()), float(values.max())
         scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
         image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        if keep_grayscale:
+            return image
     return image.convert("RGB")
 
 
@@ -101,7 +107,14 @@ def imagenet_tensor(image: Image.Image, resize: int = 256, crop: int = 224) -> t
 
 
 class VisionHandler(BaseHandler):
-    """Decode each request's image on its own; reject the ones that fail, batch the rest."""
+    """Decode each request's image on its own; reject the ones that fail, batch the rest.
+
+    As in TorchServe, a subclass may set ``image_processing`` to its own transform (PIL image to
+    tensor); it then gets grayscale pictures as grayscale (TorchServe's MNIST example relies on it)
+    and every other picture as RGB.
+    """
+
+    image_processing: Callable[[Image.Image], torch.Tensor] | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,17 +126,19 @@ class VisionHandler(BaseHandler):
             self.max_pixels = None
 
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
-        """One decoded image to the model's input tensor (C, H, W); override to change the transform."""
+        """One decoded image to the model's input tensor (C, H, W): ``image_processing``, else ImageNet's."""
+        if self.image_processing is not None:
+            return self.image_processing(image)
         return imagenet_tensor(image)
 
     def decode_rows(self, data: list[Any]) -> list[tuple[int, torch.Tensor]]:
         """(index, tensor) for each request whose image decodes; the others are rejected."""
         decoded = []
+        gray = self.image_processing is not None
         for index, row in enumerate(data):
             try:
-                decoded.append(
-                    (index, self.image_to_tensor(decode_image(payload_of(row), max_pixels=self.max_pixels)))
-                )
+                image = decode_image(payload_of(row), max_pixels=self.max_pixels, keep_grayscale=gray)
+                decoded.append((index, self.image_to_tensor(image)))
             except HandlerInputError as exc:
                 self.reject(index, exc)
         return decoded

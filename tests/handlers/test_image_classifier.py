@@ -93,3 +93,14 @@ def test_a_decompression_bomb_in_a_batch_fails_alone(kit, classifier_dir, photos
     assert isinstance(refused, HandlerInputError)
     assert "too large" in str(refused) or "over the limit" in str(refused)
     kit.same(good, kit.run_batch(handler, context, [photos[0]])[0])
+
+
+def test_a_subclass_may_set_topk_as_in_torchserve_and_model_config_still_wins(kit, classifier_dir, photos):
+    class TopTwo(ImageClassifier):
+        topk = 2
+
+    two, context = kit.start(TopTwo, classifier_dir)
+    three, _ = kit.start(TopTwo, classifier_dir, {"handler": {"topk": 3}})
+
+    assert len(kit.run_batch(two, context, [photos[0]])[0]) == 2
+    assert len(kit.run_batch(three, context, [photos[0]])[0]) == 3

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from archiver.errors import HandlerError
+from archiver.errors import HandlerError, HandlerInputError
 from archiver.serving import load_model
 from archiver.serving.protocol import make_request
 
@@ -110,3 +110,70 @@ def test_ours_are_used_even_when_torchserve_is_installed_and_it_is_left_untouche
     finally:
         for name in [n for n in sys.modules if n == "ts" or n.startswith("ts.")]:
             del sys.modules[name]
+
+
+MNIST_MODEL = """
+    import torch
+    import torch.nn.functional as F
+
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 8, 3)
+            self.fc = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return F.log_softmax(self.fc(F.relu(self.conv(x)).mean((2, 3))), dim=1)
+"""
+
+MNIST_HANDLER = """
+    from torchvision import transforms
+    from ts.torch_handler.image_classifier import ImageClassifier
+
+
+    class MNISTDigitClassifier(ImageClassifier):
+        image_processing = transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]
+        )
+
+        def postprocess(self, data):
+            return data.argmax(1).tolist()
+"""
+
+
+def test_torchserves_mnist_example_runs_with_its_own_transform_on_grayscale_digits(kit, tmp_path):
+    import io
+
+    import torch
+    from PIL import Image, ImageDraw
+    from torchvision import transforms
+
+    namespace: dict = {}
+    exec(textwrap.dedent(MNIST_MODEL), namespace)
+    torch.manual_seed(0)
+    net = namespace["Net"]().eval()
+    weights = io.BytesIO()
+    torch.save(net.state_dict(), weights)
+    folder = ts_model(
+        kit,
+        tmp_path / "mnist",
+        MNIST_HANDLER,
+        serialized_file="mnist_cnn.pt",
+        model_file="mnist.py",
+        files={"mnist.py": textwrap.dedent(MNIST_MODEL), "mnist_cnn.pt": weights.getvalue()},
+    )
+    digits = []
+    for stroke in range(3):
+        image = Image.new("L", (28, 28), 0)
+        ImageDraw.Draw(image).line([(4 + stroke * 6, 4), (24 - stroke * 5, 24)], fill=255, width=3)
+        digits.append(image)
+
+    model = load_model(folder, cache_dir=tmp_path / "cache")
+    answers = model.predict([kit.image_bytes(d, "PNG") for d in digits] + [b"not a digit"])
+
+    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    with torch.inference_mode():
+        expected = net(torch.stack([normalize(d) for d in digits])).argmax(1).tolist()
+    assert answers[:3] == expected
+    assert isinstance(answers[3], HandlerInputError)
