@@ -514,3 +514,45 @@ def test_the_image_pixel_limit_can_be_lifted_for_a_model(tmp_path, monkeypatch):
     assert lifted.handler.max_pixels is None
     assert lifted.context.system_properties["limit_max_image_pixels"] is False
     assert Image.MAX_IMAGE_PIXELS is None  # TorchServe's meaning: PIL's own guard is off too
+
+
+TORCHSERVE_ARCHIVER = Path(sys.executable).parent / "torch-model-archiver"
+
+
+@pytest.mark.skipif(not TORCHSERVE_ARCHIVER.exists(), reason="torch-model-archiver 0.12.0 is not installed")
+@pytest.mark.parametrize("archive_format", ["default", "tgz"])
+def test_an_archive_written_by_torchserves_archiver_loads_and_answers_the_same(
+    seed_inputs, tmp_path, kitten_bytes, archive_format
+):
+    import subprocess
+
+    store = tmp_path / "theirs"
+    store.mkdir()
+    subprocess.run(
+        [
+            str(TORCHSERVE_ARCHIVER),
+            "--model-name",
+            "seed",
+            "--version",
+            "1.0",
+            "--serialized-file",
+            str(seed_inputs / "model.pt"),
+            "--handler",
+            str(seed_inputs / "my_handler.py"),
+            "--extra-files",
+            f"{seed_inputs / 'MyHandler.py'},{seed_inputs / 'index_to_name.json'}",
+            "--export-path",
+            str(store),
+            "--archive-format",
+            archive_format,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (theirs,) = store.iterdir()
+
+    answers = load_model(theirs, cache_dir=tmp_path / "cache").predict([kitten_bytes])
+    ours = load_model(build_seed(seed_inputs, tmp_path / "ours"), cache_dir=tmp_path / "cache")
+
+    assert answers == ours.predict([kitten_bytes])
