@@ -4,10 +4,10 @@ The event loop only enqueues and awaits; model work runs in a thread per worker,
 never stalls HTTP. Each worker owns its own handler instance (``handle``) and pulls its own batch from
 the model's shared queue, as TorchServe's workers do.
 
-Batching is adaptive: a worker waits up to ``max_batch_delay_ms`` for a batch to fill only while the
-model is under load (its previous batch held more than one request, or more requests are already
-queued). A lone request on an idle model goes at once, so batching costs no latency at concurrency 1,
-where TorchServe always waits out the delay.
+Batching is adaptive: a worker takes everything queued (up to ``batch_size``), and waits up to
+``max_batch_delay_ms`` for more only until the batch is as large as the previous one: the load the
+model is actually seeing. A lone request on an idle model goes at once, and 8 clients are not kept
+waiting for a batch of 32 that will never fill; TorchServe waits out the delay in both cases.
 """
 
 from __future__ import annotations
@@ -195,9 +195,9 @@ class Batcher:
                     break
                 self._cond.wait()
             batch = [self._queue.popleft()]
-            wait_for_more = self.max_batch_delay_ms > 0 and (
-                not self.adaptive or self._last_batch_size > 1 or len(self._queue) > 0
-            )
+            # Adaptive: wait only for as many requests as the last batch held (the load we are seeing);
+            # anything already queued beyond that rides along up to batch_size, so the target grows with load.
+            target = self.batch_size if not self.adaptive else min(self.batch_size, self._last_batch_size)
             deadline = time.monotonic() + self.max_batch_delay_ms / 1000.0
             while len(batch) < self.batch_size:
                 self._drop_abandoned()
@@ -205,7 +205,7 @@ class Batcher:
                     batch.append(self._queue.popleft())
                     continue
                 remaining = deadline - time.monotonic()
-                if not wait_for_more or remaining <= 0 or self._stopping or worker.retired:
+                if len(batch) >= target or remaining <= 0 or self._stopping or worker.retired:
                     break
                 self._cond.wait(remaining)
             self._last_batch_size = len(batch)

@@ -148,3 +148,24 @@ def test_scaling_down_retires_a_worker_and_zero_workers_refuse_with_503():
     with pytest.raises(ServiceUnavailableError, match="has no workers"):
         _run(batcher.submit(make_request("a", b"x")))
     batcher.stop()
+
+
+def test_under_steady_load_a_batch_waits_only_until_it_matches_the_last_one_not_for_batch_size():
+    # Eight clients and batch_size 32: with a 60 s delay, waiting for 32 would blow the 30 s guard.
+    seen: list[int] = []
+    batcher = Batcher("m", batch_size=32, max_batch_delay_ms=60_000, queue_size=100)
+    batcher.pending_workers = 1
+
+    async def round_of_eight(first: bool):
+        tasks = [asyncio.ensure_future(batcher.submit(make_request(str(i), b"x"))) for i in range(8)]
+        if first:
+            while batcher.pending < 8:
+                await asyncio.sleep(0.005)
+            batcher.add_worker(_echo_with_batch_size(seen))
+            batcher.pending_workers = 0
+        return await asyncio.gather(*tasks)
+
+    _run(round_of_eight(first=True))
+    _run(round_of_eight(first=False))
+    batcher.stop()
+    assert seen[0] == 8 and sum(seen) == 16
