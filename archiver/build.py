@@ -9,8 +9,11 @@ whose process is gone. Nothing is staged in /tmp/<model_name> (TorchServe rmtree
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,16 +143,38 @@ def _write_folder_atomically(target: Path, entries, sizes, manifest: Manifest, o
         write_folder(staging, entries, sizes, manifest, on_progress=on_progress)
         os.chmod(staging, 0o755)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent))
-            os.replace(target, old)  # replaces the empty placeholder folder
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(staging, target):  # one atomic step: staging now holds the old folder
+                shutil.rmtree(staging, ignore_errors=True)
+            else:  # no renameat2: two renames, with a moment where the target is absent
+                old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent))
+                os.replace(target, old)  # replaces the empty placeholder folder
+                os.replace(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if result != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or file system: fall back
+            return False
+        raise OSError(err, os.strerror(err), str(b))
+    return True
 
 
 def remove_stale_temps(target: Path) -> list[Path]:

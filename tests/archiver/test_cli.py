@@ -175,3 +175,44 @@ def test_real_console_script(seed_dir):
         [str(script), "verify", "model-store/resnet34.mar"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.startswith("OK:")
+
+
+def _run_in_a_terminal(args: list[str], cwd: Path) -> str:
+    """Run the real console script with stdout and stderr on a pseudo-terminal; return what it showed."""
+    import pty
+
+    script = Path(sys.executable).parent / "model-archiver"
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([str(script), *args], cwd=cwd, stdout=terminal, stderr=terminal, stdin=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the program exited and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.wait(timeout=120) == 0, shown
+    return shown.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only_for_big_files(seed_dir):
+    with open(seed_dir / "big.pt", "wb") as fh:
+        fh.truncate(60 * 1000 * 1000)
+    args = ["--model-name", "big", "-v", "1", "--handler", "my_handler.py", "--serialized-file", "big.pt"]
+    on_terminal = _run_in_a_terminal(args, seed_dir)
+    assert "archiving big" in on_terminal and "100%" in on_terminal
+    small = _run_in_a_terminal([*args[:-1], "resnet34.pt", "-f"], seed_dir)
+    assert "archiving" not in small
+    piped = subprocess.run(
+        [str(Path(sys.executable).parent / "model-archiver"), *args, "-f"],
+        cwd=seed_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr == f"overwrote {seed_dir / 'big.mar'}\n", "no progress bar when not on a terminal"

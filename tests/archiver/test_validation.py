@@ -194,3 +194,22 @@ def _snapshot(path: Path) -> dict[str, bytes]:
     if path.is_file():
         return {path.name: path.read_bytes()}
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "given, stored",
+    [
+        ("{dir}/my_handler.py", "my_handler.py"),
+        ("{dir}/my_handler", "my_handler"),
+        ("{dir}/my_handler:handle", "my_handler:handle"),
+        ("{dir}/my_handler.py:handle", "my_handler.py:handle"),  # TorchServe 0.12 fails on this one
+        ("image_classifier", "image_classifier"),
+    ],
+)
+def test_every_way_of_naming_a_handler(model_inputs, given, stored):
+    handler = given.format(dir=model_inputs.handler.parent)
+    path = archiver.build_archive(**model_inputs.build_kwargs(handler=handler))
+    with archiver.open_archive(path) as reader:
+        assert reader.manifest.handler == stored
+        assert ("my_handler.py" in reader.files()) == (stored != "image_classifier")
+        assert reader.verify().ok
