@@ -11,7 +11,9 @@ them live on through the references the handler keeps) and whatever was hidden i
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
 import sysconfig
@@ -42,11 +44,22 @@ def _top_level_names(model_dir: Path) -> set[str]:
     return names
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_top_level_names() -> frozenset[str]:
+    """Top-level modules of installed distributions, editable installs (``handlers``) included."""
+    return frozenset(importlib.metadata.packages_distributions())
+
+
 def _is_system_module(module: ModuleType | None) -> bool:
-    """True for the standard library and installed packages, which a model folder must not shadow."""
+    """True for the standard library and installed packages, which a model folder must not shadow.
+
+    What remains are modules a script imported from its own folder (a build script beside its
+    ``MyHandler.py``): those are hidden so that the archive's copy is the one imported.
+    """
     if module is None:
         return False
-    if module.__name__.partition(".")[0] in sys.stdlib_module_names:
+    top = module.__name__.partition(".")[0]
+    if top in sys.stdlib_module_names:
         return True
     origin = getattr(module, "__file__", None)
     if not origin:
@@ -55,7 +68,7 @@ def _is_system_module(module: ModuleType | None) -> bool:
         resolved = str(Path(origin).resolve())
     except OSError:
         return True
-    return resolved.startswith(_SYSTEM_PATHS)
+    return resolved.startswith(_SYSTEM_PATHS) or top in _installed_top_level_names()
 
 
 def _belongs_to(module: ModuleType, folder: str) -> bool:

@@ -556,3 +556,30 @@ def test_an_archive_written_by_torchserves_archiver_loads_and_answers_the_same(
     ours = load_model(build_seed(seed_inputs, tmp_path / "ours"), cache_dir=tmp_path / "cache")
 
     assert answers == ours.predict([kitten_bytes])
+
+
+def test_a_build_scripts_own_copy_of_a_handler_module_does_not_shadow_the_archives(tmp_path, monkeypatch):
+    script_dir = tmp_path / "script"
+    write(script_dir, "helper.py", "WHO = 'the script folder'\n")
+    monkeypatch.syspath_prepend(str(script_dir))
+    import helper  # the build script imported its own helper.py before loading the archive
+
+    source = "from helper import WHO\n\ndef handle(data, context):\n    return data and [WHO for _ in data]\n"
+    archive = function_archive(tmp_path, "shadow", source, extra={"helper.py": "WHO = 'the archive'\n"})
+    try:
+        assert load_model(archive, cache_dir=tmp_path / "cache").predict(["x"]) == ["the archive"]
+        assert sys.modules["helper"] is helper  # and the script's module is back
+    finally:
+        sys.modules.pop("helper", None)
+
+
+def test_an_archive_cannot_replace_the_handlers_package(tmp_path):
+    source = """
+        from handlers import BaseHandler
+
+        def handle(data, context):
+            return data and [BaseHandler.__module__ for _ in data]
+    """
+    archive = function_archive(tmp_path, "impostor", source, extra={"handlers.py": "BaseHandler = None\n"})
+
+    assert load_model(archive, cache_dir=tmp_path / "cache").predict(["x"]) == ["handlers.base"]
