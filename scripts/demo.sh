@@ -141,50 +141,36 @@ awk -v bytes="$(wc -c <"$work/model-store/$model.mar")" 'BEGIN { printf "    %.1
 step_done
 
 step "serve it on 127.0.0.1"
-# 8080/8081/8082 as TorchServe, unless taken: then three free ports (or the --port asked for).
-ports=$("$py" - "$port" <<'EOF'
-import socket
-import sys
-
-
-def free(p: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", p))
-        except OSError:
-            return False
-        return True
-
-
-def any_free() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-asked = int(sys.argv[1]) if sys.argv[1] else None
-first = asked or 8080
-wanted = [first, first + 1, first + 2]
-if not all(free(p) for p in wanted):
-    if asked and not free(asked):
-        sys.exit(f"port {asked} is taken")
-    wanted = [asked or any_free(), any_free(), any_free()]
-print(*wanted)
-EOF
-) || fail "could not find free ports"
-read -r inference_port management_port metrics_port <<<"$ports"
+# TorchServe's ports 8080/8081/8082 when they are free; otherwise the server picks free ones (port 0)
+# and reports them in its ready file. --port N asks for that inference port.
+port_free() {
+    "$py" -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+if [ -n "$port" ]; then
+    port_free "$port" || fail "port $port is taken on 127.0.0.1: pick another with --port"
+    ports=("$port" 0 0)
+elif port_free 8080 && port_free 8081 && port_free 8082; then
+    ports=(8080 8081 8082)
+else
+    echo "    one of 8080-8082 is taken: the server picks free ports"
+    ports=(0 0 0)
+fi
+rm -f "$work/ready.json"
 "$cli" serve --model-store "$work/model-store" --models "$model=$model.mar" \
-    --port "$inference_port" --management-port "$management_port" --metrics-port "$metrics_port" \
-    >"$work/serve.log" 2>&1 &
+    --port "${ports[0]}" --management-port "${ports[1]}" --metrics-port "${ports[2]}" \
+    --ready-file "$work/ready.json" >"$work/serve.log" 2>&1 &
 server_pid=$!
 echo "    server pid $server_pid, log in $work/serve.log"
-base=http://127.0.0.1:$inference_port
 deadline=$((SECONDS + 90))
-until curl -sf --max-time 2 "$base/ping" >/dev/null 2>&1; do
-    kill -0 "$server_pid" 2>/dev/null || fail "the server exited before answering /ping"
-    [ "$SECONDS" -lt "$deadline" ] || fail "the server did not answer $base/ping within 90 s"
+until [ -s "$work/ready.json" ]; do
+    kill -0 "$server_pid" 2>/dev/null || fail "the server exited before it was ready"
+    [ "$SECONDS" -lt "$deadline" ] || fail "the server was not ready within 90 s"
     sleep 0.2
 done
+inference_port=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference_port"])' \
+    "$work/ready.json")
+base=http://127.0.0.1:$inference_port
+curl -sf --max-time 5 "$base/ping" >/dev/null || fail "$base/ping did not answer Healthy"
 echo "    $base/ping: $(curl -s --max-time 5 "$base/ping" | tr -d '\n ')"
 step_done
 
