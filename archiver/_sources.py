@@ -145,6 +145,14 @@ class ZipSource:
         self.where = path.name
         self.limits = limits
         self.zf = zipfile.ZipFile(path)
+        try:
+            self.members = self._scan(path)
+        except BaseException:
+            self.zf.close()
+            raise
+
+    def _scan(self, path: Path) -> dict[str, Member]:
+        limits = self.limits
         infos = self.zf.infolist()
         if len(infos) > limits.max_entries:
             raise UnsafeArchiveError(
@@ -175,7 +183,7 @@ class ZipSource:
             raise UnsafeArchiveError(f"{self.where}: entries overlap (a zip-bomb construction); refused")
         Meter(limits, self.where).add(declared_total)
         check_layout([m.name for m in members], self.where)
-        self.members = {m.name: m for m in members}
+        return {m.name: m for m in members}
 
     def stream(self, member: Member, meter: Meter) -> Iterator[bytes]:
         produced = 0
