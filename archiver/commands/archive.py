@@ -19,6 +19,7 @@ PROGRESS_MIN_BYTES = 50 * 1000 * 1000
 @click.option(
     "--model-name",
     required=True,
+    metavar="NAME",
     help="Name of the model; the archive is <export-path>/<model-name>.mar. "
     "Letters, digits, '_', '-' and '.', starting with a letter or digit.",
 )
@@ -33,11 +34,13 @@ PROGRESS_MIN_BYTES = 50 * 1000 * 1000
 @click.option(
     "--handler",
     required=True,
+    metavar="HANDLER",
     help="A built-in handler (image_classifier, object_detector, image_segmenter, text_classifier), "
     "a handler .py file, or file[.py]:function.",
 )
 @click.option(
     "--extra-files",
+    metavar="FILES",
     help="Comma-separated files, folders or globs to add. A file lands at the archive root; "
     "a folder's contents land at the root, sub-folders kept.",
 )
@@ -51,6 +54,7 @@ PROGRESS_MIN_BYTES = 50 * 1000 * 1000
 @click.option(
     "--export-path",
     default=None,
+    metavar="DIR",
     help="Folder to write the archive into (created if missing).  [default: current folder]",
 )
 @click.option(
@@ -67,6 +71,7 @@ PROGRESS_MIN_BYTES = 50 * 1000 * 1000
     "--version",
     "model_version",
     required=True,
+    metavar="VERSION",
     help="The model's version, stored as modelVersion (this tool's own version: --about).",
 )
 @click.option(
