@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
+import uuid
 from pathlib import Path
 
 from archiver.errors import ArchiverError, UsageError
@@ -82,17 +84,41 @@ def unpack_cached(reader: ArchiveReader, cache_dir: str | Path | None = None) ->
     except OSError as exc:
         raise ArchiverError(f"cannot create the model cache folder {models}: {exc.strerror}") from exc
     target = models / content_key(reader)
-    if _complete(target):
+    if _intact(target, reader):
         return target, False
+    if target.exists() or target.is_symlink():
+        _discard(target)  # damaged by hand (files deleted or truncated): unpack it again
     try:
         reader.extract(target)
     except (OSError, UsageError):
         # Another process renamed its copy into place first; theirs is as good as ours.
-        if _complete(target):
+        if _intact(target, reader):
             return target, False
         raise
     return target, True
 
 
-def _complete(folder: Path) -> bool:
-    return folder.is_dir() and not folder.is_symlink() and (folder / MANIFEST_PATH).is_file()
+def _intact(folder: Path, reader: ArchiveReader) -> bool:
+    """The folder holds every file of the archive at its size (a stat per file, no hashing)."""
+    if not folder.is_dir() or folder.is_symlink() or not (folder / MANIFEST_PATH).is_file():
+        return False
+    try:
+        return all(
+            folder.joinpath(*name.split("/")).stat().st_size == reader.size(name) for name in reader.files()
+        )
+    except OSError:
+        return False
+
+
+def _discard(folder: Path) -> None:
+    aside = folder.with_name(f".{folder.name}.discard-{uuid.uuid4().hex}")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ArchiverError(f"cannot replace the damaged cache folder {folder}: {exc.strerror}") from exc
+    if aside.is_symlink() or not aside.is_dir():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -583,3 +583,18 @@ def test_an_archive_cannot_replace_the_handlers_package(tmp_path):
     archive = function_archive(tmp_path, "impostor", source, extra={"handlers.py": "BaseHandler = None\n"})
 
     assert load_model(archive, cache_dir=tmp_path / "cache").predict(["x"]) == ["handlers.base"]
+
+
+def test_a_cache_folder_damaged_by_hand_is_unpacked_again(seed_inputs, tmp_path, kitten_bytes):
+    archive = build_seed(seed_inputs, tmp_path / "store")
+    cache = tmp_path / "cache"
+    folder = load_model(archive, cache_dir=cache).model_dir
+    (folder / "MyHandler.py").unlink()
+    with open(folder / "model.pt", "r+b") as weights:
+        weights.truncate(100)
+
+    model = load_model(archive, cache_dir=cache)
+
+    assert model.model_dir == folder
+    assert set(model.predict([kitten_bytes])[0]) == {"label", "index"}
+    assert [p.name for p in (cache / "models").iterdir()] == [folder.name]
