@@ -43,6 +43,7 @@ FORMAT_ERRORS: tuple[type[BaseException], ...] = (
     UnicodeError,
 )
 _DRIVE = re.compile(r"^[A-Za-z]:")
+MAX_NAME_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def safe_name(raw: str, where: str) -> str:
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeArchiveError(f"{where}: entry {raw!r} climbs out of the archive with '..'")
+    # Names no file system could hold would fail halfway through an extraction: refuse them up front.
+    if len(parts) > MAX_NAME_DEPTH or any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts):
+        raise UnsafeArchiveError(f"{where}: entry {raw[:80]!r}... is nested too deep or has too long a name")
     return "/".join(parts)
 
 

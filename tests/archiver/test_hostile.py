@@ -358,6 +358,13 @@ def test_added_file_not_in_the_hashes_is_reported(model_inputs, tmp_path):
             reader.extract(tmp_path / "dest")
 
 
+@pytest.mark.parametrize("name", ["a/" * 40 + "deep.txt", "x" * 300 + ".txt"])
+def test_names_no_file_system_can_hold_are_refused_up_front(tmp_path, name):
+    path = make_zip(tmp_path / "names.mar", [*good_members(), (name, b"x")])
+    with pytest.raises(UnsafeArchiveError, match="nested too deep or has too long a name"):
+        archiver.open_archive(path)
+
+
 def test_symlink_inside_a_model_folder_is_refused(model_inputs, tmp_path):
     folder = archiver.build_archive(**model_inputs.build_kwargs(archive_format="no-archive"))
     (folder / "passwd").symlink_to("/etc/passwd")

@@ -213,3 +213,12 @@ def test_every_way_of_naming_a_handler(model_inputs, given, stored):
         assert reader.manifest.handler == stored
         assert ("my_handler.py" in reader.files()) == (stored != "image_classifier")
         assert reader.verify().ok
+
+
+def test_force_does_not_replace_a_folder_where_the_archive_should_go(model_inputs):
+    blocker = model_inputs.root / "model-store" / "tiny.mar"
+    blocker.mkdir(parents=True)
+    (blocker / "precious.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"tiny\.mar is a folder or a link; remove it yourself"):
+        archiver.build_archive(**model_inputs.build_kwargs(force=True))
+    assert (blocker / "precious.txt").read_text() == "mine"
