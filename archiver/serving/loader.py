@@ -54,6 +54,10 @@ def load_model(
     started = time.perf_counter()
     with open_archive(source) as reader:
         manifest = reader.manifest
+        if manifest.runtime == "LSP":
+            raise HandlerError(
+                f"{manifest.model_name} is a C++ (runtime LSP) archive; only Python handlers are served here"
+            )
         model_dir, _ = unpack_cached(reader, cache_dir)
     config = _read_config(model_dir, manifest)
     from handlers._ts_compat import ts_compat_aliases
@@ -74,8 +78,14 @@ def load_model(
 
         # TorchServe's meaning of limit_max_image_pixels=false; PIL keeps this limit process-wide.
         Image.MAX_IMAGE_PIXELS = None
-    with isolated_imports(model_dir), ts_compat_aliases():
-        entry_point, handler = _resolve_entry_point(manifest.handler, model_dir, context)
+    try:
+        with isolated_imports(model_dir), ts_compat_aliases():
+            entry_point, handler = _resolve_entry_point(manifest.handler, model_dir, context)
+    except HandlerError as exc:
+        if manifest.requirements_file and _caused_by(exc, ImportError):
+            hint = f"pip install -r {model_dir / manifest.requirements_file}"
+            raise HandlerError(f"{exc.message} (the archive lists its requirements: {hint})") from exc
+        raise
     return LoadedModel(
         name=context.model_name,
         version=manifest.model_version or "1.0",
@@ -87,6 +97,15 @@ def load_model(
         handler=handler,
         load_time_s=time.perf_counter() - started,
     )
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _read_config(model_dir: Path, manifest: Manifest) -> ModelConfig:

@@ -273,3 +273,19 @@ def test_an_archive_cannot_replace_the_handlers_package(tmp_path):
     archive = function_archive(tmp_path, "impostor", source, extra={"handlers.py": "BaseHandler = None\n"})
 
     assert load_model(archive, cache_dir=tmp_path / "cache").predict(["x"]) == ["handlers.base"]
+
+
+def test_a_missing_dependency_points_at_the_archives_requirements(tmp_path):
+    src = tmp_path / "src"
+    handler = write(src, "handler.py", "import package_that_is_not_installed\n")
+    requirements = write(src, "requirements.txt", "package_that_is_not_installed==1.0\n")
+    archive = build_archive(
+        model_name="needs",
+        version="1",
+        handler=str(handler),
+        requirements_file=str(requirements),
+        export_path=str(tmp_path / "store"),
+    )
+
+    with pytest.raises(HandlerError, match=r"No module named .*pip install -r .*requirements.txt"):
+        load_model(archive, cache_dir=tmp_path / "cache")
