@@ -26,6 +26,7 @@ class ObjectDetector(VisionHandler):
     """Detections above the threshold for each image, in the model's order (highest score first)."""
 
     threshold = DEFAULT_THRESHOLD  # a subclass may change it, as in TorchServe; model-config.yaml wins
+    json_image_shape = None  # images of any size
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)

@@ -76,6 +76,23 @@ def decode_image(
         ) from exc
 
 
+def tensor_from_json(payload: list, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """An image sent as a JSON list of numbers (C×H×W, already transformed), TorchServe's third input form."""
+    try:
+        tensor = torch.as_tensor(payload, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise HandlerInputError(
+            "a JSON image must be a nested list of numbers (channels × height × width)"
+        ) from exc
+    if tensor.dim() != 3 or 0 in tensor.shape:
+        raise HandlerInputError(
+            f"a JSON image must have 3 dimensions (C×H×W), got shape {list(tensor.shape)}"
+        )
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise HandlerInputError(f"a JSON image must have shape {list(shape)}, got {list(tensor.shape)}")
+    return tensor
+
+
 def _to_rgb(image: Image.Image, keep_grayscale: bool = False) -> Image.Image:
     if image.mode == "RGB" or (keep_grayscale and image.mode == "L"):
         return image
@@ -115,6 +132,8 @@ class VisionHandler(BaseHandler):
     """
 
     image_processing: Callable[[Image.Image], torch.Tensor] | None = None
+    # The shape a JSON-list image must have (None: any C×H×W); the default transform makes 3×224×224.
+    json_image_shape: tuple[int, ...] | None = (3, 224, 224)
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,8 +155,13 @@ class VisionHandler(BaseHandler):
         decoded = []
         gray = self.image_processing is not None
         for index, row in enumerate(data):
+            payload = payload_of(row)
             try:
-                image = decode_image(payload_of(row), max_pixels=self.max_pixels, keep_grayscale=gray)
+                if isinstance(payload, list):
+                    shape = self.json_image_shape if self.image_processing is None else None
+                    decoded.append((index, tensor_from_json(payload, shape)))
+                    continue
+                image = decode_image(payload, max_pixels=self.max_pixels, keep_grayscale=gray)
                 decoded.append((index, self.image_to_tensor(image)))
             except HandlerInputError as exc:
                 self.reject(index, exc)

@@ -104,3 +104,18 @@ def test_a_subclass_may_set_topk_as_in_torchserve_and_model_config_still_wins(ki
 
     assert len(kit.run_batch(two, context, [photos[0]])[0]) == 2
     assert len(kit.run_batch(three, context, [photos[0]])[0]) == 3
+
+
+def test_an_image_sent_as_a_json_tensor_is_answered_like_the_picture(kit, classifier_dir, photos):
+    from handlers.vision import decode_image, imagenet_tensor
+
+    handler, context = kit.start(ImageClassifier, classifier_dir)
+    as_json = imagenet_tensor(decode_image(photos[0])).tolist()
+
+    from_json, wrong_shape, ragged = kit.run_batch(
+        handler, context, [as_json, [[[0.0] * 5] * 5] * 3, [[1], [2, 3]]]
+    )
+
+    kit.same(from_json, kit.run_batch(handler, context, [photos[0]])[0])
+    assert isinstance(wrong_shape, HandlerInputError) and "shape [3, 224, 224]" in str(wrong_shape)
+    assert isinstance(ragged, HandlerInputError)

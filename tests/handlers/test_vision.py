@@ -14,7 +14,7 @@ from PIL import Image
 
 from archiver.errors import HandlerInputError
 from handlers.text import decode_text, tokenize
-from handlers.vision import decode_image, imagenet_tensor
+from handlers.vision import decode_image, imagenet_tensor, tensor_from_json
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -172,3 +172,22 @@ def test_tokenize_matches_torchserves_cleaning():
         "is cafe",
         "cafe time",
     ]
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@FUZZ
+@given(st.lists(JSON_VALUES, max_size=4))
+def test_any_json_list_is_an_image_tensor_or_a_handler_input_error(payload):
+    try:
+        tensor = tensor_from_json(payload)
+    except HandlerInputError:
+        return
+    assert tensor.dim() == 3
