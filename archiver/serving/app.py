@@ -120,7 +120,9 @@ async def _read_capped(read: Callable[[int], Awaitable[bytes]], limit: int, alre
             raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
 
 
-async def read_inference_request(request: web.Request, limits: HttpLimits) -> InferenceRequest:
+async def read_inference_request(
+    request: web.Request, limits: HttpLimits, request_id: str | None = None
+) -> InferenceRequest:
     """The HTTP request as a handler sees it: one ``body`` param, or one param per form field."""
     limit = limits.max_request_size
     if request.content_length is not None and request.content_length > limit:
@@ -158,7 +160,7 @@ async def read_inference_request(request: web.Request, limits: HttpLimits) -> In
         else:
             params["body"] = decode_param(body, content_type)
             types["body"] = content_type or ""
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
     return InferenceRequest(request_id=request_id, params=params, headers=headers, param_content_types=types)
 
 
@@ -178,22 +180,22 @@ async def predictions(request: web.Request) -> web.StreamResponse:
     name = request.match_info["model"]
     version = request.match_info.get("version")
     label = "-"  # unknown names share one label, so a scanner cannot grow the metrics without bound
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     try:
         if not MODEL_NAME_PATTERN.match(name):
             raise ModelNotFoundError(f"Model not found: {name}")
         registry.get(name, version)  # 404 before reading a body we would throw away
         label = name
-        inference = await read_inference_request(request, limits)
+        inference = await read_inference_request(request, limits, request_id)
         if request.path.startswith("/explanations/"):
             inference.headers["explain"] = "True"
         answer = await registry.predict(name, version, inference)
-        headers = {"x-request-id": inference.request_id, **answer.headers}
+        headers = {**answer.headers, "x-request-id": request_id}
         resp = web.Response(status=answer.status, body=answer.body, headers=headers)
         resp.headers["Content-Type"] = answer.content_type or "application/octet-stream"
     except ArchiverError as exc:
         resp = _exception_response(exc)
-    except web.HTTPException:
-        raise
+        resp.headers["x-request-id"] = request_id
     metrics.observe_request(label, resp.status, time.perf_counter() - started)
     return resp
 

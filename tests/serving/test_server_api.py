@@ -215,3 +215,16 @@ def test_with_a_token_every_request_needs_it_except_ping(serve, call, echo_model
     right = call(method, url, b"x" if method == "POST" else None, {"Authorization": "Bearer s3cret"})
     assert right.status == 200
     assert call("GET", server.url() + "/ping").status == 200
+
+
+def test_every_answer_carries_the_request_id_the_client_sent(serve, call, echo_model):
+    server = serve([echo_model], max_request_size=100)
+    for path, body, status in [
+        ("/predictions/echo", b"ok", 200),
+        ("/predictions/echo", b"bad", 400),
+        ("/predictions/nosuch", b"x", 404),
+        ("/predictions/echo", b"x" * 101, 413),
+    ]:
+        reply = call("POST", server.url() + path, body, {"x-request-id": f"trace-{status}"})
+        assert reply.status == status
+        assert reply.headers["x-request-id"] == f"trace-{status}"
