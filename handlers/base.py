@@ -105,6 +105,14 @@ def _build_eager_model(model_dir: Path, model_file: str) -> torch.nn.Module:
         ) from exc
 
 
+def payload_of(row: Any) -> Any:
+    """A request's payload, TorchServe's way: the form field ``data``, else the whole ``body``."""
+    if not isinstance(row, dict):
+        return row
+    value = row.get("data")
+    return row.get("body") if value is None else value
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -150,7 +158,8 @@ class BaseHandler:
         self._rejected[index] = error
 
     def preprocess(self, data: list[dict[str, Any]]) -> Any:
-        return torch.as_tensor(data, device=self.device)
+        """Each request's payload (JSON numbers) as one row of a tensor."""
+        return torch.as_tensor([payload_of(row) for row in data], device=self.device)
 
     def inference(self, data: Any, *args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from archiver.errors import ConfigError, HandlerError, HandlerInputError
-from handlers.base import BaseHandler
+from handlers.base import BaseHandler, payload_of
 from handlers.labels import label_for
 from handlers.text import decode_text, tokenize
-from handlers.vision import payload_of
 
 VOCAB_FILE = "vocab.json"
 UNKNOWN = "<unk>"

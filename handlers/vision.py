@@ -20,20 +20,12 @@ from PIL import Image, ImageOps
 from torchvision.transforms import functional as F
 
 from archiver.errors import HandlerInputError
-from handlers.base import BaseHandler
+from handlers.base import BaseHandler, payload_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL's own default (about 89.5 megapixels, a 0.25 GB RGB buffer): the decompression-bomb guard.
 DEFAULT_MAX_PIXELS = 89_478_485
-
-
-def payload_of(row: Any) -> Any:
-    """A request's payload, TorchServe's way: the form field ``data``, else the whole ``body``."""
-    if not isinstance(row, dict):
-        return row
-    value = row.get("data")
-    return row.get("body") if value is None else value
 
 
 def decode_image(

@@ -84,6 +84,7 @@ def test_every_model_format_loads_in_eval_mode_and_answers_like_the_original(kit
     assert handler.initialized and handler.device == torch.device("cpu")
     kit.same(answers, model(torch.tensor(rows)).tolist())
     assert handler.handle(rows, context) == answers  # dropout is off
+    assert kit.run_batch(handler, context, rows) == answers  # JSON bodies, as the server passes them
 
 
 def test_an_eager_state_dict_is_loaded_without_unpickling_code(kit, tmp_path, model):
