@@ -87,7 +87,7 @@ def _build_eager_model(model_dir: Path, model_file: str) -> torch.nn.Module:
 
     try:
         module = import_file_module(model_dir, model_file)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise HandlerError(f"cannot import the model file {model_file}: {_reason(exc)}") from exc
     classes = [
         obj

@@ -143,7 +143,7 @@ def _resolve_entry_point(handler: str, model_dir: Path, context: Any) -> tuple[E
     handler_class = _single_handler_class(module, handler)
     try:
         instance = handler_class()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise HandlerError(f"handler {handler!r}: {handler_class.__name__}() failed: {_reason(exc)}") from exc
     entry = getattr(instance, "handle", None)
     if not callable(entry):
@@ -166,7 +166,7 @@ def _import_handler_module(module_name: str, model_dir: Path, handler: str) -> A
         )
     try:
         module = importlib.import_module(target)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise HandlerError(f"handler {handler!r} failed to import: {_reason(exc)}") from exc
     origin = Path(getattr(module, "__file__", None) or "/").resolve()
     if target == module_name and model_dir.resolve() not in origin.parents:
@@ -197,7 +197,7 @@ def _run_init(call: Callable[[], Any], handler: str) -> None:
         call()
     except ArchiverError as exc:
         raise HandlerError(f"handler {handler!r} failed to initialize: {exc.message}") from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise HandlerError(f"handler {handler!r} failed to initialize: {_reason(exc)}") from exc
 
 

@@ -121,6 +121,7 @@ def test_a_module_with_one_handler_class_and_a_helper_class_is_instantiated(tmp_
     [
         ("import no_such_module_here\n", "failed to import: ModuleNotFoundError: No module named 'no_such_"),
         ("raise RuntimeError('broken at import')\n", "failed to import: RuntimeError: broken at import"),
+        ("import sys\nsys.exit(3)\n", "failed to import: SystemExit: 3"),
         ("X = 1\n", "has no handle function and must define exactly one handler class (found: none)"),
         (
             "class A:\n    def handle(self, d, c): pass\nclass B:\n    def handle(self, d, c): pass\n",
@@ -131,7 +132,7 @@ def test_a_module_with_one_handler_class_and_a_helper_class_is_instantiated(tmp_
             "failed to initialize: ValueError: no weights",
         ),
     ],
-    ids=["missing-import", "raises", "no-entry", "two-classes", "init-fails"],
+    ids=["missing-import", "raises", "exits", "no-entry", "two-classes", "init-fails"],
 )
 def test_a_handler_that_cannot_load_is_refused_with_the_reason(tmp_path, source, reason):
     archive = function_archive(tmp_path, "broken", source)
