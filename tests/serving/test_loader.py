@@ -361,3 +361,18 @@ def test_a_cache_folder_damaged_by_hand_is_unpacked_again(seed_inputs, tmp_path,
     assert model.model_dir == folder
     assert set(model.predict([kitten_bytes])[0]) == {"label", "index"}
     assert [p.name for p in (cache / "models").iterdir()] == [folder.name]
+
+
+def test_workers_loading_one_archive_at_once_share_one_unpacked_folder(seed_inputs, tmp_path, kitten_bytes):
+    from concurrent.futures import ThreadPoolExecutor
+
+    archive = build_seed(seed_inputs, tmp_path / "store")
+    cache = tmp_path / "cache"
+
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: load_model(archive, cache_dir=cache), range(4)))
+
+    assert len({m.model_dir for m in models}) == 1
+    assert [p.name for p in (cache / "models").iterdir()] == [models[0].model_dir.name]
+    assert len({id(m._entry_point.__globals__["_service"]) for m in models}) == 4
+    assert all(m.predict([kitten_bytes]) == models[0].predict([kitten_bytes]) for m in models)
