@@ -26,6 +26,7 @@ _LAYOUT = "v1"  # bump when the cache's folder layout changes, so old entries ar
 _CHUNK = 1 << 20
 _KEYS: dict[tuple[int, int, int, int], str] = {}
 _KEYS_LOCK = threading.Lock()
+_UNPACK_LOCKS: dict[str, threading.Lock] = {}
 
 
 def default_cache_dir() -> Path:
@@ -83,19 +84,30 @@ def unpack_cached(reader: ArchiveReader, cache_dir: str | Path | None = None) ->
         models.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ArchiverError(f"cannot create the model cache folder {models}: {exc.strerror}") from exc
-    target = models / content_key(reader)
-    if _intact(target, reader):
-        return target, False
-    if target.exists() or target.is_symlink():
-        _discard(target)  # damaged by hand (files deleted or truncated): unpack it again
-    try:
-        reader.extract(target)
-    except (OSError, UsageError):
-        # Another process renamed its copy into place first; theirs is as good as ours.
+    key = content_key(reader)
+    target = models / key
+    with _lock_for(key):  # workers of one process unpack one at a time; other processes may race
         if _intact(target, reader):
             return target, False
-        raise
+        if target.exists() or target.is_symlink():
+            # Folders appear complete (renamed into place): if this one is not intact a second look
+            # later, it was damaged by hand (files deleted or truncated), so unpack it again.
+            if _intact(target, reader):
+                return target, False
+            _discard(target)
+        try:
+            reader.extract(target)
+        except (OSError, UsageError):
+            # Another process renamed its copy into place first; theirs is as good as ours.
+            if _intact(target, reader):
+                return target, False
+            raise
     return target, True
+
+
+def _lock_for(key: str) -> threading.Lock:
+    with _KEYS_LOCK:
+        return _UNPACK_LOCKS.setdefault(key, threading.Lock())
 
 
 def _intact(folder: Path, reader: ArchiveReader) -> bool:
