@@ -231,16 +231,21 @@ def main() -> None:
         rss: dict[str, float] = {}
         done = 0
 
+        curve: list[float] = []
+
         def on_progress() -> None:
             nonlocal done
             done += 1
             if done == warmup:
                 rss["after_warmup_mb"] = proc.memory_info().rss / 1e6
+            if done % warmup == 0:
+                curve.append(round(proc.memory_info().rss / 1e6, 1))
 
         started = time.perf_counter()
         outcome = asyncio.run(fire(base, requests, args.concurrency, expected, on_progress))
         elapsed = time.perf_counter() - started
         rss["end_mb"] = proc.memory_info().rss / 1e6
+        rss["curve_mb"] = curve
         restarted = server.poll() is not None
     finally:
         server.terminate()
@@ -280,6 +285,7 @@ def report(args, requests, outcome, elapsed, rss, restarted) -> None:
         "rss_after_warmup_mb": round(rss["after_warmup_mb"], 1),
         "rss_end_mb": round(rss["end_mb"], 1),
         "rss_growth_pct": round(100 * growth, 2),
+        "rss_every_tenth_mb": rss["curve_mb"],
         "server_exited": restarted,
         "load_average": os.getloadavg()[0],
     }
