@@ -101,13 +101,13 @@ model = torch.jit.load(sys.argv[2]).eval()
 kitten = open(sys.argv[3], "rb").read()
 duration = float(sys.argv[5])
 
-def step(n):
+def step(n):  # what one batch costs a server at best: decode, preprocess, forward, top-1
     x = torch.stack([TRANSFORM(Image.open(io.BytesIO(kitten)).convert("RGB")) for _ in range(n)])
     with torch.inference_mode():
         model(x).softmax(dim=1).max(dim=1)
 
 def measure(n):
-    for _ in range(3):
+    for _ in range(5):  # TorchScript's profiling executor optimizes on the first runs
         step(n)
     times, end = [], time.perf_counter() + duration
     while time.perf_counter() < end:
@@ -302,14 +302,20 @@ def run_torchserve(name: str, mar: Path, duration: float, body_file: Path, ctype
     cmd += ["--disable-token-auth"]
     started = time.perf_counter()
     try:
-        subprocess.run(cmd, cwd=home, env=_ts_env(), capture_output=True, timeout=120, check=True)
+        # The launcher leaves Java running with its stdout: a pipe here would never reach EOF.
+        with open(home / "torchserve-start.log", "w") as log:
+            subprocess.run(
+                cmd, cwd=home, env=_ts_env(), stdout=log, stderr=subprocess.STDOUT, timeout=120, check=True
+            )
         startup = wait_first_prediction(url, body_file.read_bytes(), ctype, started)
         with MemorySampler(_find_torchserve) as mem:
             runs = load_runs(url, duration, body_file, ctype)
         return {"startup_s": startup, "memory_mb": mem.peak_mb, **runs}
     finally:
         stop = [str(TS_VENV / "bin" / "torchserve"), "--stop"]
-        subprocess.run(stop, cwd=home, env=_ts_env(), capture_output=True, timeout=120)
+        subprocess.run(
+            stop, cwd=home, env=_ts_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120
+        )
         deadline = time.monotonic() + 30
         while _find_torchserve() is not None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -330,13 +336,22 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def report(results: dict) -> str:
+    """The README table: each measure for the bare model, ours and TorchServe, and their ratios."""
     bare, ours, ts = results["bare"], results["ours"], results.get("torchserve") or {}
     rows = [
         "| measure | bare model | ours | TorchServe 0.12 | ours/bare | TorchServe/bare | ours/TorchServe |"
     ]
     rows.append("|---|---|---|---|---|---|---|")
 
-    def row(label: str, b: float | None, o: float | None, t: float | None, unit: str) -> None:
+    def get(side: dict, model: str, run: str, key: str) -> float | None:
+        value = side.get(model, {}).get(run, {})
+        return value.get(key) if isinstance(value, dict) else value
+
+    def row(label: str, b: float | None, model: str, run: str, key: str, unit: str) -> None:
+        o, t = get(ours, model, run, key), get(ts, model, run, key)
+        if model not in ours:
+            return
+
         def fmt(v: float | None) -> str:
             return f"{v:,.1f} {unit}" if v is not None else "n/a"
 
@@ -344,68 +359,21 @@ def report(results: dict) -> str:
             f"| {label} | {fmt(b)} | {fmt(o)} | {fmt(t)} | {ratio(o, b)} | {ratio(t, b)} | {ratio(o, t)} |"
         )
 
-    r_ours, r_ts = ours.get("resnet34", {}), ts.get("resnet34", {})
-    row(
-        "ResNet34 c=1 p50 latency",
-        bare["batch1"]["p50_ms"],
-        r_ours["c1"]["p50_ms"],
-        r_ts.get("c1", {}).get("p50_ms"),
-        "ms",
-    )
-    row(
-        "ResNet34 c=1 p99 latency",
-        bare["batch1"]["p99_ms"],
-        r_ours["c1"]["p99_ms"],
-        r_ts.get("c1", {}).get("p99_ms"),
-        "ms",
-    )
+    row("ResNet34 c=1 p50 latency", bare["batch1"]["p50_ms"], "resnet34", "c1", "p50_ms", "ms")
+    row("ResNet34 c=1 p99 latency", bare["batch1"]["p99_ms"], "resnet34", "c1", "p99_ms", "ms")
     for c in CONCURRENCY:
-        row(
-            f"ResNet34 c={c} throughput",
-            bare["batch8" if c > 1 else "batch1"]["img_per_s"],
-            r_ours[f"c{c}"]["req_per_s"],
-            r_ts.get(f"c{c}", {}).get("req_per_s"),
-            "img/s",
-        )
+        limit = bare["batch8" if c > 1 else "batch1"]["img_per_s"]
+        row(f"ResNet34 c={c} throughput", limit, "resnet34", f"c{c}", "req_per_s", "img/s")
     for c in (8, 32):
-        row(
-            f"ResNet34 c={c} p50 / p99",
-            None,
-            r_ours[f"c{c}"]["p50_ms"],
-            r_ts.get(f"c{c}", {}).get("p50_ms"),
-            "ms",
-        )
-    t_ours, t_ts = ours.get("tiny", {}), ts.get("tiny", {})
+        for pct in ("p50", "p99"):
+            row(f"ResNet34 c={c} {pct} latency", None, "resnet34", f"c{c}", f"{pct}_ms", "ms")
     for c in CONCURRENCY:
-        row(
-            f"tiny c={c} throughput",
-            bare["tiny_batch32_req_per_s"] if c == 32 else None,
-            t_ours[f"c{c}"]["req_per_s"],
-            t_ts.get(f"c{c}", {}).get("req_per_s"),
-            "req/s",
-        )
-        row(
-            f"tiny c={c} p50 latency",
-            None,
-            t_ours[f"c{c}"]["p50_ms"],
-            t_ts.get(f"c{c}", {}).get("p50_ms"),
-            "ms",
-        )
+        limit = bare["tiny_batch32_req_per_s"] if c == 32 else None
+        row(f"tiny c={c} throughput", limit, "tiny", f"c{c}", "req_per_s", "req/s")
+        row(f"tiny c={c} p50 latency", None, "tiny", f"c{c}", "p50_ms", "ms")
     for name in ("resnet34", "tiny"):
-        row(
-            f"{name} server memory (peak RSS)",
-            None,
-            ours[name]["memory_mb"],
-            ts.get(name, {}).get("memory_mb"),
-            "MB",
-        )
-        row(
-            f"{name} start-up to first prediction",
-            None,
-            ours[name]["startup_s"],
-            ts.get(name, {}).get("startup_s"),
-            "s",
-        )
+        row(f"{name} server memory (peak RSS)", None, name, "memory_mb", "memory_mb", "MB")
+        row(f"{name} start-up to first prediction", None, name, "startup_s", "startup_s", "s")
     return "\n".join(rows)
 
 
