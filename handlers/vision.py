@@ -3,7 +3,9 @@
 Every failure to make an RGB picture out of a payload (not an image, truncated, too many pixels, wrong
 type) is a HandlerInputError naming the reason, so a handler can reject that one request and answer
 the rest of its batch. Unlike TorchServe, images are converted to RGB (grayscale, palette, RGBA and
-CMYK pictures work), EXIF orientation is applied, and the pixel limit never changes PIL's global state.
+CMYK pictures work), EXIF orientation is applied, and the pixel limit is checked here, per handler,
+before any pixel is decoded (the loader lifts PIL's process-wide limit only for a model loaded with
+``limit_max_image_pixels=False``, as TorchServe does).
 """
 
 from __future__ import annotations
