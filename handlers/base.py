@@ -9,9 +9,7 @@ request it cannot use, and ``handle`` then answers the others and puts the error
 
 from __future__ import annotations
 
-import inspect
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,89 +18,13 @@ import torch
 from archiver.errors import ArchiverError, HandlerError, HandlerInputError
 from handlers.context import Context
 from handlers.labels import LABEL_FILE, load_label_mapping
-
-# TorchServe archives are TorchScript; loading them is the point, so torch's deprecation notice is noise.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
-
-
-def select_device(gpu_id: int | None) -> torch.device:
-    """CUDA device ``gpu_id`` when one is asked for and present, else the CPU."""
-    if gpu_id is not None and gpu_id >= 0 and torch.cuda.is_available():
-        return torch.device(f"cuda:{gpu_id}")
-    return torch.device("cpu")
-
-
-def load_serialized_model(
-    model_dir: Path, serialized_file: str | None, model_file: str | None, device: torch.device
-) -> Any:
-    """Load the archive's model: eager (model file + state dict), torch.export (.pt2) or TorchScript."""
-    path = model_dir / serialized_file if serialized_file else None
-    if path is not None and not path.is_file():
-        raise HandlerError(f"serialized file {serialized_file} is not in the archive")
-    if model_file:
-        model = _build_eager_model(model_dir, model_file)
-        if path is not None:
-            try:
-                state = torch.load(path, map_location=device, weights_only=True)
-            except Exception as exc:
-                raise HandlerError(
-                    f"cannot load the state dict {serialized_file} (weights_only=True): {_reason(exc)}"
-                ) from exc
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-            try:
-                model.load_state_dict(state)
-            except Exception as exc:
-                raise HandlerError(
-                    f"{serialized_file} does not fit the model in {model_file}: {exc}"
-                ) from exc
-        return model.to(device).eval()
-    if path is None:
-        raise HandlerError(
-            "the manifest names neither a serializedFile nor a modelFile, so there is no model"
-        )
-    if path.suffix == ".pt2":
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise HandlerError(f"cannot load the torch.export program {path.name}: {_reason(exc)}") from exc
-        if device.type != "cpu":
-            from torch.export.passes import move_to_device_pass
-
-            program = move_to_device_pass(program, device)
-        return program.module()
-    try:
-        model = torch.jit.load(str(path), map_location=device)
-    except Exception as exc:
-        raise HandlerError(
-            f"cannot load {path.name} as TorchScript: {_reason(exc)} (an eager state dict needs "
-            "--model-file with the model class)"
-        ) from exc
-    return model.eval()
-
-
-def _build_eager_model(model_dir: Path, model_file: str) -> torch.nn.Module:
-    """Import the model file (isolated) and instantiate the one nn.Module subclass it defines."""
-    from archiver.serving.isolation import import_file_module
-
-    try:
-        module = import_file_module(model_dir, model_file)
-    except (Exception, SystemExit) as exc:
-        raise HandlerError(f"cannot import the model file {model_file}: {_reason(exc)}") from exc
-    classes = [
-        obj
-        for obj in vars(module).values()
-        if inspect.isclass(obj) and obj.__module__ == module.__name__ and issubclass(obj, torch.nn.Module)
-    ]
-    if len(classes) != 1:
-        found = ", ".join(c.__name__ for c in classes) or "none"
-        raise HandlerError(f"{model_file} must define exactly one nn.Module subclass, found {found}")
-    try:
-        return classes[0]()
-    except Exception as exc:
-        raise HandlerError(
-            f"cannot create {classes[0].__name__}() from {model_file}: {_reason(exc)}"
-        ) from exc
+from handlers.model_loading import (
+    build_eager_model,
+    compile_if_configured,
+    load_serialized_model,
+    load_state_dict_into,
+    select_device,
+)
 
 
 def payload_of(row: Any) -> Any:
@@ -111,11 +33,6 @@ def payload_of(row: Any) -> Any:
         return row
     value = row.get("data")
     return row.get("body") if value is None else value
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class BaseHandler:
@@ -139,11 +56,24 @@ class BaseHandler:
         self.manifest = context.manifest or {}
         self.device = select_device(properties.get("gpu_id"))
         model_info = self.manifest.get("model", {})
-        self.model = load_serialized_model(
+        model = load_serialized_model(
             self.model_dir, model_info.get("serializedFile"), model_info.get("modelFile"), self.device
         )
+        self.model = compile_if_configured(model, context.model_yaml_config)
         self.mapping = load_label_mapping(self.model_dir / LABEL_FILE)
         self.initialized = True
+
+    # TorchServe's BaseHandler helpers, which custom initialize methods call.
+    def _load_torchscript_model(self, model_pt_path: str | Path) -> Any:
+        """TorchServe's helper: a TorchScript file, on this handler's device."""
+        return torch.jit.load(str(model_pt_path), map_location=self.device)
+
+    def _load_pickled_model(self, model_dir: str | Path, model_file: str, model_pt_path: str | Path) -> Any:
+        """TorchServe's helper: the one nn.Module class in ``model_file``, weights from ``model_pt_path``."""
+        model = build_eager_model(Path(model_dir), Path(model_file).name)
+        if model_pt_path and Path(model_pt_path).is_file():
+            load_state_dict_into(model, Path(model_pt_path), self.device)
+        return model.to(self.device)
 
     def handler_config(self) -> dict[str, Any]:
         """The ``handler:`` section of the model's model-config.yaml (empty when absent)."""

@@ -204,3 +204,37 @@ def test_a_gpu_id_uses_cuda_when_present_and_the_cpu_otherwise(folders, model, k
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert str(handler.device) == expected
     assert answers[0] == pytest.approx(model(torch.tensor(rows)).tolist()[0], abs=1e-4)
+
+
+def test_model_config_can_ask_for_torch_compile_as_in_torchserve(kit, folders, model):
+    handler, context = kit.start(
+        BaseHandler, folders["eager"], {"pt2": {"compile": {"enable": True, "backend": "eager"}}}
+    )
+    rows = [[0.1, 0.2, 0.3, 0.4]]
+
+    answers = kit.run_batch(handler, context, rows)
+
+    assert hasattr(handler.model, "_orig_mod")  # the compiled wrapper
+    kit.same(answers, model(torch.tensor(rows)).tolist())
+
+
+def test_bad_compile_options_are_refused_at_initialize(kit, folders):
+    with pytest.raises(HandlerError, match="pt2.compile"):
+        kit.start(BaseHandler, folders["eager"], {"pt2": {"compile": {"enable": True, "no_such_option": 1}}})
+
+
+def test_torchserves_loading_helpers_work_for_custom_initialize_methods(kit, folders, model):
+    class Custom(BaseHandler):
+        def initialize(self, context):
+            self.context = context
+            self.device = torch.device("cpu")
+            folder = folders["eager"]
+            self.model = self._load_pickled_model(folder, "net.py", folder / "weights.pth").eval()
+            self.scripted = self._load_torchscript_model(folders["torchscript"] / "model.pt")
+            self.initialized = True
+
+    handler, context = kit.start(Custom, folders["eager"])
+    rows = [[0.4, 0.3, 0.2, 0.1]]
+
+    kit.same(kit.run_batch(handler, context, rows), model(torch.tensor(rows)).tolist())
+    kit.same(handler.scripted(torch.tensor(rows)).tolist(), model(torch.tensor(rows)).tolist())

@@ -1,0 +1,128 @@
+"""Load the model an archive names: TorchScript, a torch.export program, or an eager model file + weights.
+
+TorchServe loads eager state dicts with ``torch.load``'s default, pickle, so an archive's weights file
+can run code; here they are read with ``weights_only=True``. TorchScript stays supported because it is
+what TorchServe archives hold; torch's deprecation notice for it is silenced for that reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from archiver.errors import HandlerError
+
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+
+
+def select_device(gpu_id: int | None) -> torch.device:
+    """CUDA device ``gpu_id`` when one is asked for and present, else the CPU."""
+    if gpu_id is not None and gpu_id >= 0 and torch.cuda.is_available():
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")
+
+
+def load_serialized_model(
+    model_dir: Path, serialized_file: str | None, model_file: str | None, device: torch.device
+) -> Any:
+    """Load the archive's model: eager (model file + state dict), torch.export (.pt2) or TorchScript."""
+    path = model_dir / serialized_file if serialized_file else None
+    if path is not None and not path.is_file():
+        raise HandlerError(f"serialized file {serialized_file} is not in the archive")
+    if model_file:
+        model = build_eager_model(model_dir, model_file)
+        if path is not None:
+            load_state_dict_into(model, path, device)
+        return model.to(device).eval()
+    if path is None:
+        raise HandlerError(
+            "the manifest names neither a serializedFile nor a modelFile, so there is no model"
+        )
+    if path.suffix == ".pt2":
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:
+            raise HandlerError(f"cannot load the torch.export program {path.name}: {_reason(exc)}") from exc
+        if device.type != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, device)
+        return program.module()
+    try:
+        model = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:
+        raise HandlerError(
+            f"cannot load {path.name} as TorchScript: {_reason(exc)} (an eager state dict needs "
+            "--model-file with the model class)"
+        ) from exc
+    return model.eval()
+
+
+def load_state_dict_into(model: torch.nn.Module, path: Path, device: torch.device) -> None:
+    """Read a state dict without unpickling code (``weights_only=True``) and load it into ``model``."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise HandlerError(
+            f"cannot load the state dict {path.name} (weights_only=True): {_reason(exc)}"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise HandlerError(
+            f"{path.name} does not fit the model {type(model).__name__}: {_reason(exc)}"
+        ) from exc
+
+
+def compile_if_configured(model: Any, yaml_config: dict[str, Any] | None) -> Any:
+    """``torch.compile`` the model when model-config.yaml asks, TorchServe's way.
+
+    ``pt2: {compile: {enable: true, backend: inductor, mode: ...}}`` passes the options on; the legacy
+    ``pt2: inductor`` names the backend. Compiling happens at the first batch, as in TorchServe.
+    """
+    pt2 = (yaml_config or {}).get("pt2")
+    if isinstance(pt2, str):
+        options: dict[str, Any] = {"backend": pt2}
+    elif isinstance(pt2, dict) and isinstance(pt2.get("compile"), dict) and pt2["compile"].get("enable"):
+        options = {k: v for k, v in pt2["compile"].items() if k != "enable"}
+    else:
+        return model
+    try:
+        return torch.compile(model, **options)
+    except Exception as exc:
+        raise HandlerError(f"pt2.compile options in model-config.yaml are not valid: {_reason(exc)}") from exc
+
+
+def build_eager_model(model_dir: Path, model_file: str) -> torch.nn.Module:
+    """Import the model file (isolated) and instantiate the one nn.Module subclass it defines."""
+    from archiver.serving.isolation import import_file_module
+
+    try:
+        module = import_file_module(model_dir, model_file)
+    except (Exception, SystemExit) as exc:
+        raise HandlerError(f"cannot import the model file {model_file}: {_reason(exc)}") from exc
+    classes = [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj) and obj.__module__ == module.__name__ and issubclass(obj, torch.nn.Module)
+    ]
+    if len(classes) != 1:
+        found = ", ".join(c.__name__ for c in classes) or "none"
+        raise HandlerError(f"{model_file} must define exactly one nn.Module subclass, found {found}")
+    try:
+        return classes[0]()
+    except Exception as exc:
+        raise HandlerError(
+            f"cannot create {classes[0].__name__}() from {model_file}: {_reason(exc)}"
+        ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
