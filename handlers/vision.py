@@ -28,6 +28,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL's own default (about 89.5 megapixels, a 0.25 GB RGB buffer): the decompression-bomb guard.
 DEFAULT_MAX_PIXELS = 89_478_485
+MAX_ASPECT = 4
 
 
 def decode_image(
@@ -112,7 +113,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def imagenet_tensor(image: Image.Image, resize: int = 256, crop: int = 224) -> torch.Tensor:
-    """TorchServe's classifier transform: Resize(256), CenterCrop(224), ToTensor, ImageNet Normalize."""
+    """TorchServe's classifier transform: Resize(256), CenterCrop(224), ToTensor, ImageNet Normalize.
+
+    A very long strip is first cut to 4:1 around its centre: Resize(256) scales the short side, so a
+    1×50,000 picture (well under the pixel limit) would otherwise become 256×12.8 million pixels on its
+    way to a 224×224 crop. The cut keeps far more than the crop needs, so answers do not change.
+    """
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        keep = MAX_ASPECT * min(width, height)
+        image = F.center_crop(image, [height, keep] if width > height else [keep, width])
     image = F.center_crop(F.resize(image, resize), crop)
     return F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 

@@ -8,6 +8,7 @@ import struct
 import zlib
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -191,3 +192,27 @@ def test_any_json_list_is_an_image_tensor_or_a_handler_input_error(payload):
     except HandlerInputError:
         return
     assert tensor.dim() == 3
+
+
+def test_a_very_long_strip_is_not_blown_up_by_the_resize():
+    strip = encoded(Image.new("RGB", (60_000, 1), (10, 20, 30)), "PNG")
+
+    tensor = imagenet_tensor(decode_image(strip))
+
+    assert tensor.shape == (3, 224, 224)
+
+
+def test_the_strip_guard_leaves_ordinary_pictures_alone(kitten_bytes):
+    from torchvision import transforms
+
+    torchserve = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
+    for size in [(451, 300), (1000, 260), (260, 1000)]:
+        image = decode_image(kitten_bytes).resize(size)
+        assert torch.equal(imagenet_tensor(image), torchserve(image))
