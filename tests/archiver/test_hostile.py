@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import urllib.error
+import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
@@ -240,6 +242,14 @@ def test_hostile_archive_is_refused_everywhere_with_one_line(cases, case, tmp_pa
     for command in ("verify", "inspect"):
         result = runner.invoke(cli, [command, str(path)], standalone_mode=False)
         assert isinstance(result.exception, error), (command, result.output)
+    (tmp_path / "input.txt").write_text("hello")
+    cache = tmp_path / "cache"
+    args = ["predict", str(path), str(tmp_path / "input.txt"), "--cache-dir", str(cache)]
+    result = runner.invoke(cli, args, standalone_mode=False)
+    assert isinstance(result.exception, error), ("predict", result.output)
+    assert phrase in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["input.txt"], ["cache", "input.txt"])
+    assert [p for p in cache.rglob("*") if p.is_file()] == [], "a refused load leaves nothing in the cache"
 
 
 @pytest.mark.parametrize("command", ["verify", "inspect"])
@@ -370,3 +380,66 @@ def test_symlink_inside_a_model_folder_is_refused(model_inputs, tmp_path):
     (folder / "passwd").symlink_to("/etc/passwd")
     with pytest.raises(UnsafeArchiveError, match="symbolic link"):
         archiver.open_archive(folder)
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/octet-stream"}  # as curl -T sends a file
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, json.loads(err.read())
+
+
+def test_serve_keeps_every_hostile_archive_out_and_answers_503_with_the_reason(cases, model_inputs, tmp_path):
+    """A server started with every hostile archive beside a good one: each answers 503 at once with its
+    reason, nothing is written outside the cache, and the good model and /ping keep answering."""
+    from archiver.serving.server import ServerSettings, ServerThread
+
+    good = archiver.build_archive(**model_inputs.build_kwargs())
+    tampered = tmp_path / "tampered.mar"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            same_size = data.replace(b"len(", b"LEN(", 1)  # a one-byte change the size check cannot see
+            dst.writestr(info, same_size if info.filename == "my_handler.py" else data)
+    extra = {
+        "tampered": (tampered, "does not match its sha256"),
+        "absent": (
+            make_zip(
+                tmp_path / "absent.mar",
+                [("h.py", HANDLER), ("MAR-INF/MANIFEST.json", manifest_bytes(serializedFile="w.pt"))],
+            ),
+            "'w.pt', which is not in the archive",
+        ),
+        "importfails": (
+            make_zip(tmp_path / "imp.mar", [("h.py", b"import no_such_module_xyz\n"), good_members()[1]]),
+            "no_such_module_xyz",
+        ),
+        "nohandle": (
+            make_zip(tmp_path / "noh.mar", [("h.py", b"X = 1\n"), good_members()[1]]),
+            "has no handle function",
+        ),
+    }
+    hostile = {case.replace(" ", "-"): (cases[case][0], cases[case][2]) for case in CASE_NAMES} | extra
+    before = {p for p in tmp_path.parent.rglob("*")}
+    cache = tmp_path / "cache"
+    settings = ServerSettings(
+        port=0,
+        management_port=0,
+        metrics_port=0,
+        models=[("good", good), *((name, path) for name, (path, _) in hostile.items())],
+        cache_dir=cache,
+    )
+    with ServerThread(settings) as server:
+        for name, (_path, phrase) in hostile.items():
+            status, body = _post(server.url() + f"/predictions/{name}", b"hi")
+            assert status == 503 and body["type"] == "ServiceUnavailableError", (name, body)
+            assert phrase in body["message"] and "\n" not in body["message"], (name, body)
+            assert _post(server.url() + "/predictions/good", b"hello") == (200, 5)
+        with urllib.request.urlopen(server.url() + "/ping", timeout=10) as ping:
+            assert json.loads(ping.read()) == {"status": "Healthy"}
+    after = {p for p in tmp_path.parent.rglob("*") if not p.is_relative_to(cache)}
+    assert after - before == set(), "nothing may be written outside the cache"
