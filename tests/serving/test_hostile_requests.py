@@ -64,20 +64,25 @@ def classifier(tmp_path: Path) -> Path:
     )
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_image_handler_refuses_junk_bombs_and_empty_bodies_with_400(
     serve, call, classifier, echo_model, kitten_bytes
 ):
     server = serve([classifier, echo_model])
     url = server.url() + "/predictions/cnn"
-    attacks = {
-        "not an image": b"%PDF-1.4 definitely not a picture",
-        "decompression bomb": _png_claiming(100_000, 100_000),
-        "empty body": b"",
+    attacks = {  # what → (body, a phrase the refusal must name)
+        "not an image": (b"%PDF-1.4 definitely not a picture", "not an image"),
+        "decompression bomb": (_png_claiming(100_000, 100_000), "too large"),
+        # Just over the limit, under the 2x at which PIL itself refuses: only our own check stops it
+        # before a 270 MB buffer is allocated (decoding would fail later, but only after that).
+        "just over the pixel limit": (_png_claiming(10_000, 9_000), "over the limit of 89478485"),
+        "empty body": (b"", "empty body"),
     }
-    for what, body in attacks.items():
+    for what, (body, phrase) in attacks.items():
         reply = call("POST", url, body)
         assert reply.status == 400, what
         assert reply.json()["type"] == "HandlerInputError", what
+        assert phrase in reply.json()["message"], (what, reply.json())
         _healthy(server, call)
     invalid_json = call("POST", url, b'{"not": json', {"Content-Type": "application/json"})
     assert invalid_json.status == 400
@@ -128,6 +133,29 @@ def test_a_client_trickling_its_headers_is_cut_off_without_holding_a_worker(serv
         except ConnectionResetError:
             closed = True
     assert closed
+    _healthy(server, call)
+
+
+def test_a_client_sending_its_headers_byte_by_byte_is_cut_off_before_it_finishes(serve, call, echo_model):
+    """Slowloris: every byte arrives in time for a per-read timeout, but the whole head never does."""
+    import select
+
+    server = serve([echo_model], idle_timeout_s=1.0)
+    head = b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 2000 + b"\r\n\r\n"
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.server.ports["inference"]), timeout=20) as slow:
+        try:
+            for byte in head:
+                slow.sendall(bytes([byte]))
+                sent += 1
+                readable, _, _ = select.select([slow], [], [], 0.02)  # paces the trickle: 50 bytes a second
+                if readable and slow.recv(1024) == b"":
+                    break
+                if sent % 25 == 0:
+                    _healthy(server, call)  # meanwhile the one worker serves everyone else
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    assert sent < len(head), "the server waited for a head trickled over 40 seconds"
     _healthy(server, call)
 
 
