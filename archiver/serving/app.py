@@ -47,6 +47,12 @@ class HttpLimits:
     token: str | None = None
 
 
+class BodyTimeoutError(ArchiverError):
+    """The client did not send its whole body within ``body_read_timeout_s``."""
+
+    http_status = 408
+
+
 class UnauthorizedError(ArchiverError):
     """The request has no valid ``Authorization: Bearer`` token."""
 
@@ -62,7 +68,7 @@ def _json(status: int, payload: Any) -> web.Response:
 def _error(status: int, error_type: str, message: str) -> web.Response:
     r = error_response(status, error_type, message)
     resp = web.Response(status=status, body=r.body, content_type="application/json")
-    if status == 413:
+    if status in (408, 413):
         resp.force_close()  # the rest of the body is never read, so the connection cannot be reused
     return resp
 
@@ -123,7 +129,21 @@ async def _read_capped(read: Callable[[int], Awaitable[bytes]], limit: int, alre
 async def read_inference_request(
     request: web.Request, limits: HttpLimits, request_id: str | None = None
 ) -> InferenceRequest:
-    """The HTTP request as a handler sees it: one ``body`` param, or one param per form field."""
+    """The HTTP request as a handler sees it: one ``body`` param, or one param per form field.
+
+    The whole body must arrive within ``body_read_timeout_s``: a client trickling or stalling its body
+    would otherwise hold its connection (and the memory read so far) for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(limits.body_read_timeout_s):
+            return await _read_request(request, limits, request_id)
+    except TimeoutError as exc:
+        raise BodyTimeoutError(
+            f"request body not received within {limits.body_read_timeout_s:g} seconds"
+        ) from exc
+
+
+async def _read_request(request: web.Request, limits: HttpLimits, request_id: str | None) -> InferenceRequest:
     limit = limits.max_request_size
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLargeError(

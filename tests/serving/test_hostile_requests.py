@@ -159,6 +159,15 @@ def test_a_client_sending_its_headers_byte_by_byte_is_cut_off_before_it_finishes
     _healthy(server, call)
 
 
+def test_a_client_that_stalls_its_body_gets_408_and_its_connection_back(serve, call, raw, echo_model):
+    server = serve([echo_model], body_read_timeout_s=1.0)
+    stalled = b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it"
+    answer = raw(server.server.ports["inference"], stalled, timeout=20)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["type"] == "BodyTimeoutError"
+    _healthy(server, call)
+
+
 def test_a_thousand_concurrent_connections_each_get_exactly_one_answer(serve, call, echo_model):
     import aiohttp
 
