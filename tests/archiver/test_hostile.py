@@ -443,3 +443,24 @@ def test_serve_keeps_every_hostile_archive_out_and_answers_503_with_the_reason(c
             assert json.loads(ping.read()) == {"status": "Healthy"}
     after = {p for p in tmp_path.parent.rglob("*") if not p.is_relative_to(cache)}
     assert after - before == set(), "nothing may be written outside the cache"
+
+
+def test_a_model_config_with_python_tags_is_refused_and_nothing_runs(model_inputs, tmp_path):
+    """Unsafe YAML (TorchServe's history): a tag that would call os.system is refused, never constructed."""
+    from archiver.errors import ConfigError
+    from archiver.serving import load_model
+
+    marker = tmp_path / "ran"
+    evil_yaml = f"batchSize: !!python/object/apply:os.system ['touch {marker}']\n".encode()
+    model_inputs.config.write_bytes(evil_yaml)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        archiver.build_archive(**model_inputs.build_kwargs(config_file=str(model_inputs.config)))
+
+    manifest = manifest_bytes(configFile="model-config.yaml")
+    crafted = make_zip(
+        tmp_path / "yaml.mar",
+        [("h.py", HANDLER), ("model-config.yaml", evil_yaml), ("MAR-INF/MANIFEST.json", manifest)],
+    )
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_model(crafted, cache_dir=tmp_path / "cache")
+    assert not marker.exists()
