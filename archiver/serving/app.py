@@ -16,7 +16,7 @@ import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
@@ -36,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 LIMITS_KEY = web.AppKey("limits", object)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,14 @@ async def read_inference_request(
     The whole body must arrive within ``body_read_timeout_s``: a client trickling or stalling its body
     would otherwise hold its connection (and the memory read so far) for as long as it likes.
     """
+    return await _in_time(_read_request(request, limits, request_id), limits)
+
+
+async def _in_time(read: Awaitable[T], limits: HttpLimits) -> T:
+    """Await a body read; a client that has not sent its body within body_read_timeout_s gets 408."""
     try:
         async with asyncio.timeout(limits.body_read_timeout_s):
-            return await _read_request(request, limits, request_id)
+            return await read
     except TimeoutError as exc:
         raise BodyTimeoutError(
             f"request body not received within {limits.body_read_timeout_s:g} seconds"
@@ -281,7 +287,8 @@ async def register_model(request: web.Request) -> web.Response:
     query: Any = request.query
     if request.content_type == "application/json" and request.can_read_body:
         try:
-            body = json.loads(await _read_capped(request.content.read, 65536))
+            limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
+            body = json.loads(await _in_time(_read_capped(request.content.read, 65536), limits))
         except ValueError as exc:
             raise UsageError(f"register body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):

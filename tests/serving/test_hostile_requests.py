@@ -165,6 +165,10 @@ def test_a_client_that_stalls_its_body_gets_408_and_its_connection_back(serve, c
     answer = raw(server.server.ports["inference"], stalled, timeout=20)
     assert answer.startswith(b"HTTP/1.1 408")
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["type"] == "BodyTimeoutError"
+    register = (
+        b"POST /models HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{"
+    )
+    assert raw(server.server.ports["management"], register, timeout=20).startswith(b"HTTP/1.1 408")
     _healthy(server, call)
 
 
