@@ -339,13 +339,15 @@ def ratio(a: float | None, b: float | None) -> str:
 def merge_rounds(rounds: list[dict]) -> dict:
     """Best of each measure across rounds, by what the measure's name says is better."""
 
-    def walk(values: list, key: str) -> object:
+    def walk(values: list, key: object) -> object:
+        if key == "codes":
+            return values[0]
         if isinstance(values[0], dict):
             return {k: walk([v[k] for v in values if k in v], k) for k in values[0]}
         numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if key == "codes" or len(numbers) != len(values) or not numbers:
-            return values[0]
-        return max(numbers) if key.endswith("per_s") or key == "errors" else min(numbers)
+        if not numbers or any(v is not None and v not in numbers for v in values):
+            return values[0]  # not a measure (a missing figure counts as no figure, not as the best)
+        return max(numbers) if str(key).endswith("per_s") or key == "errors" else min(numbers)
 
     return walk(rounds, "")
 
