@@ -161,7 +161,13 @@ def serve(
 
     check_exposure(settings)  # refuse an exposed bind before paying for torch's import
     _set_torch_threads(settings.operator.get("workers") or settings.defaults.workers)
-    code = asyncio.run(_run(settings, Path(ready_file) if ready_file else None))
+    from archiver.serving.memory import HeapTrimmer
+
+    trimmer = HeapTrimmer().start()
+    try:
+        code = asyncio.run(_run(settings, Path(ready_file) if ready_file else None))
+    finally:
+        trimmer.stop()
     sys.exit(code)
 
 
