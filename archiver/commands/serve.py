@@ -20,7 +20,7 @@ import yaml
 
 from archiver.errors import ConfigError, UsageError
 
-# Built-in defaults, chosen by measurement on a 2-core machine (docs/readme/30-serve.md).
+# Built-in defaults, chosen by measurement on a 2-core machine (README, "Batching").
 DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",
     "port": 8080,
