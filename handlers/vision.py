@@ -44,6 +44,11 @@ def decode_image(
             payload = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise HandlerInputError("expected an image; text payloads must be base64-encoded images") from exc
+    if payload is None:
+        raise HandlerInputError(
+            "expected an image as the body or a form field named 'data', got neither "
+            "(send a file with curl -T FILE or -F data=@FILE)"
+        )
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise HandlerInputError(f"expected an image, got a JSON {type(payload).__name__}")
     if len(payload) == 0:

@@ -216,3 +216,8 @@ def test_the_strip_guard_leaves_ordinary_pictures_alone(kitten_bytes):
     for size in [(451, 300), (1000, 260), (260, 1000)]:
         image = decode_image(kitten_bytes).resize(size)
         assert torch.equal(imagenet_tensor(image), torchserve(image))
+
+
+def test_a_request_with_neither_body_nor_data_field_says_how_to_send_an_image():
+    with pytest.raises(HandlerInputError, match=r"form field named 'data'.*curl -T FILE"):
+        decode_image(None)
