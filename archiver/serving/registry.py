@@ -268,7 +268,7 @@ class ModelRegistry:
         entry = ModelEntry(
             name=model_name,
             version=version,
-            url=url or str(source),
+            url=url or source.name,  # TorchServe shows the archive as named in the store
             source=source,
             settings=settings,
             manifest=manifest.to_dict(),
