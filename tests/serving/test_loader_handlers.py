@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from archiver import build_archive
-from archiver.errors import ArchiverError, HandlerError, HandlerInputError
+from archiver.errors import ArchiverError, HandlerError, HandlerInputError, IntegrityError
+from archiver.reader import open_archive
 from archiver.serving import load_model
 from archiver.serving.protocol import make_request
 
@@ -290,3 +291,17 @@ def test_a_missing_dependency_points_at_the_archives_requirements(tmp_path):
 
     with pytest.raises(HandlerError, match=r"No module named .*pip install -r .*requirements.txt"):
         load_model(archive, cache_dir=tmp_path / "cache")
+
+
+def test_a_tampered_archive_is_refused_before_any_code_runs(tmp_path):
+    marker = tmp_path / "ran"
+    source = f"open({str(marker)!r}, 'w').close()\ndef handle(data, context):\n    return data\n"
+    archive = function_archive(tmp_path, "tampered", source)
+    folder = tmp_path / "folder"
+    with open_archive(archive) as reader:
+        reader.extract(folder)
+    (folder / "handler.py").write_text(source + "# changed\n")
+
+    with pytest.raises(IntegrityError):
+        load_model(folder, cache_dir=tmp_path / "cache")
+    assert not marker.exists()
