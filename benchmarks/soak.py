@@ -234,12 +234,11 @@ def main() -> None:
         proc = psutil.Process(server.pid)
         expected = asyncio.run(_expected_answers(base, images))
         requests = plan(args.requests, images)
-        # Warm-up: the server's memory grows while its caches fill (one set of oneDNN kernels per batch
-        # size the model meets, allocator pools) and then stays flat (measured: flat from about 10,000
-        # to 50,000 requests of this mix). The warm-up answers are checked like the rest.
-        warm = plan(args.warmup_requests, images) if args.warmup_requests > 0 else []
+        # Warm-up: the server's memory grows while it first meets each batch size and request mix
+        # (kernels, caches, allocator pools), then stays flat. The warm-up answers are checked too.
         warm_outcome = None
-        if warm:
+        if args.warmup_requests > 0:
+            warm = plan(args.warmup_requests, images)
             warm_outcome = asyncio.run(fire(base, warm, args.concurrency, expected, lambda: None))
         tenth = max(1, len(requests) // 10)
         rss: dict[str, float] = {"after_warmup_mb": proc.memory_info().rss / 1e6}
