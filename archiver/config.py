@@ -42,6 +42,8 @@ _KNOWN_KEYS: dict[str, tuple[tuple[type, ...], float | None]] = {
     "asyncCommunication": ((bool,), None),
     "useVenv": ((bool,), None),
     "handler": ((dict,), None),
+    # Ours (TorchServe ignores keys it does not know): a worker's resident memory limit in MB.
+    "workerMemoryLimit": (_NUM, 1),
 }
 _CHOICES = {"deviceType": ("cpu", "gpu", "neuron"), "parallelType": ("pp", "tp", "pptp", "custom")}
 
@@ -61,6 +63,7 @@ class ModelConfig:
     response_timeout_s: float = 120.0
     startup_timeout_s: float = 120.0
     job_queue_size: int | None = None
+    worker_memory_limit_mb: float | None = None
     handler: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -107,6 +110,7 @@ def parse_model_config(text: str | bytes, source: str = "model-config.yaml") -> 
         response_timeout_s=float(data.get("responseTimeout", 120)),
         startup_timeout_s=float(data.get("startupTimeout", 120)),
         job_queue_size=data.get("jobQueueSize"),
+        worker_memory_limit_mb=data.get("workerMemoryLimit"),
         handler=dict(data.get("handler") or {}),
         raw=data,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -46,6 +47,10 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "max_batch_delay": (int, float),
     "response_timeout": (int, float),
     "job_queue_size": (int,),
+    "worker_memory_limit": (int, float),
+    "torch_threads": (int,),
+    "max_worker_deaths": (int,),
+    "worker_death_window": (int, float),
     "token": (str,),
     "no_auth": (bool,),
     "cache_dir": (str,),
@@ -118,7 +123,7 @@ def _is_archive(path: Path) -> bool:
 @click.option("--port", type=int, help="Inference port (0 picks a free one).  [default: 8080]")
 @click.option("--management-port", type=int, help="Management port.  [default: 8081]")
 @click.option("--metrics-port", type=int, help="Metrics port.  [default: 8082]")
-@click.option("--workers", type=click.IntRange(min=0), help="Workers (threads) per model.  [default: 1]")
+@click.option("--workers", type=click.IntRange(min=0), help="Worker processes per model.  [default: 1]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Largest batch per model.  [default: 1]")
 @click.option(
     "--max-batch-delay", type=click.FloatRange(min=0), help="Ms to wait for a batch to fill. [default: 5]"
@@ -129,6 +134,16 @@ def _is_archive(path: Path) -> bool:
 )
 @click.option(
     "--max-request-size", type=click.IntRange(min=1), help="Body limit in bytes.  [default: 6553500]"
+)
+@click.option(
+    "--worker-memory-limit",
+    type=click.FloatRange(min=1),
+    help="Restart a worker whose resident memory passes this many MB.  [default: no limit]",
+)
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(min=1),
+    help="torch threads per worker.  [default: cores / all workers]",
 )
 @click.option(
     "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML of these settings."
@@ -159,8 +174,8 @@ def serve(
     settings = build_settings(archives, model_specs, config_path, flags)
     from archiver.serving.server import check_exposure
 
-    check_exposure(settings)  # refuse an exposed bind before paying for torch's import
-    _set_torch_threads(settings.operator.get("workers") or settings.defaults.workers)
+    check_exposure(settings)  # refuse an exposed bind before starting anything
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from archiver.serving.memory import HeapTrimmer
 
     trimmer = HeapTrimmer().start()
@@ -201,6 +216,11 @@ def build_settings(
         "workers": _first(flags.get("workers"), file_cfg.get("workers")),
         "response_timeout_s": _first(flags.get("response_timeout"), file_cfg.get("response_timeout")),
         "queue_size": _first(flags.get("job_queue_size"), file_cfg.get("job_queue_size")),
+        "worker_memory_limit_mb": _first(
+            flags.get("worker_memory_limit"), file_cfg.get("worker_memory_limit")
+        ),
+        "max_worker_deaths": file_cfg.get("max_worker_deaths"),
+        "worker_death_window_s": file_cfg.get("worker_death_window"),
     }
     defaults = ModelSettings(
         batch_size=DEFAULTS["batch_size"],
@@ -223,6 +243,7 @@ def build_settings(
         token=pick("token") or None,
         no_auth=bool(pick("no_auth")),
         cache_dir=Path(cache_dir) if cache_dir else None,
+        torch_threads=pick("torch_threads"),
     )
     return settings
 
@@ -235,17 +256,6 @@ def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else [str(v) for v in value]
-
-
-def _set_torch_threads(workers: int) -> None:
-    """workers x threads <= cores, unless the user pinned OMP_NUM_THREADS themselves."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    import torch
-
-    from archiver.serving.server import torch_threads_for
-
-    torch.set_num_threads(torch_threads_for(workers))
 
 
 async def _run(settings: Any, ready_file: Path | None) -> int:
@@ -270,7 +280,8 @@ async def _run(settings: Any, ready_file: Path | None) -> int:
         for entry in loading.result():
             click.echo(f"  {_state_line(entry)}")
         ready = {"pid": os.getpid(), **{f"{k}_port": v for k, v in server.ports.items()}}
-        ready["models"] = {e.name: e.state for e in server.registry.entries()}
+        ready["models"] = {e.name: e.state.value for e in server.registry.entries()}
+        ready["workers"] = {e.name: e.pool.pids() for e in server.registry.entries() if e.pool is not None}
         click.echo("READY " + json.dumps(ready), nl=True)
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
@@ -287,8 +298,12 @@ async def _run(settings: Any, ready_file: Path | None) -> int:
 
 def _state_line(entry: Any) -> str:
     s = entry.settings
-    head = f"{entry.name} {entry.version}: {entry.state}"
-    if entry.error:
-        return f"{head}: {entry.error}"
+    head = f"{entry.name} {entry.version}: {entry.state.value}"
+    if entry.state.value == "FAILED":
+        return f"{head}: {entry.reason}"
     load = f", load {entry.load_time_s:.2f} s" if entry.load_time_s is not None else ""
-    return f"{head} (workers {s.workers}, batch {s.batch_size}, delay {s.max_batch_delay_ms:g} ms{load})"
+    pids = ", ".join(str(p) for p in entry.pool.pids()) if entry.pool is not None else ""
+    return (
+        f"{head} (workers {s.workers}: pid {pids or '-'}; batch {s.batch_size}, "
+        f"delay {s.max_batch_delay_ms:g} ms{load})"
+    )

@@ -23,13 +23,9 @@ from aiohttp import BodyPartReader, web
 from archiver.errors import ArchiverError, ModelNotFoundError, RequestTooLargeError, UsageError
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.metrics import ServerMetrics
-from archiver.serving.protocol import (
-    InferenceRequest,
-    decode_param,
-    error_response,
-    response_for_exception,
-)
+from archiver.serving.protocol import error_response, response_for_exception
 from archiver.serving.registry import ModelRegistry
+from archiver.serving.wire import RawRequest
 
 log = logging.getLogger("archiver.serving")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -129,7 +125,7 @@ async def _read_capped(read: Callable[[int], Awaitable[bytes]], limit: int, alre
 
 async def read_inference_request(
     request: web.Request, limits: HttpLimits, request_id: str | None = None
-) -> InferenceRequest:
+) -> RawRequest:
     """The HTTP request as a handler sees it: one ``body`` param, or one param per form field.
 
     The whole body must arrive within ``body_read_timeout_s``: a client trickling or stalling its body
@@ -149,7 +145,7 @@ async def _in_time(read: Awaitable[T], limits: HttpLimits) -> T:
         ) from exc
 
 
-async def _read_request(request: web.Request, limits: HttpLimits, request_id: str | None) -> InferenceRequest:
+async def _read_request(request: web.Request, limits: HttpLimits, request_id: str | None) -> RawRequest:
     limit = limits.max_request_size
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLargeError(
@@ -157,9 +153,7 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
         )
     content_type = request.headers.get("Content-Type")
     mime = (content_type or "").split(";", 1)[0].strip().lower()
-    headers = dict(request.headers)
-    params: dict[str, Any] = {}
-    types: dict[str, str] = {}
+    parts: list[tuple[str, bytes, str]] = []
     if mime == "multipart/form-data":
         try:
             reader = await request.multipart()
@@ -169,25 +163,28 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
                     raise ValueError("nested multipart bodies are not supported")
                 value = await _read_capped(part.read_chunk, limit, total)
                 total += len(value)
-                name = part.name or "data"
-                part_type = part.headers.get("Content-Type")
-                params[name] = decode_param(value, part_type)
-                types[name] = part_type or ""
+                parts.append((part.name or "data", value, part.headers.get("Content-Type") or ""))
         except (ValueError, AssertionError, RuntimeError) as exc:
             raise UsageError(f"malformed multipart body: {exc}") from exc
-        if not params:
+        if not parts:
             raise UsageError("multipart body has no parts")
     else:
         body = await _read_capped(request.content.read, limit)
         if mime == "application/x-www-form-urlencoded":
             for key, value in urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True):
-                params[key] = bytearray(value.encode("latin-1"))
-                types[key] = ""
+                parts.append((key, value.encode("latin-1"), ""))
         else:
-            params["body"] = decode_param(body, content_type)
-            types["body"] = content_type or ""
+            parts.append(("body", body, content_type or ""))
+    # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
     request_id = request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
-    return InferenceRequest(request_id=request_id, params=params, headers=headers, param_content_types=types)
+    return RawRequest(request_id=request_id, headers=dict(request.headers), parts=_last_wins(parts))
+
+
+def _last_wins(parts: list[tuple[str, bytes, str]]) -> list[tuple[str, bytes, str]]:
+    """One part per name, the last one sent winning (a handler sees a dict, as TorchServe's does)."""
+    if len({name for name, _, _ in parts}) == len(parts):
+        return parts
+    return list({name: (name, body, ctype) for name, body, ctype in parts}.values())
 
 
 # ---- inference app -----------------------------------------------------------------------------
@@ -303,13 +300,14 @@ async def register_model(request: web.Request) -> web.Response:
         "max_batch_delay_ms": _float_param(query, "max_batch_delay"),
         "workers": _int_param(query, "initial_workers"),
         "response_timeout_s": _float_param(query, "response_timeout"),
+        "worker_memory_limit_mb": _float_param(query, "worker_memory_limit"),
     }
     if overrides["batch_size"] is not None and overrides["batch_size"] < 1:
         raise UsageError("batch_size must be >= 1")
     entry = await registry.register(
         source, name=query.get("model_name") or None, url=url, overrides=overrides
     )
-    workers = len(entry.batcher.workers) if entry.batcher else 0
+    workers = entry.pool.live_workers() if entry.pool else 0
     status = f'Model "{entry.name}" Version: {entry.version} registered with {workers} initial workers'
     return _json(200, {"status": status})
 

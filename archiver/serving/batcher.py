@@ -1,8 +1,8 @@
-"""Dynamic batching for one model: a bounded queue, worker threads that take batches, one answer each.
+"""Dynamic batching for one model: a bounded queue on the event loop, from which workers take batches.
 
-The event loop only enqueues and awaits; model work runs in a thread per worker, so a slow forward pass
-never stalls HTTP. Each worker owns its own handler instance (``handle``) and pulls its own batch from
-the model's shared queue, as TorchServe's workers do.
+Everything here runs on the front's event loop; no thread and no handler code is involved. Requests
+wait in the queue; each worker of the model (``pool.py``) takes a whole batch when it is free, so a
+batch goes to a worker process in one message.
 
 Batching is adaptive: a worker takes everything queued (up to ``batch_size``), and waits up to
 ``max_batch_delay_ms`` for more only until the batch is as large as the previous one: the load the
@@ -13,53 +13,35 @@ waiting for a batch of 32 that will never fill; TorchServe waits out the delay i
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from archiver.errors import RequestTimeoutError, ServiceUnavailableError
-from archiver.serving.protocol import InferenceRequest, InferenceResponse, response_for_exception
+from archiver.serving.protocol import InferenceResponse, response_for_exception
+from archiver.serving.wire import RawRequest
 
-HandleFn = Callable[[list[InferenceRequest]], list[InferenceResponse]]
 BatchObserver = Callable[[int], None]
 
 
 @dataclass(eq=False)
-class _Job:
-    request: InferenceRequest
+class Job:
+    """One queued request; ``dispatched`` once a worker holds it (its batch's timer then governs)."""
+
+    request: RawRequest
     future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    abandoned: bool = False
-
-
-@dataclass(eq=False)
-class Worker:
-    """One thread with its own handler instance; ``busy_since`` is set while a batch runs."""
-
-    id: int
-    handle: HandleFn
-    close: Callable[[], None] | None = None
-    started_at: float = field(default_factory=time.time)
-    busy_since: float | None = None
-    retired: bool = False
-    thread: threading.Thread | None = None
-
-    @property
-    def status(self) -> str:
-        if self.retired:
-            return "UNLOADING"
-        return "BUSY" if self.busy_since is not None else "READY"
+    enqueued_at: float
+    dispatched: bool = False
+    timer: asyncio.TimerHandle | None = None
 
 
 class Batcher:
-    """The queue and workers of one model version.
+    """The request queue of one model version.
 
-    ``submit`` (on the event loop) answers one request; ``add_worker``/``retire_worker`` change the
-    worker count; ``stop`` lets the workers finish what is queued, then ends them.
+    ``submit`` answers one request (503 when the queue is full, 504 when no worker took it within its
+    timeout); ``take`` gives a free worker its next batch; ``deliver`` hands answers back;
+    ``fail_queued`` answers everything waiting with one error (the model failed or is going away).
     """
 
     def __init__(
@@ -79,193 +61,144 @@ class Batcher:
         self.max_batch_delay_ms = max(0.0, float(max_batch_delay_ms))
         self.queue_size = queue_size
         self.adaptive = adaptive
-        self._on_batch = on_batch
-        self._queue: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._workers: list[Worker] = []
-        self._ids = itertools.count(1)
+        self.on_batch = on_batch
+        self._queue: deque[Job] = deque()
+        self._waiters: deque[asyncio.Future] = deque()
         self._last_batch_size = 0
-        self._stopping = False
-        # Workers being loaded (a replacement for a hung one): requests may queue for them meanwhile.
-        self.pending_workers = 0
+        self.closed = False
 
-    # ---- state -------------------------------------------------------------------------------
     @property
     def pending(self) -> int:
         """Requests queued and not yet taken by a worker."""
-        return len(self._queue)
+        return sum(1 for job in self._queue if not job.future.done())
 
-    @property
-    def workers(self) -> list[Worker]:
-        return [w for w in self._workers if not w.retired]
+    # ---- requests ------------------------------------------------------------------------------
+    async def submit(self, request: RawRequest, timeout_s: float | None = None) -> InferenceResponse:
+        """Queue one request and wait for its answer.
 
-    # ---- workers -----------------------------------------------------------------------------
-    def add_worker(self, handle: HandleFn, close: Callable[[], None] | None = None) -> Worker:
-        """Start a worker thread that runs batches through ``handle`` (its own handler instance)."""
-        worker = Worker(id=next(self._ids), handle=handle, close=close)
-        worker.thread = threading.Thread(
-            target=self._run, args=(worker,), name=f"model-{self.name}-w{worker.id}", daemon=True
-        )
-        with self._cond:
-            if self._stopping:
-                raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
-            self._workers.append(worker)
-        worker.thread.start()
-        return worker
-
-    def retire_worker(self, worker: Worker | None = None) -> Worker | None:
-        """Ask one worker (the newest idle one by default) to stop after its current batch."""
-        with self._cond:
-            live = [w for w in self._workers if not w.retired]
-            if worker is None:
-                idle = [w for w in live if w.busy_since is None]
-                worker = (idle or live or [None])[-1]
-            if worker is None:
-                return None
-            worker.retired = True
-            self._cond.notify_all()
-        return worker
-
-    def stuck_workers(self, older_than_s: float) -> list[Worker]:
-        """Workers whose current batch has run longer than ``older_than_s`` (a hung handler)."""
-        now = time.monotonic()
-        return [w for w in self.workers if w.busy_since is not None and now - w.busy_since > older_than_s]
-
-    def abandon(self, worker: Worker) -> None:
-        """Give up on a hung worker: it takes no more batches; its late answers find their requests
-        already answered (504) and are dropped."""
-        self.retire_worker(worker)
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Let queued requests finish, then end every worker (blocking; call from a thread)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        deadline = time.monotonic() + timeout_s
-        # Retired workers are left alone: a hung one may never return, and nobody waits for its answers.
-        for worker in list(self._workers):
-            if worker.retired:
-                continue
-            if worker.thread is not None and worker.thread is not threading.current_thread():
-                worker.thread.join(max(0.0, deadline - time.monotonic()))
-        with self._cond:
-            leftover = list(self._queue)
-            self._queue.clear()
-        _deliver_all(
-            leftover,
-            [response_for_exception(ServiceUnavailableError("server is shutting down"))] * len(leftover),
-        )
-
-    # ---- requests ----------------------------------------------------------------------------
-    async def submit(self, request: InferenceRequest, timeout_s: float | None = None) -> InferenceResponse:
-        """Queue one request and wait for its answer (503 if the queue is full, 504 after timeout)."""
-        loop = asyncio.get_running_loop()
-        job = _Job(request=request, future=loop.create_future(), loop=loop)
-        with self._cond:
-            if self._stopping:
-                raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
-            if self.pending_workers <= 0 and not any(not w.retired for w in self._workers):
-                raise ServiceUnavailableError(f'model "{self.name}" has no workers; scale it up first')
+        ``timeout_s`` bounds the wait in the queue: a request no worker took by then gets 504. Once a
+        worker holds it, the worker's batch timer decides (the supervisor answers 504 and replaces a
+        worker that overruns).
+        """
+        if self.closed:
+            raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
+        if len(self._queue) >= self.queue_size:
+            self._drop_done()
             if len(self._queue) >= self.queue_size:
                 raise ServiceUnavailableError(
                     f'model "{self.name}" is overloaded: its queue of {self.queue_size} requests is full'
                 )
-            self._queue.append(job)
-            self._cond.notify()
+        loop = asyncio.get_running_loop()
+        job = Job(request=request, future=loop.create_future(), enqueued_at=time.monotonic())
+        if timeout_s is not None:
+            job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
+        self._queue.append(job)
+        self._wake_one()
         try:
-            return await asyncio.wait_for(job.future, timeout_s)
-        except asyncio.TimeoutError:
-            job.abandoned = True
-            raise RequestTimeoutError(
-                f'model "{self.name}" did not answer within {timeout_s:g} s (responseTimeout)'
-            ) from None
-        except asyncio.CancelledError:
-            job.abandoned = True  # the client went away: no worker should spend time on it
-            raise
+            return await job.future
+        finally:
+            if job.timer is not None:
+                job.timer.cancel()
 
-    # ---- worker side -------------------------------------------------------------------------
-    def _take(self, worker: Worker) -> list[_Job] | None:
-        """Block until a batch is ready for ``worker``; None when the worker should end."""
-        with self._cond:
-            while True:
-                if worker.retired or (self._stopping and not self._queue):
-                    return None
-                self._drop_abandoned()
-                if self._queue:
-                    break
-                self._cond.wait()
-            batch = [self._queue.popleft()]
-            # Adaptive: wait only for as many requests as the last batch held (the load we are seeing);
-            # anything already queued beyond that rides along up to batch_size, so the target grows with load.
+    def _expire(self, job: Job, timeout_s: float) -> None:
+        if job.dispatched or job.future.done():
+            return
+        job.future.set_exception(
+            RequestTimeoutError(
+                f'model "{self.name}" did not take the request within {timeout_s:g} s (responseTimeout): '
+                "its workers were busy or restarting"
+            )
+        )
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # ---- workers -------------------------------------------------------------------------------
+    async def take(self) -> list[Job]:
+        """Wait for the next batch (cancellable: a cancelled take puts back what it held)."""
+        batch: list[Job] = []
+        try:
+            while not self._pop_into(batch, 1):
+                await self._arrival(None)
             target = self.batch_size if not self.adaptive else min(self.batch_size, self._last_batch_size)
             deadline = time.monotonic() + self.max_batch_delay_ms / 1000.0
             while len(batch) < self.batch_size:
-                self._drop_abandoned()
-                if self._queue:
-                    batch.append(self._queue.popleft())
+                if self._pop_into(batch, self.batch_size - len(batch)):
                     continue
                 remaining = deadline - time.monotonic()
-                if len(batch) >= target or remaining <= 0 or self._stopping or worker.retired:
+                if len(batch) >= target or remaining <= 0:
                     break
-                self._cond.wait(remaining)
-            self._last_batch_size = len(batch)
-            if self._queue:
-                self._cond.notify()  # more work is waiting: wake another idle worker
-            return batch
+                await self._arrival(remaining)
+        except BaseException:
+            self._queue.extendleft(reversed(batch))  # nothing taken is lost
+            raise
+        self._last_batch_size = len(batch)
+        for job in batch:
+            job.dispatched = True
+        if self._queue:
+            self._wake_one()  # more work is waiting: wake another idle worker
+        return batch
 
-    def _drop_abandoned(self) -> None:
-        while self._queue and self._queue[0].abandoned:
-            self._queue.popleft()
+    def _pop_into(self, batch: list[Job], count: int) -> bool:
+        """Move up to ``count`` live jobs from the queue into ``batch``; whether any moved."""
+        moved = False
+        while count > 0 and self._queue:
+            job = self._queue.popleft()
+            if job.future.done():  # timed out or its client went away: never run it
+                continue
+            batch.append(job)
+            count -= 1
+            moved = True
+        return moved
 
-    def _run(self, worker: Worker) -> None:
+    async def _arrival(self, timeout_s: float | None) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            while True:
-                batch = self._take(worker)
-                if batch is None:
-                    return
-                worker.busy_since = time.monotonic()
-                try:
-                    responses = _call(worker.handle, [job.request for job in batch])
-                finally:
-                    worker.busy_since = None
-                if self._on_batch is not None:
-                    self._on_batch(len(batch))
-                _deliver_all(batch, responses)
+            if timeout_s is None:
+                await waiter
+            else:
+                await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            pass
         finally:
-            with self._cond:
-                if worker in self._workers:
-                    self._workers.remove(worker)
-            if worker.close is not None:
-                with contextlib.suppress(Exception):  # closing a handler must not kill the server
-                    worker.close()
+            if not waiter.done():
+                waiter.cancel()
 
+    def deliver(self, jobs: Sequence[Job], responses: Sequence[InferenceResponse]) -> None:
+        """Answer each job (a job whose client has gone is skipped)."""
+        for job, response in zip(jobs, responses, strict=True):
+            if not job.future.done():
+                job.future.set_result(response)
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))
 
-def _call(handle: HandleFn, requests: list[InferenceRequest]) -> Sequence[InferenceResponse]:
-    """Run one batch; whatever goes wrong, every request still gets exactly one answer."""
-    try:
-        responses = handle(requests)
-    except Exception as exc:  # noqa: BLE001 - the handler's failure becomes each request's 500
-        return [response_for_exception(exc)] * len(requests)
-    if not isinstance(responses, list) or len(responses) != len(requests):
-        got = f"{len(responses)} answers" if isinstance(responses, list) else type(responses).__name__
-        error = response_for_exception(
-            RuntimeError(f"handler returned {got} for a batch of {len(requests)} requests")
-        )
-        return [error] * len(requests)
-    return responses
+    def deliver_error(self, jobs: Sequence[Job], exc: BaseException) -> None:
+        response = response_for_exception(exc)
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(response)
 
+    def fail_queued(self, exc: BaseException) -> None:
+        """Answer every queued request with ``exc``'s error response."""
+        jobs = list(self._queue)
+        self._queue.clear()
+        self.deliver_error(jobs, exc)
 
-def _deliver_all(jobs: Sequence[_Job], responses: Sequence[InferenceResponse]) -> None:
-    """Hand answers back to their event loops, one thread-safe call per loop per batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, InferenceResponse]]] = {}
-    for job, response in zip(jobs, responses, strict=True):
-        by_loop.setdefault(job.loop, []).append((job, response))
-    for loop, pairs in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            loop.call_soon_threadsafe(_set_results, pairs)
+    def _drop_done(self) -> None:
+        live = [job for job in self._queue if not job.future.done()]
+        if len(live) != len(self._queue):
+            self._queue = deque(live)
 
-
-def _set_results(pairs: list[tuple[_Job, InferenceResponse]]) -> None:
-    for job, response in pairs:
-        if not job.future.done():
-            job.future.set_result(response)
+    def requeue(self, jobs: Sequence[Job]) -> None:
+        """Put jobs a worker took but never ran back at the front of the queue."""
+        for job in reversed(jobs):
+            job.dispatched = False
+            if not job.future.done():
+                self._queue.appendleft(job)
+        if self._queue:
+            self._wake_one()

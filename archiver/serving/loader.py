@@ -251,7 +251,11 @@ class LoadedModel:
             data = [dict(r.params) for r in requests]
             try:
                 answers = entry_point(data, context)
-            except (Exception, SystemExit) as exc:
+            except SystemExit as exc:
+                # In a worker this would end the process for nothing: the batch fails, the worker stays.
+                error = HandlerError(f"handler called sys.exit({exc.code!r}) while handling a batch")
+                return [response_for_exception(error) for _ in requests]
+            except Exception as exc:  # noqa: BLE001 - the handler's failure is each request's 500
                 return [response_for_exception(exc) for _ in requests]
             if not isinstance(answers, list) or len(answers) != count:
                 got = (

@@ -1,8 +1,10 @@
-"""Prometheus metrics for one server: requests, latency, queue depth, batch sizes, model load time.
+"""Prometheus metrics for one server: requests, latency, queue depth, batch sizes, load time, workers.
 
 Each server owns its own ``CollectorRegistry`` (never prometheus-client's global one), so two servers in
-one process, as in the tests, count separately. Queue depth and worker counts are read at scrape time
-from the model registry instead of being updated on every request.
+one process, as in the tests, count separately. Queue depth, worker counts and worker memory are read at
+scrape time from the model registry instead of being updated on every request. Worker deaths and
+restarts are counted by model and cause; causes are a closed set (signal names, "exit", "timeout",
+"memory", "load_failed"), so the series cannot grow without bound.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-# (model, version, queued, workers, load_time_s or None) for every registered model version.
-ModelSnapshot = tuple[str, str, int, int, float | None]
+# (model, version, queued, live workers, load_time_s or None, {worker id: RSS bytes or None}) per version.
+ModelSnapshot = tuple[str, str, int, int, float | None, dict[str, int | None]]
 
 
 class _ModelStateCollector:
@@ -32,21 +34,30 @@ class _ModelStateCollector:
             "model_archiver_queue_depth", "Requests waiting for a worker", labels=["model", "version"]
         )
         workers = GaugeMetricFamily(
-            "model_archiver_workers", "Live worker threads", labels=["model", "version"]
+            "model_archiver_workers", "Worker processes serving requests", labels=["model", "version"]
+        )
+        memory = GaugeMetricFamily(
+            "model_archiver_worker_memory_bytes",
+            "Resident memory (RSS) of each worker process",
+            labels=["model", "version", "worker"],
         )
         load = GaugeMetricFamily(
             "model_archiver_model_load_seconds",
             "Time to load the model (open, verify, unpack, import, initialize one worker)",
             labels=["model", "version"],
         )
-        for name, version, queued, live, load_time_s in self._snapshot():
+        for name, version, queued, live, load_time_s, rss in self._snapshot():
             queue.add_metric([name, version], queued)
             workers.add_metric([name, version], live)
             if load_time_s is not None:
                 load.add_metric([name, version], load_time_s)
+            for worker, value in rss.items():
+                if value is not None:
+                    memory.add_metric([name, version, worker], value)
         yield queue
         yield workers
         yield load
+        yield memory
 
 
 class ServerMetrics:
@@ -76,11 +87,29 @@ class ServerMetrics:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.worker_deaths = Counter(
+            "model_archiver_worker_deaths",
+            "Worker processes that ended unasked, by model and cause (signal name, exit, timeout, memory, "
+            "load_failed)",
+            ["model", "cause"],
+            registry=self.registry,
+        )
+        self.worker_restarts = Counter(
+            "model_archiver_worker_restarts",
+            "Worker processes restarted after a death, by model and the cause of the death",
+            ["model", "cause"],
+            registry=self.registry,
+        )
         self.registry.register(_ModelStateCollector(snapshot))
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:
         self.requests.labels(model, str(status)).inc()
         self.latency.labels(model).observe(seconds)
+
+    def count_worker_death(self, model: str, cause: str, restarted: bool) -> None:
+        self.worker_deaths.labels(model, cause).inc()
+        if restarted:
+            self.worker_restarts.labels(model, cause).inc()
 
     def batch_observer(self, model: str) -> Callable[[int], None]:
         """A callback for the model's batcher, bound to its label once."""

@@ -1,34 +1,39 @@
 """The models a server holds: their versions, settings, state, workers and load errors.
 
 Registering a model opens its archive through the reader (safe, hash-verified) to learn its name,
-version and model-config.yaml, then loads one handler instance per worker with ``load_model`` in a
-thread, so the event loop keeps answering while a model loads. A model that fails to load stays listed
-in state FAILED with its reason, and its requests get a 503 with that reason at once.
+version and model-config.yaml, then starts its worker processes through a ``WorkerPool``; the front
+never imports the handler. A model that fails to load stays listed in state FAILED with its reason,
+and its requests get a 503 with that reason at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import archiver
 from archiver.config import ModelConfig, parse_model_config
 from archiver.errors import (
     ArchiverError,
     ModelNotFoundError,
-    RequestTimeoutError,
     ServiceUnavailableError,
     UsageError,
 )
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.batcher import Batcher
 from archiver.serving.metrics import ModelSnapshot
-from archiver.serving.protocol import InferenceRequest, InferenceResponse
+from archiver.serving.pool import PoolState, RestartPolicy, WorkerPool
+from archiver.serving.protocol import InferenceResponse
+from archiver.serving.wire import RawRequest
+from archiver.serving.worker_process import WorkerSpec
 
-READY, LOADING, FAILED = "READY", "LOADING", "FAILED"
+ModelState = PoolState
+READY, LOADING, FAILED = PoolState.READY, PoolState.LOADING, PoolState.FAILED
 
 
 class ConflictError(ArchiverError):
@@ -52,10 +57,23 @@ class ModelSettings:
     workers: int = 1
     response_timeout_s: float = 120.0
     queue_size: int = 100
+    load_timeout_s: float = 120.0
+    worker_memory_limit_mb: float | None = None
+    max_worker_deaths: int = 5
+    worker_death_window_s: float = 60.0
+    restart_backoff_s: float = 1.0
 
     def merged(self, **overrides: Any) -> ModelSettings:
         """These settings with every override that is not None applied."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(
+            backoff_s=self.restart_backoff_s,
+            max_deaths=self.max_worker_deaths,
+            window_s=self.worker_death_window_s,
+            load_timeout_s=self.load_timeout_s,
+        )
 
 
 def settings_from_model_config(config: ModelConfig) -> dict[str, Any]:
@@ -64,9 +82,11 @@ def settings_from_model_config(config: ModelConfig) -> dict[str, Any]:
     return {
         "batch_size": config.batch_size,
         "max_batch_delay_ms": config.max_batch_delay_ms,
-        "workers": config.min_workers or None,
+        "workers": config.min_workers if config.min_workers is not None else None,
         "response_timeout_s": config.response_timeout_s if "responseTimeout" in raw else None,
+        "load_timeout_s": config.startup_timeout_s if "startupTimeout" in raw else None,
         "queue_size": config.job_queue_size,
+        "worker_memory_limit_mb": config.worker_memory_limit_mb,
     }
 
 
@@ -79,19 +99,30 @@ class ModelEntry:
     url: str
     source: Path
     settings: ModelSettings
-    state: str = LOADING
     error: str | None = None
     manifest: dict[str, Any] | None = None
     load_time_s: float | None = None
     loaded_at_startup: bool = False
-    batcher: Batcher | None = None
-    replacing: int = 0
+    pool: WorkerPool | None = None
+    failed_before_start: bool = False
+
+    @property
+    def state(self) -> PoolState:
+        if self.failed_before_start:
+            return PoolState.FAILED
+        return self.pool.state if self.pool is not None else PoolState.LOADING
+
+    @property
+    def reason(self) -> str | None:
+        """Why the model is FAILED (or the last reason it was), else None."""
+        if self.pool is not None and self.pool.error:
+            return self.pool.error
+        return self.error
 
     def describe(self) -> dict[str, Any]:
-        """TorchServe's describe-model shape, plus our ``status``, ``loadError`` and ``manifest``."""
-        batcher = self.batcher
-        workers = batcher.workers if batcher is not None else []
-        pending = batcher.pending if batcher is not None else 0
+        """TorchServe's describe-model shape, plus our ``status``, ``loadError``, ``deaths``, ``manifest``."""
+        pool = self.pool
+        pending = pool.batcher.pending if pool is not None else 0
         return {
             "modelName": self.name,
             "modelVersion": self.version,
@@ -102,19 +133,13 @@ class ModelEntry:
             "batchSize": self.settings.batch_size,
             "maxBatchDelay": self.settings.max_batch_delay_ms,
             "responseTimeout": self.settings.response_timeout_s,
+            "workerMemoryLimitMB": self.settings.worker_memory_limit_mb,
             "loadedAtStartup": self.loaded_at_startup,
-            "status": self.state,
-            "loadError": self.error,
+            "status": self.state.value,
+            "loadError": self.reason if self.state == PoolState.FAILED else None,
             "loadTimeSeconds": self.load_time_s,
-            "workers": [
-                {
-                    "id": str(w.id),
-                    "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(w.started_at)),
-                    "status": w.status,
-                    "gpu": False,
-                }
-                for w in workers
-            ],
+            "workers": pool.describe_workers() if pool is not None else [],
+            "deaths": [d.describe() for d in pool.deaths] if pool is not None else [],
             "jobQueueStatus": {
                 "remainingCapacity": max(0, self.settings.queue_size - pending),
                 "pendingRequests": pending,
@@ -123,7 +148,7 @@ class ModelEntry:
         }
 
 
-LoaderFn = Callable[..., Any]
+DeathCounter = Callable[[str, str, bool], None]  # (model, cause, restarted)
 
 
 class ModelRegistry:
@@ -137,14 +162,16 @@ class ModelRegistry:
         operator: dict[str, Any] | None = None,
         cache_dir: Path | None = None,
         batch_observer: Callable[[str], Callable[[int], None]] | None = None,
-        loader: LoaderFn | None = None,
+        death_counter: DeathCounter | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         self.model_store = model_store
         self.defaults = defaults or ModelSettings()
         self.operator = {k: v for k, v in (operator or {}).items() if v is not None}
         self.cache_dir = cache_dir
+        self.torch_threads = torch_threads
         self._batch_observer = batch_observer
-        self._loader = loader
+        self._death_counter = death_counter
         self._models: dict[str, dict[str, ModelEntry]] = {}
         self._default: dict[str, str] = {}
 
@@ -179,38 +206,62 @@ class ModelRegistry:
         return any(e.state == LOADING for e in self.entries())
 
     def snapshot(self) -> list[ModelSnapshot]:
-        """Per model version: (name, version, queued, workers, load seconds), for /metrics."""
+        """Per model version: (name, version, queued, workers, load seconds, worker RSS), for /metrics."""
         out = []
         for e in self.entries():
-            queued = e.batcher.pending if e.batcher else 0
-            live = len(e.batcher.workers) if e.batcher else 0
-            out.append((e.name, e.version, queued, live, e.load_time_s))
+            pool = e.pool
+            queued = pool.batcher.pending if pool else 0
+            live = pool.live_workers() if pool else 0
+            rss = {str(w["id"]): w["memoryUsage"] for w in pool.describe_workers()} if pool else {}
+            out.append((e.name, e.version, queued, live, e.load_time_s, rss))
         return out
 
     # ---- inference ---------------------------------------------------------------------------
-    async def predict(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:
-        """Answer one request through the model's batcher (404, 503 and 504 raised as errors)."""
+    async def predict(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
+        """Answer one request through the model's workers (404, 503, 504 and 500 raised as errors)."""
         entry = self.get(name, version)
-        if entry.state != READY or entry.batcher is None:
+        if entry.state != READY or entry.pool is None:
             if entry.state == FAILED:
-                raise ServiceUnavailableError(f'model "{entry.name}" failed to load: {entry.error}')
-            raise ServiceUnavailableError(f'model "{entry.name}" is not ready yet (state {entry.state})')
-        try:
-            return await entry.batcher.submit(request, entry.settings.response_timeout_s)
-        except RequestTimeoutError:
-            self._replace_stuck_workers(entry)
-            raise
+                raise ServiceUnavailableError(f'model "{entry.name}" failed: {entry.reason}')
+            state = entry.state.value
+            raise ServiceUnavailableError(f'model "{entry.name}" is not ready yet (state {state})')
+        return await entry.pool.submit(request)
 
-    def _replace_stuck_workers(self, entry: ModelEntry) -> None:
-        """A handler that hangs past responseTimeout loses its worker; a fresh instance takes over."""
-        batcher = entry.batcher
-        if batcher is None:
-            return
-        for worker in batcher.stuck_workers(entry.settings.response_timeout_s):
-            batcher.abandon(worker)
-            entry.replacing += 1
-            batcher.pending_workers += 1
-            asyncio.get_running_loop().create_task(self._add_workers(entry, 1, replacing=True))
+    # ---- workers -----------------------------------------------------------------------------
+    def threads_per_worker(self) -> int:
+        """torch intra-op threads for a new worker: the operator's figure, else cores / all workers."""
+        if self.torch_threads:
+            return self.torch_threads
+        workers = sum(e.settings.workers for e in self.entries() if e.state != FAILED)
+        return torch_threads_for(max(1, workers))
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment of a new worker process: ours, with thread counts sized and imports found."""
+        env = dict(os.environ)
+        threads = str(self.threads_per_worker())
+        if not os.environ.get("OMP_NUM_THREADS") or self.torch_threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
+        package_root = str(Path(archiver.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"  # a handler's prints reach the log as they happen, even before a crash
+        return env
+
+    def _spec(self, entry: ModelEntry) -> WorkerSpec:
+        return WorkerSpec(
+            model=entry.name,
+            source=str(entry.source),
+            cache_dir=str(self.cache_dir) if self.cache_dir is not None else None,
+            batch_size=entry.settings.batch_size,
+            threads=self.torch_threads or None,
+            python=sys.executable,
+        )
+
+    def _on_death(self, model: str) -> Callable[[str, bool], None]:
+        def count(cause: str, restarted: bool) -> None:
+            if self._death_counter is not None:
+                self._death_counter(model, cause, restarted)
+
+        return count
 
     # ---- registration ------------------------------------------------------------------------
     def store_path(self, url: str) -> Path:
@@ -244,10 +295,29 @@ class ModelRegistry:
         overrides: dict[str, Any] | None = None,
         startup: bool = False,
     ) -> ModelEntry:
-        """Open, configure and load one archive; return its entry (READY, or FAILED at startup).
+        """Open, configure and start one archive; return its entry (READY, or FAILED at startup).
 
         At startup a failure is kept as a FAILED entry so the server can report it; through the
         management API it is raised, and nothing stays registered.
+        """
+        entry = await self.prepare(source, name=name, url=url, overrides=overrides, startup=startup)
+        if entry.state != FAILED:
+            await self.start(entry)
+        return entry
+
+    async def prepare(
+        self,
+        source: Path,
+        *,
+        name: str | None = None,
+        url: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        startup: bool = False,
+    ) -> ModelEntry:
+        """Read an archive's head and list it as LOADING (no process started yet).
+
+        A FAILED version of the same name is replaced: registering it again is how a model that
+        crash-looped, or could not load, is brought back.
         """
         loop = asyncio.get_running_loop()
         try:
@@ -255,14 +325,16 @@ class ModelRegistry:
         except ArchiverError as exc:
             if not startup:
                 raise
-            entry = self._add_failed(name or _stem(source), url or source.name, source, exc)
-            return entry
+            return self._add_failed(name or _stem(source), url or source.name, source, exc)
         model_name = name or manifest.model_name
         if not MODEL_NAME_PATTERN.match(model_name):
             raise UsageError(f"invalid model name {model_name!r}")
         version = manifest.model_version or "1.0"
-        if version in self._models.get(model_name, {}):
-            raise ConflictError(f'model "{model_name}" version {version} is already registered')
+        existing = self._models.get(model_name, {}).get(version)
+        if existing is not None:
+            if existing.state != FAILED:
+                raise ConflictError(f'model "{model_name}" version {version} is already registered')
+            await self.unregister(model_name, version, force=True)
         settings = self.defaults.merged(**settings_from_model_config(config)).merged(**self.operator)
         settings = settings.merged(**(overrides or {}))
         entry = ModelEntry(
@@ -275,53 +347,37 @@ class ModelRegistry:
             loaded_at_startup=startup,
         )
         self._add(entry)
-        entry.batcher = Batcher(
+        batcher = Batcher(
             model_name,
             batch_size=settings.batch_size,
             max_batch_delay_ms=settings.max_batch_delay_ms,
             queue_size=settings.queue_size,
             on_batch=self._batch_observer(model_name) if self._batch_observer else None,
         )
-        try:
-            await self._add_workers(entry, settings.workers)
-        except ArchiverError as exc:
-            entry.state, entry.error = FAILED, exc.message
-            if not startup:
-                await self.unregister(entry.name, entry.version, force=True)
-                raise
-            return entry
-        entry.state = READY
+        entry.pool = WorkerPool(
+            self._spec(entry),
+            batcher,
+            response_timeout_s=settings.response_timeout_s,
+            memory_limit_mb=settings.worker_memory_limit_mb,
+            policy=settings.restart_policy(),
+            env_for=self.worker_env,
+            on_death=self._on_death(model_name),
+        )
         return entry
 
-    async def _add_workers(self, entry: ModelEntry, count: int, replacing: bool = False) -> None:
-        loop = asyncio.get_running_loop()
+    async def start(self, entry: ModelEntry) -> None:
+        """Start a prepared model's workers; a failure leaves it FAILED (startup) or removes it."""
+        assert entry.pool is not None
+        started = asyncio.get_running_loop().time()
         try:
-            for _ in range(count):
-                started = time.perf_counter()
-                loaded = await loop.run_in_executor(None, self._load_instance, entry)
-                if entry.load_time_s is None:
-                    entry.load_time_s = time.perf_counter() - started
-                if entry.batcher is None or self._models.get(entry.name, {}).get(entry.version) is not entry:
-                    loaded.close()  # unregistered while loading
-                    return
-                entry.batcher.add_worker(loaded.handle, loaded.close)
+            await entry.pool.start(entry.settings.workers)
         except ArchiverError as exc:
-            if not replacing:
+            entry.error = exc.message
+            if not entry.loaded_at_startup:
+                await self.unregister(entry.name, entry.version, force=True)
                 raise
-            entry.error = f"replacing a hung worker failed: {exc.message}"
-        finally:
-            if replacing:
-                entry.replacing -= 1
-                if entry.batcher is not None:
-                    entry.batcher.pending_workers -= 1
-
-    def _load_instance(self, entry: ModelEntry) -> Any:
-        loader = self._loader
-        if loader is None:
-            from archiver.serving.loader import load_model as loader
-        return loader(
-            entry.source, name=entry.name, cache_dir=self.cache_dir, batch_size=entry.settings.batch_size
-        )
+            return
+        entry.load_time_s = asyncio.get_running_loop().time() - started
 
     def _add(self, entry: ModelEntry) -> None:
         self._models.setdefault(entry.name, {})[entry.version] = entry
@@ -329,27 +385,29 @@ class ModelRegistry:
 
     def _add_failed(self, name: str, url: str, source: Path, exc: ArchiverError) -> ModelEntry:
         entry = ModelEntry(
-            name=name, version="1.0", url=url, source=source, settings=self.defaults, loaded_at_startup=True
+            name=name,
+            version="1.0",
+            url=url,
+            source=source,
+            settings=self.defaults,
+            loaded_at_startup=True,
+            error=exc.message,
+            failed_before_start=True,
         )
-        entry.state, entry.error = FAILED, exc.message
         if "1.0" not in self._models.get(name, {}):
             self._add(entry)
         return entry
 
     # ---- management --------------------------------------------------------------------------
     async def scale(self, name: str, version: str | None, workers: int) -> ModelEntry:
-        """Start or retire workers until the model has ``workers`` of them."""
+        """Start or retire worker processes until the model has ``workers``; a FAILED model restarts."""
         if workers < 0:
             raise UsageError("min_worker must be >= 0")
         entry = self.get(name, version)
-        if entry.state != READY or entry.batcher is None:
-            raise ServiceUnavailableError(f'model "{name}" is {entry.state}; cannot scale it')
-        current = len(entry.batcher.workers)
-        if workers > current:
-            await self._add_workers(entry, workers - current)
-        for _ in range(current - workers):
-            entry.batcher.retire_worker()
+        if entry.pool is None or entry.state == LOADING:
+            raise ServiceUnavailableError(f'model "{name}" is {entry.state.value}; cannot scale it')
         entry.settings = entry.settings.merged(workers=workers)
+        await entry.pool.scale(workers)
         return entry
 
     async def unregister(self, name: str, version: str | None = None, force: bool = False) -> ModelEntry:
@@ -366,10 +424,8 @@ class ModelRegistry:
             del self._default[name]
         elif self._default.get(name) == entry.version:
             self._default[name] = next(iter(versions))
-        if entry.batcher is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                None, entry.batcher.stop, entry.settings.response_timeout_s
-            )
+        if entry.pool is not None:
+            await entry.pool.close(entry.settings.response_timeout_s)
         return entry
 
     def set_default(self, name: str, version: str) -> ModelEntry:
@@ -379,9 +435,15 @@ class ModelRegistry:
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Finish every queued request, then stop all workers (the server's shutdown)."""
-        loop = asyncio.get_running_loop()
-        batchers = [e.batcher for e in self.entries() if e.batcher is not None]
-        await asyncio.gather(*(loop.run_in_executor(None, b.stop, timeout_s) for b in batchers))
+        pools = [e.pool for e in self.entries() if e.pool is not None]
+        await asyncio.gather(*(p.close(timeout_s) for p in pools), return_exceptions=True)
+
+
+def torch_threads_for(workers: int, cores: int | None = None) -> int:
+    """Threads per worker so that workers x threads fills the cores without oversubscribing them."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
 
 
 def _read_archive_head(source: Path) -> tuple[Any, ModelConfig]:

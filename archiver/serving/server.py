@@ -1,7 +1,8 @@
-"""One serving process: binds the three ports, loads the startup models, drains in-flight work on stop.
+"""The front process: binds the three ports, starts each model's workers, drains in-flight work on stop.
 
 ``Server`` is the asyncio object (start, stop); ``ServerThread`` runs one on its own event loop in a
-background thread, for tests and build scripts that want a live server inside the current process.
+background thread, for tests and build scripts that want a live server inside the current process. In
+both, handlers run in worker processes (``pool.py``); this process never imports torch or a handler.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from aiohttp import web
 from archiver.errors import UsageError
 from archiver.serving.app import HttpLimits, inference_app, management_app, metrics_app
 from archiver.serving.metrics import ServerMetrics
-from archiver.serving.registry import FAILED, ModelEntry, ModelRegistry, ModelSettings
+from archiver.serving.registry import ModelEntry, ModelRegistry, ModelSettings
 
 DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size
 
@@ -47,6 +47,8 @@ class ServerSettings:
     idle_timeout_s: float = 15.0
     body_read_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
+    # torch intra-op threads per worker; None: the cores divided by all workers of all models.
+    torch_threads: int | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -90,7 +92,7 @@ def _bind(host: str, port: int) -> socket.socket:
 class Server:
     """The three HTTP apps over one model registry."""
 
-    def __init__(self, settings: ServerSettings, *, loader: Any = None) -> None:
+    def __init__(self, settings: ServerSettings) -> None:
         check_exposure(settings)
         self.settings = settings
         self.metrics = ServerMetrics(lambda: self.registry.snapshot())
@@ -100,7 +102,8 @@ class Server:
             operator=settings.operator,
             cache_dir=settings.cache_dir,
             batch_observer=self.metrics.batch_observer,
-            loader=loader,
+            death_counter=self.metrics.count_worker_death,
+            torch_threads=settings.torch_threads,
         )
         self.limits = HttpLimits(
             max_request_size=settings.max_request_size,
@@ -140,14 +143,13 @@ class Server:
             await self.load_startup_models()
 
     async def load_startup_models(self) -> list[ModelEntry]:
-        return list(
-            await asyncio.gather(
-                *(
-                    self.registry.register(path, name=name, startup=True)
-                    for name, path in self.settings.models
-                )
-            )
-        )
+        """Read every startup archive first, so each worker's thread count knows all the workers to
+        come, then start all models' workers at once."""
+        entries = [
+            await self.registry.prepare(path, name=name, startup=True) for name, path in self.settings.models
+        ]
+        await asyncio.gather(*(self.registry.start(e) for e in entries if e.pool is not None))
+        return entries
 
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish (up to drain_timeout_s), then end the workers."""
@@ -156,15 +158,12 @@ class Server:
         self._runners.clear()
         await self.registry.close(self.settings.drain_timeout_s)
 
-    def failed_models(self) -> list[ModelEntry]:
-        return [e for e in self.registry.entries() if e.state == FAILED]
-
 
 class ServerThread:
     """A live server on a private event loop in a background thread; ``with`` starts and stops it."""
 
-    def __init__(self, settings: ServerSettings, *, loader: Any = None) -> None:
-        self.server = Server(settings, loader=loader)
+    def __init__(self, settings: ServerSettings) -> None:
+        self.server = Server(settings)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="model-archiver-server", daemon=True
@@ -196,10 +195,3 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def torch_threads_for(workers: int, cores: int | None = None) -> int:
-    """Threads per worker so that workers x threads fills the cores without oversubscribing them."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, workers))

@@ -1,0 +1,363 @@
+"""The supervisor of one model version's workers: the one place that owns every worker's life.
+
+It starts the worker processes, gives each free worker its next batch from the model's queue, and
+decides what an ending means: a worker that dies (signal, exit, the OOM killer), overruns
+``responseTimeout`` or grows past its memory limit costs its own batch (500, or 504 for a timeout)
+and is restarted after a backoff (1, 1, 2, 3, 5, 8 … times ``restart_backoff_s``, as TorchServe
+does), while requests still queued wait for it. After ``max_worker_deaths`` endings within
+``worker_death_window_s`` the model is FAILED with the reason: its requests get 503 at once until it
+is scaled or registered again. Other models never notice any of this: each has its own pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from archiver.errors import RequestTimeoutError, ServiceUnavailableError
+from archiver.serving.batcher import Batcher, Job
+from archiver.serving.protocol import InferenceResponse
+from archiver.serving.wire import RawRequest
+from archiver.serving.worker_process import (
+    WorkerDiedError,
+    WorkerExit,
+    WorkerProcess,
+    WorkerSpec,
+    WorkerStartError,
+    WorkerState,
+)
+
+log = logging.getLogger("archiver.serving")
+
+_FIBONACCI = (1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
+MEMORY_CHECK_INTERVAL_S = 0.2
+
+
+class PoolState(str, enum.Enum):
+    """A model's serving state, as the APIs report it."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When to restart a worker and when to give up on the model."""
+
+    backoff_s: float = 1.0
+    max_deaths: int = 5
+    window_s: float = 60.0
+    load_timeout_s: float = 300.0
+
+    def delay_s(self, recent_deaths: int) -> float:
+        index = min(max(recent_deaths, 1), len(_FIBONACCI)) - 1
+        return _FIBONACCI[index] * self.backoff_s
+
+
+@dataclass(frozen=True)
+class Death:
+    """One worker ending the supervisor did not ask for, as ``GET /models/{m}`` lists it."""
+
+    at: float  # wall clock, for people
+    monotonic_at: float  # for counting the crash-loop window
+    slot: int
+    pid: int | None
+    cause: str
+    message: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at)),
+            "worker": str(self.slot),
+            "pid": self.pid,
+            "cause": self.cause,
+            "message": self.message,
+        }
+
+
+DeathObserver = Callable[[str, bool], None]  # (cause, restarted)
+
+
+class WorkerPool:
+    """The workers of one model version, the batches they run, and their restarts."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        batcher: Batcher,
+        *,
+        response_timeout_s: float,
+        memory_limit_mb: float | None = None,
+        policy: RestartPolicy | None = None,
+        env_for: Callable[[], dict[str, str]] | None = None,
+        on_death: DeathObserver | None = None,
+    ) -> None:
+        self.spec = spec
+        self.batcher = batcher
+        self.response_timeout_s = response_timeout_s
+        self.memory_limit_mb = memory_limit_mb
+        self.policy = policy or RestartPolicy()
+        self._env_for = env_for
+        self._on_death = on_death
+        self.state = PoolState.LOADING
+        self.error: str | None = None
+        self.target = 0
+        self.workers: dict[int, WorkerProcess] = {}  # by slot: starting, serving or finishing a batch
+        self.deaths: deque[Death] = deque(maxlen=50)
+        self._restarts: dict[int, asyncio.Task] = {}  # slots waiting out their backoff
+        self._loops: dict[int, asyncio.Task] = {}
+        self._count_deaths_since = 0.0  # a FAILED model scaled again starts its count afresh
+        self._closing = False
+        self._memory_task: asyncio.Task | None = None
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def submit(self, request: RawRequest) -> InferenceResponse:
+        """Answer one request through the queue (503 at once when the model cannot answer)."""
+        if self.state == PoolState.FAILED:
+            raise ServiceUnavailableError(f'model "{self.spec.model}" failed: {self.error}')
+        if self._closing or self.batcher.closed:
+            raise ServiceUnavailableError(f'model "{self.spec.model}" is shutting down')
+        if self.target == 0:
+            raise ServiceUnavailableError(f'model "{self.spec.model}" has no workers; scale it up first')
+        return await self.batcher.submit(request, self.response_timeout_s)
+
+    # ---- starting and scaling ------------------------------------------------------------------
+    async def start(self, count: int) -> None:
+        """Start ``count`` workers and wait for all of them; if any cannot load, stop them all and
+        raise WorkerStartError: a model that cannot load is FAILED, not half-served."""
+        self.state, self.error = PoolState.LOADING, None
+        self._count_deaths_since = time.monotonic()
+        self.target = count
+        try:
+            await self._start_workers(count, all_or_nothing=True)
+        except WorkerStartError as exc:
+            self.target = 0
+            self.state, self.error = PoolState.FAILED, exc.message
+            raise
+        self.state = PoolState.READY
+        if self.memory_limit_mb and self._memory_task is None:
+            self._memory_task = asyncio.get_running_loop().create_task(self._watch_memory())
+
+    async def scale(self, count: int) -> None:
+        """Run ``count`` workers: start the missing ones (and wait for them), retire the extra ones.
+
+        A FAILED model starts afresh, as re-registering it would.
+        """
+        if self.state == PoolState.FAILED:
+            await self.start(count)
+            return
+        self.target = count
+        for slot in sorted(self._occupied(), reverse=True)[: max(0, len(self._occupied()) - count)]:
+            self._retire(slot)
+        missing = count - len(self._occupied())
+        if missing > 0:
+            await self._start_workers(missing, all_or_nothing=False)
+
+    def _occupied(self) -> set[int]:
+        return set(self.workers) | set(self._restarts)
+
+    def _free_slots(self, count: int) -> list[int]:
+        taken, slots, slot = self._occupied(), [], 1
+        while len(slots) < count:
+            if slot not in taken:
+                slots.append(slot)
+            slot += 1
+        return slots
+
+    def _new_worker(self, slot: int) -> WorkerProcess:
+        env = self._env_for() if self._env_for is not None else None
+        worker = WorkerProcess(self.spec, slot, env=env)
+        self.workers[slot] = worker
+        return worker
+
+    async def _start_workers(self, count: int, *, all_or_nothing: bool) -> None:
+        workers = [self._new_worker(slot) for slot in self._free_slots(count)]
+        results = await asyncio.gather(
+            *(w.start(self.policy.load_timeout_s) for w in workers), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for worker, result in zip(workers, results, strict=True):
+            ok = not isinstance(result, BaseException) and not (all_or_nothing and failures)
+            if ok and self.workers.get(worker.slot) is worker and not self._closing:
+                self._serve(worker)
+            else:
+                if self.workers.get(worker.slot) is worker:
+                    del self.workers[worker.slot]
+                await worker.stop(grace_s=2.0)
+        if failures:
+            self.target = len(self._occupied())
+            first = failures[0]
+            if isinstance(first, WorkerStartError):
+                raise first
+            raise WorkerStartError(f'model "{self.spec.model}" could not start a worker: {first!r}')
+
+    def _retire(self, slot: int) -> None:
+        """Stop one worker after its current batch (one waiting for work stops at once)."""
+        restart = self._restarts.pop(slot, None)
+        if restart is not None:
+            restart.cancel()
+        worker = self.workers.pop(slot, None)
+        if worker is None:
+            return
+        loop_task = self._loops.get(slot)
+        if worker.state == WorkerState.BUSY and loop_task is not None:
+            return  # its loop sees it is no longer ours after this batch, and stops it
+        if loop_task is not None:
+            loop_task.cancel()
+        asyncio.get_running_loop().create_task(worker.stop())
+
+    # ---- the work loop of one worker ---------------------------------------------------------
+    def _serve(self, worker: WorkerProcess) -> None:
+        self._loops[worker.slot] = asyncio.get_running_loop().create_task(self._work(worker))
+        worker.exited.add_done_callback(lambda ended, w=worker: self._on_exit(w, ended))
+
+    def _ours(self, worker: WorkerProcess) -> bool:
+        return self.workers.get(worker.slot) is worker
+
+    async def _work(self, worker: WorkerProcess) -> None:
+        try:
+            while self._ours(worker) and worker.state == WorkerState.READY:
+                jobs = await self.batcher.take()
+                if not self._ours(worker) or worker.state != WorkerState.READY:
+                    self.batcher.requeue(jobs)  # it died or was retired while waiting for work
+                    break
+                await self._run(worker, jobs)
+        finally:
+            if self._loops.get(worker.slot) is asyncio.current_task():
+                del self._loops[worker.slot]
+            if not self._ours(worker) and worker.state != WorkerState.DEAD:
+                asyncio.get_running_loop().create_task(worker.stop())  # retired: end it now
+
+    async def _run(self, worker: WorkerProcess, jobs: list[Job]) -> None:
+        try:
+            responses = await worker.run([job.request for job in jobs], self.response_timeout_s)
+        except TimeoutError:
+            limit = f"{self.response_timeout_s:g} s"
+            worker.kill("timeout", f"its batch of {len(jobs)} ran past responseTimeout ({limit})")
+            self.batcher.deliver_error(
+                jobs,
+                RequestTimeoutError(
+                    f'model "{self.spec.model}" did not answer within {limit} (responseTimeout); '
+                    f"worker {worker.slot} was stopped and is being replaced"
+                ),
+            )
+            return
+        except WorkerDiedError as exc:
+            self.batcher.deliver_error(jobs, exc)
+            return
+        except asyncio.CancelledError:
+            self.batcher.requeue(jobs)
+            raise
+        self.batcher.deliver(jobs, responses)
+
+    def _on_exit(self, worker: WorkerProcess, ended: asyncio.Future[WorkerExit]) -> None:
+        """A serving worker's process ended: count it, then restart it or fail the model."""
+        if not self._ours(worker) or self._closing or ended.cancelled():
+            return  # retired or shutting down: an ending we asked for
+        loop_task = self._loops.get(worker.slot)
+        if loop_task is not None and worker.batch_size_now == 0:
+            loop_task.cancel()  # waiting for work: it holds no batch, nobody is left without an answer
+        self._record_death(worker, ended.result().cause, worker.death_message(ended.result()))
+
+    def _record_death(self, worker: WorkerProcess, cause: str, message: str) -> None:
+        del self.workers[worker.slot]
+        now = time.monotonic()
+        self.deaths.append(Death(time.time(), now, worker.slot, worker.pid, cause, message))
+        since = max(now - self.policy.window_s, self._count_deaths_since)
+        recent = sum(1 for d in self.deaths if d.monotonic_at >= since)
+        if recent >= self.policy.max_deaths:
+            log.error("%s; %d endings within %g s: model FAILED", message, recent, self.policy.window_s)
+            self._fail(
+                f"its workers ended {recent} times within {self.policy.window_s:g} s (a crash loop); "
+                f"the last: {message}"
+            )
+            if self._on_death is not None:
+                self._on_death(cause, False)
+            return
+        delay = self.policy.delay_s(recent)
+        log.warning("%s; restarting it in %g s", message, delay)
+        if self._on_death is not None:
+            self._on_death(cause, True)
+        task = asyncio.get_running_loop().create_task(self._restart(worker.slot, delay))
+        self._restarts[worker.slot] = task
+
+    async def _restart(self, slot: int, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        if self._restarts.get(slot) is not asyncio.current_task() or self._closing:
+            return
+        del self._restarts[slot]
+        worker = self._new_worker(slot)
+        try:
+            await worker.start(self.policy.load_timeout_s)
+        except WorkerStartError as exc:
+            if self._ours(worker) and not self._closing:
+                self._record_death(worker, "load_failed", exc.message)
+            return
+        if not self._ours(worker) or self._closing:
+            await worker.stop(grace_s=2.0)
+            return
+        log.info("%s restarted (pid %s, load %.2f s)", worker.name, worker.pid, worker.load_time_s or 0.0)
+        self._serve(worker)
+
+    def _fail(self, reason: str) -> None:
+        self.state, self.error = PoolState.FAILED, reason
+        self.target = 0
+        for slot in sorted(self._occupied()):
+            self._retire(slot)
+        self.batcher.fail_queued(ServiceUnavailableError(f'model "{self.spec.model}" failed: {reason}'))
+
+    # ---- memory --------------------------------------------------------------------------------
+    async def _watch_memory(self) -> None:
+        """Stop any worker whose resident memory passes the limit (checked every 0.2 s)."""
+        assert self.memory_limit_mb is not None
+        limit = int(self.memory_limit_mb * 2**20)
+        while not self._closing:
+            await asyncio.sleep(MEMORY_CHECK_INTERVAL_S)
+            for worker in list(self.workers.values()):
+                if worker.state not in (WorkerState.READY, WorkerState.BUSY):
+                    continue
+                rss = worker.rss_bytes()
+                if rss is not None and rss > limit:
+                    worker.kill(
+                        "memory",
+                        f"memory {rss / 2**20:.0f} MB RSS over its limit of {self.memory_limit_mb:g} MB",
+                    )
+
+    # ---- shutdown ------------------------------------------------------------------------------
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Let queued and running batches finish (up to ``timeout_s``), then end every worker."""
+        deadline = time.monotonic() + timeout_s
+        self.batcher.closed = True
+        while self.live_workers() and (self.batcher.pending or self._busy()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._closing = True
+        for task in [*self._restarts.values(), *self._loops.values()]:
+            task.cancel()
+        if self._memory_task is not None:
+            self._memory_task.cancel()
+        workers = list(self.workers.values())
+        self.workers.clear()
+        self._restarts.clear()
+        grace = max(1.0, deadline - time.monotonic())
+        await asyncio.gather(*(w.stop(grace_s=grace) for w in workers), return_exceptions=True)
+        self.batcher.fail_queued(ServiceUnavailableError("server is shutting down"))
+
+    def _busy(self) -> bool:
+        return any(w.state == WorkerState.BUSY for w in self.workers.values())
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def describe_workers(self) -> list[dict[str, Any]]:
+        return [self.workers[slot].describe() for slot in sorted(self.workers)]
+
+    def live_workers(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state in (WorkerState.READY, WorkerState.BUSY))
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers.values() if w.pid is not None]

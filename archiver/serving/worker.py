@@ -1,0 +1,110 @@
+"""The worker process: one handler instance, answering the batches its server sends over a socket.
+
+Started by the front as ``python -m archiver.serving.worker SOCKET_FD LIFELINE_FD`` in a fresh
+interpreter (spawned, never forked from a process that imported torch). It knows only its job: load
+the archive named in the ``init`` frame, say ``ready`` (or ``load_failed`` with the reason), then answer
+each ``batch`` frame with one ``answers`` frame until the socket closes. It never decides to restart:
+the front's supervisor owns its life. It dies with its server: the lifeline pipe's write end is held
+only by the server, so when the server is gone (even by SIGKILL) the read below returns and the worker
+exits, whatever its handler is doing.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+from archiver.serving import wire
+
+
+def _exit_with_server(lifeline_fd: int) -> None:
+    def watch() -> None:
+        try:
+            while os.read(lifeline_fd, 4096):
+                pass
+        except OSError:
+            pass
+        os._exit(0)  # the server is gone: nobody will read our answers
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+
+
+def _set_threads(threads: int | None) -> None:
+    if not threads:
+        return
+    try:
+        import torch
+    except ImportError:  # a handler without torch: nothing to size
+        return
+    torch.set_num_threads(threads)
+
+
+def _load(init: dict[str, Any]) -> Any:
+    from archiver.serving.loader import load_model
+
+    return load_model(
+        init["source"],
+        name=init["name"],
+        cache_dir=init.get("cache_dir"),
+        gpu_id=init.get("gpu_id"),
+        batch_size=int(init.get("batch_size") or 1),
+    )
+
+
+def serve_batches(sock: socket.socket) -> int:
+    """Load the model named by the first frame, then answer batches until the server closes the socket."""
+    init = wire.read_frame(sock)
+    if init is None:
+        return 0
+    if init.kind != "init":
+        raise wire.WireError(f"expected an init frame, got {init.kind!r}")
+    _set_threads(init.header.get("threads"))
+    try:
+        model = _load(init.header)
+    except Exception as exc:  # noqa: BLE001 - any load failure is reported, not raised
+        from archiver.errors import ArchiverError
+
+        reason = exc.message if isinstance(exc, ArchiverError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, ArchiverError):
+            traceback.print_exc()
+        wire.send_frame(sock, wire.frame_chunks("load_failed", {"message": reason}))
+        return 0
+    from archiver.serving.memory import HeapTrimmer
+
+    HeapTrimmer().start()
+    wire.send_frame(sock, wire.frame_chunks("ready", {"pid": os.getpid(), "load_time_s": model.load_time_s}))
+    while True:
+        frame = wire.read_frame(sock)
+        if frame is None:
+            return 0
+        if frame.kind != "batch":
+            raise wire.WireError(f"unexpected frame {frame.kind!r}")
+        batch_id, raw = wire.read_batch(frame)
+        responses = model.handle([wire.to_inference_request(r) for r in raw])
+        wire.send_frame(sock, wire.answers_frame(batch_id, responses))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m archiver.serving.worker SOCKET_FD LIFELINE_FD", file=sys.stderr)
+        return 2
+    sock_fd, lifeline_fd = int(argv[0]), int(argv[1])
+    _exit_with_server(lifeline_fd)
+    faulthandler.enable()  # a segfault in native code prints the Python stack to stderr first
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        return serve_batches(sock)
+    except (wire.WireError, BrokenPipeError, ConnectionResetError) as exc:
+        print(f"worker: connection to the server lost: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

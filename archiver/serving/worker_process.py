@@ -1,0 +1,378 @@
+"""The front's handle on one worker process: spawn it, hand it batches, watch it, end it.
+
+It owns the process and its pipes and knows how the process ended; what to do about an ending
+(answer the batch, restart, give up) is the supervisor's business (``pool.py``). Its output is read
+all the time, so a handler printing megabytes never blocks on a full pipe: lines go to the server's
+log within a budget (the excess is counted, not stored), and the last stderr lines are kept for the
+message that explains a death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from archiver.errors import ArchiverError, HandlerError
+from archiver.serving import wire
+from archiver.serving.protocol import InferenceResponse
+
+log = logging.getLogger("archiver.worker")
+
+_STDERR_TAIL_LINES = 12
+_LINE_LIMIT = 2000  # characters of one output line that reach the log
+# Output lines a worker may log: a burst of this many, refilled at this rate per second.
+_LOG_BURST_LINES = 2000
+_LOG_LINES_PER_S = 200.0
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class WorkerState(str, enum.Enum):
+    """A worker's life: STARTING → READY ⇄ BUSY → STOPPING → DEAD (or STARTING → DEAD)."""
+
+    STARTING = "STARTING"
+    READY = "READY"
+    BUSY = "BUSY"
+    STOPPING = "STOPPING"
+    DEAD = "DEAD"
+
+
+class WorkerDiedError(ArchiverError):
+    """The worker process ended while it held a batch; every request of the batch gets this 500."""
+
+    http_status = 500
+
+
+class WorkerStartError(HandlerError):
+    """The worker could not load the model: its handler failed, or the process died while loading."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker loads and how it runs; the same for every worker of one model version."""
+
+    model: str
+    source: str
+    cache_dir: str | None = None
+    batch_size: int = 1
+    threads: int | None = None
+    gpu_id: int | None = None
+    python: str = sys.executable
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker process ended, in words a user can act on."""
+
+    returncode: int
+    cause: str  # a signal name (SIGSEGV), "exit", or the supervisor's reason ("timeout", "memory")
+    description: str  # "SIGSEGV", "exit code 3", "stopped: memory 612 MB over the 500 MB limit"
+
+
+def exit_description(returncode: int) -> tuple[str, str]:
+    """(cause, description) for a return code: -11 → ("SIGSEGV", "SIGSEGV"), 3 → ("exit", "exit code 3")."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return name, name
+    return "exit", f"exit code {returncode}"
+
+
+class _OutputBudget:
+    """A token bucket over output lines, so a chatty handler cannot flood the server's log."""
+
+    def __init__(self) -> None:
+        self.tokens = float(_LOG_BURST_LINES)
+        self.stamp = time.monotonic()
+        self.dropped = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(_LOG_BURST_LINES, self.tokens + (now - self.stamp) * _LOG_LINES_PER_S)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.dropped += 1
+        return False
+
+
+class WorkerProcess:
+    """One worker process of one model; ``slot`` is its number within the model (1, 2, …)."""
+
+    def __init__(self, spec: WorkerSpec, slot: int, env: dict[str, str] | None = None) -> None:
+        self.spec = spec
+        self.slot = slot
+        self.env = env
+        self.state = WorkerState.STARTING
+        self.pid: int | None = None
+        self.started_at = time.time()
+        self.load_time_s: float | None = None
+        self.batch_size_now = 0  # requests in the batch it holds (0 when idle)
+        self.busy_since: float | None = None
+        self.kill_reason: tuple[str, str] | None = None  # (cause, description) when the supervisor kills
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lifeline: int | None = None
+        self._pumps: list[asyncio.Task] = []
+        self._exit: asyncio.Future[WorkerExit] | None = None
+        self._batches = 0
+        self._budget = _OutputBudget()
+
+    @property
+    def name(self) -> str:
+        return f'worker {self.slot} of model "{self.spec.model}"'
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in (WorkerState.DEAD,)
+
+    @property
+    def exited(self) -> asyncio.Future[WorkerExit]:
+        assert self._exit is not None, "start() first"
+        return self._exit
+
+    # ---- life ----------------------------------------------------------------------------------
+    async def start(self, timeout_s: float) -> None:
+        """Spawn the process and wait until its handler is initialized (WorkerStartError if not)."""
+        loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        life_read, life_write = os.pipe()
+        self._lifeline = life_write
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                self.spec.python,
+                "-m",
+                "archiver.serving.worker",
+                str(theirs.fileno()),
+                str(life_read),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(theirs.fileno(), life_read),
+                # Its own session: a Ctrl-C in the terminal reaches the server, which drains and then
+                # ends its workers in order, instead of killing every worker mid-batch.
+                start_new_session=True,
+                env=self.env,
+            )
+        except OSError as exc:
+            ours.close()
+            os.close(life_write)
+            self._lifeline = None
+            self.state = WorkerState.DEAD
+            raise WorkerStartError(f"cannot start {self.name}: {exc.strerror}") from exc
+        finally:
+            theirs.close()
+            os.close(life_read)
+        self.pid = self._proc.pid
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self._pumps = [
+            loop.create_task(self._pump(self._proc.stdout, "stdout")),
+            loop.create_task(self._pump(self._proc.stderr, "stderr")),
+        ]
+        loop.create_task(self._watch())
+        init = {
+            "source": self.spec.source,
+            "name": self.spec.model,
+            "cache_dir": self.spec.cache_dir,
+            "batch_size": self.spec.batch_size,
+            "threads": self.spec.threads,
+            "gpu_id": self.spec.gpu_id,
+        }
+        started = time.perf_counter()
+        try:
+            self._writer.writelines(wire.frame_chunks("init", init))
+            await self._writer.drain()
+            frame = await asyncio.wait_for(wire.read_frame_async(self._reader), timeout_s)
+        except TimeoutError:
+            self.kill("timeout", f"not ready within {timeout_s:g} s")
+            raise WorkerStartError(
+                f"{self.name} did not finish loading within {timeout_s:g} s; it was stopped"
+            ) from None
+        except (ConnectionError, wire.WireError):
+            frame = None
+        if frame is None:
+            ended = await self._ended()
+            raise WorkerStartError(self.death_message(ended, while_doing="while loading"))
+        if frame.kind == "load_failed":
+            await self.stop(grace_s=2.0)
+            raise WorkerStartError(str(frame.header.get("message") or "the handler failed to load"))
+        if frame.kind != "ready":
+            self.kill("exit", f"sent {frame.kind!r} instead of ready")
+            raise WorkerStartError(f"{self.name} answered its start with {frame.kind!r}")
+        self.load_time_s = time.perf_counter() - started
+        self.state = WorkerState.READY
+
+    async def _watch(self) -> None:
+        """Wait for the process to end, then record how (the one place that sets ``exited``)."""
+        assert self._proc is not None and self._exit is not None
+        returncode = await self._proc.wait()
+        # Let the pipes drain so the last stderr lines are in the tail before anyone reads it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._pumps, return_exceptions=True), 1.0)
+        self.state = WorkerState.DEAD
+        self._close_handles()
+        cause, description = exit_description(returncode)
+        if self.kill_reason is not None:
+            cause, description = self.kill_reason
+        if not self._exit.done():
+            self._exit.set_result(WorkerExit(returncode, cause, description))
+
+    async def _ended(self) -> WorkerExit:
+        """The process's end after its socket closed: wait briefly, then make sure it is gone."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.exited), 3.0)
+        except TimeoutError:
+            # It closed its socket but lives on (a handler that closed fds): it is of no use now.
+            self.kill("exit", "closed its connection to the server")
+            return await asyncio.shield(self.exited)
+
+    def kill(self, cause: str, description: str) -> None:
+        """End the process now (SIGKILL); ``exited`` will report ``cause`` and ``description``."""
+        if self.kill_reason is None:
+            self.kill_reason = (cause, description)
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    async def stop(self, grace_s: float = 10.0) -> WorkerExit | None:
+        """Ask the worker to end (its socket closes after its current batch), kill it after ``grace_s``."""
+        if self._proc is None or self._exit is None:
+            return None
+        if self.state != WorkerState.DEAD:
+            self.state = WorkerState.STOPPING
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._exit), grace_s)
+        except TimeoutError:
+            self._signal(signal.SIGKILL)
+            return await asyncio.shield(self._exit)
+
+    def _close_handles(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        if self._lifeline is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lifeline)
+            self._lifeline = None
+
+    # ---- work ----------------------------------------------------------------------------------
+    async def run(self, requests: list[wire.RawRequest], timeout_s: float | None) -> list[InferenceResponse]:
+        """Hand one batch to the process and await its answers.
+
+        Raises WorkerDiedError if the process ends meanwhile, TimeoutError after ``timeout_s`` (the
+        caller decides the worker's fate), WorkerDiedError too if it answers with something else.
+        """
+        assert self._reader is not None and self._writer is not None
+        self._batches += 1
+        batch_id = self._batches
+        # Set until the answers are in: if the worker ends meanwhile, its death message names the batch.
+        self.state, self.busy_since, self.batch_size_now = WorkerState.BUSY, time.monotonic(), len(requests)
+        try:
+            self._writer.writelines(wire.batch_frame(batch_id, requests))
+            await self._writer.drain()
+            frame = await asyncio.wait_for(wire.read_frame_async(self._reader), timeout_s)
+        except (ConnectionError, wire.WireError):
+            frame = None
+        if frame is None:
+            raise WorkerDiedError(self.death_message(await self._ended()))
+        try:
+            if frame.kind != "answers":
+                raise wire.WireError(f"expected answers, got {frame.kind!r}")
+            answered, responses = wire.read_answers(frame)
+            if answered != batch_id or len(responses) != len(requests):
+                raise wire.WireError(f"{len(responses)} answers for batch {answered}")
+        except wire.WireError as exc:
+            self.kill("exit", f"broke the protocol ({exc})")
+            raise WorkerDiedError(self.death_message(await self._ended())) from None
+        if self.state == WorkerState.BUSY:
+            self.state = WorkerState.READY
+        self.busy_since, self.batch_size_now = None, 0
+        return responses
+
+    def death_message(self, ended: WorkerExit, while_doing: str | None = None) -> str:
+        """'worker 2 of model "m" died (SIGSEGV) while handling a batch of 3; its last stderr lines: …'."""
+        doing = while_doing or (
+            f"while handling a batch of {self.batch_size_now}" if self.batch_size_now else "while idle"
+        )
+        verb = "was stopped" if self.kill_reason is not None else "died"
+        message = f"{self.name} {verb} ({ended.description}) {doing}"
+        tail = [line for line in self.stderr_tail if line.strip()]
+        if tail:
+            message += "; its last stderr lines: " + " | ".join(tail[-6:])
+        return message
+
+    # ---- observation ---------------------------------------------------------------------------
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the process (Linux /proc; None elsewhere or once it is gone)."""
+        if self.pid is None or self.state == WorkerState.DEAD:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as stream:
+                return int(stream.read().split()[1]) * _PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def describe(self) -> dict[str, Any]:
+        rss = self.rss_bytes()
+        return {
+            "id": str(self.slot),
+            "pid": self.pid,
+            "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+            "status": self.state.value,
+            "memoryUsage": rss,
+            "rssMB": round(rss / 2**20, 1) if rss is not None else None,
+            "loadTimeSeconds": self.load_time_s,
+            "gpu": self.spec.gpu_id is not None,
+        }
+
+    async def _pump(self, stream: asyncio.StreamReader | None, which: str) -> None:
+        """Read one output pipe to its end: lines to the log within the budget, stderr's tail kept."""
+        if stream is None:
+            return
+        partial = b""
+        prefix = f"[{self.spec.model} w{self.slot} pid {self.pid}] "
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            if len(partial) > _LINE_LIMIT:  # a line without end: cut it here
+                lines.append(partial)
+                partial = b""
+            self._emit(lines, prefix, which)
+        if partial:
+            self._emit([partial], prefix, which)
+        if self._budget.dropped:
+            dropped = self._budget.dropped
+            log.warning("%s%d output lines not logged (over %g lines/s)", prefix, dropped, _LOG_LINES_PER_S)
+
+    def _emit(self, lines: list[bytes], prefix: str, which: str) -> None:
+        for raw in lines:
+            text = raw[:_LINE_LIMIT].decode("utf-8", "replace").rstrip("\r")
+            if which == "stderr":
+                self.stderr_tail.append(text)
+            if self._budget.take():
+                log.info("%s%s", prefix, text)
