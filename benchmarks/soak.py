@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+from _common import free_port, stop_server, wait_ready_file
 
 REPO = Path(__file__).resolve().parents[1]
 KITTEN = REPO / "tests" / "data" / "kitten.jpg"
@@ -49,12 +50,6 @@ def handle(data, context):
         out.append(HandlerInputError(f"rejected {text}") if text.startswith("bad") else {"echo": text})
     return out
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(out: Path) -> Path:
@@ -212,9 +207,41 @@ def main() -> None:
         help="requests of the same mix sent first, checked the same way, before RSS is taken as the baseline",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "soak")
+    crash = parser.add_argument_group("crash phase (benchmarks/_crash.py)")
+    crash.add_argument("--crash", action="store_true", help="after the soak, run the crash phase")
+    crash.add_argument("--crash-only", action="store_true", help="run the crash phase alone")
+    crash.add_argument("--crash-requests", type=int, default=10_000)
+    crash.add_argument("--victim", default="cnn", help="the model whose worker is killed (cnn or echo)")
+    crash.add_argument("--kill-every", type=float, default=3.0, help="seconds between kills (at least)")
+    crash.add_argument("--death-window", type=float, default=10.0, help="server's worker_death_window, s")
+    crash.add_argument("--crash-timeout", type=float, default=30.0, help="client timeout per request, s")
     args = parser.parse_args()
     store = build(args.out)
     images = photos()
+    ok = True
+    if not args.crash_only:
+        ok = soak_phase(args, store, images)
+    if args.crash or args.crash_only:
+        from _crash import run_crash_phase
+
+        def judge_for(expected: list):
+            return lambda req, status, rid, body: check(req, status, rid, body, expected)
+
+        ok = run_crash_phase(args, store, images, _expected_answers, judge_for) and ok
+    sys.exit(0 if ok else 1)
+
+
+def server_rss_mb(server: psutil.Process) -> tuple[float, float]:
+    """(front + workers, front alone) RSS in MB: the handlers' memory is in the worker processes."""
+    front = server.memory_info().rss
+    workers = 0
+    for child in server.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            workers += child.memory_info().rss
+    return (front + workers) / 1e6, front / 1e6
+
+
+def soak_phase(args, store: Path, images: list[bytes]) -> bool:
     ports = [free_port() for _ in range(3)]
     cmd = [str(REPO / ".venv" / "bin" / "model-archiver"), "serve", "--model-store", str(store)]
     cmd += ["--models", "all", "--port", str(ports[0]), "--management-port", str(ports[1])]
@@ -226,11 +253,11 @@ def main() -> None:
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{ports[0]}"
     try:
-        deadline = time.monotonic() + 120
-        while not (args.out / "ready.json").exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"server did not start; see {args.out / 'server.log'}")
-            time.sleep(0.1)
+        try:
+            ready = wait_ready_file(args.out / "ready.json", server, 120)
+        except RuntimeError as exc:
+            print(f"server did not start ({exc}); see {args.out / 'server.log'}")
+            return False
         proc = psutil.Process(server.pid)
         expected = asyncio.run(_expected_answers(base, images))
         requests = plan(args.requests, images)
@@ -241,31 +268,34 @@ def main() -> None:
             warm = plan(args.warmup_requests, images)
             warm_outcome = asyncio.run(fire(base, warm, args.concurrency, expected, lambda: None))
         tenth = max(1, len(requests) // 10)
-        rss: dict[str, float] = {"after_warmup_mb": proc.memory_info().rss / 1e6}
+        total, front = server_rss_mb(proc)
+        rss: dict = {"after_warmup_mb": total, "front_after_warmup_mb": front}
         done = 0
 
-        curve: list[float] = [round(rss["after_warmup_mb"], 1)]
+        curve: list[float] = [round(total, 1)]
 
         def on_progress() -> None:
             nonlocal done
             done += 1
             if done % tenth == 0:
-                curve.append(round(proc.memory_info().rss / 1e6, 1))
+                curve.append(round(server_rss_mb(proc)[0], 1))
 
         started = time.perf_counter()
         outcome = asyncio.run(fire(base, requests, args.concurrency, expected, on_progress))
         elapsed = time.perf_counter() - started
-        rss["end_mb"] = proc.memory_info().rss / 1e6
+        rss["end_mb"], rss["front_end_mb"] = server_rss_mb(proc)
         rss["curve_mb"] = curve
-        restarted = server.poll() is not None
+        workers_now = sorted(c.pid for c in proc.children())
+        restarted = server.poll() is not None or workers_now != sorted(
+            p for v in ready["workers"].values() for p in v
+        )
     finally:
-        server.terminate()
-        server.wait(60)
+        stop_server(server)
         log.close()
     if warm_outcome is not None:
         for key in ("lost", "duplicated", "problems"):
             outcome[key] = [*warm_outcome[key], *outcome[key]]
-    report(args, requests, outcome, elapsed, rss, restarted)
+    return report(args, requests, outcome, elapsed, rss, restarted)
 
 
 async def _expected_answers(base: str, images: list[bytes]) -> list:
@@ -280,7 +310,7 @@ async def _expected_answers(base: str, images: list[bytes]) -> list:
     return answers
 
 
-def report(args, requests, outcome, elapsed, rss, restarted) -> None:
+def report(args, requests, outcome, elapsed, rss, restarted) -> bool:
     lat = sorted(outcome["latencies"])
     kinds = Counter(r["kind"] for r in requests)
     growth = (rss["end_mb"] - rss["after_warmup_mb"]) / rss["after_warmup_mb"]
@@ -299,9 +329,11 @@ def report(args, requests, outcome, elapsed, rss, restarted) -> None:
         "p99_ms": round(1000 * lat[int(len(lat) * 0.99) - 1], 1) if lat else None,
         "rss_after_warmup_mb": round(rss["after_warmup_mb"], 1),
         "rss_end_mb": round(rss["end_mb"], 1),
+        "front_rss_after_warmup_mb": round(rss["front_after_warmup_mb"], 1),
+        "front_rss_end_mb": round(rss["front_end_mb"], 1),
         "rss_growth_pct": round(100 * growth, 2),
         "rss_every_tenth_mb": rss["curve_mb"],
-        "server_exited": restarted,
+        "server_exited_or_workers_replaced": restarted,
         "load_average": os.getloadavg()[0],
     }
     (args.out / "soak.json").write_text(json.dumps(summary, indent=2))
@@ -311,7 +343,7 @@ def report(args, requests, outcome, elapsed, rss, restarted) -> None:
     ok = not outcome["problems"] and not outcome["lost"] and not outcome["duplicated"]
     ok = ok and growth < 0.10 and not restarted and len(lat) == len(requests)
     print("SOAK PASSED" if ok else "SOAK FAILED")
-    sys.exit(0 if ok else 1)
+    return ok
 
 
 if __name__ == "__main__":

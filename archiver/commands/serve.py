@@ -270,11 +270,12 @@ async def _run(settings: Any, ready_file: Path | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start(load_models=False)
+    listed = await server.list_startup_models()
     click.echo(
         f"model-archiver serve: inference {server.url('inference')}  management {server.url('management')}"
         f"  metrics {server.url('metrics')}" + ("  (token required)" if settings.token else "")
     )
-    loading = asyncio.ensure_future(server.load_startup_models())
+    loading = asyncio.ensure_future(server.start_models(listed))
     await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         for entry in loading.result():

@@ -77,8 +77,8 @@ class Batcher:
         """Queue one request and wait for its answer.
 
         ``timeout_s`` bounds the wait in the queue: a request no worker took by then gets 504. Once a
-        worker holds it, the worker's batch timer decides (the supervisor answers 504 and replaces a
-        worker that overruns).
+        worker holds it, the batch's own timer decides (responseTimeout: the supervisor answers 504
+        and replaces a worker that overruns).
         """
         if self.closed:
             raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
@@ -105,7 +105,7 @@ class Batcher:
             return
         job.future.set_exception(
             RequestTimeoutError(
-                f'model "{self.name}" did not take the request within {timeout_s:g} s (responseTimeout): '
+                f'model "{self.name}" had no worker free for this request within {timeout_s:g} s: '
                 "its workers were busy or restarting"
             )
         )
@@ -120,6 +120,20 @@ class Batcher:
     # ---- workers -------------------------------------------------------------------------------
     async def take(self) -> list[Job]:
         """Wait for the next batch (cancellable: a cancelled take puts back what it held)."""
+        while True:
+            batch = await self._gather()
+            # A request whose client left, or that timed out, while its batch gathered is not run.
+            batch = [job for job in batch if not job.future.done()]
+            if batch:
+                break
+        self._last_batch_size = len(batch)
+        for job in batch:
+            job.dispatched = True
+        if self._queue:
+            self._wake_one()  # more work is waiting: wake another idle worker
+        return batch
+
+    async def _gather(self) -> list[Job]:
         batch: list[Job] = []
         try:
             while not self._pop_into(batch, 1):
@@ -134,13 +148,10 @@ class Batcher:
                     break
                 await self._arrival(remaining)
         except BaseException:
-            self._queue.extendleft(reversed(batch))  # nothing taken is lost
+            self._queue.extendleft(reversed(batch))  # nothing taken is lost...
+            if self._queue:
+                self._wake_one()  # ...and another idle worker gets it (this one's wake-up may be spent)
             raise
-        self._last_batch_size = len(batch)
-        for job in batch:
-            job.dispatched = True
-        if self._queue:
-            self._wake_one()  # more work is waiting: wake another idle worker
         return batch
 
     def _pop_into(self, batch: list[Job], count: int) -> bool:

@@ -126,7 +126,14 @@ class WorkerPool:
             raise ServiceUnavailableError(f'model "{self.spec.model}" is shutting down')
         if self.target == 0:
             raise ServiceUnavailableError(f'model "{self.spec.model}" has no workers; scale it up first')
-        return await self.batcher.submit(request, self.response_timeout_s)
+        return await self.batcher.submit(request, self.queue_limit_s)
+
+    @property
+    def queue_limit_s(self) -> float:
+        """How long a request may wait for a worker: long enough to outlast a restart (the longest
+        backoff, then a load), so a crash costs only the batch it hit; never forever."""
+        policy = self.policy
+        return self.response_timeout_s + policy.delay_s(policy.max_deaths) + policy.load_timeout_s
 
     # ---- starting and scaling ------------------------------------------------------------------
     async def start(self, count: int) -> None:

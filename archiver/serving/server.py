@@ -143,11 +143,18 @@ class Server:
             await self.load_startup_models()
 
     async def load_startup_models(self) -> list[ModelEntry]:
-        """Read every startup archive first, so each worker's thread count knows all the workers to
-        come, then start all models' workers at once."""
-        entries = [
+        """List every startup model (LOADING), then start all their workers at once."""
+        return await self.start_models(await self.list_startup_models())
+
+    async def list_startup_models(self) -> list[ModelEntry]:
+        """Read each startup archive's head and list it as LOADING (cheap: no process starts yet), so
+        the management API shows every model from the first moment, and each worker's thread count
+        knows all the workers to come."""
+        return [
             await self.registry.prepare(path, name=name, startup=True) for name, path in self.settings.models
         ]
+
+    async def start_models(self, entries: list[ModelEntry]) -> list[ModelEntry]:
         await asyncio.gather(*(self.registry.start(e) for e in entries if e.pool is not None))
         return entries
 

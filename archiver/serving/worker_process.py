@@ -227,6 +227,11 @@ class WorkerProcess:
             await asyncio.wait_for(asyncio.gather(*self._pumps, return_exceptions=True), 1.0)
         self.state = WorkerState.DEAD
         self._close_handles()
+        # asyncio leaves a subprocess transport open until closed by hand; closed later, after the
+        # loop itself, it complains. Process exposes no close of its own.
+        transport = getattr(self._proc, "_transport", None)
+        if transport is not None:
+            transport.close()
         cause, description = exit_description(returncode)
         if self.kill_reason is not None:
             cause, description = self.kill_reason

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -204,3 +206,165 @@ def poll() -> Callable[..., Any]:
 def raw() -> Callable[..., bytes]:
     """raw_exchange(port, payload): bytes on a bare socket, for requests no client library would send."""
     return raw_exchange
+
+
+# ---- misbehaving handlers, for the worker-process tests ------------------------------------------
+
+# A class handler whose behaviour the request body chooses, so one cheap model can play every failure:
+# "segv", "abort", "exit3" end the worker process; "sysexit" calls sys.exit(7); "loop" never returns;
+# "sleep:S" works S seconds; "grow:MB" holds MB more megabytes (4 MB at a time, then waits);
+# "print:MB" writes MB megabytes to stdout; "initcrash:KIND" (or "initcrash:KIND:once") leaves a marker
+# that makes initialize crash the same way (segv, abort or exit) on every start (or on the next one
+# only), then crashes; anything else is echoed with the worker's pid.
+CRASHY_HANDLER = """
+import ctypes
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+MARKER = Path({marker!r})
+
+
+def crash(kind):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files in the server's folder
+    print("crashing: " + kind, file=sys.stderr, flush=True)
+    if kind == "segv":
+        ctypes.string_at(0)
+    if kind == "abort":
+        os.abort()
+    os._exit(3)
+
+
+class CrashyHandler:
+    def initialize(self, context):
+        if MARKER.exists():
+            kind, _, times = MARKER.read_text().partition(":")
+            if times == "once":
+                MARKER.unlink()
+            crash(kind)
+
+    def handle(self, data, context):
+        text = data[0].get("data", data[0].get("body"))
+        text = text.decode() if isinstance(text, (bytes, bytearray)) else str(text)
+        command, _, arg = text.partition(":")
+        if command in ("segv", "abort"):
+            crash(command)
+        if command == "exit3":
+            crash("exit")
+        if command == "sysexit":
+            sys.exit(7)
+        if command == "loop":
+            while True:
+                pass
+        if command == "sleep":
+            time.sleep(float(arg))
+        if command == "grow":
+            hog = []
+            while len(hog) * 4 < int(arg):
+                hog.append(b"\\x01" * (4 << 20))
+                time.sleep(0.005)
+            time.sleep(30)
+        if command == "print":
+            line = "x" * 1023
+            for _ in range(int(arg) * 1024):
+                print(line)
+        if command == "initcrash":
+            MARKER.write_text(arg)
+            crash(arg.partition(":")[0])
+        return [{{"echo": text, "pid": os.getpid()}}]
+"""
+
+
+def write_crashy_model(root: Path, name: str, **kw: Any) -> tuple[Path, Path]:
+    """(a folder archive in root/models running CRASHY_HANDLER, the marker file its initialize reads)."""
+    marker = root / f"{name}.initcrash"
+    source = CRASHY_HANDLER.format(marker=str(marker))
+    return write_model(root / "models", name, handler_source=source, **kw), marker
+
+
+@pytest.fixture
+def crashy_model(tmp_path: Path) -> Callable[..., tuple[Path, Path]]:
+    """crashy_model("name", config_yaml=...) -> (folder archive running CRASHY_HANDLER, its marker file)."""
+    return lambda name, **kw: write_crashy_model(tmp_path, name, **kw)
+
+
+class BackgroundLoad:
+    """POSTs to one URL back to back from a few threads until stopped; every status is kept."""
+
+    def __init__(self, url: str, threads: int = 2) -> None:
+        self.url = url
+        self.statuses: list[int | str] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+
+    def __enter__(self) -> BackgroundLoad:
+        for thread in self._threads:
+            if not thread.is_alive() and not self._stop.is_set():
+                thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _run(self, n: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            body = f"load {n}.{i}"
+            try:
+                reply = http("POST", self.url, body, timeout=30)
+                status: int | str = reply.status
+                wrong = reply.status != 200 or reply.json().get("echo") != body
+                detail = f"{reply.status} {reply.body[:300]!r}"
+            except OSError as exc:
+                status, wrong, detail = repr(exc), True, repr(exc)
+            with self._lock:
+                self.statuses.append(status)
+                if wrong:
+                    self.failures.append(detail)
+            i += 1
+
+    def answered(self) -> int:
+        with self._lock:
+            return len(self.statuses)
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        """Until ``count`` more requests have been answered (proof the load goes on)."""
+        goal = self.answered() + count
+        wait_until(lambda: self.answered() >= goal, timeout, f"{count} more answers under load")
+
+
+@pytest.fixture
+def background_load() -> Callable[..., BackgroundLoad]:
+    """background_load(url, threads=2): a started BackgroundLoad (use it as a context manager)."""
+    loads: list[BackgroundLoad] = []
+
+    def start(url: str, threads: int = 2) -> BackgroundLoad:
+        load = BackgroundLoad(url, threads)
+        loads.append(load)
+        return load.__enter__()
+
+    yield start
+    for load in loads:
+        load.stop()
+
+
+@pytest.fixture(scope="session")
+def serving_kit() -> SimpleNamespace:
+    """The helpers above, for module-scoped fixtures (``--import-mode=importlib`` forbids importing
+    conftest): write_model, write_crashy_model, http, wait_until, BackgroundLoad."""
+    return SimpleNamespace(
+        write_model=write_model,
+        write_crashy_model=write_crashy_model,
+        http=http,
+        wait_until=wait_until,
+        BackgroundLoad=BackgroundLoad,
+    )

@@ -1,0 +1,185 @@
+"""The serving benchmark's figures: rounds and shapes merged to their best, and the tables printed."""
+
+from __future__ import annotations
+
+CONCURRENCY = (1, 8, 32)
+TARGETS = {"c8": 0.98, "c1_p50": 1.05}  # ResNet34 c=8 >= 0.98x bare; c=1 p50 <= 1.05x bare
+
+
+NOT_MEASURES = {"codes", "pids", "ready_workers"}
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """Best of each measure across rounds (or shapes), by what the measure's name says is better."""
+
+    def walk(values: list, key: object) -> object:
+        if key in NOT_MEASURES:
+            return values[0]
+        if isinstance(values[0], dict):
+            return {k: walk([v[k] for v in values if k in v], k) for k in values[0]}
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not numbers or any(v is not None and v not in numbers for v in values):
+            return values[0]  # not a measure (a missing figure counts as no figure, not as the best)
+        return max(numbers) if str(key).endswith("per_s") or key == "errors" else min(numbers)
+
+    return walk(rounds, "")
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def fmt(v: float | None, unit: str) -> str:
+    return f"{v:,.1f} {unit}" if v is not None else "n/a"
+
+
+def pick(side: dict, path: str) -> float | None:
+    """A figure by its path ('resnet34/c8/req_per_s'); None where the run has no such figure."""
+    for part in path.split("/"):
+        if not isinstance(side, dict) or part not in side:
+            return None
+        side = side[part]
+    return side if isinstance(side, (int, float)) else None
+
+
+# (label, bare path or None, server path, unit); bare paths are in a bare run, server paths in a server's
+ROWS = [
+    ("ResNet34 c=1 p50 latency", "batch1/p50_ms", "resnet34/c1/p50_ms", "ms"),
+    ("ResNet34 c=1 p99 latency", "batch1/p99_ms", "resnet34/c1/p99_ms", "ms"),
+    *[
+        (
+            f"ResNet34 c={c} throughput",
+            "batched/img_per_s" if c > 1 else "batch1/img_per_s",
+            f"resnet34/c{c}/req_per_s",
+            "img/s",
+        )
+        for c in CONCURRENCY
+    ],
+    *[
+        (f"ResNet34 c={c} {p} latency", None, f"resnet34/c{c}/{p}_ms", "ms")
+        for c in (8, 32)
+        for p in ("p50", "p99")
+    ],
+    *[
+        row
+        for c in CONCURRENCY
+        for row in (
+            (
+                f"tiny c={c} throughput",
+                "tiny/req_per_s" if c == 32 else None,
+                f"tiny/c{c}/req_per_s",
+                "req/s",
+            ),
+            (f"tiny c={c} p50 latency", None, f"tiny/c{c}/p50_ms", "ms"),
+        )
+    ],
+    *[
+        row
+        for name in ("resnet34", "tiny")
+        for row in (
+            (
+                f"{name} memory, PSS sum (peak)",
+                "memory/pss_total_mb" if name == "resnet34" else None,
+                f"{name}/memory/pss_total_mb",
+                "MB",
+            ),
+            (
+                f"{name} memory, RSS sum (peak)",
+                "memory/rss_total_mb" if name == "resnet34" else None,
+                f"{name}/memory/rss_total_mb",
+                "MB",
+            ),
+            (f"{name} start-up to first prediction", None, f"{name}/startup_s", "s"),
+        )
+    ],
+]
+
+
+def report(results: dict) -> str:
+    """The README table: each measure for the bare model, ours and TorchServe, and their ratios."""
+    bare, ours, ts = results["bare"], results["ours"], results.get("torchserve") or {}
+    rows = [
+        "| measure | bare model | ours | TorchServe 0.12 | ours/bare | TorchServe/bare | ours/TorchServe |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, bare_path, path, unit in ROWS:
+        b = pick(bare, bare_path) if bare_path else None
+        o, t = pick(ours, path), pick(ts, path)
+        rows.append(
+            f"| {label} | {fmt(b, unit)} | {fmt(o, unit)} | {fmt(t, unit)} | {ratio(o, b)} | {ratio(t, b)} "
+            f"| {ratio(o, t)} |"
+        )
+    return "\n".join(rows)
+
+
+def report_shapes(results: dict) -> str:
+    """Each shape on its own: the bare model's and ours, beside TorchServe (one worker)."""
+    names = list(results["bare_shapes"])
+    head = [f"bare {s}" for s in names] + [f"ours {s}" for s in names] + ["TorchServe"]
+    rows = ["| measure | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    ts = results.get("torchserve") or {}
+    for label, bare_path, path, unit in ROWS:
+        cells = [fmt(pick(results["bare_shapes"][s], bare_path), unit) if bare_path else "n/a" for s in names]
+        cells += [fmt(pick(results["ours_shapes"][s], path), unit) for s in names]
+        rows.append(f"| {label} | " + " | ".join([*cells, fmt(pick(ts, path), unit)]) + " |")
+    return "\n".join(rows)
+
+
+def report_memory(results: dict) -> str:
+    """Peak PSS and RSS of every process, and their sums (each process's peak; sums at one instant)."""
+    rows = ["| run | process | PSS (peak) | RSS (peak) |", "|---|---|---|---|"]
+    runs = [(f"bare {s} (ResNet34 + tiny)", r.get("memory")) for s, r in results["bare_shapes"].items()]
+    for shape, side in results["ours_shapes"].items():
+        runs += [(f"ours {shape} {name}", side[name].get("memory")) for name in side]
+    for name, side in (results.get("torchserve") or {}).items():
+        runs.append((f"TorchServe {name}", side.get("memory")))
+    for run, mem in runs:
+        for role, m in (mem or {}).get("processes", {}).items():
+            rows.append(f"| {run} | {role} | {fmt(m['pss_mb'], 'MB')} | {fmt(m['rss_mb'], 'MB')} |")
+        if mem:
+            rows.append(
+                f"| {run} | **sum** | {fmt(mem['pss_total_mb'], 'MB')} | {fmt(mem['rss_total_mb'], 'MB')} |"
+            )
+    return "\n".join(rows)
+
+
+def report_targets(results: dict) -> str:
+    """The acceptance targets, against the best bare shape; for each of our shapes and the best."""
+
+    def best(sides: dict, path: str, higher: bool) -> tuple[float | None, str]:
+        found = [(pick(side, path), shape) for shape, side in sides.items() if pick(side, path) is not None]
+        if not found:
+            return None, "-"
+        return (max if higher else min)(found)
+
+    bare_c8, bare_c8_shape = best(results["bare_shapes"], "batched/img_per_s", True)
+    bare_p50, bare_p50_shape = best(results["bare_shapes"], "batch1/p50_ms", False)
+    lines = [
+        f"bare model limit: c=8 {fmt(bare_c8, 'img/s')} ({bare_c8_shape}), c=1 p50 {fmt(bare_p50, 'ms')}"
+        f" ({bare_p50_shape})"
+    ]
+    sides = {**{f"ours {s}": v for s, v in results["ours_shapes"].items()}}
+    if results.get("torchserve"):
+        sides["TorchServe"] = results["torchserve"]
+    for label, side in sides.items():
+        c8, p50 = pick(side, "resnet34/c8/req_per_s"), pick(side, "resnet34/c1/p50_ms")
+        r8 = c8 / bare_c8 if c8 and bare_c8 else None
+        r1 = p50 / bare_p50 if p50 and bare_p50 else None
+        lines.append(
+            f"{label}: c=8 {fmt(c8, 'img/s')} = {ratio(c8, bare_c8)} bare, c=1 p50 {fmt(p50, 'ms')} = "
+            f"{ratio(p50, bare_p50)} bare; both targets with this one setting: "
+            f"{'yes' if r8 and r1 and r8 >= TARGETS['c8'] and r1 <= TARGETS['c1_p50'] else 'no'}"
+        )
+    ours_c8, c8_shape = best(results["ours_shapes"], "resnet34/c8/req_per_s", True)
+    ours_p50, p50_shape = best(results["ours_shapes"], "resnet34/c1/p50_ms", False)
+    met8 = bool(ours_c8 and bare_c8 and ours_c8 / bare_c8 >= TARGETS["c8"])
+    met1 = bool(ours_p50 and bare_p50 and ours_p50 / bare_p50 <= TARGETS["c1_p50"])
+    lines.append(
+        f"TARGET ResNet34 c=8 throughput >= {TARGETS['c8']}x bare: {ratio(ours_c8, bare_c8)} "
+        f"(ours {c8_shape}): {'met' if met8 else 'MISSED'}"
+    )
+    lines.append(
+        f"TARGET ResNet34 c=1 p50 latency <= {TARGETS['c1_p50']}x bare: {ratio(ours_p50, bare_p50)} "
+        f"(ours {p50_shape}): {'met' if met1 else 'MISSED'}"
+    )
+    return "\n".join(lines)
