@@ -1,4 +1,4 @@
-"""The front process as a user meets it: small, torch-free, answering while models load; workers as processes."""
+"""The front process as a user meets it: small, torch-free, answering while models load; workers apart."""
 
 from __future__ import annotations
 
