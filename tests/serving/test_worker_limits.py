@@ -1,0 +1,127 @@
+"""A model whose workers keep dying: after max_worker_deaths endings it is FAILED, answers 503 at once and
+says why (the signal named), while the other model keeps answering; scaling it, or registering it
+again once fixed, brings it back. Stopping the server leaves no worker process behind."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from archiver.serving.registry import ModelSettings
+
+pytestmark = pytest.mark.slow
+
+CRASH_LOOP = ModelSettings(restart_backoff_s=0.1, max_worker_deaths=3)
+
+
+def describe(call, server, model: str) -> dict:
+    reply = call("GET", f"{server.url('management')}/models/{model}", timeout=10)
+    assert reply.status == 200, reply.body
+    return reply.json()[0]
+
+
+def counted(call, server, metric: str, model: str) -> dict[str, float]:
+    """{cause: count} of one model's worker deaths or restarts on /metrics."""
+    text = call("GET", server.url("metrics") + "/metrics", timeout=10).body.decode()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return {s.labels["cause"]: s.value for s in samples if s.name == metric and s.labels["model"] == model}
+
+
+def refused_at_once(call, url: str, body: str = "hello") -> dict:
+    started = time.monotonic()
+    reply = call("POST", url, body, timeout=30)
+    assert reply.status == 503, reply.body
+    assert time.monotonic() - started < 2
+    return reply.json()
+
+
+def test_a_crash_loop_fails_the_model_naming_the_signal_and_scaling_it_brings_it_back(
+    serve, crashy_model, background_load, call, poll
+):
+    crashy, _ = crashy_model("crashy")
+    steady, _ = crashy_model("steady")
+    server = serve([crashy, steady], defaults=CRASH_LOOP)
+    predict = server.url() + "/predictions/"
+    pids = [w["pid"] for m in ("crashy", "steady") for w in describe(call, server, m)["workers"]]
+
+    with background_load(predict + "steady") as load:
+        load.wait_for(5)
+        for _ in range(3):  # each waits in the queue for the restart after the previous death
+            reply = call("POST", predict + "crashy", "segv", timeout=60)
+            assert reply.status == 500 and reply.json()["type"] == "WorkerDiedError", reply.body
+            assert "died (SIGSEGV) while handling a batch of 1" in reply.json()["message"]
+        error = refused_at_once(call, predict + "crashy")
+        assert error["type"] == "ServiceUnavailableError"
+        assert error["message"].startswith(
+            'model "crashy" failed: its workers ended 3 times within 60 s (a crash loop); the last: '
+            'worker 1 of model "crashy" died (SIGSEGV)'
+        )
+        load.wait_for(5)
+
+        failed = describe(call, server, "crashy")
+        assert failed["status"] == "FAILED" and failed["workers"] == []
+        assert "crash loop" in failed["loadError"] and "SIGSEGV" in failed["loadError"]
+        deaths = failed["deaths"]
+        assert [(d["cause"], d["worker"]) for d in deaths] == [("SIGSEGV", "1")] * 3
+        assert all(set(d) == {"time", "worker", "pid", "cause", "message"} for d in deaths)
+        assert all("died (SIGSEGV)" in d["message"] for d in deaths)
+        dead = [d["pid"] for d in deaths]
+        assert len(set(dead)) == 3 and dead[0] == pids[0]
+        poll(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in dead), what="dead workers reaped")
+        assert counted(call, server, "model_archiver_worker_deaths_total", "crashy") == {"SIGSEGV": 3}
+        assert counted(call, server, "model_archiver_worker_restarts_total", "crashy") == {"SIGSEGV": 2}
+
+        scaled = call("PUT", f"{server.url('management')}/models/crashy?min_worker=1", timeout=120)
+        assert scaled.status == 200, scaled.body
+        back = describe(call, server, "crashy")
+        assert back["status"] == "READY" and back["loadError"] is None
+        again = call("POST", predict + "crashy", "hello", timeout=60)
+        assert again.status == 200 and again.json()["echo"] == "hello"
+        assert again.json()["pid"] == back["workers"][0]["pid"]
+        load.wait_for(5)
+    assert load.failures == [], load.failures[:5]
+    assert describe(call, server, "steady")["deaths"] == []
+
+    live = [w["pid"] for m in ("crashy", "steady") for w in describe(call, server, m)["workers"]]
+    assert len(live) == 2 and pids[1] in live
+    server.stop()
+    assert not [pid for pid in live if os.path.exists(f"/proc/{pid}")], "workers outlived the server"
+
+
+def test_a_model_that_crashes_in_initialize_every_time_fails_and_registering_it_again_brings_it_back(
+    serve, crashy_model, background_load, call, poll
+):
+    crashy, marker = crashy_model("crashy")
+    steady, _ = crashy_model("steady")
+    server = serve([crashy, steady], defaults=CRASH_LOOP, model_store=crashy.parent)
+    predict, manage = server.url() + "/predictions/", server.url("management")
+
+    with background_load(predict + "steady") as load:
+        load.wait_for(5)
+        # The handler breaks its own model for good (the marker), then aborts: every restart aborts
+        # in initialize, until the third ending fails the model.
+        reply = call("POST", predict + "crashy", "initcrash:abort", timeout=60)
+        assert reply.status == 500 and "died (SIGABRT) while handling a batch" in reply.json()["message"]
+        poll(lambda: describe(call, server, "crashy")["status"] == "FAILED", timeout=60, what="FAILED")
+        failed = describe(call, server, "crashy")
+        assert [d["cause"] for d in failed["deaths"]] == ["SIGABRT", "load_failed", "load_failed"]
+        assert "died (SIGABRT) while loading" in failed["deaths"][-1]["message"]
+        assert "crash loop" in failed["loadError"] and "SIGABRT" in failed["loadError"]
+        assert "failed: its workers ended 3 times" in refused_at_once(call, predict + "crashy")["message"]
+        assert counted(call, server, "model_archiver_worker_deaths_total", "crashy") == {
+            "SIGABRT": 1,
+            "load_failed": 2,
+        }
+
+        marker.unlink()  # the fix
+        registered = call("POST", f"{manage}/models?url=crashy", timeout=120)  # over the FAILED version
+        assert registered.status == 200, registered.body
+        back = describe(call, server, "crashy")
+        assert back["status"] == "READY" and back["deaths"] == [] and len(back["workers"]) == 1
+        again = call("POST", predict + "crashy", "hello", timeout=60)
+        assert again.status == 200 and again.json()["echo"] == "hello"
+        load.wait_for(5)
+    assert load.failures == [], load.failures[:5]
