@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 KITTEN = REPO / "tests" / "data" / "kitten.jpg"
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def free_port() -> int:
@@ -56,21 +58,62 @@ def process_memory_mb(pid: int) -> tuple[float, float] | None:
         return None
 
 
+def group_resident_mb(pids: Iterable[int]) -> float | None:
+    """Memory a group of processes holds in RAM, each physical page counted once however many of them
+    map it (from /proc/PID/pagemap; needs root to see page frames, else None). PSS counts a page
+    shared with a process outside the group only in part: on a machine where other torch processes
+    run from the same venv, PSS undercounts, and this does not."""
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    frames = []
+    for pid in pids:
+        try:
+            with (
+                open(f"/proc/{pid}/maps") as maps,
+                open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap,
+            ):
+                for line in maps:
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    try:
+                        pagemap.seek(lo // PAGE * 8)
+                        entries = np.frombuffer(pagemap.read((hi - lo) // PAGE * 8), dtype=np.uint64)
+                    except (OSError, ValueError):
+                        continue  # [vsyscall] and the like
+                    present = entries[(entries >> np.uint64(63)) == 1]
+                    frames.append(present & np.uint64((1 << 55) - 1))
+        except OSError:
+            continue  # gone meanwhile
+    if not frames:
+        return None
+    pfns = np.unique(np.concatenate(frames))
+    if pfns.size and not pfns[-1]:
+        return None  # page frames hidden (not root)
+    return pfns.size * PAGE / 1e6
+
+
 Roles = Callable[[], Iterable[tuple[str, int]]]  # (role, pid) of every process to count, right now
 
 
 class MemorySampler:
-    """Peak memory of a set of processes (PSS and RSS, per process and summed), sampled while it runs.
+    """Peak memory of a set of processes, sampled while it runs: PSS and RSS per process and summed
+    (every ``interval_s``), and the group's resident memory with shared pages once (every
+    ``group_every_s``; reading page maps costs ~70 ms per torch process).
 
-    ``roles`` names the processes at each sample (a server's workers may come and go). The sums are
-    taken at one instant each; each process's own peak is kept as well.
+    ``roles`` names the processes at each sample (a server's workers may come and go). Sums are taken
+    at one instant each; each process's own peak is kept as well. Reading smaps_rollup costs ~17 ms
+    per torch process, so serve.py samples in a load run of its own, never in the timed ones.
     """
 
-    def __init__(self, roles: Roles, interval_s: float = 0.25) -> None:
+    def __init__(self, roles: Roles, interval_s: float = 0.25, group_every_s: float = 1.0) -> None:
         self._roles = roles
         self._interval = interval_s
+        self._group_every = group_every_s
+        self._group_next = 0.0
         self.pss_total_mb = 0.0
         self.rss_total_mb = 0.0
+        self.resident_once_mb: float | None = None
         self.processes: dict[str, dict[str, float]] = {}
         self.pids: dict[str, int] = {}
         self._stop = threading.Event()
@@ -78,7 +121,8 @@ class MemorySampler:
 
     def sample(self) -> None:
         pss_sum = rss_sum = 0.0
-        for role, pid in list(self._roles()):
+        roles = list(self._roles())
+        for role, pid in roles:
             mem = process_memory_mb(pid)
             if mem is None:
                 continue
@@ -89,6 +133,11 @@ class MemorySampler:
             self.pids[role] = pid
         self.pss_total_mb = max(self.pss_total_mb, pss_sum)
         self.rss_total_mb = max(self.rss_total_mb, rss_sum)
+        if time.monotonic() >= self._group_next:
+            self._group_next = time.monotonic() + self._group_every
+            once = group_resident_mb(pid for _, pid in roles)
+            if once is not None:
+                self.resident_once_mb = max(self.resident_once_mb or 0.0, once)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -97,8 +146,10 @@ class MemorySampler:
 
     def result(self) -> dict:
         rounded = {r: {k: round(v, 1) for k, v in m.items()} for r, m in sorted(self.processes.items())}
+        once = round(self.resident_once_mb, 1) if self.resident_once_mb is not None else None
         return {
             "pss_total_mb": round(self.pss_total_mb, 1),
+            "resident_once_mb": once,
             "rss_total_mb": round(self.rss_total_mb, 1),
             "processes": rounded,
             "pids": dict(self.pids),

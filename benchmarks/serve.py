@@ -178,9 +178,14 @@ def hey(url: str, concurrency: int, duration_s: float, body_file: Path, content_
     return {"req_per_s": rps, "p50_ms": pct.get(50), "p99_ms": pct.get(99), "codes": codes, "errors": errors}
 
 
-def load_runs(url: str, duration: float, body_file: Path, ctype: str) -> dict:
+def load_runs(url: str, duration: float, body_file: Path, ctype: str, roles) -> dict:
+    """Warm-up, the timed runs at each concurrency, then memory under c=32 load in a run of its own
+    (reading a torch process's memory maps costs CPU, which the timed runs must not pay)."""
     hey(url, 8, min(3.0, duration), body_file, ctype)  # warm-up: allocator, JIT profiling, caches
-    return {f"c{c}": hey(url, c, duration, body_file, ctype) for c in CONCURRENCY}
+    runs = {f"c{c}": hey(url, c, duration, body_file, ctype) for c in CONCURRENCY}
+    with MemorySampler(roles) as mem:
+        hey(url, 32, min(5.0, duration), body_file, ctype)
+    return {**runs, "memory": mem.result()}
 
 
 def shapes(cores: int) -> dict[str, tuple[int, int]]:
@@ -217,9 +222,8 @@ def run_ours(
         if len(ready["workers"].get(name, [])) != shape[0]:
             raise RuntimeError(f"asked for {shape[0]} workers, READY says {ready['workers']}")
         roles = tree_roles(psutil.Process(proc.pid), "front", our_child_role)
-        with MemorySampler(roles) as mem:
-            runs = load_runs(url, duration, body_file, ctype)
-        return {"startup_s": startup, "memory": mem.result(), "ready_workers": ready["workers"], **runs}
+        runs = load_runs(url, duration, body_file, ctype, roles)
+        return {"startup_s": startup, "ready_workers": ready["workers"], **runs}
     finally:
         stop_server(proc)
         log.close()
@@ -278,9 +282,8 @@ def run_torchserve(name: str, mar: Path, duration: float, body_file: Path, ctype
         java = _find_torchserve(home)
         if java is None:
             raise RuntimeError("TorchServe answers but its Java process was not found")
-        with MemorySampler(tree_roles(java, "frontend (java)", _ts_child_role)) as mem:
-            runs = load_runs(url, duration, body_file, ctype)
-        return {"startup_s": startup, "memory": mem.result(), **runs}
+        runs = load_runs(url, duration, body_file, ctype, tree_roles(java, "frontend (java)", _ts_child_role))
+        return {"startup_s": startup, **runs}
     finally:
         java = _find_torchserve(home)
         tree = [java, *java.children(recursive=True)] if java is not None else []

@@ -305,7 +305,7 @@ class WorkerPool:
             await worker.start(self.policy.load_timeout_s)
         except WorkerStartError as exc:
             if self._ours(worker) and not self._closing:
-                self._record_death(worker, "load_failed", exc.message)
+                self._record_death(worker, exc.cause, exc.message)
             return
         if not self._ours(worker) or self._closing:
             await worker.stop(grace_s=2.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import site
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -241,8 +242,11 @@ class ModelRegistry:
         threads = str(self.threads_per_worker())
         if not os.environ.get("OMP_NUM_THREADS") or self.torch_threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
+        # A front that found this package outside site-packages (a checkout on sys.path) shows its
+        # workers the same copy; site-packages itself is never put ahead of the standard library.
         package_root = str(Path(archiver.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        if package_root not in _site_dirs():
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"  # a handler's prints reach the log as they happen, even before a crash
         return env
 
@@ -437,6 +441,12 @@ class ModelRegistry:
         """Finish every queued request, then stop all workers (the server's shutdown)."""
         pools = [e.pool for e in self.entries() if e.pool is not None]
         await asyncio.gather(*(p.close(timeout_s) for p in pools), return_exceptions=True)
+
+
+def _site_dirs() -> set[str]:
+    dirs = set(site.getsitepackages()) if hasattr(site, "getsitepackages") else set()
+    dirs.add(site.getusersitepackages())
+    return {str(Path(d).resolve()) for d in dirs}
 
 
 def torch_threads_for(workers: int, cores: int | None = None) -> int:

@@ -54,7 +54,15 @@ class WorkerDiedError(ArchiverError):
 
 
 class WorkerStartError(HandlerError):
-    """The worker could not load the model: its handler failed, or the process died while loading."""
+    """The worker could not load the model: its handler failed, or the process died while loading.
+
+    ``cause`` is the death's cause when the process ended (a signal name, "exit", "timeout"), else
+    "load_failed" (the handler raised).
+    """
+
+    def __init__(self, message: str, cause: str = "load_failed") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -202,19 +210,20 @@ class WorkerProcess:
         except TimeoutError:
             self.kill("timeout", f"not ready within {timeout_s:g} s")
             raise WorkerStartError(
-                f"{self.name} did not finish loading within {timeout_s:g} s; it was stopped"
+                f"{self.name} did not finish loading within {timeout_s:g} s (startupTimeout); it was stopped",
+                cause="timeout",
             ) from None
         except (ConnectionError, wire.WireError):
             frame = None
         if frame is None:
             ended = await self._ended()
-            raise WorkerStartError(self.death_message(ended, while_doing="while loading"))
+            raise WorkerStartError(self.death_message(ended, while_doing="while loading"), cause=ended.cause)
         if frame.kind == "load_failed":
             await self.stop(grace_s=2.0)
             raise WorkerStartError(str(frame.header.get("message") or "the handler failed to load"))
         if frame.kind != "ready":
             self.kill("exit", f"sent {frame.kind!r} instead of ready")
-            raise WorkerStartError(f"{self.name} answered its start with {frame.kind!r}")
+            raise WorkerStartError(f"{self.name} answered its start with {frame.kind!r}", cause="exit")
         self.load_time_s = time.perf_counter() - started
         self.state = WorkerState.READY
 

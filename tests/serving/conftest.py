@@ -213,7 +213,7 @@ def raw() -> Callable[..., bytes]:
 # A class handler whose behaviour the request body chooses, so one cheap model can play every failure:
 # "segv", "abort", "exit3" end the worker process; "sysexit" calls sys.exit(7); "loop" never returns;
 # "sleep:S" works S seconds; "grow:MB" holds MB more megabytes (4 MB at a time, then waits);
-# "print:MB" writes MB megabytes to stdout; "initcrash:KIND" (or "initcrash:KIND:once") leaves a marker
+# "print:MB" writes MB megabytes to stdout and as many to stderr; "initcrash:KIND" (or "initcrash:KIND:once") leaves a marker
 # that makes initialize crash the same way (segv, abort or exit) on every start (or on the next one
 # only), then crashes; anything else is echoed with the worker's pid.
 CRASHY_HANDLER = """
@@ -246,9 +246,13 @@ class CrashyHandler:
             crash(kind)
 
     def handle(self, data, context):
-        text = data[0].get("data", data[0].get("body"))
-        text = text.decode() if isinstance(text, (bytes, bytearray)) else str(text)
-        command, _, arg = text.partition(":")
+        texts = [row.get("data", row.get("body")) for row in data]
+        texts = [t.decode() if isinstance(t, (bytes, bytearray)) else str(t) for t in texts]
+        for text in texts:
+            self.act(*text.partition(":")[::2])
+        return [{{"echo": text, "pid": os.getpid()}} for text in texts]
+
+    def act(self, command, arg):
         if command in ("segv", "abort"):
             crash(command)
         if command == "exit3":
@@ -270,10 +274,10 @@ class CrashyHandler:
             line = "x" * 1023
             for _ in range(int(arg) * 1024):
                 print(line)
+                print(line, file=sys.stderr)
         if command == "initcrash":
             MARKER.write_text(arg)
             crash(arg.partition(":")[0])
-        return [{{"echo": text, "pid": os.getpid()}}]
 """
 
 
