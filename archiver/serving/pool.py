@@ -27,6 +27,7 @@ from archiver.serving.wire import RawRequest
 from archiver.serving.worker_process import (
     WorkerDiedError,
     WorkerExit,
+    WorkerGoneError,
     WorkerProcess,
     WorkerSpec,
     WorkerStartError,
@@ -256,6 +257,9 @@ class WorkerPool:
                 ),
             )
             return
+        except WorkerGoneError:
+            self.batcher.requeue(jobs)  # it died before taking them: they never ran, another worker will
+            return
         except WorkerDiedError as exc:
             self.batcher.deliver_error(jobs, exc)
             return
@@ -269,7 +273,7 @@ class WorkerPool:
         if not self._ours(worker) or self._closing or ended.cancelled():
             return  # retired or shutting down: an ending we asked for
         loop_task = self._loops.get(worker.slot)
-        if loop_task is not None and worker.batch_size_now == 0:
+        if loop_task is not None and worker.state != WorkerState.BUSY:
             loop_task.cancel()  # waiting for work: it holds no batch, nobody is left without an answer
         self._record_death(worker, ended.result().cause, worker.death_message(ended.result()))
 

@@ -290,21 +290,13 @@ class ModelRegistry:
             raise ModelNotFoundError(f"no archive named {url!r} in the model store")
         return path
 
-    async def register(
-        self,
-        source: Path,
-        *,
-        name: str | None = None,
-        url: str | None = None,
-        overrides: dict[str, Any] | None = None,
-        startup: bool = False,
-    ) -> ModelEntry:
+    async def register(self, source: Path, **options: Any) -> ModelEntry:
         """Open, configure and start one archive; return its entry (READY, or FAILED at startup).
 
-        At startup a failure is kept as a FAILED entry so the server can report it; through the
-        management API it is raised, and nothing stays registered.
+        ``options`` are ``prepare``'s. At startup a failure is kept as a FAILED entry so the server
+        can report it; through the management API it is raised, and nothing stays registered.
         """
-        entry = await self.prepare(source, name=name, url=url, overrides=overrides, startup=startup)
+        entry = await self.prepare(source, **options)
         if entry.state != FAILED:
             await self.start(entry)
         return entry

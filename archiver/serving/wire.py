@@ -7,7 +7,8 @@ unpickles what a worker (the user's code) sent it. Both sides use the same encod
 frames with asyncio, the worker with a blocking socket.
 
 Message kinds: front → worker ``init`` (what to load), ``batch``; worker → front ``ready``,
-``load_failed``, ``answers``. Closing the socket asks a worker to end.
+``load_failed``, ``taken`` (the batch reached the worker, its handler starts now), ``answers``.
+Closing the socket asks a worker to end.
 """
 
 from __future__ import annotations

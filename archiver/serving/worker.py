@@ -85,6 +85,9 @@ def serve_batches(sock: socket.socket) -> int:
         if frame.kind != "batch":
             raise wire.WireError(f"unexpected frame {frame.kind!r}")
         batch_id, raw = wire.read_batch(frame)
+        # Tell the server the batch is ours before the handler touches it: if this process dies
+        # before that, the server knows the batch never ran and gives it to another worker.
+        wire.send_frame(sock, wire.frame_chunks("taken", {"batch": batch_id}))
         responses = model.handle([wire.to_inference_request(r) for r in raw])
         wire.send_frame(sock, wire.answers_frame(batch_id, responses))
 
@@ -95,7 +98,9 @@ def main(argv: list[str]) -> int:
         return 2
     sock_fd, lifeline_fd = int(argv[0]), int(argv[1])
     _exit_with_server(lifeline_fd)
-    faulthandler.enable()  # a segfault in native code prints the Python stack to stderr first
+    # A segfault in native code prints the crashing thread's Python stack to stderr first (the
+    # server quotes it in the death message); the other threads are ours and only add noise.
+    faulthandler.enable(all_threads=False)
     sock = socket.socket(fileno=sock_fd)
     try:
         return serve_batches(sock)

@@ -29,7 +29,7 @@ from archiver.serving.protocol import InferenceResponse
 
 log = logging.getLogger("archiver.worker")
 
-_STDERR_TAIL_LINES = 12
+_STDERR_TAIL_LINES = 60  # enough for a faulthandler dump of a deep stack
 _LINE_LIMIT = 2000  # characters of one output line that reach the log
 # Output lines a worker may log: a burst of this many, refilled at this rate per second.
 _LOG_BURST_LINES = 2000
@@ -51,6 +51,10 @@ class WorkerDiedError(ArchiverError):
     """The worker process ended while it held a batch; every request of the batch gets this 500."""
 
     http_status = 500
+
+
+class WorkerGoneError(ArchiverError):
+    """The worker process ended before it took the batch: the batch never ran and can go elsewhere."""
 
 
 class WorkerStartError(HandlerError):
@@ -98,6 +102,18 @@ def exit_description(returncode: int) -> tuple[str, str]:
     return "exit", f"exit code {returncode}"
 
 
+def crash_lines(tail: list[str], most: int = 6) -> list[str]:
+    """The stderr lines that explain a death: the fatal error and the innermost frames of a
+    faulthandler dump when there is one (where the handler crashed), else the last lines."""
+    lines = [line.strip() for line in tail if line.strip()]
+    fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
+    if fatal:
+        start = fatal[-1]
+        frames = [line for line in lines[start + 1 :] if line.startswith("File ")]
+        return [lines[start], *frames[: most - 1]]
+    return [line for line in lines if not line.startswith("Extension modules:")][-most:]
+
+
 class _OutputBudget:
     """A token bucket over output lines, so a chatty handler cannot flood the server's log."""
 
@@ -128,7 +144,7 @@ class WorkerProcess:
         self.pid: int | None = None
         self.started_at = time.time()
         self.load_time_s: float | None = None
-        self.batch_size_now = 0  # requests in the batch it holds (0 when idle)
+        self.holding = 0  # requests of the batch it has taken (0 when idle)
         self.busy_since: float | None = None
         self.kill_reason: tuple[str, str] | None = None  # (cause, description) when the supervisor kills
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
@@ -295,46 +311,75 @@ class WorkerProcess:
     async def run(self, requests: list[wire.RawRequest], timeout_s: float | None) -> list[InferenceResponse]:
         """Hand one batch to the process and await its answers.
 
-        Raises WorkerDiedError if the process ends meanwhile, TimeoutError after ``timeout_s`` (the
-        caller decides the worker's fate), WorkerDiedError too if it answers with something else.
+        Raises WorkerGoneError if the process ended before it took the batch (nothing ran),
+        WorkerDiedError if it ended while holding it or broke the protocol, and TimeoutError after
+        ``timeout_s`` (the caller decides the worker's fate).
         """
         assert self._reader is not None and self._writer is not None
         self._batches += 1
         batch_id = self._batches
-        # Set until the answers are in: if the worker ends meanwhile, its death message names the batch.
-        self.state, self.busy_since, self.batch_size_now = WorkerState.BUSY, time.monotonic(), len(requests)
+        self.state, self.busy_since = WorkerState.BUSY, time.monotonic()
+        frame: wire.Frame | None = None
         try:
-            self._writer.writelines(wire.batch_frame(batch_id, requests))
-            await self._writer.drain()
-            frame = await asyncio.wait_for(wire.read_frame_async(self._reader), timeout_s)
-        except (ConnectionError, wire.WireError):
-            frame = None
+            async with asyncio.timeout(timeout_s):
+                taken = await self._send_and_read(wire.batch_frame(batch_id, requests))
+                if taken is not None:
+                    self._expect(taken, "taken", batch_id)
+                    # Set until the answers are in: if the worker ends meanwhile, its death message
+                    # names the batch it held.
+                    self.holding = len(requests)
+                    frame = await self._read()
+        except wire.WireError as exc:
+            self.kill("exit", f"broke the protocol ({exc})")
+            raise WorkerDiedError(self.death_message(await self._ended())) from None
         if frame is None:
-            raise WorkerDiedError(self.death_message(await self._ended()))
+            ended = await self._ended()
+            if not self.holding:
+                raise WorkerGoneError(self.death_message(ended))
+            raise WorkerDiedError(self.death_message(ended))
         try:
-            if frame.kind != "answers":
-                raise wire.WireError(f"expected answers, got {frame.kind!r}")
+            self._expect(frame, "answers", batch_id)
             answered, responses = wire.read_answers(frame)
-            if answered != batch_id or len(responses) != len(requests):
-                raise wire.WireError(f"{len(responses)} answers for batch {answered}")
+            if len(responses) != len(requests):
+                raise wire.WireError(f"{len(responses)} answers for a batch of {len(requests)}")
         except wire.WireError as exc:
             self.kill("exit", f"broke the protocol ({exc})")
             raise WorkerDiedError(self.death_message(await self._ended())) from None
         if self.state == WorkerState.BUSY:
             self.state = WorkerState.READY
-        self.busy_since, self.batch_size_now = None, 0
+        self.busy_since, self.holding = None, 0
         return responses
+
+    async def _send_and_read(self, chunks: list[bytes]) -> wire.Frame | None:
+        assert self._writer is not None
+        try:
+            self._writer.writelines(chunks)
+            await self._writer.drain()
+        except ConnectionError:
+            pass  # it is gone; reading says so
+        return await self._read()
+
+    async def _read(self) -> wire.Frame | None:
+        """The next frame, or None when the process has closed its end (it ended)."""
+        assert self._reader is not None
+        try:
+            return await wire.read_frame_async(self._reader)
+        except ConnectionError:
+            return None
+
+    @staticmethod
+    def _expect(frame: wire.Frame, kind: str, batch_id: int) -> None:
+        if frame.kind != kind or frame.header.get("batch") != batch_id:
+            raise wire.WireError(f"expected {kind} of batch {batch_id}, got {frame.kind!r}")
 
     def death_message(self, ended: WorkerExit, while_doing: str | None = None) -> str:
         """'worker 2 of model "m" died (SIGSEGV) while handling a batch of 3; its last stderr lines: …'."""
-        doing = while_doing or (
-            f"while handling a batch of {self.batch_size_now}" if self.batch_size_now else "while idle"
-        )
+        doing = while_doing or (f"while handling a batch of {self.holding}" if self.holding else "while idle")
         verb = "was stopped" if self.kill_reason is not None else "died"
         message = f"{self.name} {verb} ({ended.description}) {doing}"
-        tail = [line for line in self.stderr_tail if line.strip()]
-        if tail:
-            message += "; its last stderr lines: " + " | ".join(tail[-6:])
+        lines = crash_lines(list(self.stderr_tail))
+        if lines:
+            message += "; its last stderr lines: " + " | ".join(lines)
         return message
 
     # ---- observation ---------------------------------------------------------------------------

@@ -213,9 +213,10 @@ def raw() -> Callable[..., bytes]:
 # A class handler whose behaviour the request body chooses, so one cheap model can play every failure:
 # "segv", "abort", "exit3" end the worker process; "sysexit" calls sys.exit(7); "loop" never returns;
 # "sleep:S" works S seconds; "grow:MB" holds MB more megabytes (4 MB at a time, then waits);
-# "print:MB" writes MB megabytes to stdout and as many to stderr; "initcrash:KIND" (or "initcrash:KIND:once") leaves a marker
-# that makes initialize crash the same way (segv, abort or exit) on every start (or on the next one
-# only), then crashes; anything else is echoed with the worker's pid.
+# "print:MB" writes MB megabytes to stdout and as many to stderr; "initcrash:KIND" (or
+# "initcrash:KIND:once") leaves a marker that makes initialize crash the same way (segv, abort or
+# exit) on every start (or on the next one only), then crashes; anything else is echoed with the
+# worker's pid. Every request of a batch is acted on in turn.
 CRASHY_HANDLER = """
 import ctypes
 import os
