@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -25,6 +28,7 @@ from archiver.serving.server import ServerSettings, ServerThread
 # "bad…" is rejected alone (HandlerInputError), anything else is echoed with the batch size it rode in.
 ECHO_HANDLER = """
 import json
+import os
 import time
 
 from handlers import HandlerInputError
@@ -373,3 +377,53 @@ def serving_kit() -> SimpleNamespace:
         wait_until=wait_until,
         BackgroundLoad=BackgroundLoad,
     )
+
+
+CLI = [sys.executable, "-m", "archiver"]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment tests run the CLI in: one torch thread, no token from the caller's shell."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MODEL_ARCHIVER_TOKEN": ""}
+
+
+@pytest.fixture
+def serve_process(tmp_path):
+    """``model-archiver serve ARGS --port 0 ...`` as a real process, its output in a log file (so it
+    never blocks on a pipe). ``start(*args)`` returns (process, ready JSON) once every startup model is
+    loaded; ``start(*args, ready=False)`` returns (process, {"inference": url, "management": url}) as
+    soon as it prints its addresses, before any model loads. Every process is stopped at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str, ready: bool = True, env: dict[str, str] | None = None):
+        n = len(procs)
+        ready_file, log_path = tmp_path / f"ready-{n}.json", tmp_path / f"serve-{n}.log"
+        cmd = [*CLI, "serve", *args, "--port", "0", "--management-port", "0", "--metrics-port", "0"]
+        cmd += ["--ready-file", str(ready_file), "--cache-dir", str(tmp_path / "cache")]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or cli_env())
+        proc.log = log_path  # type: ignore[attr-defined]
+        procs.append(proc)
+        if ready:
+            wait_until(lambda: ready_file.exists() or proc.poll() is not None, 60, "server ready")
+            assert proc.poll() is None, log_path.read_text()
+            return proc, json.loads(ready_file.read_text())
+        first = wait_until(lambda: _address_line(log_path) or proc.poll() is not None, 60, "server addresses")
+        assert proc.poll() is None, log_path.read_text()
+        words = first.split()
+        return proc, {"inference": words[3], "management": words[5]}
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+
+
+def _address_line(log: Path) -> str | None:
+    lines = log.read_text().splitlines()
+    return next((line for line in lines if line.startswith("model-archiver serve: inference ")), None)

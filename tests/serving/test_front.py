@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
-import pytest
-
 from archiver.serving.registry import ModelSettings
-
-CLI = [sys.executable, "-m", "archiver"]
 
 # Reports the torch threads its worker runs with; loading takes LOAD_S seconds (a big model, say).
 THREADS_HANDLER = """
@@ -31,6 +25,10 @@ def handle(data, context):
 """
 
 
+def _url(ready: dict, which: str) -> str:
+    return f"http://127.0.0.1:{ready[which + '_port']}"
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -41,38 +39,12 @@ def _rss_kb(pid: int) -> int:
     return int(line.split()[1])
 
 
-@pytest.fixture
-def cli_server(tmp_path):
-    """Start ``model-archiver serve`` and return (process, inference URL, management URL) as soon as it
-    prints its addresses, before its models have loaded; every one is stopped at teardown."""
-    procs: list[subprocess.Popen] = []
-
-    def start(*args: str) -> tuple[subprocess.Popen, str, str]:
-        cmd = [*CLI, "serve", *args, "--port", "0", "--management-port", "0", "--metrics-port", "0"]
-        cmd += ["--cache-dir", str(tmp_path / "cache")]
-        env = {**os.environ, "MODEL_ARCHIVER_TOKEN": ""}
-        env.pop("OMP_NUM_THREADS", None)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        procs.append(proc)
-        first = proc.stdout.readline()  # the address line comes before any model loads
-        assert first.startswith("model-archiver serve: inference "), first
-        words = first.split()
-        return proc, words[3], words[5]
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def test_ping_and_the_management_api_answer_at_once_while_a_model_loads(cli_server, make_model, call, poll):
+def test_ping_and_the_management_api_answer_at_once_while_a_model_loads(
+    serve_process, make_model, call, poll
+):
     slow = make_model("slow", handler_source=THREADS_HANDLER.format(load_s=6))
-    proc, base, mgmt = cli_server(str(slow))
+    proc, urls = serve_process(str(slow), ready=False)
+    base, mgmt = urls["inference"], urls["management"]
 
     started = time.monotonic()
     ping = call("GET", base + "/ping", timeout=5)
@@ -87,10 +59,10 @@ def test_ping_and_the_management_api_answer_at_once_while_a_model_loads(cli_serv
     assert call("POST", base + "/predictions/slow", b"x").status == 200
 
 
-def test_the_front_never_imports_torch_and_stays_small(cli_server, make_model, call, poll):
+def test_the_front_never_imports_torch_and_stays_small(serve_process, make_model, call):
     model = make_model("threads", handler_source=THREADS_HANDLER.format(load_s=0))
-    proc, base, mgmt = cli_server(str(model), "--workers", "2")
-    poll(lambda: call("GET", base + "/ping").status == 200, timeout=60, what="model loaded")
+    proc, ready = serve_process(str(model), "--workers", "2")
+    base, mgmt = _url(ready, "inference"), _url(ready, "management")
     for _ in range(50):
         assert call("POST", base + "/predictions/threads", b"x").status == 200
 
@@ -106,15 +78,15 @@ def test_the_front_never_imports_torch_and_stays_small(cli_server, make_model, c
     assert all(w["memoryUsage"] > 50 * 2**20 and w["status"] == "READY" for w in workers)
 
 
-def test_torch_threads_default_to_the_cores_divided_by_all_workers(cli_server, make_model, call, poll):
+def test_torch_threads_default_to_the_cores_divided_by_all_workers(serve_process, make_model, call):
     model = make_model("threads", handler_source=THREADS_HANDLER.format(load_s=0))
-    proc, base, _ = cli_server(str(model), "--workers", "2")
-    poll(lambda: call("GET", base + "/ping").status == 200, timeout=60, what="model loaded")
-    assert call("POST", base + "/predictions/threads", b"x").json() == {"threads": max(1, _cores() // 2)}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    _, ready = serve_process(str(model), "--workers", "2", env={**env, "MODEL_ARCHIVER_TOKEN": ""})
+    url = _url(ready, "inference") + "/predictions/threads"
+    assert call("POST", url, b"x").json() == {"threads": max(1, _cores() // 2)}
 
-    pinned, base, _ = cli_server(str(model), "--workers", "2", "--torch-threads", "3")
-    poll(lambda: call("GET", base + "/ping").status == 200, timeout=60, what="model loaded")
-    assert call("POST", base + "/predictions/threads", b"x").json() == {"threads": 3}
+    _, ready = serve_process(str(model), "--workers", "2", "--torch-threads", "3")
+    assert call("POST", _url(ready, "inference") + "/predictions/threads", b"x").json() == {"threads": 3}
 
 
 def test_scaling_starts_and_ends_worker_processes(serve, call, poll, echo_model):

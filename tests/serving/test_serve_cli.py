@@ -10,8 +10,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-
 from archiver.commands.serve import build_settings
 from archiver.serving.server import ServerThread
 
@@ -22,33 +20,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MODEL_ARCHIVER_TOKEN": ""}
 
 
-@pytest.fixture
-def serve_process(tmp_path):
-    """Start ``model-archiver serve ... --port 0`` and wait (with a deadline) for its ready file."""
-    procs: list[subprocess.Popen] = []
-
-    def start(*args: str, poll) -> tuple[subprocess.Popen, dict]:
-        ready = tmp_path / f"ready-{len(procs)}.json"
-        cmd = [*CLI, "serve", *args, "--port", "0", "--management-port", "0", "--metrics-port", "0"]
-        cmd += ["--ready-file", str(ready), "--cache-dir", str(tmp_path / "cache")]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-        procs.append(proc)
-        poll(lambda: ready.exists() or proc.poll() is not None, timeout=60, what="server ready")
-        assert proc.poll() is None, proc.stdout.read()
-        return proc, json.loads(ready.read_text())
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-
-
 def test_serve_prints_its_urls_and_models_and_drains_in_flight_requests_on_sigterm(
     serve_process, call, poll, echo_model, make_model
 ):
     broken = make_model("broken", handler_source="import missing_dependency_xyz\n")
-    proc, ready = serve_process(str(echo_model), str(broken), "--workers", "1", poll=poll)
+    proc, ready = serve_process(str(echo_model), str(broken), "--workers", "1")
     base = f"http://127.0.0.1:{ready['inference_port']}"
     assert ready["models"] == {"broken": "FAILED", "echo": "READY"}
     assert call("POST", base + "/predictions/echo", b"hi").json()["echo"] == "hi"
@@ -74,7 +50,8 @@ def test_serve_prints_its_urls_and_models_and_drains_in_flight_requests_on_sigte
     proc.send_signal(signal.SIGTERM)
     for c in clients:
         c.join(30)
-    out, _ = proc.communicate(timeout=30)
+    proc.wait(30)
+    out = proc.log.read_text()
     assert proc.returncode == 0, out
     assert sorted(r.status for r in replies) == [200, 200, 200, 200]
     assert f"inference http://127.0.0.1:{ready['inference_port']}" in out

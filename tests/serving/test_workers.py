@@ -6,13 +6,10 @@ the other model notices. The handler is conftest's CRASHY_HANDLER; the request b
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -311,30 +308,6 @@ def test_a_worker_reports_its_process_memory_and_state(shared, call, poll):
 
 
 # ---- a real `model-archiver serve` process -------------------------------------------------------
-@pytest.fixture
-def serve_process(tmp_path, poll):
-    """``model-archiver serve ARCHIVES --port 0 ...``; its output goes to a file, so it never blocks."""
-    procs: list[subprocess.Popen] = []
-
-    def start(*args: str) -> tuple[subprocess.Popen, dict]:
-        ready = tmp_path / "ready.json"
-        cmd = [sys.executable, "-m", "archiver", "serve", *args, "--port", "0", "--management-port", "0"]
-        cmd += ["--metrics-port", "0", "--ready-file", str(ready), "--cache-dir", str(tmp_path / "cache")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MODEL_ARCHIVER_TOKEN": ""}
-        with open(tmp_path / "serve.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        procs.append(proc)
-        poll(lambda: ready.exists() or proc.poll() is not None, timeout=60, what="server ready")
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        return proc, json.loads(ready.read_text())
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-
-
 def test_a_segfault_under_model_archiver_serve_spares_the_server_and_sigkill_leaves_no_worker(
     serve_process, crashy_model, background_load, call, poll, tmp_path
 ):
@@ -382,4 +355,4 @@ def test_a_segfault_under_model_archiver_serve_spares_the_server_and_sigkill_lea
     poll(
         lambda: all(gone(pid) for pid in workers), timeout=20, what="workers gone after the server's SIGKILL"
     )
-    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in proc.log.read_text()
