@@ -8,6 +8,7 @@ parsed, ``text/*`` bodies as ``str``, anything else as ``bytearray``.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,13 +86,9 @@ def encode_answer(value: Any, content_type: str | None = None) -> tuple[bytes, s
         return bytes(value), content_type or "application/octet-stream"
     if isinstance(value, str):
         return value.encode("utf-8"), content_type or "text/plain; charset=utf-8"
-    try:
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            value = value.tolist()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch = sys.modules.get("torch")  # a handler that never imported torch cannot return a tensor
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.tolist()
     try:
         text = json.dumps(value, indent=2)
     except (TypeError, ValueError) as exc:

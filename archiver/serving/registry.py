@@ -256,7 +256,7 @@ class ModelRegistry:
             source=str(entry.source),
             cache_dir=str(self.cache_dir) if self.cache_dir is not None else None,
             batch_size=entry.settings.batch_size,
-            threads=self.torch_threads or None,
+            threads=self.torch_threads,
             python=sys.executable,
         )
 

@@ -34,14 +34,12 @@ def _exit_with_server(lifeline_fd: int) -> None:
     threading.Thread(target=watch, name="lifeline", daemon=True).start()
 
 
-def _set_threads(threads: int | None) -> None:
-    if not threads:
-        return
-    try:
-        import torch
-    except ImportError:  # a handler without torch: nothing to size
-        return
-    torch.set_num_threads(threads)
+def _pin_threads(threads: int | None) -> None:
+    """Apply the operator's --torch-threads exactly (through OMP_NUM_THREADS torch caps it at the
+    cores), after loading, and only in a worker whose handler uses torch at all."""
+    torch = sys.modules.get("torch")
+    if threads and torch is not None:
+        torch.set_num_threads(int(threads))
 
 
 def _load(init: dict[str, Any]) -> Any:
@@ -63,7 +61,6 @@ def serve_batches(sock: socket.socket) -> int:
         return 0
     if init.kind != "init":
         raise wire.WireError(f"expected an init frame, got {init.kind!r}")
-    _set_threads(init.header.get("threads"))
     try:
         model = _load(init.header)
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, not raised
@@ -74,6 +71,7 @@ def serve_batches(sock: socket.socket) -> int:
             traceback.print_exc()
         wire.send_frame(sock, wire.frame_chunks("load_failed", {"message": reason}))
         return 0
+    _pin_threads(init.header.get("threads"))
     from archiver.serving.memory import HeapTrimmer
 
     HeapTrimmer().start()

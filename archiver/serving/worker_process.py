@@ -77,7 +77,7 @@ class WorkerSpec:
     source: str
     cache_dir: str | None = None
     batch_size: int = 1
-    threads: int | None = None
+    threads: int | None = None  # torch threads the operator pinned (--torch-threads); None: the env's
     gpu_id: int | None = None
     python: str = sys.executable
 

@@ -137,3 +137,13 @@ def test_a_worker_sees_the_request_as_torchserve_would(serve, call, make_model):
     echoed = call("POST", url, big).json()["body"]
     assert echoed[0] == "bytearray" and bytes.fromhex(echoed[1]) == big
     assert json.loads(call("GET", server.url("management") + "/models/seen").body)[0]["status"] == "READY"
+
+
+def test_a_handler_that_needs_no_torch_gets_a_worker_without_torch(serve, call, echo_model):
+    """The echo handler imports only ``handlers.HandlerInputError``: its worker stays a small process."""
+    server = serve([echo_model])
+    assert call("POST", server.url() + "/predictions/echo", b"hi").json()["echo"] == "hi"
+    (worker,) = call("GET", server.url("management") + "/models/echo").json()[0]["workers"]
+    with open(f"/proc/{worker['pid']}/maps") as maps:
+        assert "libtorch" not in maps.read()
+    assert worker["memoryUsage"] < 150 * 2**20
