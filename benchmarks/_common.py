@@ -97,20 +97,18 @@ Roles = Callable[[], Iterable[tuple[str, int]]]  # (role, pid) of every process 
 
 
 class MemorySampler:
-    """Peak memory of a set of processes, sampled while it runs: PSS and RSS per process and summed
-    (every ``interval_s``), and the group's resident memory with shared pages once (every
-    ``group_every_s``; reading page maps costs ~70 ms per torch process).
+    """Peak memory of a set of processes, sampled every ``interval_s`` while it runs: PSS and RSS per
+    process and summed, and the group's resident memory with shared pages counted once.
 
     ``roles`` names the processes at each sample (a server's workers may come and go). Sums are taken
-    at one instant each; each process's own peak is kept as well. Reading smaps_rollup costs ~17 ms
-    per torch process, so serve.py samples in a load run of its own, never in the timed ones.
+    at one instant each; each process's own peak is kept as well. One sample of a torch process costs
+    ~17 ms (smaps_rollup) + ~70 ms (pagemap) of CPU, so serve.py samples during a load run of its
+    own, never during the timed ones.
     """
 
-    def __init__(self, roles: Roles, interval_s: float = 0.25, group_every_s: float = 1.0) -> None:
+    def __init__(self, roles: Roles, interval_s: float = 0.25) -> None:
         self._roles = roles
         self._interval = interval_s
-        self._group_every = group_every_s
-        self._group_next = 0.0
         self.pss_total_mb = 0.0
         self.rss_total_mb = 0.0
         self.resident_once_mb: float | None = None
@@ -133,11 +131,9 @@ class MemorySampler:
             self.pids[role] = pid
         self.pss_total_mb = max(self.pss_total_mb, pss_sum)
         self.rss_total_mb = max(self.rss_total_mb, rss_sum)
-        if time.monotonic() >= self._group_next:
-            self._group_next = time.monotonic() + self._group_every
-            once = group_resident_mb(pid for _, pid in roles)
-            if once is not None:
-                self.resident_once_mb = max(self.resident_once_mb or 0.0, once)
+        once = group_resident_mb(pid for _, pid in roles)
+        if once is not None:
+            self.resident_once_mb = max(self.resident_once_mb or 0.0, once)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

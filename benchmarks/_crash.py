@@ -284,9 +284,10 @@ def report(args, requests, result, killer, ready, described, recovered, server_a
         "seconds": round(elapsed, 1),
         "victim": victim,
         "kills": len(killer.kills),
-        "kills_of_busy_workers": sum(1 for k in killer.kills if k["status"] == "BUSY"),
+        "kills_of_busy_workers": sum(1 for k in killer.kills if k["status"] == "BUSY"),  # as last polled
         "deaths_recorded": len(recorded),
         "death_window_s": args.death_window,
+        "management_polls_failed": killer.poll_failures,
         "sent": dict(sent),
         "answered": dict(answered),
         "by_model_and_status": {f"{m} {s}": n for (m, s), n in sorted(counts.items(), key=str)},

@@ -2,15 +2,21 @@
 
     .venv/bin/python benchmarks/soak.py                       # 10,000 requests at concurrency 64
     .venv/bin/python benchmarks/soak.py --requests 2000 --concurrency 32
+    .venv/bin/python benchmarks/soak.py --crash               # then the crash phase (benchmarks/_crash.py)
+    .venv/bin/python benchmarks/soak.py --crash-only          # the crash phase alone
 
 One ``model-archiver serve`` process (started once, never restarted) holds two models: a small CNN
 behind the built-in image_classifier handler, and an echo handler that returns each request's own
 payload (so an answer delivered to the wrong client would show). Requests mix good images (three
 different photos, each with a known answer), non-images, per-item rejections, unknown models and
 bodies over the size limit. Every request carries its own x-request-id. The run fails (exit 1) unless
-each request got exactly one answer of the kind its input calls for, and the server's RSS grew by
+each request got exactly one answer of the kind its input calls for, no worker was replaced, and the
+server's RSS (the front and its worker processes together: the models live in the workers) grew by
 less than 10% between the end of a warm-up (10,000 requests of the same mix, checked too) and the
 end of the run.
+
+The crash phase (``--crash``) starts a fresh server and SIGKILLs one model's worker every few seconds
+during 10,000 more requests: see benchmarks/_crash.py for what it checks. Exit 1 if either phase fails.
 """
 
 from __future__ import annotations
