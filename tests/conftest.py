@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -39,3 +40,41 @@ def free_ports():
         return sorted(ports)
 
     return take
+
+
+_SESSION_MARK = "MODEL_ARCHIVER_TEST_SESSION"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_outlives_the_tests():
+    """Every process this session starts inherits a marker in its environment (servers pass theirs on
+    to their workers); at the end none may be left, whoever its parent is by then."""
+    import os
+    import time
+    import uuid
+
+    import psutil
+
+    mark = uuid.uuid4().hex
+    os.environ[_SESSION_MARK] = mark
+    yield
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != os.getpid() and proc.environ().get(_SESSION_MARK) == mark:
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    deadline = time.monotonic() + 15  # a worker told to stop may still be finishing
+    while (left := ours()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    described = []
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            proc.kill()
+    assert not left, "processes outlived the tests: " + "; ".join(described)

@@ -16,7 +16,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,7 @@ class WorkerPool:
         self._count_deaths_since = 0.0  # a FAILED model scaled again starts its count afresh
         self._closing = False
         self._memory_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
 
     # ---- requests ------------------------------------------------------------------------------
     async def submit(self, request: RawRequest) -> InferenceResponse:
@@ -219,7 +220,14 @@ class WorkerPool:
             return  # its loop sees it is no longer ours after this batch, and stops it
         if loop_task is not None:
             loop_task.cancel()
-        asyncio.get_running_loop().create_task(worker.stop())
+        self._in_background(worker.stop())
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` without waiting for it, holding its task until it ends (the event loop keeps
+        only weak references to tasks)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- the work loop of one worker ---------------------------------------------------------
     def _serve(self, worker: WorkerProcess) -> None:
@@ -241,7 +249,7 @@ class WorkerPool:
             if self._loops.get(worker.slot) is asyncio.current_task():
                 del self._loops[worker.slot]
             if not self._ours(worker) and worker.state != WorkerState.DEAD:
-                asyncio.get_running_loop().create_task(worker.stop())  # retired: end it now
+                self._in_background(worker.stop())  # retired: end it now
 
     async def _run(self, worker: WorkerProcess, jobs: list[Job]) -> None:
         try:
@@ -358,6 +366,8 @@ class WorkerPool:
         self._restarts.clear()
         grace = max(1.0, deadline - time.monotonic())
         await asyncio.gather(*(w.stop(grace_s=grace) for w in workers), return_exceptions=True)
+        # Workers retired earlier may still be finishing their last batch: none outlives the pool.
+        await asyncio.gather(*self._background, return_exceptions=True)
         self.batcher.fail_queued(ServiceUnavailableError("server is shutting down"))
 
     def _busy(self) -> bool:

@@ -153,6 +153,7 @@ class WorkerProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._lifeline: int | None = None
         self._pumps: list[asyncio.Task] = []
+        self._watcher: asyncio.Task | None = None
         self._exit: asyncio.Future[WorkerExit] | None = None
         self._batches = 0
         self._budget = _OutputBudget()
@@ -160,10 +161,6 @@ class WorkerProcess:
     @property
     def name(self) -> str:
         return f'worker {self.slot} of model "{self.spec.model}"'
-
-    @property
-    def alive(self) -> bool:
-        return self.state not in (WorkerState.DEAD,)
 
     @property
     def exited(self) -> asyncio.Future[WorkerExit]:
@@ -209,7 +206,7 @@ class WorkerProcess:
             loop.create_task(self._pump(self._proc.stdout, "stdout")),
             loop.create_task(self._pump(self._proc.stderr, "stderr")),
         ]
-        loop.create_task(self._watch())
+        self._watcher = loop.create_task(self._watch())  # held: the loop keeps only weak references
         init = {
             "source": self.spec.source,
             "name": self.spec.model,
