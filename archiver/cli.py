@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> Any:
         if debug:
             raise
         click.echo(f"{PROG}: error: {_one_line(exc.message)}", err=True)
+        trace = getattr(exc, "trace", None)  # a handler's failure: its frames in the archive's files
+        for line in trace.frame_lines() if trace is not None else ():
+            click.echo(line, err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo(f"{PROG}: interrupted", err=True)

@@ -6,6 +6,11 @@ so the edges never have to guess from the message.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from archiver.serving.tracebacks import UserTrace
+
 
 class ArchiverError(Exception):
     """Base of every error this project raises on purpose. The message is one line, for a user."""
@@ -73,7 +78,13 @@ class ExportError(ArchiverError):
 
 
 class HandlerError(ArchiverError):
-    """A handler cannot be resolved, imported or initialized."""
+    """A handler cannot be resolved, imported or initialized.
+
+    ``trace`` (set by the loader when the handler's own code raised) holds the frames in the archive's
+    files, which the CLI prints under the one-line message.
+    """
+
+    trace: UserTrace | None = None
 
 
 class HandlerInputError(ArchiverError):
@@ -84,6 +95,16 @@ class HandlerInputError(ArchiverError):
     """
 
     http_status = 400
+
+
+class DependencyError(ArchiverError):
+    """An archive's requirementsFile cannot be installed (``serve --install-model-deps``): pip failed,
+    or the file asks for something the server refuses (a local path, an editable install, another index).
+
+    The message is one line and ends with pip's last lines; it becomes the model's load error (503).
+    """
+
+    http_status = 503
 
 
 class ModelNotFoundError(ArchiverError):

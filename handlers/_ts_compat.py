@@ -84,8 +84,11 @@ _ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "ts.handler_utils": ("handlers._ts_compat", ()),
     "ts.handler_utils.timer": ("handlers._ts_compat", ("timed",)),
+    "ts.metrics": ("handlers._ts_compat", ()),
+    "ts.metrics.dimension": ("handlers.context", ("Dimension",)),
+    "ts.metrics.metric_type_enum": ("handlers.context", ("MetricTypes",)),
 }
-_PACKAGES = {"ts", "ts.torch_handler", "ts.utils", "ts.handler_utils"}
+_PACKAGES = {"ts", "ts.torch_handler", "ts.utils", "ts.handler_utils", "ts.metrics"}
 
 
 class _TsAliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -8,6 +8,9 @@ resets its per-request part before every batch, so a handler instance answers on
 
 from __future__ import annotations
 
+import enum
+import math
+import threading
 from typing import Any
 
 
@@ -52,35 +55,243 @@ class RequestProcessor:
         return self._response_header.get(key)
 
 
-class Metrics:
-    """A small metrics store with TorchServe's method names; the server may read ``values``.
+class MetricTypes(enum.Enum):
+    """TorchServe's ``ts.metrics.metric_type_enum.MetricTypes``: how the server aggregates a metric."""
 
-    Handlers written for TorchServe call ``context.metrics.add_time(...)``; here each call records the
-    latest value under its name so that nothing they do fails.
+    COUNTER = "counter"  # each value is added to a running total
+    GAUGE = "gauge"  # the last value is kept
+    HISTOGRAM = "histogram"  # each value is an observation (served as a summary: count and sum)
+
+
+class Dimension:
+    """TorchServe's ``ts.metrics.dimension.Dimension``: one name:value pair, a label on the server."""
+
+    def __init__(self, name: str, value: Any) -> None:
+        self.name = name
+        self.value = value
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.value}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"Name": self.name, "Value": self.value}
+
+
+class MetricsCacheKeyError(KeyError):
+    """TorchServe's error for ``get_metric`` of a metric that was never added."""
+
+
+# The records one batch may report: distinct (name, type, dimensions) within the batch, the rest counted.
+MAX_BATCH_RECORDS = 256
+_MAX_VALUES = 256  # names kept in ``Metrics.values``
+_MAX_DIMENSIONS = 8
+_MAX_NAME = 200
+_MAX_DIMENSION_VALUE = 128
+# TorchServe adds these dimensions itself; here the model is the server's ``model`` label.
+_IMPLICIT_DIMENSIONS = frozenset({"ModelName", "Level", "Hostname"})
+_KINDS = {t.value: t.value for t in MetricTypes}
+
+
+class CachingMetric:
+    """A metric declared with ``add_metric_to_cache`` (TorchServe's ``CachingMetric``)."""
+
+    def __init__(
+        self, metrics: Metrics, metric_name: str, unit: str, dimension_names: list[str], kind: str
+    ) -> None:
+        self._metrics = metrics
+        self.metric_name = metric_name
+        self.unit = unit
+        self.dimension_names = list(dimension_names)
+        self.metric_type = MetricTypes(kind)
+
+    def add_or_update(
+        self, value: float, dimension_values: list[Any] | None = None, request_id: str = ""
+    ) -> None:
+        values = list(dimension_values or [])
+        if len(values) != len(self.dimension_names):
+            self._metrics._invalid()  # TorchServe logs this mismatch and drops the value
+            return
+        dims = _dimension_pairs(list(zip(self.dimension_names, values, strict=True)))
+        self._metrics._record(self.metric_name, value, self.unit, dims, self.metric_type.value)
+
+    def update(self, value: float, request_id: str = "", dimensions: list[Any] | None = None) -> None:
+        pairs = _dimension_pairs(dimensions)
+        self.dimension_names = [name for name, _ in pairs]
+        self.add_or_update(value, [v for _, v in pairs], request_id)
+
+
+class Metrics:
+    """TorchServe's metrics API (``context.metrics``): what a handler reports reaches ``/metrics``.
+
+    Each call is aggregated into the current batch's records by (name, type, dimensions): counters add
+    up, gauges keep the last value, histograms count and sum. The worker sends the records with the
+    batch's answers (``drain``); the server turns them into Prometheus series labelled by model. A batch
+    reports at most ``MAX_BATCH_RECORDS`` distinct records; the rest, and values that are not finite
+    numbers (or negative counter increments), are counted as dropped instead of failing the handler.
+    ``idx`` (the request's index in the batch) is accepted and ignored: a label per request would grow
+    without bound. ``values`` keeps the latest value per name (counters: their total) for in-process use.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_records: int = MAX_BATCH_RECORDS) -> None:
         self.values: dict[str, tuple[float, str | None]] = {}
+        self._max_records = max_records
+        self._pending: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._dropped: dict[str, int] = {}
+        self._declared: dict[tuple[str, str], CachingMetric] = {}
+        self._lock = threading.Lock()
 
-    def add_metric(self, name: str, value: float, unit: str | None = None, *_: Any, **__: Any) -> None:
-        self.values[name] = (float(value), unit)
+    # ---- TorchServe's API ------------------------------------------------------------------------
+    def add_metric(
+        self,
+        name: str,
+        value: float,
+        unit: str | None = None,
+        idx: Any = None,
+        dimensions: list[Any] | None = None,
+        metric_type: Any = MetricTypes.COUNTER,
+    ) -> None:
+        self._record(name, value, unit, _dimension_pairs(dimensions), _kind(metric_type, "counter"))
+
+    def add_counter(
+        self, name: str, value: float, idx: Any = None, dimensions: list[Any] | None = None
+    ) -> None:
+        self._record(name, value, "count", _dimension_pairs(dimensions), "counter")
 
     def add_time(
-        self, name: str, value: float, idx: Any = None, unit: str = "ms", *_: Any, **__: Any
+        self,
+        name: str,
+        value: float,
+        idx: Any = None,
+        unit: str = "ms",
+        dimensions: list[Any] | None = None,
+        metric_type: Any = MetricTypes.GAUGE,
     ) -> None:
-        self.add_metric(name, value, unit)
-
-    def add_counter(self, name: str, value: float, idx: Any = None, *_: Any, **__: Any) -> None:
-        previous = self.values.get(name, (0.0, "count"))[0]
-        self.values[name] = (previous + float(value), "count")
+        self._record(name, value, unit, _dimension_pairs(dimensions), _kind(metric_type, "gauge"))
 
     def add_size(
-        self, name: str, value: float, idx: Any = None, unit: str = "MB", *_: Any, **__: Any
+        self,
+        name: str,
+        value: float,
+        idx: Any = None,
+        unit: str = "MB",
+        dimensions: list[Any] | None = None,
+        metric_type: Any = MetricTypes.GAUGE,
     ) -> None:
-        self.add_metric(name, value, unit)
+        self._record(name, value, unit, _dimension_pairs(dimensions), _kind(metric_type, "gauge"))
 
-    def add_percent(self, name: str, value: float, idx: Any = None, *_: Any, **__: Any) -> None:
-        self.add_metric(name, value, "percent")
+    def add_percent(
+        self,
+        name: str,
+        value: float,
+        idx: Any = None,
+        dimensions: list[Any] | None = None,
+        metric_type: Any = MetricTypes.GAUGE,
+    ) -> None:
+        self._record(name, value, "percent", _dimension_pairs(dimensions), _kind(metric_type, "gauge"))
+
+    def add_error(self, name: str, value: float, dimensions: list[Any] | None = None) -> None:
+        self._record(name, value, "", _dimension_pairs(dimensions), "counter")
+
+    def add_metric_to_cache(
+        self,
+        metric_name: str,
+        unit: str,
+        dimension_names: list[str] | None = None,
+        metric_type: Any = MetricTypes.COUNTER,
+    ) -> CachingMetric:
+        metric = CachingMetric(
+            self, metric_name, unit, list(dimension_names or []), _kind(metric_type, "counter")
+        )
+        if len(self._declared) < _MAX_VALUES or (metric_name, metric.metric_type.value) in self._declared:
+            self._declared[(metric_name, metric.metric_type.value)] = metric
+        return metric
+
+    def get_metric(self, metric_name: str, metric_type: Any = MetricTypes.COUNTER) -> CachingMetric:
+        metric = self._declared.get((metric_name, _kind(metric_type, "counter")))
+        if metric is None:
+            raise MetricsCacheKeyError(
+                f"Metric of type {metric_type!r} and name {metric_name!r} doesn't exist"
+            )
+        return metric
+
+    # ---- for the worker ----------------------------------------------------------------------------
+    def drain(self) -> list[dict[str, Any]]:
+        """The records reported since the last call (what the worker sends with a batch's answers)."""
+        if not self._pending and not self._dropped:
+            return []
+        with self._lock:
+            records = list(self._pending.values())
+            records += [{"kind": "dropped", "reason": r, "value": n} for r, n in self._dropped.items()]
+            self._pending, self._dropped = {}, {}
+        return records
+
+    def _record(self, name: Any, value: Any, unit: Any, dims: list[tuple[str, str]], kind: str) -> None:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if (
+            not isinstance(name, str)
+            or not name
+            or not math.isfinite(number)
+            or (kind == "counter" and number < 0)
+        ):
+            self._invalid()
+            return
+        name = name[:_MAX_NAME]
+        unit = str(unit)[:32] if unit is not None else ""
+        key = (name, kind, tuple(dims))
+        with self._lock:
+            record = self._pending.get(key)
+            if record is None:
+                if len(self._pending) >= self._max_records:
+                    self._dropped["batch_limit"] = self._dropped.get("batch_limit", 0) + 1
+                    return
+                record = {"name": name, "kind": kind, "unit": unit, "value": 0.0}
+                if dims:
+                    record["dims"] = [list(pair) for pair in dims]
+                if kind == "histogram":
+                    record["count"] = 0
+                self._pending[key] = record
+            if kind == "gauge":
+                record["value"] = number
+            else:
+                record["value"] += number
+                if kind == "histogram":
+                    record["count"] += 1
+            known = self.values.get(name)
+            if known is not None or len(self.values) < _MAX_VALUES:
+                total = (known[0] if known is not None else 0.0) + number if kind == "counter" else number
+                self.values[name] = (total, unit or None)
+
+    def _invalid(self) -> None:
+        with self._lock:
+            self._dropped["invalid"] = self._dropped.get("invalid", 0) + 1
+
+
+def _kind(metric_type: Any, default: str) -> str:
+    """A MetricTypes member, its value or its name ("gauge", "GAUGE") → "counter" | "gauge" | "histogram"."""
+    value = getattr(metric_type, "value", metric_type)
+    if isinstance(value, str):
+        return _KINDS.get(value.lower(), default)
+    return default
+
+
+def _dimension_pairs(dimensions: Any) -> list[tuple[str, str]]:
+    """Dimension objects, (name, value) pairs or {"Name", "Value"} dicts → sorted (name, value) strings."""
+    pairs: dict[str, str] = {}
+    for dim in dimensions or ():
+        if isinstance(dim, dict):
+            name, value = dim.get("Name"), dim.get("Value")
+        elif isinstance(dim, (tuple, list)) and len(dim) == 2:
+            name, value = dim
+        else:
+            name, value = getattr(dim, "name", None), getattr(dim, "value", None)
+        if not isinstance(name, str) or not name or name in _IMPLICIT_DIMENSIONS or name in pairs:
+            continue
+        if len(pairs) < _MAX_DIMENSIONS:
+            pairs[name[:_MAX_NAME]] = str(value)[:_MAX_DIMENSION_VALUE]
+    return sorted(pairs.items())
 
 
 class Context:

@@ -1,7 +1,8 @@
 """The ``predict`` command: load an archive in-process, run one batch, print the answers as JSON.
 
 The quickest check of an archive in a build script: no server, no ports. Exit 0 when every input was
-answered, 1 when any failed (its error is printed in the same JSON list, in its place).
+answered, 1 when any failed (its error is printed in the same JSON list, in its place; when the handler
+raised, the frames from the archive's own files follow on stderr).
 """
 
 from __future__ import annotations
@@ -68,13 +69,20 @@ def predict(
     if not payloads:
         raise UsageError("give at least one input file (or --json PAYLOAD)")
     from archiver.serving.loader import load_model
+    from archiver.serving.tracebacks import error_block, user_trace
 
     model = load_model(archive, cache_dir=cache_dir, batch_size=len(payloads))
+    failures: list[BaseException] = []
+    model.on_handler_error = failures.append
     try:
         answers = model.predict(payloads)
     finally:
         model.close()
     out = [answer_to_json(a) for a in answers]
     click.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    for exc in failures:  # the handler raised: where, in the archive's own files (stderr)
+        click.echo(
+            error_block(f'handler error in model "{model.name}"', user_trace(exc, model.model_dir)), err=True
+        )
     if any(isinstance(a, ArchiverError) for a in answers):
         sys.exit(1)

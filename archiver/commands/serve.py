@@ -49,6 +49,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "job_queue_size": (int,),
     "worker_memory_limit": (int, float),
     "torch_threads": (int,),
+    "install_model_deps": (bool,),
     "max_worker_deaths": (int,),
     "worker_death_window": (int, float),
     "token": (str,),
@@ -146,6 +147,12 @@ def _is_archive(path: Path) -> bool:
     help="torch threads per worker.  [default: cores / all workers]",
 )
 @click.option(
+    "--install-model-deps",
+    is_flag=True,
+    default=None,
+    help="Install each archive's requirementsFile into a cached venv for its workers.",
+)
+@click.option(
     "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML of these settings."
 )
 @click.option(
@@ -158,11 +165,27 @@ def _is_archive(path: Path) -> bool:
 @click.option(
     "--ready-file", type=click.Path(dir_okay=False), help="Write the bound ports here as JSON when ready."
 )
+@click.option(
+    "--reload", is_flag=True, help="Watch the archives (or the archive flags' files); serve changes."
+)
+@click.option("--handler", "flag_handler", metavar="HANDLER", help="Serve these archive flags, no archive.")
+@click.option("--model-name", "flag_model_name", metavar="NAME", help="With --handler: the model's name.")
+@click.option("--version", "flag_version", default="1.0", show_default=True, help="With --handler.")
+@click.option(
+    "--serialized-file", "flag_serialized_file", type=click.Path(dir_okay=False), help="With --handler."
+)
+@click.option("--model-file", "flag_model_file", type=click.Path(dir_okay=False), help="With --handler.")
+@click.option("--extra-files", "flag_extra_files", metavar="FILES", help="With --handler.")
+@click.option(
+    "--requirements-file", "flag_requirements_file", type=click.Path(dir_okay=False), help="With --handler."
+)
+@click.option("--config-file", "flag_config_file", type=click.Path(dir_okay=False), help="With --handler.")
 def serve(
     archives: tuple[str, ...],
     model_specs: tuple[str, ...],
     config_path: str | None,
     ready_file: str | None,
+    reload: bool,
     **flags: Any,
 ) -> None:
     """Serve archives over TorchServe's HTTP APIs (inference, management, metrics).
@@ -170,20 +193,58 @@ def serve(
     \b
     model-archiver serve resnet34.mar
     model-archiver serve --model-store store --models resnet34=resnet34.mar --batch-size 8
+    model-archiver serve --reload --model-name m --serialized-file m.pt --handler h.py
     """
-    settings = build_settings(archives, model_specs, config_path, flags)
+    archive_flags = {k[len("flag_") :]: flags.pop(k) for k in list(flags) if k.startswith("flag_")}
+    staged, flag_model = _stage_archive_flags(archive_flags, flags.get("cache_dir"))
+    settings = build_settings(archives + staged, model_specs, config_path, flags)
     from archiver.serving.server import check_exposure
 
     check_exposure(settings)  # refuse an exposed bind before starting anything
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    watched = _watch_list(settings.models, flag_model) if reload else []
     from archiver.serving.memory import HeapTrimmer
 
     trimmer = HeapTrimmer().start()
     try:
-        code = asyncio.run(_run(settings, Path(ready_file) if ready_file else None))
+        code = asyncio.run(_run(settings, Path(ready_file) if ready_file else None, watched))
     finally:
         trimmer.stop()
+        if flag_model is not None:
+            from archiver.serving.reload import drop_staged
+
+            drop_staged(flag_model, None)
     sys.exit(code)
+
+
+def _stage_archive_flags(archive_flags: dict[str, Any], cache_dir: str | None) -> tuple[tuple[str, ...], Any]:
+    """With --handler, the flags staged as a folder archive in the cache: (its path,), its watch."""
+    if not archive_flags.get("handler"):
+        given = [f"--{k.replace('_', '-')}" for k, v in archive_flags.items() if v and k != "version"]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} describe a model to serve without an archive: add --handler"
+            )
+        return (), None
+    if not archive_flags.get("model_name"):
+        raise UsageError("--handler serves the archive flags themselves: add --model-name")
+    from archiver.serving.cache import default_cache_dir
+    from archiver.serving.reload import watch_flags
+
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    model = watch_flags(archive_flags, root / "staging")
+    return (str(model.stage()),), model
+
+
+def _watch_list(models: list[tuple[str | None, Path]], flag_model: Any) -> list[Any]:
+    """What --reload watches, one entry per startup model, in the same order."""
+    from archiver.serving.reload import watch_archive
+
+    staged = flag_model.staged[-1] if flag_model is not None else None
+    return [
+        flag_model if staged is not None and staged in path.parents else watch_archive(path)
+        for _, path in models
+    ]
 
 
 def build_settings(
@@ -244,6 +305,7 @@ def build_settings(
         no_auth=bool(pick("no_auth")),
         cache_dir=Path(cache_dir) if cache_dir else None,
         torch_threads=pick("torch_threads"),
+        install_model_deps=bool(pick("install_model_deps")),
     )
     return settings
 
@@ -258,7 +320,7 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
-async def _run(settings: Any, ready_file: Path | None) -> int:
+async def _run(settings: Any, ready_file: Path | None, watched: list[Any]) -> int:
     from archiver.serving.server import Server, check_exposure
 
     warning = check_exposure(settings)
@@ -289,6 +351,13 @@ async def _run(settings: Any, ready_file: Path | None) -> int:
             tmp.write_text(json.dumps(ready))
             os.replace(tmp, ready_file)
         sys.stdout.flush()
+        if watched:
+            from archiver.serving.reload import Reloader
+
+            for model, entry in zip(watched, listed, strict=True):
+                model.name = entry.name
+            click.echo(f"model-archiver serve: --reload: watching {sum(len(m.paths) for m in watched)} paths")
+            await Reloader(server.registry, watched).run(stop)
         await stop.wait()
     click.echo("model-archiver serve: stopping; finishing requests in flight")
     loading.cancel()

@@ -7,6 +7,7 @@ an error for a request the handler rejected, an error for all of them when the h
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -33,6 +34,7 @@ from archiver.serving.protocol import (
     make_request,
     response_for_exception,
 )
+from archiver.serving.tracebacks import user_trace
 
 EntryPoint = Callable[[Any, Any], Any]
 
@@ -82,9 +84,15 @@ def load_model(
         with isolated_imports(model_dir), ts_compat_aliases():
             entry_point, handler = _resolve_entry_point(manifest.handler, model_dir, context)
     except HandlerError as exc:
+        exc.trace = user_trace(exc, model_dir)  # the frames in the archive's files, for the caller to show
         if manifest.requirements_file and _caused_by(exc, ImportError):
-            hint = f"pip install -r {model_dir / manifest.requirements_file}"
-            raise HandlerError(f"{exc.message} (the archive lists its requirements: {hint})") from exc
+            hint = (
+                "serve with --install-model-deps to install them, or "
+                f"pip install -r {model_dir / manifest.requirements_file}"
+            )
+            error = HandlerError(f"{exc.message} (the archive lists its requirements: {hint})")
+            error.trace = exc.trace
+            raise error from exc
         raise
     return LoadedModel(
         name=context.model_name,
@@ -231,6 +239,8 @@ class LoadedModel:
         self.handler = handler
         self.load_time_s = load_time_s
         self._entry_point: EntryPoint | None = entry_point
+        # Called with the exception when the handler fails a whole batch (the worker logs its frames).
+        self.on_handler_error: Callable[[BaseException], None] | None = None
         # The Context carries one batch's per-request state: batches through one instance take turns.
         self._lock = threading.Lock()
 
@@ -254,8 +264,10 @@ class LoadedModel:
             except SystemExit as exc:
                 # In a worker this would end the process for nothing: the batch fails, the worker stays.
                 error = HandlerError(f"handler called sys.exit({exc.code!r}) while handling a batch")
+                self._handler_failed(exc)
                 return [response_for_exception(error) for _ in requests]
             except Exception as exc:  # noqa: BLE001 - the handler's failure is each request's 500
+                self._handler_failed(exc)
                 return [response_for_exception(exc) for _ in requests]
             if not isinstance(answers, list) or len(answers) != count:
                 got = (
@@ -264,6 +276,12 @@ class LoadedModel:
                 message = f"handler returned {got} for a batch of {count} requests"
                 return [error_response(500, "HandlerError", message) for _ in requests]
             return [self._response(i, answer) for i, answer in enumerate(answers)]
+
+    def _handler_failed(self, exc: BaseException) -> None:
+        report = self.on_handler_error
+        if report is not None:
+            with contextlib.suppress(Exception):  # reporting must not change the batch's answers
+                report(exc)
 
     def _response(self, idx: int, answer: Any) -> InferenceResponse:
         context = self.context

@@ -99,6 +99,7 @@ class WorkerPool:
         policy: RestartPolicy | None = None,
         env_for: Callable[[], dict[str, str]] | None = None,
         on_death: DeathObserver | None = None,
+        on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.spec = spec
         self.batcher = batcher
@@ -107,6 +108,7 @@ class WorkerPool:
         self.policy = policy or RestartPolicy()
         self._env_for = env_for
         self._on_death = on_death
+        self._on_metrics = on_metrics
         self.state = PoolState.LOADING
         self.error: str | None = None
         self.target = 0
@@ -182,7 +184,7 @@ class WorkerPool:
 
     def _new_worker(self, slot: int) -> WorkerProcess:
         env = self._env_for() if self._env_for is not None else None
-        worker = WorkerProcess(self.spec, slot, env=env)
+        worker = WorkerProcess(self.spec, slot, env=env, on_metrics=self._on_metrics)
         self.workers[slot] = worker
         return worker
 

@@ -106,6 +106,8 @@ class ModelEntry:
     loaded_at_startup: bool = False
     pool: WorkerPool | None = None
     failed_before_start: bool = False
+    reloads: int = 0  # times --reload switched it to new files
+    reload_error: str | None = None  # why the newest files do not load (the previous ones still serve)
 
     @property
     def state(self) -> PoolState:
@@ -141,6 +143,8 @@ class ModelEntry:
             "loadTimeSeconds": self.load_time_s,
             "workers": pool.describe_workers() if pool is not None else [],
             "deaths": [d.describe() for d in pool.deaths] if pool is not None else [],
+            "reloads": self.reloads,
+            "reloadError": self.reload_error,
             "jobQueueStatus": {
                 "remainingCapacity": max(0, self.settings.queue_size - pending),
                 "pendingRequests": pending,
@@ -150,6 +154,8 @@ class ModelEntry:
 
 
 DeathCounter = Callable[[str, str, bool], None]  # (model, cause, restarted)
+# (model, the metric records one batch's handler reported through context.metrics)
+HandlerMetricsSink = Callable[[str, list[dict[str, Any]]], None]
 
 
 class ModelRegistry:
@@ -165,12 +171,16 @@ class ModelRegistry:
         batch_observer: Callable[[str], Callable[[int], None]] | None = None,
         death_counter: DeathCounter | None = None,
         torch_threads: int | None = None,
+        install_model_deps: bool = False,
+        handler_metrics: HandlerMetricsSink | None = None,
     ) -> None:
         self.model_store = model_store
         self.defaults = defaults or ModelSettings()
         self.operator = {k: v for k, v in (operator or {}).items() if v is not None}
         self.cache_dir = cache_dir
         self.torch_threads = torch_threads
+        self.install_model_deps = install_model_deps
+        self._handler_metrics = handler_metrics
         self._batch_observer = batch_observer
         self._death_counter = death_counter
         self._models: dict[str, dict[str, ModelEntry]] = {}
@@ -260,6 +270,12 @@ class ModelRegistry:
             python=sys.executable,
         )
 
+    def _metrics_for(self, model: str) -> Callable[[list[dict[str, Any]]], None] | None:
+        sink = self._handler_metrics
+        if sink is None:
+            return None
+        return lambda records: sink(model, records)
+
     def _on_death(self, model: str) -> Callable[[str, bool], None]:
         def count(cause: str, restarted: bool) -> None:
             if self._death_counter is not None:
@@ -343,29 +359,36 @@ class ModelRegistry:
             loaded_at_startup=startup,
         )
         self._add(entry)
+        entry.pool = self._new_pool(entry)
+        return entry
+
+    def _new_pool(self, entry: ModelEntry) -> WorkerPool:
+        """A pool (not started) serving ``entry.source`` with ``entry.settings``."""
+        settings = entry.settings
         batcher = Batcher(
-            model_name,
+            entry.name,
             batch_size=settings.batch_size,
             max_batch_delay_ms=settings.max_batch_delay_ms,
             queue_size=settings.queue_size,
-            on_batch=self._batch_observer(model_name) if self._batch_observer else None,
+            on_batch=self._batch_observer(entry.name) if self._batch_observer else None,
         )
-        entry.pool = WorkerPool(
+        return WorkerPool(
             self._spec(entry),
             batcher,
             response_timeout_s=settings.response_timeout_s,
             memory_limit_mb=settings.worker_memory_limit_mb,
             policy=settings.restart_policy(),
             env_for=self.worker_env,
-            on_death=self._on_death(model_name),
+            on_death=self._on_death(entry.name),
+            on_metrics=self._metrics_for(entry.name),
         )
-        return entry
 
     async def start(self, entry: ModelEntry) -> None:
         """Start a prepared model's workers; a failure leaves it FAILED (startup) or removes it."""
         assert entry.pool is not None
         started = asyncio.get_running_loop().time()
         try:
+            await self._use_model_env(entry)
             await entry.pool.start(entry.settings.workers)
         except ArchiverError as exc:
             entry.error = exc.message
@@ -374,6 +397,55 @@ class ModelRegistry:
                 raise
             return
         entry.load_time_s = asyncio.get_running_loop().time() - started
+
+    async def _use_model_env(self, entry: ModelEntry, pool: WorkerPool | None = None) -> None:
+        """With --install-model-deps, run the model's workers on an interpreter that has its
+        requirementsFile installed (a cached virtual environment); without it, on ours."""
+        pool = pool or entry.pool
+        requirements = (entry.manifest or {}).get("model", {}).get("requirementsFile")
+        if not self.install_model_deps or not requirements or pool is None:
+            return
+        from archiver.serving.model_env import model_python
+
+        try:
+            python = await asyncio.get_running_loop().run_in_executor(
+                None, model_python, entry.source, requirements, self.cache_dir
+            )
+        except ArchiverError as exc:
+            pool.state, pool.error = PoolState.FAILED, exc.message  # 503 with pip's reason
+            raise
+        pool.spec = replace(pool.spec, python=python)
+
+    async def reload(self, entry: ModelEntry, source: Path) -> bool:
+        """Serve ``source`` in place of what ``entry`` serves now, with no request failing.
+
+        New workers load the new files beside the old ones; only once all are ready does traffic
+        switch, and the old workers then finish what they hold and what was queued for them. A new
+        version that does not load leaves the old one serving, with the reason in ``reload_error``.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            manifest, config = await loop.run_in_executor(None, _read_archive_head, source)
+            settings = self.defaults.merged(**settings_from_model_config(config)).merged(**self.operator)
+            candidate = replace(
+                entry, source=source, settings=settings, manifest=manifest.to_dict(), pool=None
+            )
+            pool = self._new_pool(candidate)
+            await self._use_model_env(candidate, pool)
+            await pool.start(settings.workers)
+        except ArchiverError as exc:
+            entry.reload_error = exc.message
+            return False
+        old = entry.pool
+        entry.pool, entry.source, entry.settings = pool, source, settings
+        entry.manifest, entry.error, entry.reload_error = candidate.manifest, None, None
+        entry.failed_before_start = False
+        entry.load_time_s = loop.time() - started
+        entry.reloads += 1
+        if old is not None:
+            await old.close(entry.settings.response_timeout_s)
+        return True
 
     def _add(self, entry: ModelEntry) -> None:
         self._models.setdefault(entry.name, {})[entry.version] = entry
@@ -403,6 +475,8 @@ class ModelRegistry:
         if entry.pool is None or entry.state == LOADING:
             raise ServiceUnavailableError(f'model "{name}" is {entry.state.value}; cannot scale it')
         entry.settings = entry.settings.merged(workers=workers)
+        if entry.state == FAILED:
+            await self._use_model_env(entry)  # a failed install is tried again, as a new start would
         await entry.pool.scale(workers)
         return entry
 

@@ -49,6 +49,8 @@ class ServerSettings:
     drain_timeout_s: float = 30.0
     # torch intra-op threads per worker; None: the cores divided by all workers of all models.
     torch_threads: int | None = None
+    # Install each archive's requirementsFile into a cached virtual environment for its workers.
+    install_model_deps: bool = False
 
 
 def is_loopback(host: str) -> bool:
@@ -104,6 +106,8 @@ class Server:
             batch_observer=self.metrics.batch_observer,
             death_counter=self.metrics.count_worker_death,
             torch_threads=settings.torch_threads,
+            install_model_deps=settings.install_model_deps,
+            handler_metrics=self.metrics.observe_handler_metrics,
         )
         self.limits = HttpLimits(
             max_request_size=settings.max_request_size,

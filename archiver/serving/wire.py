@@ -7,7 +7,8 @@ unpickles what a worker (the user's code) sent it. Both sides use the same encod
 frames with asyncio, the worker with a blocking socket.
 
 Message kinds: front → worker ``init`` (what to load), ``batch``; worker → front ``ready``,
-``load_failed``, ``taken`` (the batch reached the worker, its handler starts now), ``answers``.
+``load_failed``, ``taken`` (the batch reached the worker, its handler starts now), ``answers`` (with
+``metrics``, the records the handler reported through ``context.metrics``, when there are any).
 Closing the socket asks a worker to end.
 """
 
@@ -98,7 +99,10 @@ def read_batch(frame: Frame) -> tuple[int, list[RawRequest]]:
     return frame.header["batch"], requests
 
 
-def answers_frame(batch_id: int, responses: list[InferenceResponse]) -> list[bytes]:
+def answers_frame(
+    batch_id: int, responses: list[InferenceResponse], metrics: list[dict[str, Any]] | None = None
+) -> list[bytes]:
+    """The answers of one batch, with what its handler reported through ``context.metrics`` if anything."""
     rows = [
         {
             "status": r.status,
@@ -110,7 +114,10 @@ def answers_frame(batch_id: int, responses: list[InferenceResponse]) -> list[byt
         }
         for r in responses
     ]
-    return frame_chunks("answers", {"batch": batch_id, "responses": rows}, [r.body for r in responses])
+    header: dict[str, Any] = {"batch": batch_id, "responses": rows}
+    if metrics:
+        header["metrics"] = metrics
+    return frame_chunks("answers", header, [r.body for r in responses])
 
 
 def read_answers(frame: Frame) -> tuple[int, list[InferenceResponse]]:

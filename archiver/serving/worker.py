@@ -54,6 +54,31 @@ def _load(init: dict[str, Any]) -> Any:
     )
 
 
+def _log_block(title: str, trace: Any) -> None:
+    from archiver.serving.tracebacks import error_block
+
+    print(error_block(title, trace), file=sys.stderr, flush=True)
+
+
+def _log_handler_error(model: Any, exc: BaseException) -> None:
+    """A batch the handler failed (each request got a 500): the frames in the archive's own files, so
+    the server's log shows where the handler broke (the front logs these stderr lines)."""
+    from archiver.serving.tracebacks import user_trace
+
+    _log_block(f'handler error in model "{model.name}"', user_trace(exc, model.model_dir))
+
+
+def _drain_metrics(model: Any) -> list[dict[str, Any]]:
+    """What the handler reported through ``context.metrics`` since the last batch (usually nothing)."""
+    drain = getattr(getattr(model.context, "metrics", None), "drain", None)
+    if drain is None:
+        return []
+    try:
+        return drain()
+    except Exception:  # noqa: BLE001 - a handler that replaced context.metrics must not fail its batch
+        return []
+
+
 def serve_batches(sock: socket.socket) -> int:
     """Load the model named by the first frame, then answer batches until the server closes the socket."""
     init = wire.read_frame(sock)
@@ -69,8 +94,12 @@ def serve_batches(sock: socket.socket) -> int:
         reason = exc.message if isinstance(exc, ArchiverError) else f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, ArchiverError):
             traceback.print_exc()
+        trace = getattr(exc, "trace", None)
+        if trace is not None and trace.frames:  # the handler's own code raised: show where, in its files
+            _log_block(f'handler failed to load in model "{init.header.get("name")}"', trace)
         wire.send_frame(sock, wire.frame_chunks("load_failed", {"message": reason}))
         return 0
+    model.on_handler_error = lambda exc: _log_handler_error(model, exc)
     _pin_threads(init.header.get("threads"))
     from archiver.serving.memory import HeapTrimmer
 
@@ -87,7 +116,7 @@ def serve_batches(sock: socket.socket) -> int:
         # before that, the server knows the batch never ran and gives it to another worker.
         wire.send_frame(sock, wire.frame_chunks("taken", {"batch": batch_id}))
         responses = model.handle([wire.to_inference_request(r) for r in raw])
-        wire.send_frame(sock, wire.answers_frame(batch_id, responses))
+        wire.send_frame(sock, wire.answers_frame(batch_id, responses, _drain_metrics(model)))
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,10 +137,17 @@ class _OutputBudget:
 class WorkerProcess:
     """One worker process of one model; ``slot`` is its number within the model (1, 2, …)."""
 
-    def __init__(self, spec: WorkerSpec, slot: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        slot: int,
+        env: dict[str, str] | None = None,
+        on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
         self.spec = spec
         self.slot = slot
         self.env = env
+        self.on_metrics = on_metrics  # receives what the handler reported through context.metrics
         self.state = WorkerState.STARTING
         self.pid: int | None = None
         self.started_at = time.time()
@@ -345,7 +353,18 @@ class WorkerProcess:
         if self.state == WorkerState.BUSY:
             self.state = WorkerState.READY
         self.busy_since, self.holding = None, 0
+        records = frame.header.get("metrics")
+        if records and self.on_metrics is not None:
+            self._report_metrics(records)
         return responses
+
+    def _report_metrics(self, records: Any) -> None:
+        """Hand the batch's handler metrics on; they are the handler's data, checked by the receiver."""
+        assert self.on_metrics is not None
+        try:
+            self.on_metrics(records if isinstance(records, list) else [records])
+        except Exception:  # noqa: BLE001 - metrics never fail the batch they came with
+            log.exception("%s: its handler metrics could not be recorded", self.name)
 
     async def _send_and_read(self, chunks: list[bytes]) -> wire.Frame | None:
         assert self._writer is not None

@@ -94,6 +94,11 @@ def test_the_seed_walkthrough_runs_verbatim(
             assert served and step.returncode == 0, where
             assert port_closes(8080, timeout_s=30), "the server still listens after `kill %1`"
 
+        elif command.startswith("pytest"):
+            # The example's own tests, run by the pytest plugin's fixtures outside this project's tree.
+            assert step.returncode == 0, where
+            assert re.search(r"\b\d+ passed\b", step.output), where
+
         else:
             pytest.fail(f"the README has a command this test does not check: {command!r}")
 
