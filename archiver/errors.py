@@ -129,3 +129,49 @@ class RequestTooLargeError(ArchiverError):
     """The request body is over the server's size limit."""
 
     http_status = 413
+
+
+class ConflictError(ArchiverError):
+    """A model with that name and version is already registered."""
+
+    http_status = 409
+
+
+class ForbiddenError(ArchiverError):
+    """The operation would leave a model without its default version."""
+
+    http_status = 403
+
+
+class BodyTimeoutError(ArchiverError):
+    """The client did not send its whole body within ``body_read_timeout_s``."""
+
+    http_status = 408
+
+
+class UnauthorizedError(ArchiverError):
+    """The request has no valid ``Authorization: Bearer`` token."""
+
+    http_status = 401
+
+
+class WorkerDiedError(ArchiverError):
+    """The worker process ended while it held a batch; every request of the batch gets this 500."""
+
+    http_status = 500
+
+
+class WorkerGoneError(ArchiverError):
+    """The worker process ended before it took the batch: the batch never ran and can go elsewhere."""
+
+
+class WorkerStartError(HandlerError):
+    """The worker could not load the model: its handler failed, or the process died while loading.
+
+    ``cause`` is the death's cause when the process ended (a signal name, "exit", "timeout"), else
+    "load_failed" (the handler raised).
+    """
+
+    def __init__(self, message: str, cause: str = "load_failed") -> None:
+        super().__init__(message)
+        self.cause = cause

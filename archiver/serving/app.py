@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
-from archiver.errors import ArchiverError, ModelNotFoundError, RequestTooLargeError, UsageError
+from archiver.errors import (
+    ArchiverError,
+    BodyTimeoutError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    UnauthorizedError,
+    UsageError,
+)
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.metrics import ServerMetrics
 from archiver.serving.protocol import error_response, response_for_exception
@@ -42,18 +49,6 @@ class HttpLimits:
     max_request_size: int = 6553500
     body_read_timeout_s: float = 60.0
     token: str | None = None
-
-
-class BodyTimeoutError(ArchiverError):
-    """The client did not send its whole body within ``body_read_timeout_s``."""
-
-    http_status = 408
-
-
-class UnauthorizedError(ArchiverError):
-    """The request has no valid ``Authorization: Bearer`` token."""
-
-    http_status = 401
 
 
 def _json(status: int, payload: Any) -> web.Response:
@@ -86,7 +81,9 @@ def _middlewares(limits: HttpLimits, open_paths: frozenset[str]) -> list[Any]:
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), limits.token.encode()
             ):
-                resp = _error(401, "UnauthorizedError", "missing or wrong 'Authorization: Bearer <token>'")
+                resp = _exception_response(
+                    UnauthorizedError("missing or wrong 'Authorization: Bearer <token>'")
+                )
                 resp.headers["WWW-Authenticate"] = "Bearer"
                 return resp
         try:

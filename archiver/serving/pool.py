@@ -20,19 +20,17 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from archiver.errors import RequestTimeoutError, ServiceUnavailableError
+from archiver.errors import (
+    RequestTimeoutError,
+    ServiceUnavailableError,
+    WorkerDiedError,
+    WorkerGoneError,
+    WorkerStartError,
+)
 from archiver.serving.batcher import Batcher, Job
 from archiver.serving.protocol import InferenceResponse
 from archiver.serving.wire import RawRequest
-from archiver.serving.worker_process import (
-    WorkerDiedError,
-    WorkerExit,
-    WorkerGoneError,
-    WorkerProcess,
-    WorkerSpec,
-    WorkerStartError,
-    WorkerState,
-)
+from archiver.serving.worker_process import WorkerExit, WorkerProcess, WorkerSpec, WorkerState
 
 log = logging.getLogger("archiver.serving")
 

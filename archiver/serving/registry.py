@@ -9,18 +9,17 @@ and its requests get a 503 with that reason at once.
 from __future__ import annotations
 
 import asyncio
-import os
-import site
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import archiver
 from archiver.config import ModelConfig, parse_model_config
 from archiver.errors import (
     ArchiverError,
+    ConflictError,
+    ForbiddenError,
     ModelNotFoundError,
     ServiceUnavailableError,
     UsageError,
@@ -28,129 +27,15 @@ from archiver.errors import (
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.batcher import Batcher
 from archiver.serving.metrics import ModelSnapshot
-from archiver.serving.pool import PoolState, RestartPolicy, WorkerPool
+from archiver.serving.model_entry import ModelEntry, ModelSettings, settings_from_model_config
+from archiver.serving.pool import PoolState, WorkerPool
 from archiver.serving.protocol import InferenceResponse
 from archiver.serving.wire import RawRequest
+from archiver.serving.worker_env import torch_threads_for, worker_environment
 from archiver.serving.worker_process import WorkerSpec
 
 ModelState = PoolState
 READY, LOADING, FAILED = PoolState.READY, PoolState.LOADING, PoolState.FAILED
-
-
-class ConflictError(ArchiverError):
-    """A model with that name and version is already registered."""
-
-    http_status = 409
-
-
-class ForbiddenError(ArchiverError):
-    """The operation would leave a model without its default version."""
-
-    http_status = 403
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """How one model version is served. Units are in the names."""
-
-    batch_size: int = 1
-    max_batch_delay_ms: float = 5.0
-    workers: int = 1
-    response_timeout_s: float = 120.0
-    queue_size: int = 100
-    load_timeout_s: float = 120.0
-    worker_memory_limit_mb: float | None = None
-    max_worker_deaths: int = 5
-    worker_death_window_s: float = 60.0
-    restart_backoff_s: float = 1.0
-
-    def merged(self, **overrides: Any) -> ModelSettings:
-        """These settings with every override that is not None applied."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
-    def restart_policy(self) -> RestartPolicy:
-        return RestartPolicy(
-            backoff_s=self.restart_backoff_s,
-            max_deaths=self.max_worker_deaths,
-            window_s=self.worker_death_window_s,
-            load_timeout_s=self.load_timeout_s,
-        )
-
-
-def settings_from_model_config(config: ModelConfig) -> dict[str, Any]:
-    """The serving settings a model-config.yaml asks for (only the keys it sets)."""
-    raw = config.raw
-    return {
-        "batch_size": config.batch_size,
-        "max_batch_delay_ms": config.max_batch_delay_ms,
-        "workers": config.min_workers if config.min_workers is not None else None,
-        "response_timeout_s": config.response_timeout_s if "responseTimeout" in raw else None,
-        "load_timeout_s": config.startup_timeout_s if "startupTimeout" in raw else None,
-        "queue_size": config.job_queue_size,
-        "worker_memory_limit_mb": config.worker_memory_limit_mb,
-    }
-
-
-@dataclass(eq=False)
-class ModelEntry:
-    """One registered model version and everything the APIs report about it."""
-
-    name: str
-    version: str
-    url: str
-    source: Path
-    settings: ModelSettings
-    error: str | None = None
-    manifest: dict[str, Any] | None = None
-    load_time_s: float | None = None
-    loaded_at_startup: bool = False
-    pool: WorkerPool | None = None
-    failed_before_start: bool = False
-    reloads: int = 0  # times --reload switched it to new files
-    reload_error: str | None = None  # why the newest files do not load (the previous ones still serve)
-
-    @property
-    def state(self) -> PoolState:
-        if self.failed_before_start:
-            return PoolState.FAILED
-        return self.pool.state if self.pool is not None else PoolState.LOADING
-
-    @property
-    def reason(self) -> str | None:
-        """Why the model is FAILED (or the last reason it was), else None."""
-        if self.pool is not None and self.pool.error:
-            return self.pool.error
-        return self.error
-
-    def describe(self) -> dict[str, Any]:
-        """TorchServe's describe-model shape, plus our ``status``, ``loadError``, ``deaths``, ``manifest``."""
-        pool = self.pool
-        pending = pool.batcher.pending if pool is not None else 0
-        return {
-            "modelName": self.name,
-            "modelVersion": self.version,
-            "modelUrl": self.url,
-            "runtime": (self.manifest or {}).get("runtime", "python"),
-            "minWorkers": self.settings.workers,
-            "maxWorkers": self.settings.workers,
-            "batchSize": self.settings.batch_size,
-            "maxBatchDelay": self.settings.max_batch_delay_ms,
-            "responseTimeout": self.settings.response_timeout_s,
-            "workerMemoryLimitMB": self.settings.worker_memory_limit_mb,
-            "loadedAtStartup": self.loaded_at_startup,
-            "status": self.state.value,
-            "loadError": self.reason if self.state == PoolState.FAILED else None,
-            "loadTimeSeconds": self.load_time_s,
-            "workers": pool.describe_workers() if pool is not None else [],
-            "deaths": [d.describe() for d in pool.deaths] if pool is not None else [],
-            "reloads": self.reloads,
-            "reloadError": self.reload_error,
-            "jobQueueStatus": {
-                "remainingCapacity": max(0, self.settings.queue_size - pending),
-                "pendingRequests": pending,
-            },
-            "manifest": self.manifest,
-        }
 
 
 DeathCounter = Callable[[str, str, bool], None]  # (model, cause, restarted)
@@ -247,18 +132,8 @@ class ModelRegistry:
         return torch_threads_for(max(1, workers))
 
     def worker_env(self) -> dict[str, str]:
-        """The environment of a new worker process: ours, with thread counts sized and imports found."""
-        env = dict(os.environ)
-        threads = str(self.threads_per_worker())
-        if not os.environ.get("OMP_NUM_THREADS") or self.torch_threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
-        # A front that found this package outside site-packages (a checkout on sys.path) shows its
-        # workers the same copy; site-packages itself is never put ahead of the standard library.
-        package_root = str(Path(archiver.__file__).resolve().parents[1])
-        if package_root not in _site_dirs():
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"  # a handler's prints reach the log as they happen, even before a crash
-        return env
+        """The environment of a new worker process (``worker_env.worker_environment``)."""
+        return worker_environment(self.threads_per_worker(), pinned=bool(self.torch_threads))
 
     def _spec(self, entry: ModelEntry) -> WorkerSpec:
         return WorkerSpec(
@@ -507,19 +382,6 @@ class ModelRegistry:
         """Finish every queued request, then stop all workers (the server's shutdown)."""
         pools = [e.pool for e in self.entries() if e.pool is not None]
         await asyncio.gather(*(p.close(timeout_s) for p in pools), return_exceptions=True)
-
-
-def _site_dirs() -> set[str]:
-    dirs = set(site.getsitepackages()) if hasattr(site, "getsitepackages") else set()
-    dirs.add(site.getusersitepackages())
-    return {str(Path(d).resolve()) for d in dirs}
-
-
-def torch_threads_for(workers: int, cores: int | None = None) -> int:
-    """Threads per worker so that workers x threads fills the cores without oversubscribing them."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, workers))
 
 
 def _read_archive_head(source: Path) -> tuple[Any, ModelConfig]:

@@ -19,22 +19,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from archiver.errors import ArchiverError, HandlerError
+from archiver.errors import WorkerDiedError, WorkerGoneError, WorkerStartError
 from archiver.serving import wire
 from archiver.serving.protocol import InferenceResponse
+from archiver.serving.worker_output import WorkerOutput, crash_lines
 
 log = logging.getLogger("archiver.worker")
-
-_STDERR_TAIL_LINES = 60  # enough for a faulthandler dump of a deep stack
-_LINE_LIMIT = 2000  # characters of one output line that reach the log
-# Output lines a worker may log: a burst of this many, refilled at this rate per second.
-_LOG_BURST_LINES = 2000
-_LOG_LINES_PER_S = 200.0
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -46,28 +40,6 @@ class WorkerState(str, enum.Enum):
     BUSY = "BUSY"
     STOPPING = "STOPPING"
     DEAD = "DEAD"
-
-
-class WorkerDiedError(ArchiverError):
-    """The worker process ended while it held a batch; every request of the batch gets this 500."""
-
-    http_status = 500
-
-
-class WorkerGoneError(ArchiverError):
-    """The worker process ended before it took the batch: the batch never ran and can go elsewhere."""
-
-
-class WorkerStartError(HandlerError):
-    """The worker could not load the model: its handler failed, or the process died while loading.
-
-    ``cause`` is the death's cause when the process ended (a signal name, "exit", "timeout"), else
-    "load_failed" (the handler raised).
-    """
-
-    def __init__(self, message: str, cause: str = "load_failed") -> None:
-        super().__init__(message)
-        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -103,37 +75,6 @@ def exit_description(returncode: int) -> tuple[str, str]:
     return "exit", f"exit code {returncode}"
 
 
-def crash_lines(tail: list[str], most: int = 6) -> list[str]:
-    """The stderr lines that explain a death: the fatal error and the innermost frames of a
-    faulthandler dump when there is one (where the handler crashed), else the last lines."""
-    lines = [line.strip() for line in tail if line.strip()]
-    fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
-    if fatal:
-        start = fatal[-1]
-        frames = [line for line in lines[start + 1 :] if line.startswith("File ")]
-        return [lines[start], *frames[: most - 1]]
-    return [line for line in lines if not line.startswith("Extension modules:")][-most:]
-
-
-class _OutputBudget:
-    """A token bucket over output lines, so a chatty handler cannot flood the server's log."""
-
-    def __init__(self) -> None:
-        self.tokens = float(_LOG_BURST_LINES)
-        self.stamp = time.monotonic()
-        self.dropped = 0
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(_LOG_BURST_LINES, self.tokens + (now - self.stamp) * _LOG_LINES_PER_S)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        self.dropped += 1
-        return False
-
-
 class WorkerProcess:
     """One worker process of one model; ``slot`` is its number within the model (1, 2, …)."""
 
@@ -155,16 +96,15 @@ class WorkerProcess:
         self.holding = 0  # requests of the batch it has taken (0 when idle)
         self.busy_since: float | None = None
         self.kill_reason: tuple[str, str] | None = None  # (cause, description) when the supervisor kills
-        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lifeline: int | None = None
         self._pumps: list[asyncio.Task] = []
+        self.output: WorkerOutput | None = None  # its stdout and stderr, read all the time
         self._watcher: asyncio.Task | None = None
         self._exit: asyncio.Future[WorkerExit] | None = None
         self._batches = 0
-        self._budget = _OutputBudget()
 
     @property
     def name(self) -> str:
@@ -210,9 +150,10 @@ class WorkerProcess:
             os.close(life_read)
         self.pid = self._proc.pid
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self.output = WorkerOutput(f"[{self.spec.model} w{self.slot} pid {self.pid}] ")
         self._pumps = [
-            loop.create_task(self._pump(self._proc.stdout, "stdout")),
-            loop.create_task(self._pump(self._proc.stderr, "stderr")),
+            loop.create_task(self.output.pump(self._proc.stdout, keep_tail=False)),
+            loop.create_task(self.output.pump(self._proc.stderr, keep_tail=True)),
         ]
         self._watcher = loop.create_task(self._watch())  # held: the loop keeps only weak references
         init = {
@@ -393,7 +334,7 @@ class WorkerProcess:
         doing = while_doing or (f"while handling a batch of {self.holding}" if self.holding else "while idle")
         verb = "was stopped" if self.kill_reason is not None else "died"
         message = f"{self.name} {verb} ({ended.description}) {doing}"
-        lines = crash_lines(list(self.stderr_tail))
+        lines = crash_lines(list(self.output.stderr_tail)) if self.output is not None else []
         if lines:
             message += "; its last stderr lines: " + " | ".join(lines)
         return message
@@ -421,33 +362,3 @@ class WorkerProcess:
             "loadTimeSeconds": self.load_time_s,
             "gpu": self.spec.gpu_id is not None,
         }
-
-    async def _pump(self, stream: asyncio.StreamReader | None, which: str) -> None:
-        """Read one output pipe to its end: lines to the log within the budget, stderr's tail kept."""
-        if stream is None:
-            return
-        partial = b""
-        prefix = f"[{self.spec.model} w{self.slot} pid {self.pid}] "
-        while True:
-            chunk = await stream.read(65536)
-            if not chunk:
-                break
-            lines = (partial + chunk).split(b"\n")
-            partial = lines.pop()
-            if len(partial) > _LINE_LIMIT:  # a line without end: cut it here
-                lines.append(partial)
-                partial = b""
-            self._emit(lines, prefix, which)
-        if partial:
-            self._emit([partial], prefix, which)
-        if self._budget.dropped:
-            dropped = self._budget.dropped
-            log.warning("%s%d output lines not logged (over %g lines/s)", prefix, dropped, _LOG_LINES_PER_S)
-
-    def _emit(self, lines: list[bytes], prefix: str, which: str) -> None:
-        for raw in lines:
-            text = raw[:_LINE_LIMIT].decode("utf-8", "replace").rstrip("\r")
-            if which == "stderr":
-                self.stderr_tail.append(text)
-            if self._budget.take():
-                log.info("%s%s", prefix, text)
