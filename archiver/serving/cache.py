@@ -94,7 +94,12 @@ def unpack_cached(reader: ArchiveReader, cache_dir: str | Path | None = None) ->
             # later, it was damaged by hand (files deleted or truncated), so unpack it again.
             if _intact(target, reader):
                 return target, False
-            _discard(target)
+            try:
+                discard_folder(target)
+            except OSError as exc:
+                raise ArchiverError(
+                    f"cannot replace the damaged cache folder {target}: {exc.strerror}"
+                ) from exc
         try:
             reader.extract(target)
         except (OSError, UsageError):
@@ -122,14 +127,16 @@ def _intact(folder: Path, reader: ArchiveReader) -> bool:
         return False
 
 
-def _discard(folder: Path) -> None:
+def discard_folder(folder: Path) -> None:
+    """Move a folder aside (one rename, so nobody finds it half deleted), then delete it.
+
+    Raises OSError when it cannot be moved; a folder already gone is fine.
+    """
     aside = folder.with_name(f".{folder.name}.discard-{uuid.uuid4().hex}")
     try:
         os.rename(folder, aside)
     except FileNotFoundError:
         return
-    except OSError as exc:
-        raise ArchiverError(f"cannot replace the damaged cache folder {folder}: {exc.strerror}") from exc
     if aside.is_symlink() or not aside.is_dir():
         aside.unlink()
     else:

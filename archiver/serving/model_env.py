@@ -43,7 +43,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import site
 import subprocess
 import sys
@@ -56,7 +55,7 @@ from pathlib import Path
 
 from archiver.errors import DependencyError
 from archiver.reader import open_archive
-from archiver.serving.cache import default_cache_dir
+from archiver.serving.cache import default_cache_dir, discard_folder
 
 log = logging.getLogger("archiver.serving")
 
@@ -415,15 +414,7 @@ def _run(
 
 
 def _discard(folder: Path) -> None:
-    """Move a folder aside (a rename, at once) and then delete it."""
-    aside = folder.with_name(f".{folder.name}.discard-{uuid.uuid4().hex}")
     try:
-        os.rename(folder, aside)
-    except FileNotFoundError:
-        return
+        discard_folder(folder)
     except OSError as exc:
         raise DependencyError(f"cannot remove the unfinished environment {folder}: {exc.strerror}") from exc
-    if aside.is_symlink() or not aside.is_dir():
-        aside.unlink()
-    else:
-        shutil.rmtree(aside, ignore_errors=True)
