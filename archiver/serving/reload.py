@@ -121,10 +121,12 @@ class Reloader:
 
         logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch of changes
         paths = [p for m in self.models for p in m.paths]
-        roots = sorted({p if p.is_dir() else p.parent for p in paths})
+        # Each path is watched through its parent folder: a watch on the path itself would be lost
+        # when a rebuild replaces it (an archive or a folder archive is renamed into place whole).
+        roots = sorted({p.parent for p in paths})
         if not roots:
             return
-        # Folders named as inputs are watched whole; a file's folder only at its top level (it may
+        # A folder named as an input is watched whole; otherwise only the parents' top level (one may
         # hold the cache, or a project's worth of unrelated files).
         recursive = any(p.is_dir() for p in paths)
         async for changes in awatch(*roots, stop_event=stop, debounce=self.debounce_ms, recursive=recursive):
