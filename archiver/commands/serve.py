@@ -52,6 +52,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "install_model_deps": (bool,),
     "max_worker_deaths": (int,),
     "worker_death_window": (int, float),
+    "restart_backoff": (int, float),
     "token": (str,),
     "no_auth": (bool,),
     "cache_dir": (str,),
@@ -282,6 +283,7 @@ def build_settings(
         ),
         "max_worker_deaths": file_cfg.get("max_worker_deaths"),
         "worker_death_window_s": file_cfg.get("worker_death_window"),
+        "restart_backoff_s": file_cfg.get("restart_backoff"),
     }
     defaults = ModelSettings(
         batch_size=DEFAULTS["batch_size"],

@@ -161,3 +161,18 @@ def test_the_library_form_loads_and_predicts(tmp_path, echo_model):
         ]
     finally:
         model.close()
+
+
+def test_the_worker_settings_come_from_flags_and_the_config_file(tmp_path, echo_model):
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "worker_memory_limit: 900\nmax_worker_deaths: 3\nworker_death_window: 10\nrestart_backoff: 0.5\n"
+        "torch_threads: 1\ninstall_model_deps: true\n"
+    )
+    settings = build_settings((str(echo_model),), (), str(config), {})
+    assert settings.operator["worker_memory_limit_mb"] == 900
+    assert (settings.operator["max_worker_deaths"], settings.operator["worker_death_window_s"]) == (3, 10)
+    assert settings.operator["restart_backoff_s"] == 0.5
+    assert settings.torch_threads == 1 and settings.install_model_deps is True
+    flagged = build_settings((str(echo_model),), (), str(config), {"worker_memory_limit": 400.0})
+    assert flagged.operator["worker_memory_limit_mb"] == 400.0
