@@ -229,11 +229,10 @@ def _stage_archive_flags(archive_flags: dict[str, Any], cache_dir: str | None) -
         return (), None
     if not archive_flags.get("model_name"):
         raise UsageError("--handler serves the archive flags themselves: add --model-name")
-    from archiver.serving.cache import default_cache_dir
+    from archiver.serving.cache import cache_subfolder
     from archiver.serving.reload import watch_flags
 
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    model = watch_flags(archive_flags, root / "staging")
+    model = watch_flags(archive_flags, cache_subfolder(cache_dir, "staging"))
     return (str(model.stage()),), model
 
 

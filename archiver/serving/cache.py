@@ -76,14 +76,20 @@ def _hash_content(reader: ArchiveReader) -> str:
     return digest.hexdigest()
 
 
+def cache_subfolder(cache_dir: str | Path | None, name: str) -> Path:
+    """``<cache>/<name>`` (the default cache when ``cache_dir`` is None), created if missing."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = (root / name).absolute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArchiverError(f"cannot create the cache folder {folder}: {exc.strerror}") from exc
+    return folder
+
+
 def unpack_cached(reader: ArchiveReader, cache_dir: str | Path | None = None) -> tuple[Path, bool]:
     """The folder holding ``reader``'s files, unpacking it first if needed; and whether it unpacked."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    models = root / "models"
-    try:
-        models.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArchiverError(f"cannot create the model cache folder {models}: {exc.strerror}") from exc
+    models = cache_subfolder(cache_dir, "models")
     key = content_key(reader)
     target = models / key
     with _lock_for(key):  # workers of one process unpack one at a time; other processes may race

@@ -55,7 +55,7 @@ from pathlib import Path
 
 from archiver.errors import DependencyError
 from archiver.reader import open_archive
-from archiver.serving.cache import default_cache_dir, discard_folder
+from archiver.serving.cache import cache_subfolder, discard_folder
 
 log = logging.getLogger("archiver.serving")
 
@@ -99,12 +99,7 @@ def model_python(source: str | Path, requirements_name: str, cache_dir: str | Pa
             requirements_name,
         )
         return sys.executable
-    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).absolute()
-    envs = root / "envs"
-    try:
-        envs.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DependencyError(f"cannot create the environment cache folder {envs}: {exc.strerror}") from exc
+    envs = cache_subfolder(cache_dir, "envs")
     key = env_key(data)
     env = envs / key
     if _ready(env):
