@@ -31,7 +31,6 @@ class Job:
 
     request: RawRequest
     future: asyncio.Future
-    enqueued_at: float
     dispatched: bool = False
     timer: asyncio.TimerHandle | None = None
 
@@ -89,7 +88,7 @@ class Batcher:
                     f'model "{self.name}" is overloaded: its queue of {self.queue_size} requests is full'
                 )
         loop = asyncio.get_running_loop()
-        job = Job(request=request, future=loop.create_future(), enqueued_at=time.monotonic())
+        job = Job(request=request, future=loop.create_future())
         if timeout_s is not None:
             job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
         self._queue.append(job)

@@ -34,7 +34,6 @@ from archiver.serving.wire import RawRequest
 from archiver.serving.worker_env import torch_threads_for, worker_environment
 from archiver.serving.worker_process import WorkerSpec
 
-ModelState = PoolState
 READY, LOADING, FAILED = PoolState.READY, PoolState.LOADING, PoolState.FAILED
 
 

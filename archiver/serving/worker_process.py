@@ -94,7 +94,6 @@ class WorkerProcess:
         self.started_at = time.time()
         self.load_time_s: float | None = None
         self.holding = 0  # requests of the batch it has taken (0 when idle)
-        self.busy_since: float | None = None
         self.kill_reason: tuple[str, str] | None = None  # (cause, description) when the supervisor kills
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -264,7 +263,7 @@ class WorkerProcess:
         assert self._reader is not None and self._writer is not None
         self._batches += 1
         batch_id = self._batches
-        self.state, self.busy_since = WorkerState.BUSY, time.monotonic()
+        self.state = WorkerState.BUSY
         frame: wire.Frame | None = None
         try:
             async with asyncio.timeout(timeout_s):
@@ -293,7 +292,7 @@ class WorkerProcess:
             raise WorkerDiedError(self.death_message(await self._ended())) from None
         if self.state == WorkerState.BUSY:
             self.state = WorkerState.READY
-        self.busy_since, self.holding = None, 0
+        self.holding = 0
         records = frame.header.get("metrics")
         if records and self.on_metrics is not None:
             self._report_metrics(records)
