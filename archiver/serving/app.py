@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import time
-import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from archiver.errors import (
     UsageError,
 )
 from archiver.manifest import MODEL_NAME_PATTERN
+from archiver.serving.http_codec import form_parts, last_wins, mime_type, response_headers
 from archiver.serving.metrics import ServerMetrics
 from archiver.serving.protocol import error_response, response_for_exception
 from archiver.serving.registry import ModelRegistry
@@ -149,7 +149,7 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
             f"request body of {request.content_length} bytes is over the server's limit of {limit} bytes"
         )
     content_type = request.headers.get("Content-Type")
-    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    mime = mime_type(content_type)
     parts: list[tuple[str, bytes, str]] = []
     if mime == "multipart/form-data":
         try:
@@ -168,20 +168,12 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
     else:
         body = await _read_capped(request.content.read, limit)
         if mime == "application/x-www-form-urlencoded":
-            for key, value in urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True):
-                parts.append((key, value.encode("latin-1"), ""))
+            parts.extend(form_parts(body))
         else:
             parts.append(("body", body, content_type or ""))
     # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
     request_id = request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
-    return RawRequest(request_id=request_id, headers=dict(request.headers), parts=_last_wins(parts))
-
-
-def _last_wins(parts: list[tuple[str, bytes, str]]) -> list[tuple[str, bytes, str]]:
-    """One part per name, the last one sent winning (a handler sees a dict, as TorchServe's does)."""
-    if len({name for name, _, _ in parts}) == len(parts):
-        return parts
-    return list({name: (name, body, ctype) for name, body, ctype in parts}.values())
+    return RawRequest(request_id=request_id, headers=dict(request.headers), parts=last_wins(parts))
 
 
 # ---- inference app -----------------------------------------------------------------------------
@@ -210,9 +202,9 @@ async def predictions(request: web.Request) -> web.StreamResponse:
         if request.path.startswith("/explanations/"):
             inference.headers["explain"] = "True"
         answer = await registry.predict(name, version, inference)
-        headers = {**answer.headers, "x-request-id": request_id}
-        resp = web.Response(status=answer.status, body=answer.body, headers=headers)
-        resp.headers["Content-Type"] = answer.content_type or "application/octet-stream"
+        resp = web.Response(
+            status=answer.status, body=answer.body, headers=response_headers(answer, request_id)
+        )
     except ArchiverError as exc:
         resp = _exception_response(exc)
         resp.headers["x-request-id"] = request_id
