@@ -175,3 +175,11 @@ class WorkerStartError(HandlerError):
     def __init__(self, message: str, cause: str = "load_failed") -> None:
         super().__init__(message)
         self.cause = cause
+
+
+class BatchTooLargeError(ArchiverError):
+    """A batch is larger than the model was compiled for (an AOTInductor package's ``--max-batch``).
+
+    Every request of that batch gets this 500 and the worker goes on; the cure is on the server's
+    side (a smaller ``batch_size``, or a package exported with a larger ``--max-batch``).
+    """
