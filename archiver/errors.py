@@ -183,3 +183,9 @@ class BatchTooLargeError(ArchiverError):
     Every request of that batch gets this 500 and the worker goes on; the cure is on the server's
     side (a smaller ``batch_size``, or a package exported with a larger ``--max-batch``).
     """
+
+
+class TensorRequestError(UsageError):
+    """An Open Inference Protocol (v2) or KServe v1 request is malformed: a shape that disagrees with its
+    data, an unknown datatype, a binary size past the body's end, an unknown output name, JSON nested too
+    deep. HTTP 400, with a message naming the input and the fault."""
