@@ -1,9 +1,15 @@
-"""A new user follows examples/resnet34/README.md command by command, and every step does what it says."""
+"""The seed walkthrough, run verbatim: the front page's tour, which is examples/resnet34/README.md's commands.
+
+README.md's tour (its second ```bash block) activates the venv, enters examples/resnet34 and runs that
+folder's README commands; one test runs the tour command by command in a copy of that layout, and a
+cheap test checks that the example's README lists the very same commands, so both stay tested.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,9 +17,13 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+FRONT_PAGE = REPO / "README.md"
 README = EXAMPLES / "resnet34" / "README.md"
 EXPORT = EXAMPLES / "resnet34" / "export.py"
+TWO_COMMANDS = ["./scripts/demo.sh", "./scripts/test.sh"]
+TOUR_SETUP = ["source .venv/bin/activate", "cd examples/resnet34"]
 SEED_ARCHIVE_COMMAND = (
     "model-archiver --model-name resnet34 --version 1.0 --serialized-file resnet34.pt "
     "--extra-files ./index_to_name.json,./MyHandler.py --handler my_handler.py --export-path model-store -f"
@@ -21,8 +31,17 @@ SEED_ARCHIVE_COMMAND = (
 pytestmark = pytest.mark.slow
 
 
+def front_page_tour(readme_commands) -> list[str]:
+    """The front page's commands after its two opening ones: the tour, set-up lines included."""
+    commands = readme_commands(FRONT_PAGE)
+    opening = [command.split(" #")[0].rstrip() for command in commands[:2]]  # without their comments
+    assert opening == TWO_COMMANDS, f"README.md must open with the two commands, verbatim: {commands[:2]}"
+    return commands[2:]
+
+
 def test_readme_keeps_the_seed_command_line_verbatim(readme_commands):
     assert SEED_ARCHIVE_COMMAND in readme_commands(README)
+    assert SEED_ARCHIVE_COMMAND in front_page_tour(readme_commands)
 
 
 def test_the_index_file_holds_imagenet_classes_with_wordnet_ids():
@@ -42,19 +61,34 @@ def test_the_index_file_holds_imagenet_classes_with_wordnet_ids():
         assert mapping["285"] == ["n02124075", "Egyptian cat"]
 
 
+def test_the_front_page_tour_is_the_example_readme(readme_commands):
+    tour = front_page_tour(readme_commands)
+    assert tour[:2] == TOUR_SETUP, tour
+    assert tour[2:] == readme_commands(README), "README.md's tour and examples/resnet34/README.md differ"
+
+
 def test_the_seed_walkthrough_runs_verbatim(
-    example_copy, shell, default_ports_or_skip, readme_commands, port_closes
+    tmp_path, shell, default_ports_or_skip, readme_commands, port_closes
 ):
-    folder = example_copy("resnet34")
+    """The front page's tour in a copy of the project's layout: a .venv and examples/resnet34."""
+    clone = tmp_path / "clone"
+    outputs = shutil.ignore_patterns("*.pt", "*.mar", "model-store", "__pycache__", ".pytest_cache")
+    shutil.copytree(EXAMPLES / "resnet34", clone / "examples" / "resnet34", ignore=outputs)
+    venv = Path(sys.executable).parent.parent  # the venv these tests run in, as scripts/setup.sh made it
+    assert (venv / "bin" / "activate").is_file(), f"the tests must run in a venv: no {venv}/bin/activate"
+    (clone / ".venv").symlink_to(venv, target_is_directory=True)
+    folder = clone / "examples" / "resnet34"
     mapping = json.loads((folder / "index_to_name.json").read_text())
-    session = shell(folder)
-    commands = readme_commands(README)
+    session = shell(clone)
     served = False
-    for command in commands:
+    for command in front_page_tour(readme_commands):
         step = session.run(command, timeout_s=90)
         where = f"README step {command!r} printed:\n{step.output}"
 
-        if command.startswith("python export.py"):
+        if command in TOUR_SETUP:
+            assert step.returncode == 0, where
+
+        elif command.startswith("python export.py"):
             assert step.returncode == 0, where
             assert "WARNING" in step.output and "random weights" in step.output, where
             assert (folder / "resnet34.pt").stat().st_size > 50_000_000, where
@@ -71,6 +105,7 @@ def test_the_seed_walkthrough_runs_verbatim(
 
         elif command.startswith("model-archiver verify"):
             assert step.returncode == 0, where
+            assert step.output.startswith("OK: "), where
 
         elif command.startswith("model-archiver predict"):
             assert step.returncode == 0, where
