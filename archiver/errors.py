@@ -189,3 +189,8 @@ class TensorRequestError(UsageError):
     """An Open Inference Protocol (v2) or KServe v1 request is malformed: a shape that disagrees with its
     data, an unknown datatype, a binary size past the body's end, an unknown output name, JSON nested too
     deep. HTTP 400, with a message naming the input and the fault."""
+
+
+class MissingExtraError(ArchiverError):
+    """An optional engine is not installed (``torchmar[ray]``, ``torchmar[kserve]``): the message names
+    the extra and the pip command that installs it. Exit 1."""
