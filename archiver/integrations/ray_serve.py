@@ -1,0 +1,237 @@
+"""Serve archives on Ray Serve: an application builder that Ray's own CLI and config files name.
+
+    serve run archiver.integrations.ray_serve:build_app archives=resnet34.mar,other.mar
+
+One deployment per model; each replica loads its archive with ``load_model`` (the safe reader and the
+unpack cache, as a bundled server's worker does) and runs batches formed by ``@serve.batch`` through
+``LoadedModel.handle``, the bundled server's own code. Requests and answers cross HTTP through
+``http_codec`` (TorchServe's routes) and ``oip`` (the Open Inference Protocol), as in the bundled
+server. With one archive its deployment is the ingress; with several a small router (no torch, no CPU
+reserved) sends each request to its model's deployment. Ray places, restarts and scales the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from archiver.errors import ArchiverError, ModelNotFoundError, ServiceUnavailableError, UsageError
+from archiver.integrations import require_extra
+from archiver.integrations.archive_plan import ServePlan, local_path, parse_archive_list, plan_archive
+from archiver.serving.http_codec import (
+    DEFAULT_MAX_REQUEST_SIZE,
+    error_http_response,
+    http_response,
+    raw_request,
+)
+from archiver.serving.protocol import InferenceResponse
+from archiver.serving.wire import RawRequest, to_inference_request
+
+require_extra("ray", "ray.serve")
+
+from ray import serve  # noqa: E402 - after the one-line message for a missing extra
+from ray.serve import Application  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import Response  # noqa: E402
+
+log = logging.getLogger("archiver.integrations.ray_serve")
+# How many requests the batch that answered a request had: Ray's metrics do not say, and it is what
+# one tunes batchSize and maxBatchDelay by.
+BATCH_SIZE_HEADER = "x-archiver-batch-size"
+Infer = Callable[[RawRequest], Awaitable[InferenceResponse]]
+
+
+class ArchiveModel:
+    """One model's replica: the archive's handler, fed by ``@serve.batch``."""
+
+    def __init__(self, plan: ServePlan, cache_dir: str | None = None, max_request_size: int = 0) -> None:
+        from archiver.serving.loader import load_model
+
+        self.plan = plan
+        self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
+        self.model = load_model(
+            local_path(plan.source), name=plan.name, cache_dir=cache_dir, batch_size=plan.batch_size
+        )
+        self.model.on_handler_error = lambda exc: log.error(
+            "handler error in model %r: %s: %s", plan.name, type(exc).__name__, exc
+        )
+        self._handle_batch.set_max_batch_size(plan.batch_size)
+        self._handle_batch.set_batch_wait_timeout_s(plan.max_batch_delay_ms / 1000.0)
+
+    @serve.batch
+    async def _handle_batch(self, requests: list[RawRequest]) -> list[InferenceResponse]:
+        # The handler is blocking code: a thread keeps this replica's loop taking the next batch's requests.
+        answers = await asyncio.to_thread(self.model.handle, [to_inference_request(r) for r in requests])
+        for answer in answers:
+            answer.headers[BATCH_SIZE_HEADER] = str(len(requests))
+        return answers
+
+    async def infer(self, request: RawRequest) -> InferenceResponse:
+        """One request, answered from the batch it joins (what the router calls)."""
+        return await self._handle_batch(request)
+
+    async def __call__(self, request: Request) -> Response:
+        """HTTP, when this model is the application's only one."""
+        routes = {(self.plan.name, self.plan.version): self.infer}
+        return await answer_http(request, routes, self.max_request_size)
+
+
+class ArchiveRouter:
+    """The ingress of a multi-model application: each request to its model's deployment."""
+
+    def __init__(self, models: list[tuple[str, str, Any]], max_request_size: int = 0) -> None:
+        self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
+        self.routes: dict[tuple[str, str], Infer] = {
+            (name, version): _remote_infer(handle) for name, version, handle in models
+        }
+
+    async def __call__(self, request: Request) -> Response:
+        return await answer_http(request, self.routes, self.max_request_size)
+
+
+def _remote_infer(handle: Any) -> Infer:
+    async def infer(raw: RawRequest) -> InferenceResponse:
+        return await handle.infer.remote(raw)
+
+    return infer
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+def _path(request: Request) -> str:
+    path = request.url.path
+    root = request.scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return "/" + path.lstrip("/")
+
+
+def _pick(routes: dict[tuple[str, str], Infer], name: str, version: str | None) -> Infer:
+    if version is None:
+        # The first archive given for a name is its default version.
+        for (model, _), infer in routes.items():
+            if model == name:
+                return infer
+    elif (name, version) in routes:
+        return routes[(name, version)]
+    suffix = f" version {version}" if version else ""
+    raise ModelNotFoundError(f"Model not found: {name}{suffix}")
+
+
+def _reply(status: int, headers: dict[str, str], body: bytes) -> Response:
+    content_type = headers.pop("Content-Type", None)
+    return Response(content=body, status_code=status, headers=headers, media_type=content_type)
+
+
+async def answer_http(
+    request: Request, routes: dict[tuple[str, str], Infer], max_request_size: int
+) -> Response:
+    """TorchServe's inference routes (``/ping``, ``/predictions/{model}[/{version}]``) on Ray's proxy."""
+    path = _path(request)
+    request_id = request.headers.get("x-request-id") or ""
+    segments = [s for s in path.split("/") if s]
+    try:
+        if path == "/ping" and request.method == "GET":
+            return _reply(200, {"Content-Type": "application/json"}, b'{"status": "Healthy"}')
+        if segments[:1] not in (["predictions"], ["explanations"]) or not 2 <= len(segments) <= 3:
+            raise ModelNotFoundError("Requested resource is not found, please refer to API document.")
+        if request.method not in ("POST", "PUT"):
+            raise UsageError(f"{request.method} is not allowed on {path}")
+        infer = _pick(routes, segments[1], segments[2] if len(segments) == 3 else None)
+        raw = raw_request(
+            await request.body(),
+            request.headers.get("content-type"),
+            dict(request.headers),
+            request_id=request_id or None,
+            max_request_size=max_request_size,
+        )
+        if segments[0] == "explanations":
+            raw.headers["explain"] = "True"
+        request_id = raw.request_id
+        try:
+            answer = await infer(raw)
+        except ArchiverError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a replica that died mid-request (Ray raises its own types)
+            log.warning("request %s failed in Ray: %s: %s", request_id, type(exc).__name__, exc)
+            raise ServiceUnavailableError(f"the model's replica failed: {type(exc).__name__}") from exc
+        return _reply(*http_response(answer, request_id))
+    except ArchiverError as exc:
+        return _reply(*error_http_response(exc, request_id or "-"))
+
+
+# ---- the application builder ---------------------------------------------------------------------
+def _int_arg(args: dict[str, Any], key: str) -> int | None:
+    value = args.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key} must be an integer, got {value!r}") from None
+
+
+def _float_arg(args: dict[str, Any], key: str) -> float | None:
+    value = args.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key} must be a number, got {value!r}") from None
+
+
+def deployment_name(plan: ServePlan, plans: list[ServePlan]) -> str:
+    """The model's name, or name_version when several versions of it are served."""
+    if sum(1 for p in plans if p.name == plan.name) > 1:
+        return f"{plan.name}_{plan.version}".replace(".", "_")
+    return plan.name
+
+
+def plans_from_args(args: dict[str, Any]) -> list[ServePlan]:
+    """The archives ``args`` names (``archives``: ``a.mar,b.mar`` or a list), with the overrides
+    ``batch_size``, ``max_batch_delay_ms`` and ``num_replicas`` applied to each."""
+    known = {"archives", "batch_size", "max_batch_delay_ms", "num_replicas", "cache_dir", "max_request_size"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise UsageError(f"unknown argument {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    if "archives" not in args:
+        raise UsageError("give the archives to serve: archives=a.mar,b.mar")
+    plans = []
+    for source in parse_archive_list(args["archives"]):
+        plan = plan_archive(
+            source,
+            batch_size=_int_arg(args, "batch_size"),
+            max_batch_delay_ms=_float_arg(args, "max_batch_delay_ms"),
+            replicas=_int_arg(args, "num_replicas"),
+        )
+        # Replicas may start in another folder (or on another machine with the same mount).
+        plans.append(ServePlan(**{**plan.__dict__, "source": str(local_path(source))}))
+    seen: set[tuple[str, str]] = set()
+    for plan in plans:
+        if (plan.name, plan.version) in seen:
+            raise UsageError(f"two archives are model {plan.name!r} version {plan.version}")
+        seen.add((plan.name, plan.version))
+    return plans
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Ray Serve application for the archives ``args`` names (Ray's application-builder protocol)."""
+    plans = plans_from_args(args)
+    cache_dir = args.get("cache_dir") or None
+    max_request_size = _int_arg(args, "max_request_size") or 0
+    bound = []
+    for plan in plans:
+        deployment = serve.deployment(ArchiveModel).options(
+            name=deployment_name(plan, plans), **plan.deployment_options()
+        )
+        bound.append((plan, deployment.bind(plan, cache_dir, max_request_size)))
+    if len(bound) == 1:
+        return bound[0][1]
+    router = serve.deployment(ArchiveRouter).options(
+        name="router",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max(256, sum(p.max_ongoing_requests * p.max_replicas for p in plans)),
+    )
+    return router.bind([(p.name, p.version, app) for p, app in bound], max_request_size)
