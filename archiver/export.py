@@ -1,9 +1,10 @@
-"""Turn an nn.Module into a serialized file (TorchScript trace/script, or torch.export .pt2), checked.
+"""Turn an nn.Module into a serialized file (TorchScript, torch.export or AOTInductor .pt2), checked.
 
 Users forget ``eval()`` (TorchServe issue 364: dropout and batch-norm in training mode make every answer
 different), so it is always called; the export runs under ``no_grad``; and the saved file is loaded back
 and run on the example input, failing with the max abs difference if it disagrees with the eager model.
-The file appears at ``path`` only once that check has passed.
+The file appears at ``path`` only once that check has passed. An AOTInductor package (``aoti``,
+see ``archiver._aoti``) is checked at batch 1, the example's batch and its largest batch.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from archiver import _aoti
 from archiver.errors import ExportError, InputFileError, UsageError
 
-METHODS = ("trace", "script", "export")
+METHODS = ("trace", "script", "export", "aoti")
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -47,10 +49,18 @@ def export_model(
     path: str | os.PathLike,
     method: str = "trace",
     *,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_batch: int | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> Path:
-    """Export ``model`` by ``method`` to ``path``, check it against the eager model, return ``path``."""
+    """Export ``model`` by ``method`` to ``path``, check it against the eager model, return ``path``.
+
+    ``method="aoti"`` exports the batch dimension (0) as dynamic from 1 to ``max_batch`` (default:
+    the example's batch) and compiles it; ``on_stage(text)`` is told as each long step begins.
+    The check's tolerances default to rtol 1e-4, atol 1e-5, and ten times that for ``aoti``, whose
+    fused kernels sum in another order (ResNet34's logits differ by up to 2e-4).
+    """
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not isinstance(model, torch.nn.Module):
@@ -58,6 +68,21 @@ def export_model(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise UsageError("example_inputs must be a tensor or a tuple of tensors")
+    if max_batch is not None and method != "aoti":
+        raise UsageError("max_batch applies to method 'aoti' only")
+    stage = on_stage or (lambda text: None)
+    loose = 10.0 if method == "aoti" else 1.0
+    rtol = 1e-4 * loose if rtol is None else rtol
+    atol = 1e-5 * loose if atol is None else atol
+    if method == "aoti":
+        _aoti.check_compiler()
+        example_batch = _aoti.batch_size_of(inputs)
+        max_batch = example_batch if max_batch is None else max_batch
+        if max_batch < 1 or example_batch > max_batch:
+            raise UsageError(
+                f"--max-batch {max_batch} is below the example's batch ({example_batch}); the package "
+                "is checked at its example's batch, so the example must fit"
+            )
     path = Path(path)
     model.eval()
     with torch.no_grad():
@@ -67,14 +92,21 @@ def export_model(
             raise ExportError(f"the model fails on the example input: {_first_line(exc)}") from exc
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.{os.getpid()}.", suffix=path.suffix, dir=path.parent
+            # aoti_compile_and_package insists on a .pt2 name, whatever the user calls the file.
+            prefix=f".{path.name}.{os.getpid()}.",
+            suffix=".pt2" if method == "aoti" else path.suffix,
+            dir=path.parent,
         )
         os.close(fd)
         temp = Path(temp_name)
         try:
-            _save(model, inputs, temp, method)
-            actual = _load_and_run(temp, inputs, method)
-            _compare(expected, actual, rtol=rtol, atol=atol, method=method)
+            if method == "aoti":
+                _aoti.compile_package(model, inputs, temp, max_batch=max_batch, stage=stage)
+                _check_package(model, inputs, temp, max_batch, stage, rtol=rtol, atol=atol)
+            else:
+                _save(model, inputs, temp, method)
+                actual = _load_and_run(temp, inputs, method)
+                _compare(expected, actual, rtol=rtol, atol=atol, method=method)
             os.chmod(temp, 0o644)
             os.replace(temp, path)
         finally:
@@ -96,6 +128,33 @@ def _save(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], temp: Path, 
     except Exception as exc:
         api = {"trace": "torch.jit.trace", "script": "torch.jit.script", "export": "torch.export"}[method]
         raise ExportError(f"{api} failed: {_first_line(exc)}") from exc
+
+
+def _check_package(
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    temp: Path,
+    max_batch: int,
+    stage: Callable[[str], None],
+    *,
+    rtol: float,
+    atol: float,
+) -> None:
+    """Run the compiled package against the eager model at batch 1, the example's and the largest."""
+    batches = _aoti.check_batches(_aoti.batch_size_of(inputs), max_batch)
+    stage(f"checking the package against the eager model at batch {', '.join(map(str, batches))}")
+    try:
+        package = _aoti.load_package(temp)
+    except Exception as exc:
+        raise ExportError(f"the compiled package does not load: {_first_line(exc)}") from exc
+    for size in batches:
+        rows = _aoti.resize_batch(inputs, size)
+        expected = model(*rows)
+        try:
+            actual = package(*rows)
+        except Exception as exc:
+            raise ExportError(f"the compiled package fails at batch {size}: {_first_line(exc)}") from exc
+        _compare(expected, actual, rtol=rtol, atol=atol, method=f"aoti at batch {size}")
 
 
 def _load_and_run(temp: Path, inputs: tuple[torch.Tensor, ...], method: str) -> Any:

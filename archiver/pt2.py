@@ -57,7 +57,9 @@ class Pt2Info:
         if self.device:
             isa = self.metadata.get("AOTI_CPU_ISA") if self.device == "cpu" else None
             parts.append(f"compiled for {self.device}" + (f" ({isa})" if isa else ""))
-        machine = " ".join(v for v in (self.metadata.get("AOTI_PLATFORM"), self.metadata.get("AOTI_MACHINE")) if v)
+        machine = " ".join(
+            v for v in (self.metadata.get("AOTI_PLATFORM"), self.metadata.get("AOTI_MACHINE")) if v
+        )
         if machine:
             parts.append(machine)
         parts.append(f"batch 1 to {self.max_batch}" if self.max_batch else "batch bound not recorded")
