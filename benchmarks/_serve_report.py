@@ -96,7 +96,7 @@ ROWS = [
 
 
 def report(results: dict) -> str:
-    """The README table: each measure for the bare model, ours and TorchServe, and their ratios."""
+    """docs/benchmarks.md's table: each measure for the bare model, ours and TorchServe, and the ratios."""
     bare, ours, ts = results["bare"], results["ours"], results.get("torchserve") or {}
     rows = [
         "| measure | bare model | ours | TorchServe 0.12 | ours/bare | TorchServe/bare | ours/TorchServe |",

@@ -17,7 +17,9 @@ import pytest
 from archiver.cli import cli
 
 REPO = Path(__file__).resolve().parents[2]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = sorted((REPO / "docs").glob("*.md"))
+# The examples' READMEs are run verbatim by their own tests; their links are checked here too.
+PAGES = [REPO / "README.md", *DOCS, *sorted((REPO / "examples").glob("*/README.md"))]
 PAGE_IDS = [str(page.relative_to(REPO)) for page in PAGES]
 # Fenced blocks and inline code hold examples, not links.
 FENCED = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.S | re.M)
@@ -59,10 +61,10 @@ def relative_links(page: Path) -> list[str]:
 
 
 def test_the_pages_are_found():
-    names = {page.name for page in PAGES[1:]}
+    names = {page.name for page in DOCS}
     assert {"index.md", "archiving.md", "handlers.md", "serving.md", "api.md"} <= names
     index = (REPO / "docs" / "index.md").read_text()
-    for page in PAGES[1:]:
+    for page in DOCS:
         if page.name != "index.md":
             assert f"]({page.name})" in index, f"docs/index.md does not list {page.name}"
 
