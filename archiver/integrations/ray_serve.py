@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from archiver.errors import ArchiverError, ModelNotFoundError, ServiceUnavailableError, UsageError
+from archiver.errors import UsageError
 from archiver.integrations import require_extra
 from archiver.integrations.archive_plan import ServePlan, local_path, parse_archive_list, plan_archive
-from archiver.serving.http_codec import (
-    DEFAULT_MAX_REQUEST_SIZE,
-    error_http_response,
-    http_response,
-    raw_request,
-)
+from archiver.integrations.routes import Infer, ModelRoute, ModelTable, dispatch
+from archiver.serving.http_codec import DEFAULT_MAX_REQUEST_SIZE
 from archiver.serving.protocol import InferenceResponse
 from archiver.serving.wire import RawRequest, to_inference_request
 
@@ -40,7 +35,6 @@ log = logging.getLogger("archiver.integrations.ray_serve")
 # How many requests the batch that answered a request had: Ray's metrics do not say, and it is what
 # one tunes batchSize and maxBatchDelay by.
 BATCH_SIZE_HEADER = "x-archiver-batch-size"
-Infer = Callable[[RawRequest], Awaitable[InferenceResponse]]
 
 
 class ArchiveModel:
@@ -74,8 +68,8 @@ class ArchiveModel:
 
     async def __call__(self, request: Request) -> Response:
         """HTTP, when this model is the application's only one."""
-        routes = {(self.plan.name, self.plan.version): self.infer}
-        return await answer_http(request, routes, self.max_request_size)
+        table = ModelTable([ModelRoute(self.plan.name, self.plan.version, self.infer)])
+        return await answer_http(request, table, self.max_request_size)
 
 
 class ArchiveRouter:
@@ -83,12 +77,10 @@ class ArchiveRouter:
 
     def __init__(self, models: list[tuple[str, str, Any]], max_request_size: int = 0) -> None:
         self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
-        self.routes: dict[tuple[str, str], Infer] = {
-            (name, version): _remote_infer(handle) for name, version, handle in models
-        }
+        self.table = ModelTable([ModelRoute(name, version, _remote_infer(h)) for name, version, h in models])
 
     async def __call__(self, request: Request) -> Response:
-        return await answer_http(request, self.routes, self.max_request_size)
+        return await answer_http(request, self.table, self.max_request_size)
 
 
 def _remote_infer(handle: Any) -> Infer:
@@ -98,7 +90,6 @@ def _remote_infer(handle: Any) -> Infer:
     return infer
 
 
-# ---- HTTP ---------------------------------------------------------------------------------------
 def _path(request: Request) -> str:
     path = request.url.path
     root = request.scope.get("root_path") or ""
@@ -107,58 +98,14 @@ def _path(request: Request) -> str:
     return "/" + path.lstrip("/")
 
 
-def _pick(routes: dict[tuple[str, str], Infer], name: str, version: str | None) -> Infer:
-    if version is None:
-        # The first archive given for a name is its default version.
-        for (model, _), infer in routes.items():
-            if model == name:
-                return infer
-    elif (name, version) in routes:
-        return routes[(name, version)]
-    suffix = f" version {version}" if version else ""
-    raise ModelNotFoundError(f"Model not found: {name}{suffix}")
-
-
-def _reply(status: int, headers: dict[str, str], body: bytes) -> Response:
+async def answer_http(request: Request, table: ModelTable, max_request_size: int) -> Response:
+    """One HTTP request from Ray's proxy, answered by ``routes.dispatch``."""
+    status, headers, body = await dispatch(
+        table, request.method, _path(request), dict(request.headers), await request.body(), max_request_size
+    )
+    headers.pop("x-request-id", None)  # Ray's proxy sends its own (the client's, when it gave one)
     content_type = headers.pop("Content-Type", None)
     return Response(content=body, status_code=status, headers=headers, media_type=content_type)
-
-
-async def answer_http(
-    request: Request, routes: dict[tuple[str, str], Infer], max_request_size: int
-) -> Response:
-    """TorchServe's inference routes (``/ping``, ``/predictions/{model}[/{version}]``) on Ray's proxy."""
-    path = _path(request)
-    request_id = request.headers.get("x-request-id") or ""
-    segments = [s for s in path.split("/") if s]
-    try:
-        if path == "/ping" and request.method == "GET":
-            return _reply(200, {"Content-Type": "application/json"}, b'{"status": "Healthy"}')
-        if segments[:1] not in (["predictions"], ["explanations"]) or not 2 <= len(segments) <= 3:
-            raise ModelNotFoundError("Requested resource is not found, please refer to API document.")
-        if request.method not in ("POST", "PUT"):
-            raise UsageError(f"{request.method} is not allowed on {path}")
-        infer = _pick(routes, segments[1], segments[2] if len(segments) == 3 else None)
-        raw = raw_request(
-            await request.body(),
-            request.headers.get("content-type"),
-            dict(request.headers),
-            request_id=request_id or None,
-            max_request_size=max_request_size,
-        )
-        if segments[0] == "explanations":
-            raw.headers["explain"] = "True"
-        request_id = raw.request_id
-        try:
-            answer = await infer(raw)
-        except ArchiverError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a replica that died mid-request (Ray raises its own types)
-            log.warning("request %s failed in Ray: %s: %s", request_id, type(exc).__name__, exc)
-            raise ServiceUnavailableError(f"the model's replica failed: {type(exc).__name__}") from exc
-        return _reply(*http_response(answer, request_id))
-    except ArchiverError as exc:
-        return _reply(*error_http_response(exc, request_id or "-"))
 
 
 # ---- the application builder ---------------------------------------------------------------------

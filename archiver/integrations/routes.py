@@ -1,0 +1,202 @@
+"""The inference routes an engine host answers, framework-free: (method, path, headers, body) in,
+(status, headers, body) out.
+
+TorchServe's ``/ping`` and ``/predictions/{model}[/{version}]`` go through ``http_codec``; the Open
+Inference Protocol (``/v2/...``) and KServe v1 (``/v1/models/{model}:predict``) through ``oip``: the
+bundled server's codecs, so an answer is the same on every host. Each request ends as one call of
+``infer(RawRequest) -> InferenceResponse`` on its model (a Ray replica's batch queue, a router's
+deployment handle), which is the host's only part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from archiver.errors import (
+    ArchiverError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+    TensorRequestError,
+    UsageError,
+)
+from archiver.serving import oip
+from archiver.serving.http_codec import error_http_response, http_response, raw_request
+from archiver.serving.protocol import InferenceResponse
+from archiver.serving.wire import RawRequest
+
+log = logging.getLogger("archiver.integrations")
+Infer = Callable[[RawRequest], Awaitable[InferenceResponse]]
+Reply = tuple[int, dict[str, str], bytes]
+_JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """One servable model version and how to reach it."""
+
+    name: str
+    version: str
+    infer: Infer
+
+
+class ModelTable:
+    """The models a host serves, by name and version; the first one given for a name is its default."""
+
+    def __init__(self, routes: list[ModelRoute]) -> None:
+        self.routes = routes
+
+    def pick(self, name: str, version: str | None) -> ModelRoute:
+        for route in self.routes:
+            if route.name == name and (version is None or route.version == version):
+                return route
+        suffix = f" version {version}" if version else ""
+        raise ModelNotFoundError(f"Model not found: {name}{suffix}")
+
+    def versions(self, name: str) -> list[str]:
+        return [r.version for r in self.routes if r.name == name]
+
+
+def _json(status: int, payload: Any) -> Reply:
+    return status, {"Content-Type": _JSON}, json.dumps(payload).encode()
+
+
+def _oip_error(exc: ArchiverError) -> Reply:
+    status = 400 if isinstance(exc, TensorRequestError) else exc.http_status
+    return status, {"Content-Type": _JSON}, oip.error_body(exc.message)
+
+
+async def _call(route: ModelRoute, raw: RawRequest) -> InferenceResponse:
+    try:
+        return await route.infer(raw)
+    except ArchiverError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the engine's own failure (a replica died mid-request)
+        log.warning(
+            "request %s to %s failed in the engine: %s: %s",
+            raw.request_id,
+            route.name,
+            type(exc).__name__,
+            exc,
+        )
+        raise ServiceUnavailableError(f"the model's replica failed: {type(exc).__name__}") from exc
+
+
+async def dispatch(
+    table: ModelTable, method: str, path: str, headers: dict[str, str], body: bytes, max_request_size: int
+) -> Reply:
+    """Answer one HTTP request; every failure is a JSON error body with its status, never a raise."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    request_id = lowered.get("x-request-id") or uuid.uuid4().hex
+    segments = [s for s in path.split("/") if s]
+    if segments[:1] in (["v2"], ["v1"]):
+        try:
+            return await _open_inference(table, method, segments, headers, lowered, body, request_id)
+        except ArchiverError as exc:
+            return _oip_error(exc)
+    try:
+        if segments == ["ping"] and method == "GET":
+            return _json(200, {"status": "Healthy"})
+        if segments[:1] not in (["predictions"], ["explanations"]) or not 2 <= len(segments) <= 3:
+            raise ModelNotFoundError("Requested resource is not found, please refer to API document.")
+        if method not in ("POST", "PUT"):
+            raise UsageError(f"{method} is not allowed on {path}")
+        route = table.pick(segments[1], segments[2] if len(segments) == 3 else None)
+        raw = raw_request(
+            body,
+            lowered.get("content-type"),
+            headers,
+            request_id=request_id,
+            max_request_size=max_request_size,
+        )
+        if segments[0] == "explanations":
+            raw.headers["explain"] = "True"
+        return http_response(await _call(route, raw), request_id)
+    except ArchiverError as exc:
+        return error_http_response(exc, request_id)
+
+
+async def _open_inference(
+    table: ModelTable,
+    method: str,
+    segments: list[str],
+    headers: dict[str, str],
+    lowered: dict[str, str],
+    body: bytes,
+    request_id: str,
+) -> Reply:
+    """``/v2/...`` and ``/v1/models/...``: the protocol's routes on the same models."""
+    if segments == ["v2"] and method == "GET":
+        return _json(
+            200, {"name": "model-archiver", "version": _version(), "extensions": ["binary_tensor_data"]}
+        )
+    if segments[:2] == ["v2", "health"] and len(segments) == 3 and method == "GET":
+        # Ray and KServe route here only once every replica has loaded: live is ready.
+        return _json(200, {segments[2]: True}) if segments[2] in ("live", "ready") else _not_found()
+    if segments[:2] == ["v1", "models"] and len(segments) == 3:
+        name, _, verb = segments[2].partition(":")
+        route = table.pick(name, None)
+        if verb == "" and method == "GET":
+            return _json(200, {"name": route.name, "ready": True})
+        if verb == "predict" and method == "POST":
+            return await _v1_predict(route, headers, body, request_id)
+        return _not_found()
+    if segments[:2] != ["v2", "models"] or len(segments) < 3:
+        return _not_found()
+    name, rest = segments[2], segments[3:]
+    version = None
+    if rest[:1] == ["versions"] and len(rest) >= 2:
+        version, rest = rest[1], rest[2:]
+    route = table.pick(name, version)
+    if rest == [] and method == "GET":
+        return _json(
+            200,
+            {
+                "name": route.name,
+                "versions": table.versions(route.name),
+                "platform": "model-archiver",
+                "inputs": [],
+                "outputs": [],
+            },
+        )
+    if rest == ["ready"] and method == "GET":
+        return _json(200, {"name": route.name, "ready": True})
+    if rest == ["infer"] and method == "POST":
+        request = oip.parse_infer_request(body, lowered.get(oip.HEADER_LENGTH.lower()))
+        answer = await _call(route, oip.to_raw_request(request, request_id, headers))
+        if not answer.ok:
+            return answer.status, {"Content-Type": _JSON}, oip.error_body(answer.message or "request failed")
+        out, content_type, header_length = oip.build_infer_response(
+            request, answer, route.name, route.version
+        )
+        reply_headers = {"Content-Type": content_type}
+        if header_length is not None:
+            reply_headers[oip.HEADER_LENGTH] = str(header_length)
+        return 200, reply_headers, out
+    return _not_found()
+
+
+async def _v1_predict(route: ModelRoute, headers: dict[str, str], body: bytes, request_id: str) -> Reply:
+    """Each instance is one element of a batch: sent together, they batch as separate requests do."""
+    instances = oip.parse_v1_request(body)
+    raws = [oip.v1_raw_request(x, f"{request_id}-{i}", headers) for i, x in enumerate(instances)]
+    answers = await asyncio.gather(*(_call(route, raw) for raw in raws))
+    for answer in answers:
+        if not answer.ok:
+            return answer.status, {"Content-Type": _JSON}, oip.error_body(answer.message or "request failed")
+    return 200, {"Content-Type": _JSON}, oip.build_v1_response(list(answers))
+
+
+def _not_found() -> Reply:
+    return 404, {"Content-Type": _JSON}, oip.error_body("Requested resource is not found")
+
+
+def _version() -> str:
+    from archiver import __version__
+
+    return __version__
