@@ -1,20 +1,25 @@
-"""Load the model an archive names: TorchScript, a torch.export program, or an eager model file + weights.
+"""Load the model an archive names: TorchScript, a torch.export program, an AOTInductor package, or an
+eager model file + weights.
 
 TorchServe loads eager state dicts with ``torch.load``'s default, pickle, so an archive's weights file
 can run code; here they are read with ``weights_only=True``. TorchScript stays supported because it is
-what TorchServe archives hold; torch's deprecation notice for it is silenced for that reason.
+what TorchServe archives hold; torch's deprecation notice for it is silenced for that reason. A ``.pt2``
+is told apart by its zip entries (``archiver.pt2``), never by its name: TorchServe archives call any
+serialized file ``model.pt``.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from archiver.errors import HandlerError
+from archiver.errors import ArchiveFormatError, BatchTooLargeError, HandlerError
+from archiver.pt2 import AOTI, Pt2Info, read_pt2_info
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
 
@@ -29,7 +34,7 @@ def select_device(gpu_id: int | None) -> torch.device:
 def load_serialized_model(
     model_dir: Path, serialized_file: str | None, model_file: str | None, device: torch.device
 ) -> Any:
-    """Load the archive's model: eager (model file + state dict), torch.export (.pt2) or TorchScript."""
+    """Load the archive's model: eager (model file + state dict), a .pt2 of either kind, or TorchScript."""
     path = model_dir / serialized_file if serialized_file else None
     if path is not None and not path.is_file():
         raise HandlerError(f"serialized file {serialized_file} is not in the archive")
@@ -42,7 +47,13 @@ def load_serialized_model(
         raise HandlerError(
             "the manifest names neither a serializedFile nor a modelFile, so there is no model"
         )
-    if path.suffix == ".pt2":
+    try:
+        info = read_pt2_info(path)
+    except ArchiveFormatError as exc:
+        raise HandlerError(f"cannot load {path.name}: {exc}") from exc
+    if info is not None and info.kind == AOTI:
+        return AotiModel.load(path, info, device)
+    if info is not None:
         try:
             program = torch.export.load(str(path))
         except Exception as exc:
@@ -60,6 +71,69 @@ def load_serialized_model(
             "--model-file with the model class)"
         ) from exc
     return model.eval()
+
+
+class AotiModel:
+    """An AOTInductor package, called like the model it was compiled from, that refuses a batch past
+    the largest it was exported for (``BatchTooLargeError``, that batch alone) instead of running it.
+
+    ``device`` is where the package's code runs, which the handler's inputs must be moved to: a package
+    compiled for the CPU runs on the CPU even in a worker that was given a GPU.
+    """
+
+    def __init__(self, package: Any, info: Pt2Info, device: torch.device, name: str) -> None:
+        self.package = package
+        self.info = info
+        self.device = device
+        self.max_batch = info.max_batch
+        self.name = name
+
+    @classmethod
+    def load(cls, path: Path, info: Pt2Info, device: torch.device) -> AotiModel:
+        """Load ``path`` for ``device`` when it was compiled for that kind of device, else for its own."""
+        compiled_for = info.device or "cpu"
+        if compiled_for != device.type:
+            if compiled_for != "cpu" and not torch.cuda.is_available():
+                raise HandlerError(
+                    f"{path.name} is an AOTInductor package compiled for {compiled_for}, and this worker "
+                    "has no such device: export it again on a machine like the server's"
+                )
+            device = torch.device("cpu") if compiled_for == "cpu" else torch.device(compiled_for, 0)
+        try:
+            package = torch._inductor.aoti_load_package(
+                str(path), device_index=device.index if device.index is not None else -1
+            )
+        except Exception as exc:
+            raise HandlerError(
+                f"cannot load the AOTInductor package {path.name}: {_reason(exc)} (a package runs only "
+                "where its platform, CPU features and torch version match the ones it was compiled on)"
+            ) from exc
+        return cls(package, info, device, path.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        rows = first.shape[0] if first is not None and first.dim() > 0 else 0
+        if self.max_batch is not None and rows > self.max_batch:
+            raise BatchTooLargeError(
+                f"a batch of {rows} is past the {self.max_batch} that the AOTInductor package "
+                f"{self.name} was exported for: serve it with batch_size {self.max_batch} or less, "
+                f"or export it again with --max-batch {rows} or more"
+            )
+        return self.package(*args, **kwargs)
+
+    def warn_past(self, batch_size: Any) -> None:
+        """Say on stderr (the worker's log) when the server will form batches the package refuses."""
+        if isinstance(batch_size, int) and self.max_batch is not None and batch_size > self.max_batch:
+            print(
+                f"warning: batch_size {batch_size} is past the {self.max_batch} that {self.name} was "
+                f"exported for; batches of more than {self.max_batch} requests will fail with 500",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def eval(self) -> AotiModel:
+        """Compiled code has no training mode; here so handlers that call ``model.eval()`` still work."""
+        return self
 
 
 def load_state_dict_into(model: torch.nn.Module, path: Path, device: torch.device) -> None:
@@ -87,6 +161,8 @@ def compile_if_configured(model: Any, yaml_config: dict[str, Any] | None) -> Any
     ``pt2: inductor`` names the backend. Compiling happens at the first batch, as in TorchServe.
     """
     pt2 = (yaml_config or {}).get("pt2")
+    if isinstance(model, AotiModel):
+        return model  # already compiled, ahead of time
     if isinstance(pt2, str):
         options: dict[str, Any] = {"backend": pt2}
     elif isinstance(pt2, dict) and isinstance(pt2.get("compile"), dict) and pt2["compile"].get("enable"):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+import zipfile
+from pathlib import Path
 
 import click
 
 from archiver.manifest import MANIFEST_PATH
+from archiver.pt2 import Pt2Info, read_pt2_info
 from archiver.reader import ArchiveReader, VerifyReport, open_archive
+
+# A .tar.gz member cannot be opened in place; past this size its .pt2 kind is not read into memory.
+_TGZ_KIND_LIMIT_BYTES = 256 << 20
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -18,10 +25,16 @@ def inspect(archive_path: str, as_json: bool) -> None:
     """Show an archive's manifest and files with sizes and sha256; exit 1 if it is not intact.
 
     The sha256 shown is computed from the bytes; a file whose bytes disagree with the manifest is flagged.
+    A .pt2 serialized file is named by kind (torch.export program or AOTInductor package, read from its
+    contents); ARCHIVE may also be a .pt2 file itself.
     """
+    if Path(archive_path).is_file() and (info := read_pt2_info(archive_path)) is not None:
+        _print_pt2(archive_path, info, as_json)
+        return
     with open_archive(archive_path) as reader:
         report = reader.verify()
         rows = _rows(reader, report)
+        kind = _serialized_kind(reader)
         if as_json:
             doc = {
                 "path": str(reader.path),
@@ -30,11 +43,14 @@ def inspect(archive_path: str, as_json: bool) -> None:
                 "ok": report.ok,
                 "problems": report.problems,
                 "manifest": reader.manifest.to_dict(),
+                "serialized_kind": _kind_doc(kind),
                 "files": rows,
             }
             click.echo(json.dumps(doc, indent=2))
         else:
             _print_summary(reader)
+            if kind is not None:
+                click.echo(f"{'serialized kind:':<18}{kind.describe()}")
             _print_table(rows)
             _print_findings(report)
     if not report.ok:
@@ -63,6 +79,39 @@ def verify(archive_path: str, as_json: bool) -> None:
         click.echo(f"{'OK' if report.ok else 'FAILED'}: {archive_path} ({detail})")
     if not report.ok:
         sys.exit(1)
+
+
+def _print_pt2(path: str, info: Pt2Info, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"path": path, "serialized_kind": _kind_doc(info)}, indent=2))
+    else:
+        click.echo(f"{path}: {info.describe()}")
+
+
+def _kind_doc(info: Pt2Info | None) -> dict | None:
+    if info is None:
+        return None
+    return {
+        "kind": info.kind,
+        "description": info.describe(),
+        "max_batch": info.max_batch,
+        "metadata": info.metadata,
+    }
+
+
+def _serialized_kind(reader: ArchiveReader) -> Pt2Info | None:
+    """The .pt2 kind of the manifest's serializedFile, read in place; None when it is not a .pt2."""
+    name = reader.manifest.serialized_file
+    if not name or name not in reader.files():
+        return None
+    if reader.path.is_dir():
+        return read_pt2_info(reader.path / name)
+    if zipfile.is_zipfile(reader.path):
+        with zipfile.ZipFile(reader.path) as outer, outer.open(name) as member:
+            return read_pt2_info(member)
+    if reader.size(name) > _TGZ_KIND_LIMIT_BYTES:
+        return None
+    return read_pt2_info(io.BytesIO(reader.read(name)))
 
 
 def _rows(reader: ArchiveReader, report: VerifyReport) -> list[dict]:
