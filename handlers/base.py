@@ -19,6 +19,7 @@ from archiver.errors import ArchiverError, HandlerError, HandlerInputError
 from handlers.context import Context
 from handlers.labels import LABEL_FILE, load_label_mapping
 from handlers.model_loading import (
+    AotiModel,
     build_eager_model,
     compile_if_configured,
     load_serialized_model,
@@ -59,6 +60,9 @@ class BaseHandler:
         model = load_serialized_model(
             self.model_dir, model_info.get("serializedFile"), model_info.get("modelFile"), self.device
         )
+        if isinstance(model, AotiModel):
+            self.device = model.device  # where its compiled code runs, whatever the worker was given
+            model.warn_past(properties.get("batch_size"))
         self.model = compile_if_configured(model, context.model_yaml_config)
         self.mapping = load_label_mapping(self.model_dir / LABEL_FILE)
         self.initialized = True
