@@ -27,6 +27,7 @@ _COMMANDS = {
     "verify": "archiver.commands.inspect:verify",
     "serve": "archiver.commands.serve:serve",
     "predict": "archiver.commands.predict:predict",
+    "deploy": "archiver.commands.deploy:deploy",
     "version": "archiver.cli:version",
 }
 _GROUP_FLAGS = {"--help", "-h", "--about"}
