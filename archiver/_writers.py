@@ -3,6 +3,10 @@
 Output is reproducible: entries in sorted order, fixed permissions (0644 files, 0755 folders), owner 0,
 and every timestamp from SOURCE_DATE_EPOCH when it is set. The manifest is written last, because it
 carries the hashes of everything before it.
+
+A large file's sha256 runs on a thread of its own while the main thread writes (zipfile's CRC-32, or
+gzip, then the write): hashlib, zlib and file writes all release the GIL on large buffers, so on two
+cores archiving costs about what copying does instead of hash + CRC + copy one after the other.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +29,8 @@ CHUNK_BYTES = 1 << 20
 # Deflating float weights costs much time and saves a few percent: these are stored as they are.
 STORED_SUFFIXES = (".pt", ".pt2", ".pth", ".bin", ".safetensors", ".onnx")
 Progress = Callable[[int], None]
+# Below this a file is hashed inline: a thread hand-off would cost more than it saves.
+PARALLEL_HASH_BYTES = 4 * CHUNK_BYTES
 
 
 def source_date_epoch() -> int | None:
@@ -49,14 +56,55 @@ def _chunks(source: Path, expected: int, on_progress: Progress | None) -> Iterat
         raise InputFileError(f"{source} changed while it was being archived ({expected} → {size} bytes)")
 
 
+class _Sha256:
+    """sha256 of chunks fed in order; past PARALLEL_HASH_BYTES it is computed on a thread of its own.
+
+    One chunk is hashed while the caller writes the same chunk (bytes are immutable, so both may read
+    it); ``update`` waits for the previous chunk first, so at most one chunk is in flight.
+    """
+
+    def __init__(self, expected_size: int) -> None:
+        self._digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1, "sha256") if expected_size >= PARALLEL_HASH_BYTES else None
+        self._pending: Future | None = None
+
+    def update(self, chunk: bytes) -> None:
+        if self._pool is None:
+            self._digest.update(chunk)
+            return
+        self._wait()
+        self._pending = self._pool.submit(self._digest.update, chunk)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Finish (or abandon, after an error) the background work; safe to call twice."""
+        if self._pool is not None:
+            try:
+                self._wait()
+            finally:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
 def _copy(source: Path, expected: int, sink: BinaryIO, on_progress: Progress | None) -> FileRecord:
-    digest = hashlib.sha256()
+    digest = _Sha256(expected)
     size = 0
-    for chunk in _chunks(source, expected, on_progress):
-        digest.update(chunk)
-        sink.write(chunk)
-        size += len(chunk)
-    return FileRecord(sha256=digest.hexdigest(), size=size)
+    try:
+        for chunk in _chunks(source, expected, on_progress):
+            digest.update(chunk)
+            sink.write(chunk)
+            size += len(chunk)
+        return FileRecord(sha256=digest.hexdigest(), size=size)
+    finally:
+        digest.close()
 
 
 def write_zip(
@@ -97,11 +145,11 @@ def _zip_info(name: str, epoch: float, *, deflate: bool) -> zipfile.ZipInfo:
 class _HashingReader:
     """A file reader for tarfile.addfile that hashes (and reports) what tarfile pulls through it."""
 
-    def __init__(self, fh: BinaryIO, source: Path, on_progress: Progress | None) -> None:
+    def __init__(self, fh: BinaryIO, source: Path, size: int, on_progress: Progress | None) -> None:
         self._fh = fh
         self._source = source
         self._on_progress = on_progress
-        self.digest = hashlib.sha256()
+        self.digest = _Sha256(size)
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
@@ -152,11 +200,14 @@ def write_tgz(
                 tar.addfile(_tar_info(f"{top}/{arcname}", len(data), stamp), reader)
                 continue
             with open(entries[arcname], "rb") as fh:
-                hashing = _HashingReader(fh, entries[arcname], on_progress)
-                tar.addfile(_tar_info(f"{top}/{arcname}", sizes[arcname], stamp), hashing)
-                if fh.read(1):
-                    raise InputFileError(f"{entries[arcname]} changed while it was being archived")
-            records[arcname] = hashing.record()
+                hashing = _HashingReader(fh, entries[arcname], sizes[arcname], on_progress)
+                try:
+                    tar.addfile(_tar_info(f"{top}/{arcname}", sizes[arcname], stamp), hashing)
+                    if fh.read(1):
+                        raise InputFileError(f"{entries[arcname]} changed while it was being archived")
+                    records[arcname] = hashing.record()
+                finally:
+                    hashing.digest.close()
 
 
 class _BytesReader:
