@@ -26,6 +26,7 @@ from handlers.model_loading import (
     load_state_dict_into,
     select_device,
 )
+from handlers.tensors import TensorRow, join_tensor_rows, split_tensor_rows, tensor_groups
 
 
 def payload_of(row: Any) -> Any:
@@ -48,6 +49,8 @@ class BaseHandler:
         self.manifest: dict[str, Any] | None = None
         self.model_dir: Path | None = None
         self._rejected: dict[int, ArchiverError] = {}
+        # Rows each v2 request brought to the current batch (None: not a batch of tensor requests).
+        self._tensor_counts: list[int] | None = None
 
     def initialize(self, context: Context) -> None:
         """Find the serialized file from the manifest, load it on the right device, read the labels."""
@@ -92,7 +95,13 @@ class BaseHandler:
         self._rejected[index] = error
 
     def preprocess(self, data: list[dict[str, Any]]) -> Any:
-        """Each request's payload (JSON numbers) as one row of a tensor."""
+        """Each request's payload (JSON numbers) as one row of a tensor; the tensors of Open Inference
+        Protocol requests joined on their first dimension (a [2, 4] input is two rows of the batch)."""
+        if data and all(isinstance(row, TensorRow) for row in data):
+            joined, self._tensor_counts, refused = join_tensor_rows(data, self.device)
+            for index, reason in refused.items():
+                self.reject(index, reason)
+            return joined
         return torch.as_tensor([payload_of(row) for row in data], device=self.device)
 
     def inference(self, data: Any, *args: Any, **kwargs: Any) -> Any:
@@ -102,18 +111,45 @@ class BaseHandler:
             return self.model(data, *args, **kwargs)
 
     def postprocess(self, data: Any) -> list[Any]:
+        """One answer per request: a row of the output as a list; for Open Inference Protocol requests
+        their rows of the output tensor(s), sent back with their shape and datatype."""
+        if self._tensor_counts is not None:
+            return split_tensor_rows(data, self._tensor_counts)
         return data.tolist()
 
     def handle(self, data: list[dict[str, Any]], context: Context) -> list[Any]:
-        """One batch: preprocess → inference → postprocess; rejected requests get their error back."""
+        """One batch: preprocess → inference → postprocess; rejected requests get their error back.
+
+        Open Inference Protocol requests whose tensors cannot be joined (another dtype, or other
+        dimensions after the first) go through the model in groups of their own.
+        """
         started = time.perf_counter()
         self.context = context
+        groups = tensor_groups(data)
+        if len(groups) == 1:
+            answers = self._answer(data)
+        else:
+            answers = [None] * len(data)
+            for group in groups:
+                for index, answer in zip(group, self._answer([data[i] for i in group]), strict=True):
+                    answers[index] = answer
+        if context is not None and context.metrics is not None:
+            context.metrics.add_time("HandlerTime", (time.perf_counter() - started) * 1000, None, "ms")
+        return answers
+
+    def _answer(self, data: list[dict[str, Any]]) -> list[Any]:
+        """preprocess → inference → postprocess for one batch (or group), with rejected requests' errors."""
         self._rejected = {}
+        self._tensor_counts = None
         model_input = self.preprocess(data)
         kept = [i for i in range(len(data)) if i not in self._rejected]
         answers: list[Any] = []
         if kept:
-            answers = self.postprocess(self.inference(model_input))
+            if isinstance(model_input, tuple) and self._tensor_counts is not None:
+                output = self.inference(*model_input)  # a model with several inputs, in the request's order
+            else:
+                output = self.inference(model_input)
+            answers = self.postprocess(output)
         if self._rejected:
             if not isinstance(answers, list) or len(answers) != len(kept):
                 raise HandlerError(
@@ -123,8 +159,6 @@ class BaseHandler:
             for index, answer in zip(kept, answers, strict=True):
                 merged[index] = answer
             answers = merged
-        if context is not None and context.metrics is not None:
-            context.metrics.add_time("HandlerTime", (time.perf_counter() - started) * 1000, None, "ms")
         return answers
 
 

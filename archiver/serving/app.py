@@ -221,6 +221,9 @@ def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpL
         app.router.add_route("POST", prefix + "/{model}/{version}", predictions)
         app.router.add_route("PUT", prefix + "/{model}/{version}", predictions)
     app.router.add_get("/ping", ping)
+    from archiver.serving.oip_routes import add_oip_routes  # it imports this module
+
+    add_oip_routes(app)  # the Open Inference Protocol (v2) and KServe v1 routes
     return app
 
 

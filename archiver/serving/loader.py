@@ -26,6 +26,7 @@ from archiver.manifest import Manifest
 from archiver.reader import open_archive
 from archiver.serving.cache import unpack_cached
 from archiver.serving.isolation import import_spec_exists, isolated_imports
+from archiver.serving.oip import PROTOCOL_HEADER
 from archiver.serving.protocol import (
     InferenceRequest,
     InferenceResponse,
@@ -259,6 +260,7 @@ class LoadedModel:
             context = self.context
             context.begin_batch([r.request_id for r in requests], [dict(r.headers) for r in requests])
             data = [dict(r.params) for r in requests]
+            tensor_rows = _tensor_rows(requests, data)  # Open Inference Protocol requests: rows of tensors
             try:
                 answers = entry_point(data, context)
             except SystemExit as exc:
@@ -275,7 +277,7 @@ class LoadedModel:
                 )
                 message = f"handler returned {got} for a batch of {count} requests"
                 return [error_response(500, "HandlerError", message) for _ in requests]
-            return [self._response(i, answer) for i, answer in enumerate(answers)]
+            return [self._response(i, answer, i in tensor_rows) for i, answer in enumerate(answers)]
 
     def _handler_failed(self, exc: BaseException) -> None:
         report = self.on_handler_error
@@ -283,7 +285,7 @@ class LoadedModel:
             with contextlib.suppress(Exception):  # reporting must not change the batch's answers
                 report(exc)
 
-    def _response(self, idx: int, answer: Any) -> InferenceResponse:
+    def _response(self, idx: int, answer: Any, tensors: bool = False) -> InferenceResponse:
         context = self.context
         if isinstance(answer, BaseException):
             return response_for_exception(answer)
@@ -294,7 +296,11 @@ class LoadedModel:
             response = error_response(code, "HandlerError", message)
         else:
             try:
-                body, content_type = encode_answer(answer, context.get_response_content_type(idx))
+                if tensors:
+                    body, content_type, extra = _encode_tensors(answer, context)
+                    headers = {**headers, **extra}
+                else:
+                    body, content_type = encode_answer(answer, context.get_response_content_type(idx))
             except ArchiverError as exc:
                 return error_response(500, "HandlerError", exc.message)
             response = InferenceResponse(status=code, body=body, content_type=content_type)
@@ -310,6 +316,34 @@ class LoadedModel:
         """Drop the handler and its model so their memory can be freed."""
         self._entry_point = None
         self.handler = None
+
+
+def _tensor_rows(requests: list[InferenceRequest], data: list[dict[str, Any]]) -> set[int]:
+    """Replace the rows of v2 requests by their tensors (``handlers.tensors``); their indexes."""
+    found = set()
+    for i, request in enumerate(requests):
+        if request.headers.get(PROTOCOL_HEADER) == "v2":
+            from handlers.tensors import handler_row, is_tensor_request
+
+            if is_tensor_request(request.params, request.headers):
+                try:
+                    data[i] = handler_row(request.params)
+                except (ArchiverError, LookupError, TypeError, ValueError):
+                    continue  # not what our front sends: the handler gets the parts as they are
+                found.add(i)
+    return found
+
+
+def _encode_tensors(answer: Any, context: Any) -> tuple[bytes, str, dict[str, str]]:
+    from handlers.tensors import encode_answer as encode_tensors
+    from handlers.tensors import signature_output_names
+
+    try:
+        return encode_tensors(answer, signature_output_names(context.model_yaml_config))
+    except ArchiverError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an answer that cannot be encoded fails its own request
+        raise HandlerError(f"the handler's answer cannot be sent as tensors: {_reason(exc)}") from exc
 
 
 def _encode_payload(payload: Any) -> tuple[bytes, str]:

@@ -1,0 +1,406 @@
+"""The Open Inference Protocol (v2) and KServe v1 routes on the inference port.
+
+Thin: the codec is ``oip.py``. Each v2 infer request, and each v1 instance, is one element of the
+model's handler batch, submitted exactly like a ``/predictions`` request (same batcher, workers, token
+check, body limit and request metrics). Errors answer ``{"error": "..."}`` with their status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+import weakref
+from typing import Any
+
+from aiohttp import web
+
+from archiver import __version__
+from archiver.errors import ArchiverError, ModelNotFoundError, RequestTooLargeError
+from archiver.manifest import MODEL_NAME_PATTERN
+from archiver.serving import oip
+from archiver.serving.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY, HttpLimits, _in_time, _read_capped
+from archiver.serving.model_entry import ModelEntry
+from archiver.serving.oip_metadata import platform_of, read_signature
+from archiver.serving.pool import PoolState
+from archiver.serving.protocol import InferenceResponse
+
+# Bodies past this size are parsed off the event loop, so one large JSON tensor does not stall the rest.
+_PARSE_INLINE_BYTES = 256 * 1024
+_EXTENSIONS = ["binary_tensor_data", "model_repository_health", "kserve_v1"]
+# entry -> ((source, reloads), (inputs, outputs)): read once per files served.
+_signatures: weakref.WeakKeyDictionary[ModelEntry, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _answer(status: int, payload: bytes, content_type: str = "application/json") -> web.Response:
+    return web.Response(status=status, body=payload, content_type=content_type)
+
+
+def _json_answer(status: int, payload: Any) -> web.Response:
+    return _answer(status, json.dumps(payload).encode())
+
+
+def _error(status: int, message: str) -> web.Response:
+    resp = _answer(status, oip.error_body(message))
+    if status in (408, 413):
+        resp.force_close()  # the rest of the body is never read
+    return resp
+
+
+def _entry(request: web.Request) -> ModelEntry:
+    name = request.match_info["model"]
+    if not MODEL_NAME_PATTERN.match(name):
+        raise ModelNotFoundError(f"Model not found: {name}")
+    return request.app[REGISTRY_KEY].get(name, request.match_info.get("version"))
+
+
+async def _body(request: web.Request) -> bytes:
+    """The whole body, under the server's size limit and body-read timeout (as /predictions)."""
+    limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
+    limit = limits.max_request_size
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLargeError(
+            f"request body of {request.content_length} bytes is over the server's limit of {limit} bytes"
+        )
+    return await _in_time(_read_capped(request.content.read, limit), limits)
+
+
+async def _off_loop(body: bytes, parse: Any, *args: Any) -> Any:
+    if len(body) <= _PARSE_INLINE_BYTES:
+        return parse(body, *args)
+    return await asyncio.get_running_loop().run_in_executor(None, parse, body, *args)
+
+
+# ---- server and model metadata -------------------------------------------------------------------
+async def server_metadata(request: web.Request) -> web.Response:
+    return _json_answer(200, {"name": "model-archiver", "version": __version__, "extensions": _EXTENSIONS})
+
+
+async def live(request: web.Request) -> web.Response:
+    return _json_answer(200, {"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready when every model loaded at startup is READY (a loading or failed one says not ready)."""
+    registry = request.app[REGISTRY_KEY]
+    waiting = [e for e in registry.entries() if e.loaded_at_startup and e.state != PoolState.READY]
+    if waiting:
+        return _json_answer(503, {"ready": False})
+    return _json_answer(200, {"ready": True})
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    try:
+        entry = _entry(request)
+    except ArchiverError as exc:
+        return _error(exc.http_status, exc.message)
+    ok = entry.state == PoolState.READY
+    return _json_answer(200 if ok else 503, {"name": entry.name, "ready": ok})
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    try:
+        entry = _entry(request)
+        cached = _signatures.get(entry)
+        key = (entry.source, entry.reloads)
+        if cached is None or cached[0] != key:
+            loop = asyncio.get_running_loop()
+            signature = await loop.run_in_executor(None, read_signature, entry.source, entry.manifest)
+            _signatures[entry] = cached = (key, signature)
+        inputs, outputs = cached[1]
+    except ArchiverError as exc:
+        return _error(exc.http_status, exc.message)
+    versions = [e.version for e in request.app[REGISTRY_KEY].versions(entry.name)]
+    payload = {
+        "name": entry.name,
+        "versions": versions,
+        "platform": platform_of(entry.manifest),
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+    return _json_answer(200, payload)
+
+
+# ---- inference -----------------------------------------------------------------------------------
+def _failure(answer: InferenceResponse) -> ArchiverError:
+    error = ArchiverError(answer.message or f"request failed with {answer.status}")
+    error.http_status = answer.status
+    return error
+
+
+async def infer(request: web.Request) -> web.Response:
+    """POST /v2/models/{model}[/versions/{version}]/infer."""
+    registry = request.app[REGISTRY_KEY]
+    metrics = request.app[METRICS_KEY]
+    started = time.perf_counter()
+    label = "-"  # unknown names share one label, as on /predictions
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    try:
+        entry = _entry(request)
+        label = entry.name
+        body = await _body(request)
+        parsed = await _off_loop(body, oip.parse_infer_request, request.headers.get(oip.HEADER_LENGTH))
+        raw = oip.to_raw_request(parsed, request_id, dict(request.headers))
+        answer = await registry.predict(entry.name, request.match_info.get("version"), raw)
+        if not answer.ok:
+            raise _failure(answer)
+        payload, content_type, header_length = oip.build_infer_response(
+            parsed, answer, entry.name, entry.version
+        )
+        resp = web.Response(status=200, body=payload)
+        resp.headers["Content-Type"] = content_type
+        if header_length is not None:
+            resp.headers[oip.HEADER_LENGTH] = str(header_length)
+    except ArchiverError as exc:
+        resp = _error(exc.http_status, exc.message)
+    resp.headers["x-request-id"] = request_id
+    metrics.observe_request(label, resp.status, time.perf_counter() - started)
+    return resp
+
+
+async def v1_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: KServe v1's ``{"name", "ready"}``."""
+    try:
+        entry = _entry(request)
+    except ArchiverError as exc:
+        return _error(exc.http_status, exc.message)
+    return _json_answer(200, {"name": entry.name, "ready": entry.state == PoolState.READY})
+
+
+async def v1_predict(request: web.Request) -> web.Response:
+    """POST /v1/models/{model}:predict: each instance one element of the handler's batch."""
+    registry = request.app[REGISTRY_KEY]
+    metrics = request.app[METRICS_KEY]
+    started = time.perf_counter()
+    label = "-"
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    try:
+        entry = _entry(request)
+        label = entry.name
+        body = await _body(request)
+        instances = await _off_loop(body, oip.parse_v1_request)
+        headers = dict(request.headers)
+        raws = [oip.v1_raw_request(x, f"{request_id}-{i}", headers) for i, x in enumerate(instances)]
+        answers = await asyncio.gather(*(registry.predict(entry.name, None, raw) for raw in raws))
+        failed = next((a for a in answers if not a.ok), None)
+        if failed is not None:
+            raise _failure(failed)
+        resp = _answer(200, oip.build_v1_response(list(answers)))
+    except ArchiverError as exc:
+        resp = _error(exc.http_status, exc.message)
+    resp.headers["x-request-id"] = request_id
+    metrics.observe_request(label, resp.status, time.perf_counter() - started)
+    return resp
+
+
+def add_oip_routes(app: web.Application) -> None:
+    """Add the v2 and v1 routes to the inference app (which holds the registry, metrics and limits)."""
+    r = app.router
+    r.add_get("/v2", server_metadata)
+    r.add_get("/v2/health/live", live)
+    r.add_get("/v2/health/ready", ready)
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        r.add_get(base, model_metadata)
+        r.add_get(base + "/ready", model_ready)
+        r.add_post(base + "/infer", infer)
+    r.add_get("/v1/models/{model:[^/:]+}", v1_model)
+    r.add_post("/v1/models/{model:[^/:]+}:predict", v1_predict)
+
+
+# ---- OpenAPI -------------------------------------------------------------------------------------
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+_ERROR = {"description": "error", "content": _json_content(_ref("OipError"))}
+_MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The component schemas ``openapi_paths`` refers to."""
+    tensor = {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": {"type": "string", "enum": list(oip.DATATYPES)},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "parameters": {"type": "object"},
+            "data": {"description": "flat or nested (row-major) values; absent with binary_data_size"},
+        },
+    }
+    return {
+        "OipError": {"type": "object", "properties": {"error": {"type": "string"}}},
+        "OipTensor": tensor,
+        "OipInferRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "parameters": {"type": "object"},
+                "inputs": {"type": "array", "items": _ref("OipTensor")},
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                    },
+                },
+            },
+        },
+        "OipInferResponse": {
+            "type": "object",
+            "properties": {
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+                "id": {"type": "string"},
+                "outputs": {"type": "array", "items": _ref("OipTensor")},
+            },
+        },
+        "OipModelMetadata": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "platform": {"type": "string"},
+                "inputs": {"type": "array", "items": _ref("OipTensor")},
+                "outputs": {"type": "array", "items": _ref("OipTensor")},
+            },
+        },
+    }
+
+
+def openapi_paths() -> dict[str, Any]:
+    """OpenAPI 3 path items for every route ``add_oip_routes`` adds (aiohttp's path syntax, with
+    the v1 routes' ``{model}`` pattern dropped)."""
+    tag = ["Open Inference Protocol (v2)"]
+
+    def ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"description": description, "content": _json_content(schema)}
+
+    readiness = {"type": "object", "properties": {"ready": {"type": "boolean"}, "name": {"type": "string"}}}
+    paths: dict[str, Any] = {
+        "/v2": {
+            "get": {
+                "tags": tag,
+                "summary": "Server metadata: name, version, extensions",
+                "responses": {"200": ok("server metadata", {"type": "object"})},
+            }
+        },
+        "/v2/health/live": {
+            "get": {
+                "tags": tag,
+                "summary": "The server is up",
+                "responses": {"200": ok("live", {"type": "object"})},
+            }
+        },
+        "/v2/health/ready": {
+            "get": {
+                "tags": tag,
+                "summary": "Every model loaded at startup is ready",
+                "responses": {"200": ok("ready", readiness), "503": ok("not ready yet", readiness)},
+            }
+        },
+    }
+    for base, params in (
+        ("/v2/models/{model}", [_MODEL]),
+        ("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION]),
+    ):
+        paths[base] = {
+            "get": {
+                "tags": tag,
+                "summary": "Model metadata: versions, platform, inputs and outputs",
+                "parameters": params,
+                "responses": {"200": ok("metadata", _ref("OipModelMetadata")), "404": _ERROR},
+            }
+        }
+        paths[base + "/ready"] = {
+            "get": {
+                "tags": tag,
+                "summary": "The model is ready for inference",
+                "parameters": params,
+                "responses": {
+                    "200": ok("ready", readiness),
+                    "503": ok("not ready", readiness),
+                    "404": _ERROR,
+                },
+            }
+        }
+        paths[base + "/infer"] = {
+            "post": {
+                "tags": tag,
+                "summary": "Inference: JSON tensors, or JSON plus binary tensor data",
+                "parameters": [
+                    *params,
+                    {
+                        "name": oip.HEADER_LENGTH,
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "integer"},
+                        "description": "length of the JSON part when binary tensor data follows it",
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        **_json_content(_ref("OipInferRequest")),
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "outputs (binary ones after the JSON part)",
+                        "content": {
+                            **_json_content(_ref("OipInferResponse")),
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    },
+                    "400": _ERROR,
+                    "404": _ERROR,
+                    "413": _ERROR,
+                    "503": _ERROR,
+                },
+            }
+        }
+    v1 = ["KServe v1"]
+    paths["/v1/models/{model}"] = {
+        "get": {
+            "tags": v1,
+            "summary": "Model readiness",
+            "parameters": [_MODEL],
+            "responses": {"200": ok("readiness", readiness), "404": _ERROR},
+        }
+    }
+    paths["/v1/models/{model}:predict"] = {
+        "post": {
+            "tags": v1,
+            "summary": 'Predict: {"instances": [...]}, each instance one element of the batch',
+            "parameters": [_MODEL],
+            "requestBody": {
+                "required": True,
+                "content": _json_content(
+                    {
+                        "type": "object",
+                        "required": ["instances"],
+                        "properties": {"instances": {"type": "array"}},
+                    }
+                ),
+            },
+            "responses": {
+                "200": ok(
+                    "one prediction per instance",
+                    {"type": "object", "properties": {"predictions": {"type": "array"}}},
+                ),
+                "400": _ERROR,
+                "404": _ERROR,
+                "503": _ERROR,
+            },
+        }
+    }
+    return paths
