@@ -144,7 +144,16 @@ def to_document(model: Any) -> dict[str, Any]:
     """A kserve SDK object as the plain, camelCase mapping ``kubectl`` reads."""
     from kserve import ApiClient
 
-    return ApiClient().sanitize_for_serialization(model)
+    return _without_empty(ApiClient().sanitize_for_serialization(model))
+
+
+def _without_empty(value: Any) -> Any:
+    """Drop the SDK's empty-string defaults (a model spec's ``name: ''``), which Kubernetes reads as set."""
+    if isinstance(value, dict):
+        return {k: _without_empty(v) for k, v in value.items() if v != ""}
+    if isinstance(value, list):
+        return [_without_empty(v) for v in value]
+    return value
 
 
 def kserve_dockerfile(package: str, base_image: str = "python:3.12-slim") -> str:
