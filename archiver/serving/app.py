@@ -28,6 +28,7 @@ from archiver.errors import (
     UsageError,
 )
 from archiver.manifest import MODEL_NAME_PATTERN
+from archiver.serving import openapi, page_routes
 from archiver.serving.http_codec import form_parts, last_wins, mime_type, response_headers
 from archiver.serving.metrics import ServerMetrics
 from archiver.serving.protocol import error_response, response_for_exception
@@ -213,8 +214,11 @@ async def predictions(request: web.Request) -> web.StreamResponse:
 
 
 def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
-    app = web.Application(middlewares=_middlewares(limits, frozenset({"/ping"})))
+    open_paths = frozenset({"/ping"}) | page_routes.OPEN_PATHS | openapi.OPEN_PATHS
+    app = web.Application(middlewares=_middlewares(limits, open_paths))
     app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
+    page_routes.add_page_routes(app, registry)  # GET /, its files and /page/models
+    openapi.add_openapi_routes(app, "inference")  # OPTIONS /, /openapi.json, /docs
     for prefix in ("/predictions", "/explanations"):
         app.router.add_route("POST", prefix + "/{model}", predictions)
         app.router.add_route("PUT", prefix + "/{model}", predictions)
@@ -333,8 +337,9 @@ async def set_default(request: web.Request) -> web.Response:
 
 
 def management_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
-    app = web.Application(middlewares=_middlewares(limits, frozenset()))
+    app = web.Application(middlewares=_middlewares(limits, openapi.OPEN_PATHS))
     app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
+    openapi.add_openapi_routes(app, "management")  # OPTIONS /, /openapi.json, /docs
     r = app.router
     r.add_get("/models", list_models)
     r.add_post("/models", register_model)
