@@ -17,9 +17,23 @@ from typing import Any
 from aiohttp import web
 
 from archiver import __version__
+from archiver.serving import page_routes
+from archiver.serving.openapi_ops import (
+    ERROR,
+    INFERENCE,
+    MANAGEMENT,
+    OPEN,
+    components,
+    inference_ops,
+    json_media,
+    management_ops,
+    metrics_ops,
+    ok,
+    op,
+    param,
+)
 
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
-INFERENCE, MANAGEMENT, METRICS = "inference", "management", "metrics"
 DESCRIBED = (INFERENCE, MANAGEMENT)  # the ports that hand out the document
 
 # Swagger UI's files, as the package ships them, plus our own start script.
@@ -44,90 +58,32 @@ DOCS_CSP = (
 )
 PORT_KEY = web.AppKey("openapi_port", str)
 
-ERROR = {"$ref": "#/components/responses/Error"}
-OPEN: list[dict[str, Any]] = []  # an operation that never needs the token
-
-
-# ---- the document ---------------------------------------------------------------------------------
-def _param(name: str, where: str, schema: dict[str, Any], description: str, required: bool = False):
-    return {
-        "name": name,
-        "in": where,
-        "required": required or where == "path",
-        "schema": schema,
-        "description": description,
-    }
-
-
-MODEL = _param("model", "path", {"type": "string"}, "The model's name.")
-VERSION = _param("version", "path", {"type": "string"}, "The model's version.")
-
-
-def _op(
-    summary: str,
-    ports: tuple[str, ...],
-    tag: str,
-    responses: dict[str, Any],
-    *,
-    params: list[dict[str, Any]] | None = None,
-    body: dict[str, Any] | None = None,
-    security: list[dict[str, Any]] | None = None,
-    description: str | None = None,
-) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "tags": [tag], "x-ports": list(ports), "responses": responses}
-    if description:
-        op["description"] = description
-    if params:
-        op["parameters"] = params
-    if body:
-        op["requestBody"] = body
-    if security is not None:
-        op["security"] = security
-    return op
-
-
-def _ok(description: str, media: dict[str, Any] | None = None) -> dict[str, Any]:
-    reply: dict[str, Any] = {"description": description}
-    if media:
-        reply["content"] = media
-    return reply
-
-
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-def _status() -> dict[str, Any]:
-    return _json({"$ref": "#/components/schemas/Status"})
-
 
 def _describe_ops() -> dict[str, Any]:
-    doc = _ok("This document.", _json({"type": "object"}))
+    doc = ok("This document.", json_media({"type": "object"}))
     ports = DESCRIBED
     return {
-        "/openapi.json": {
-            "get": _op("This API as OpenAPI 3", ports, "describe", {"200": doc}, security=OPEN)
-        },
+        "/openapi.json": {"get": op("This API as OpenAPI 3", ports, "describe", {"200": doc}, security=OPEN)},
         "/api-description": {
-            "get": _op("This API (TorchServe's name for it)", ports, "describe", {"200": doc}, security=OPEN)
+            "get": op("This API (TorchServe's name for it)", ports, "describe", {"200": doc}, security=OPEN)
         },
         "/docs": {
-            "get": _op(
+            "get": op(
                 "This API, rendered by Swagger UI",
                 ports,
                 "describe",
-                {"200": _ok("An HTML page.", {"text/html": {"schema": {"type": "string"}}})},
+                {"200": ok("An HTML page.", {"text/html": {"schema": {"type": "string"}}})},
                 security=OPEN,
             )
         },
         "/docs/{asset}": {
-            "get": _op(
+            "get": op(
                 "A file of the Swagger UI page",
                 ports,
                 "describe",
-                {"200": _ok("The file."), "404": ERROR},
+                {"200": ok("The file."), "404": ERROR},
                 params=[
-                    _param(
+                    param(
                         "asset",
                         "path",
                         {"type": "string", "enum": [*SWAGGER_FILES, DOCS_SCRIPT]},
@@ -141,8 +97,8 @@ def _describe_ops() -> dict[str, Any]:
 
 
 def _page_ops() -> dict[str, Any]:
-    html = _ok("The page.", {"text/html": {"schema": {"type": "string"}}})
-    models = _json(
+    html = ok("The page.", {"text/html": {"schema": {"type": "string"}}})
+    models = json_media(
         {
             "type": "object",
             "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/PageModel"}}},
@@ -150,302 +106,74 @@ def _page_ops() -> dict[str, Any]:
     )
     return {
         "/page/{asset}": {
-            "get": _op(
+            "get": op(
                 "A file of the page",
                 (INFERENCE,),
                 "page",
-                {"200": _ok("The file."), "404": ERROR},
+                {"200": ok("The file."), "404": ERROR},
                 params=[
-                    _param("asset", "path", {"type": "string", "enum": ["app.js", "page.css"]}, "The file.")
+                    param(
+                        "asset",
+                        "path",
+                        {"type": "string", "enum": list(page_routes.PAGE_ASSETS)},
+                        "The file.",
+                    )
                 ],
                 security=OPEN,
             )
         },
-        "/page/models": {
-            "get": _op(
+        page_routes.MODELS_PATH: {
+            "get": op(
                 "The served models, as the page shows them",
                 (INFERENCE,),
                 "page",
-                {"200": _ok("Every model version.", models), "401": ERROR},
+                {"200": ok("Every model version.", models), "401": ERROR},
             )
         },
         "/": {
-            "get": _op(
+            "get": op(
                 "A page to try each model in the browser",
                 (INFERENCE,),
                 "page",
                 {"200": html},
                 security=OPEN,
             ),
-            "options": _op(
+            "options": op(
                 "This API as OpenAPI 3 (TorchServe's describe API)",
                 DESCRIBED,
                 "describe",
-                {"200": _ok("This document.", _json({"type": "object"}))},
+                {"200": ok("This document.", json_media({"type": "object"}))},
                 security=OPEN,
             ),
         },
     }
 
 
-def _inference_ops() -> dict[str, Any]:
-    body = {
-        "required": True,
-        "description": "The input as the handler reads it: the raw body (an image, text, JSON), or form "
-        "fields (conventionally 'data'), each one key of the handler's row.",
-        "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "text/plain": {"schema": {"type": "string"}},
-            "application/json": {"schema": {}},
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"data": {"type": "string", "format": "binary"}}}
-            },
-        },
-    }
-    answer = _ok(
-        "The handler's answer: JSON for dicts and lists, text for strings, bytes as they are.",
-        {
-            "application/json": {"schema": {}},
-            "text/plain": {"schema": {"type": "string"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    )
-    failures = {code: ERROR for code in ("400", "401", "404", "408", "413", "500", "503", "504")}
-    paths: dict[str, Any] = {}
-    for prefix, what in (("predictions", "Run"), ("explanations", "Explain")):
-        for suffix, params in (("", [MODEL]), ("/{version}", [MODEL, VERSION])):
-            which = "the default version" if not suffix else "one version"
-            ops = {}
-            for method in ("post", "put"):
-                ops[method] = _op(
-                    f"{what} {which} of a model on one input",
-                    (INFERENCE,),
-                    "inference",
-                    {"200": answer, **failures},
-                    params=params,
-                    body=body,
-                    description="PUT is accepted as POST is (curl -T sends PUT), as in TorchServe."
-                    if method == "put"
-                    else None,
-                )
-            paths[f"/{prefix}/{{model}}{suffix}"] = ops
-    health = _json(
-        {"type": "object", "properties": {"status": {"type": "string", "enum": ["Healthy", "Loading"]}}}
-    )
-    paths["/ping"] = {
-        "get": _op(
-            "Health",
-            (INFERENCE,),
-            "inference",
-            {
-                "200": _ok("Every model is loaded (or failed).", health),
-                "503": _ok("A model is loading.", health),
-            },
-            security=OPEN,
-        )
-    }
+def _protocol_ops() -> dict[str, Any]:
+    """The Open Inference Protocol (v2) and KServe v1 routes, as their own module describes them."""
+    from archiver.serving.oip_routes import openapi_paths  # imported late: it imports app.py, as we are
+
+    paths = openapi_paths()
+    for item in paths.values():
+        for operation in item.values():
+            operation.setdefault("x-ports", [INFERENCE])
     return paths
 
 
-def _management_ops() -> dict[str, Any]:
-    ports = (MANAGEMENT,)
-    integer, number = {"type": "integer"}, {"type": "number"}
-    describe = _ok(
-        "One entry per version.",
-        _json({"type": "array", "items": {"$ref": "#/components/schemas/ModelDescription"}}),
-    )
-    register_params = [
-        _param(
-            "url",
-            "query",
-            {"type": "string"},
-            "An archive's file name in the model store (required here or in the JSON body).",
-        ),
-        _param("model_name", "query", {"type": "string"}, "Serve it under this name."),
-        _param("batch_size", "query", integer, "Most requests per batch."),
-        _param("max_batch_delay", "query", number, "Milliseconds to wait to fill a batch."),
-        _param("initial_workers", "query", integer, "Worker processes."),
-        _param("response_timeout", "query", number, "Seconds a batch may take."),
-        _param("worker_memory_limit", "query", number, "Megabytes a worker may use."),
-    ]
-    scale_params = [
-        _param("min_worker", "query", integer, "Worker processes to run."),
-        _param("max_worker", "query", integer, "Accepted for TorchServe clients; must be >= min_worker."),
-    ]
-    one = {"200": describe, "401": ERROR, "404": ERROR}
-    scaled = {"200": _ok("Scaled.", _status()), "400": ERROR, "401": ERROR, "404": ERROR}
-    removed = {"200": _ok("Unregistered.", _status()), "401": ERROR, "403": ERROR, "404": ERROR}
-    list_reply = _json(
-        {
-            "type": "object",
-            "properties": {
-                "nextPageToken": {"type": "string"},
-                "models": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {"modelName": {"type": "string"}, "modelUrl": {"type": "string"}},
-                    },
-                },
-            },
-        }
-    )
-    return {
-        "/models": {
-            "get": _op(
-                "List the models, by name",
-                ports,
-                "management",
-                {"200": _ok("A page of models.", list_reply), "400": ERROR, "401": ERROR},
-                params=[
-                    _param("limit", "query", integer, "At most this many (0 to 100, default 100)."),
-                    _param("next_page_token", "query", integer, "Where the previous page ended."),
-                ],
-            ),
-            "post": _op(
-                "Register an archive from the model store",
-                ports,
-                "management",
-                {
-                    "200": _ok("Registered and loaded.", _status()),
-                    **{c: ERROR for c in ("400", "401", "404", "409", "500", "503")},
-                },
-                params=register_params,
-                body={
-                    "required": False,
-                    "content": _json(
-                        {
-                            "type": "object",
-                            "description": "The query parameters, as a JSON object.",
-                        }
-                    ),
-                },
-            ),
-        },
-        "/models/{model}": {
-            "get": _op("Describe a model's default version", ports, "management", one, params=[MODEL]),
-            "put": _op(
-                "Scale a model's default version", ports, "management", scaled, params=[MODEL, *scale_params]
-            ),
-            "delete": _op(
-                "Unregister a model's default version", ports, "management", removed, params=[MODEL]
-            ),
-        },
-        "/models/{model}/{version}": {
-            "get": _op(
-                "Describe one version, or all of them ('all')",
-                ports,
-                "management",
-                one,
-                params=[MODEL, VERSION],
-            ),
-            "put": _op(
-                "Scale one version", ports, "management", scaled, params=[MODEL, VERSION, *scale_params]
-            ),
-            "delete": _op("Unregister one version", ports, "management", removed, params=[MODEL, VERSION]),
-        },
-        "/models/{model}/{version}/set-default": {
-            "put": _op(
-                "Make a version the default",
-                ports,
-                "management",
-                {"200": _ok("Done.", _status()), "401": ERROR, "404": ERROR},
-                params=[MODEL, VERSION],
-            ),
-        },
-    }
+def _protocol_schemas() -> dict[str, Any]:
+    from archiver.serving.oip_routes import openapi_schemas
+
+    return openapi_schemas()
 
 
-def _metrics_ops() -> dict[str, Any]:
-    text = {"text/plain": {"schema": {"type": "string"}}}
-    reply = {"200": _ok("Prometheus text format.", text), "401": ERROR}
-    return {"/metrics": {"get": _op("Prometheus metrics", (METRICS,), "metrics", reply)}}
-
-
-def _components() -> dict[str, Any]:
-    string, integer, number = {"type": "string"}, {"type": "integer"}, {"type": "number"}
-    nullable_string = {"type": "string", "nullable": True}
-    return {
-        "securitySchemes": {
-            "bearer": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "Needed only when the server has a token (--token, MODEL_ARCHIVER_TOKEN).",
-            }
-        },
-        "responses": {
-            "Error": {
-                "description": "A failure, said in one line.",
-                "content": _json({"$ref": "#/components/schemas/Error"}),
-            }
-        },
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["code", "type", "message"],
-                "properties": {"code": integer, "type": string, "message": string},
-            },
-            "Status": {"type": "object", "properties": {"status": string}},
-            "ModelDescription": {
-                "type": "object",
-                "description": "TorchServe's describe fields, plus status, loadError, deaths, manifest.",
-                "properties": {
-                    "modelName": string,
-                    "modelVersion": string,
-                    "modelUrl": string,
-                    "runtime": string,
-                    "minWorkers": integer,
-                    "maxWorkers": integer,
-                    "batchSize": integer,
-                    "maxBatchDelay": number,
-                    "responseTimeout": number,
-                    "status": {"type": "string", "enum": ["LOADING", "READY", "FAILED"]},
-                    "loadError": nullable_string,
-                    "workers": {"type": "array", "items": {"type": "object"}},
-                    "jobQueueStatus": {"type": "object"},
-                    "manifest": {"type": "object", "nullable": True},
-                },
-            },
-            "PageModel": {
-                "type": "object",
-                "properties": {
-                    "name": string,
-                    "version": string,
-                    "isDefault": {"type": "boolean"},
-                    "status": {"type": "string", "enum": ["LOADING", "READY", "FAILED"]},
-                    "loadError": nullable_string,
-                    "reloadError": nullable_string,
-                    "handler": nullable_string,
-                    "kind": {
-                        "type": "string",
-                        "enum": [
-                            "image_classifier",
-                            "object_detector",
-                            "image_segmenter",
-                            "text_classifier",
-                            "custom",
-                        ],
-                    },
-                    "batchSize": integer,
-                    "maxBatchDelayMs": number,
-                    "workers": integer,
-                    "liveWorkers": integer,
-                },
-            },
-        },
-    }
-
-
-# Each source of paths, with the ports its routes live on. The Open Inference Protocol's routes join
-# here with one line once archiver/serving/oip_routes.py provides openapi_paths().
+# Each source of paths, merged in this order.
 PATH_SOURCES: list[Callable[[], dict[str, Any]]] = [
     _page_ops,
     _describe_ops,
-    _inference_ops,
-    _management_ops,
-    _metrics_ops,
+    inference_ops,
+    _protocol_ops,
+    management_ops,
+    metrics_ops,
 ]
 
 
@@ -474,24 +202,31 @@ def openapi_document(
         for path, item in source().items():
             paths.setdefault(path, {}).update(item)
     for item in paths.values():
-        for op in item.values():
-            if serving not in op["x-ports"]:
-                op["servers"] = [_server_for(op["x-ports"][0], host, scheme)]
+        for operation in item.values():
+            if serving not in operation["x-ports"]:
+                operation["servers"] = [_server_for(operation["x-ports"][0], host, scheme)]
+    document_components = components()
+    document_components["schemas"].update(_protocol_schemas())
     return {
         "openapi": "3.0.3",
         "info": {
             "title": "model-archiver serve",
             "version": __version__,
             "description": "TorchServe's inference and management APIs (ports 8080 and 8081 by default), "
-            "Prometheus metrics (8082), a page to try models (GET / on the inference port) and this "
-            "document. Each operation lists its ports in x-ports.",
+            "the Open Inference Protocol (v2) and KServe v1 on the inference port, Prometheus metrics "
+            "(8082), a page to try models (GET / on the inference port) and this document. Each "
+            "operation lists its ports in x-ports.",
         },
         "servers": [{"url": "/", "description": f"this {serving} port"}],
         "security": [{"bearer": []}, {}],
-        "tags": [{"name": t} for t in ("inference", "management", "metrics", "page", "describe")],
+        "tags": [{"name": tag} for tag in dict.fromkeys(_tags(paths))],
         "paths": paths,
-        "components": _components(),
+        "components": document_components,
     }
+
+
+def _tags(paths: dict[str, Any]) -> list[str]:
+    return [tag for item in paths.values() for operation in item.values() for tag in operation["tags"]]
 
 
 # ---- the routes -------------------------------------------------------------------------------
