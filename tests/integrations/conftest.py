@@ -43,7 +43,8 @@ def handle(data, context):
         value = row.get("data", row.get("body"))
         if isinstance(value, (bytes, bytearray)):
             value = value.decode("utf-8", "replace")
-        answers.append({"echo": value if isinstance(value, str) else json.dumps(value), "version": "%s"})
+        text = value if isinstance(value, str) else json.dumps(value)
+        answers.append({"echo": text, "version": "%s", "batch": len(data)})
     return answers
 """
 

@@ -101,7 +101,7 @@ def test_router_serves_both_versions_and_the_open_inference_routes(ray_engine, k
     base = ray_engine.url + "/mixed"
     text = {"Content-Type": "text/plain"}
     first = kit.http("POST", base + "/predictions/echo", b"hi", text)
-    assert first.json() == {"echo": "hi", "version": "1.0"}
+    assert first.json() == {"echo": "hi", "version": "1.0", "batch": 1}
     assert kit.http("POST", base + "/predictions/echo/2.0", b"hi", text).json()["version"] == "2.0"
     assert kit.http("POST", base + "/predictions/echo/3.0", b"hi", text).status == 404
 
