@@ -58,6 +58,24 @@ def resize_batch(inputs: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Ten
     return tuple(out)
 
 
+def export_program(
+    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], stage: Stage
+) -> torch.export.ExportedProgram:
+    """``--method export``: the batch dimension dynamic (1 and up) where the model allows it, so the
+    served program takes every batch the server forms; else fixed at the example's, as before."""
+    try:
+        batch_size_of(inputs)
+        example = inputs if batch_size_of(inputs) >= 2 else resize_batch(inputs, 2)
+        batch = torch.export.Dim("batch", min=1)
+        return torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in inputs))
+    except UsageError:
+        reason = "the inputs do not share a batch dimension"
+    except Exception as exc:
+        reason = _first_line(exc)
+    stage(f"the batch dimension stays fixed at the example's ({reason})")
+    return torch.export.export(model, inputs)
+
+
 def compile_package(
     model: torch.nn.Module,
     inputs: tuple[torch.Tensor, ...],

@@ -104,7 +104,7 @@ def export_model(
                 _aoti.compile_package(model, inputs, temp, max_batch=max_batch, stage=stage)
                 _check_package(model, inputs, temp, max_batch, stage, rtol=rtol, atol=atol)
             else:
-                _save(model, inputs, temp, method)
+                _save(model, inputs, temp, method, stage)
                 actual = _load_and_run(temp, inputs, method)
                 _compare(expected, actual, rtol=rtol, atol=atol, method=method)
             os.chmod(temp, 0o644)
@@ -114,7 +114,13 @@ def export_model(
     return path
 
 
-def _save(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], temp: Path, method: str) -> None:
+def _save(
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    temp: Path,
+    method: str,
+    stage: Callable[[str], None],
+) -> None:
     try:
         if method == "trace":
             # We compare outputs ourselves below, against the saved file rather than the in-memory trace.
@@ -122,7 +128,7 @@ def _save(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], temp: Path, 
         elif method == "script":
             torch.jit.save(torch.jit.script(model), str(temp))
         else:
-            torch.export.save(torch.export.export(model, inputs), str(temp))
+            torch.export.save(_aoti.export_program(model, inputs, stage), str(temp))
     except ExportError:
         raise
     except Exception as exc:

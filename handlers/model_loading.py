@@ -10,9 +10,12 @@ serialized file ``model.pt``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,8 @@ def load_serialized_model(
         return AotiModel.load(path, info, device)
     if info is not None:
         try:
-            program = torch.export.load(str(path))
+            with open(path, "rb") as stream:  # a file object: torch.export.load warns at a name not .pt2
+                program = torch.export.load(stream)
         except Exception as exc:
             raise HandlerError(f"cannot load the torch.export program {path.name}: {_reason(exc)}") from exc
         if device.type != "cpu":
@@ -100,9 +104,10 @@ class AotiModel:
                 )
             device = torch.device("cpu") if compiled_for == "cpu" else torch.device(compiled_for, 0)
         try:
-            package = torch._inductor.aoti_load_package(
-                str(path), device_index=device.index if device.index is not None else -1
-            )
+            with _pt2_named(path) as named:
+                package = torch._inductor.aoti_load_package(
+                    str(named), device_index=device.index if device.index is not None else -1
+                )
         except Exception as exc:
             raise HandlerError(
                 f"cannot load the AOTInductor package {path.name}: {_reason(exc)} (a package runs only "
@@ -134,6 +139,18 @@ class AotiModel:
     def eval(self) -> AotiModel:
         """Compiled code has no training mode; here so handlers that call ``model.eval()`` still work."""
         return self
+
+
+@contextlib.contextmanager
+def _pt2_named(path: Path) -> Iterator[Path]:
+    """``path`` under a name ending in .pt2 (a link), which torch's package loader insists on."""
+    if path.suffix == ".pt2":
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="model-archiver-pt2-") as folder:
+        link = Path(folder) / f"{path.stem}.pt2"
+        link.symlink_to(path.resolve())
+        yield link
 
 
 def load_state_dict_into(model: torch.nn.Module, path: Path, device: torch.device) -> None:

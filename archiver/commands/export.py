@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -114,7 +115,7 @@ class _StageReporter:
         self._thread: threading.Thread | None = None
         self._started = 0.0
         self._text = ""
-        self._tty = click.get_text_stream("stderr").isatty()
+        self._tty = sys.stderr.isatty()
 
     def __enter__(self) -> _StageReporter:
         return self
