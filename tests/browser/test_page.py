@@ -3,6 +3,7 @@ text for each model and sees its answer drawn; nothing leaves the server's addre
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -270,5 +271,26 @@ def test_the_api_docs_render_offline(page_server, visit) -> None:
     ping.locator("button.try-out__btn").click()
     ping.locator("button.execute").click()
     expect(ping.locator(".live-responses-table tbody td.response-col_status").first).to_have_text("200")
+    tab.assert_stayed_home(origin)
+    tab.assert_no_script_errors()
+
+
+def test_a_dropped_photo_is_sent_like_a_picked_one(page_server, visit, kitten_bytes: bytes) -> None:
+    origin = page_server.url()
+    tab = visit(origin + "/")
+    topics, classifier = ready_card(tab.page, "topics"), ready_card(tab.page, "kitten_classifier")
+    dropped = tab.page.evaluate_handle(
+        """b64 => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                    const transfer = new DataTransfer();
+                    transfer.items.add(new File([bytes], "kitten.jpg", { type: "image/jpeg" }));
+                    return transfer; }""",
+        base64.b64encode(kitten_bytes).decode(),
+    )
+    topics.locator(".drop").dispatch_event("drop", {"dataTransfer": dropped})
+    expect(topics.locator(".error-unsupported")).to_have_text(
+        "topics (text classifier) reads text; kitten.jpg is an image."
+    )
+    classifier.locator(".drop").dispatch_event("drop", {"dataTransfer": dropped})
+    expect(classifier.locator(".bars .bar").first.locator(".bar-label")).to_have_text("Egyptian cat")
     tab.assert_stayed_home(origin)
     tab.assert_no_script_errors()
