@@ -6,39 +6,50 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
-IMPORT_PATH = "archiver.integrations.ray_serve:build_app"
+MODEL_ARCHIVER = Path(sys.executable).parent / "model-archiver"
+
+
+def deploy_ray(tmp: Path, *args: str) -> dict:
+    """``model-archiver deploy ray ARGS`` (the console script) and the config it wrote."""
+    out = tmp / f"config-{len(list(tmp.glob('config-*')))}.yaml"
+    command = [str(MODEL_ARCHIVER), "deploy", "ray", *args, "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def ray_engine(tmp_path_factory, kit, seed_archive, echo_archives):
-    """One Ray with two applications: `resnet` (the seed archive alone: its deployment is the ingress,
-    2 replicas, batches of up to 4) and `mixed` (echo 1.0 and 2.0 behind the router, under /mixed)."""
+    """One Ray running what `model-archiver deploy ray` wrote, as two applications: `resnet` (the seed
+    archive alone, so its deployment is the ingress: 2 replicas, batches of up to 4) and `mixed` (echo
+    1.0 and 2.0 behind the router, under /mixed)."""
     tmp = tmp_path_factory.mktemp("ray")
-    config = {
-        "applications": [
-            {
-                "name": "resnet",
-                "route_prefix": "/",
-                "import_path": IMPORT_PATH,
-                "args": {"archives": str(seed_archive), "batch_size": 4, "max_batch_delay_ms": 50},
-                "deployments": [{"name": "resnet34", "num_replicas": 2}],
-            },
-            {
-                "name": "mixed",
-                "route_prefix": "/mixed",
-                "import_path": IMPORT_PATH,
-                "args": {"archives": ",".join(str(p) for p in echo_archives)},
-            },
-        ]
-    }
-    engine = kit.start_ray(tmp, config)
+    resnet = deploy_ray(
+        tmp,
+        str(seed_archive),
+        "--app-name",
+        "resnet",
+        "--replicas",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-batch-delay",
+        "50",
+    )
+    mixed = deploy_ray(tmp, *map(str, echo_archives), "--app-name", "mixed")
+    mixed["applications"][0]["route_prefix"] = "/mixed"
+    engine = kit.start_ray(tmp, {"applications": resnet["applications"] + mixed["applications"]})
     yield engine
     killed = engine.stop()
     assert not engine.processes(), "Ray processes outlived `serve run`"
