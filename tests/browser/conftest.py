@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Request, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Request, expect, sync_playwright
 
 from archiver.serving.registry import ModelSettings
 from archiver.serving.server import ServerSettings, ServerThread
@@ -120,6 +120,16 @@ def handle(data, context):
     return answers
 """
 
+# TorchServe's segmenter answer shape, [H][W][2] of [class, probability], from a handler of our own:
+# class 1 in the left half of a 4 x 6 grid, class 0 in the right.
+GRID = """
+def handle(data, context):
+    if not data:
+        return None
+    row = [[1.0, 0.9]] * 3 + [[0.0, 0.8]] * 3
+    return [[row] * 4 for _ in data]
+"""
+
 BROKEN = """
 class Broken:
     def initialize(self, context):
@@ -203,6 +213,7 @@ def page_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "model.py",
         ),
         "echo": write_archive(root, "echo", "echo.py", {"echo.py": ECHO}),
+        "grid": write_archive(root, "grid", "grid.py", {"grid.py": GRID}),
         "broken": write_archive(root, "broken", "broken.py", {"broken.py": BROKEN}),
     }
 
@@ -293,6 +304,7 @@ def visit(browser: Browser) -> Iterator[Any]:
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(60_000)
+        expect.set_options(timeout=30_000)  # the machine may be busy; a failure still fails, later
         record = Visit(page)
         page.on("request", lambda request: record.requests.append(request))
         page.on("pageerror", lambda exc: record.script_errors.append(str(exc)))

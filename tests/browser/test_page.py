@@ -132,6 +132,28 @@ def test_a_segmenters_mask_is_drawn_over_the_photo(page_server, visit, kitten_pa
     tab.assert_no_script_errors()
 
 
+def test_a_json_class_map_from_any_handler_is_drawn_as_a_mask(page_server, visit, kitten_path: Path) -> None:
+    origin = page_server.url()
+    tab = visit(origin + "/")
+    grid = ready_card(tab.page, "grid")
+    grid.locator("input[type=file]").set_input_files(str(kitten_path))
+    mask = grid.locator("canvas.mask")
+    expect(mask).to_be_visible()
+    assert mask.evaluate("c => [c.width, c.height]") == [6, 4]
+    left, right = mask.evaluate(
+        """c => [Array.from(c.getContext("2d").getImageData(0, 0, 1, 1).data),
+                 Array.from(c.getContext("2d").getImageData(5, 3, 1, 1).data)]"""
+    )
+    assert left[3] > 0 and right[3] == 0
+    # A handler of its own: its mask is laid over the whole photo.
+    photo, drawn = box_of(grid.locator("img.photo")), box_of(mask)
+    for key in ("x", "y", "width", "height"):
+        assert drawn[key] == pytest.approx(photo[key], abs=1)
+    assert grid.locator("a.download").get_attribute("download") == "answer.json"
+    tab.assert_stayed_home(origin)
+    tab.assert_no_script_errors()
+
+
 def test_a_text_classifiers_labels_are_bars(page_server, visit) -> None:
     origin = page_server.url()
     tab = visit(origin + "/")
@@ -241,8 +263,7 @@ def test_a_loading_model_says_so_and_becomes_ready(page_kit, visit, call_json, t
             target=lambda: registered.update(call_json("POST", server.url("management") + "/models?url=slow"))
         )
         register.start()
-        slow = card(tab.page, "slow")
-        tab.page.reload()  # the list is read at load and while a model loads; a new model needs a look
+        slow = card(tab.page, "slow")  # the page reads the list every few seconds: no reload needed
         expect(slow).to_have_attribute("data-status", "LOADING")
         expect(slow.locator(".state")).to_contain_text("LOADING")
         expect(slow.locator("button.send")).to_be_disabled()

@@ -53,6 +53,7 @@ def test_the_model_listing_says_state_batching_and_why_a_model_failed(page_serve
         "squares": "image_segmenter",
         "topics": "text_classifier",
         "echo": "custom",
+        "grid": "custom",
         "broken": "custom",
     }
     classifier = models["kitten_classifier"]

@@ -3,7 +3,8 @@
 // Hand-written, no dependencies; it talks to its own origin only (the server's CSP says so too).
 
 const TOKEN_KEY = "model-archiver-token";
-const POLL_MS = 1500;
+const POLL_LOADING_MS = 1500; // while a model loads, so READY shows soon after it is
+const POLL_IDLE_MS = 5000; // otherwise: models registered, removed or failed since are seen too
 const IMAGE_KINDS = new Set(["image_classifier", "object_detector", "image_segmenter"]);
 const TEXT_EXTENSIONS = /\.(txt|text|csv|tsv|md|json|jsonl)$/i;
 const IMAGE_EXTENSIONS = /\.(jpe?g|png|gif|webp|bmp)$/i;
@@ -98,7 +99,7 @@ async function loadModels() {
     response = await fetch("/page/models", { headers: authHeaders(), cache: "no-store" });
   } catch (err) {
     notice.textContent = `The server does not answer (${err.message}). Is it still running?`;
-    schedulePoll();
+    schedulePoll(POLL_IDLE_MS);
     return;
   }
   if (response.status === 401) {
@@ -117,12 +118,12 @@ async function loadModels() {
     ? `${models.length} model version${models.length === 1 ? "" : "s"} served.`
     : "No models are served. Start the server with archives, or register one through the management API.";
   renderModels(models);
-  if (models.some((m) => m.status === "LOADING")) schedulePoll();
+  schedulePoll(models.some((m) => m.status === "LOADING") ? POLL_LOADING_MS : POLL_IDLE_MS);
 }
 
-function schedulePoll() {
+function schedulePoll(delayMs) {
   clearTimeout(pollTimer);
-  pollTimer = setTimeout(loadModels, POLL_MS);
+  pollTimer = setTimeout(loadModels, delayMs);
 }
 
 function renderModels(models) {
