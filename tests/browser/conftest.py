@@ -232,11 +232,11 @@ def start_server(cache: Path, models: list[Path] = (), **settings: Any) -> Serve
     return ServerThread(server_settings).start()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def page_server(
     page_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerThread]:
-    """One server with every page model, for the module's tests (each model has one worker)."""
+    """One server with every page model, shared by the tests that only read it (one worker each)."""
     thread = start_server(tmp_path_factory.mktemp("page-cache"), list(page_models.values()))
     yield thread
     thread.stop()

@@ -7,7 +7,11 @@ import re
 import urllib.error
 import urllib.request
 
+import pytest
+
 from archiver.serving.page_routes import PAGE_ASSETS
+
+pytestmark = pytest.mark.slow  # the shared server loads torch models
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
