@@ -10,6 +10,7 @@ default port numbers, which a reader can change in Swagger UI's server box.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ DOCS_CSP = (
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
 PORT_KEY = web.AppKey("openapi_port", str)
+_PLAIN_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 
 
 def _describe_ops() -> dict[str, Any]:
@@ -231,11 +233,17 @@ def _tags(paths: dict[str, Any]) -> list[str]:
 
 # ---- the routes -------------------------------------------------------------------------------
 def _request_host(request: web.Request) -> str:
-    """The host name the client used, without its port (a bracketed IPv6 address stays bracketed)."""
+    """The host name the client used, without its port (a bracketed IPv6 address stays bracketed).
+
+    It is the client's own Host header, written into the document: anything but a plain name or
+    address is replaced by the loopback address rather than echoed.
+    """
     host = request.host
     if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        host = host.split("]", 1)[0] + "]"
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host if _PLAIN_HOST.fullmatch(host) else "127.0.0.1"
 
 
 async def describe_api(request: web.Request) -> web.Response:

@@ -135,3 +135,17 @@ def test_docs_serve_swagger_ui_from_the_installed_package(serve, call) -> None:
         for missing in ("/docs/swagger-ui.js.map", "/docs/..%2F..%2Fapp.py", "/docs/index.html"):
             reply = call("GET", base + missing)
             assert reply.status == 404 and json.loads(reply.body)["type"] == "ResourceNotFound"
+
+
+def test_the_documents_host_is_the_callers_when_it_is_a_plain_name(serve, call) -> None:
+    thread = serve()
+    url = thread.url("management") + "/openapi.json"
+    for sent, written in (
+        ("localhost:9999", "localhost"),
+        ("[::1]:8081", "[::1]"),
+        ("models.example.org", "models.example.org"),
+        ('evil"><script>x</script>:1', "127.0.0.1"),
+    ):
+        document = call("GET", url, headers={"Host": sent}).json()
+        (server,) = document["paths"]["/predictions/{model}"]["post"]["servers"]
+        assert server["variables"]["host"]["default"] == written, sent
