@@ -26,7 +26,8 @@ from handlers.model_loading import (
     load_state_dict_into,
     select_device,
 )
-from handlers.tensors import TensorRow, join_tensor_rows, split_tensor_rows, tensor_groups
+from handlers.tensor_batch import join_tensor_rows, split_tensor_rows, tensor_groups
+from handlers.tensors import TensorRow
 
 
 def payload_of(row: Any) -> Any:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from archiver.errors import ArchiverError, HandlerError
@@ -52,8 +53,103 @@ DATATYPE_OF = {name: datatype for datatype, name in TORCH_DTYPES.items()}
 DATATYPE_OF.update({"bool_": "BOOL"})
 
 
-class TensorRow(dict):  # type: ignore[type-arg]
-    """A handler row made from a v2 request (a plain dict otherwise; the type marks where it came from)."""
+class LazyDict(dict):  # type: ignore[type-arg]
+    """A dict some of whose values are made on first use (``lazy``: key -> maker).
+
+    Every way of reading it (``[]``, ``get``, ``in``, iteration, ``items``, ``dict(row)``, ``json``)
+    sees those keys; a value is made only when something reads it, so a handler that never looks at
+    ``data`` does not pay for nested lists, nor one that never looks at ``tensors`` for tensors.
+    """
+
+    def __init__(self, fields: dict[str, Any], lazy: dict[str, Any] | None = None) -> None:
+        super().__init__(fields)
+        self._lazy: dict[str, Any] = dict(lazy or {})
+
+    def _make(self, key: Any) -> None:
+        lazy = self._lazy
+        if lazy and key in lazy:
+            dict.__setitem__(self, key, lazy.pop(key)())
+
+    def _make_all(self) -> None:
+        lazy = self._lazy
+        while lazy:
+            key = next(iter(lazy))
+            dict.__setitem__(self, key, lazy.pop(key)())
+
+    def __getitem__(self, key: Any) -> Any:
+        self._make(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._make(key)
+        return dict.get(self, key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or bool(self._lazy) and key in self._lazy
+
+    def __len__(self) -> int:
+        return dict.__len__(self) + len(self._lazy)
+
+    def __iter__(self) -> Any:
+        self._make_all()
+        return dict.__iter__(self)
+
+    def keys(self) -> Any:
+        self._make_all()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._make_all()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._make_all()
+        return dict.items(self)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._make(key)
+        return dict.pop(self, key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._make(key)
+        return dict.setdefault(self, key, default)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._lazy.pop(key, None)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._make(key)
+        dict.__delitem__(self, key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key in dict(*args, **kwargs):
+            self._lazy.pop(key, None)
+        dict.update(self, *args, **kwargs)
+
+    def copy(self) -> dict[str, Any]:
+        self._make_all()
+        return dict(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._make_all()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        self._make_all()
+        return dict.__repr__(self)
+
+
+class TensorRow(LazyDict):
+    """A handler row made from a v2 request (the type marks where it came from).
+
+    ``raw_inputs`` holds each input as (name, datatype, shape, bytes), for code that batches the
+    bytes itself (BaseHandler's default path) instead of reading ``tensors`` one request at a time.
+    """
+
+    raw_inputs: list[tuple[str, str, list[int], bytes]]
 
 
 def _reshape(flat: list[Any], shape: list[int]) -> Any:
@@ -76,8 +172,19 @@ def torch_dtype(datatype: str) -> Any:
         raise HandlerError(f"datatype {datatype} has no torch dtype") from None
 
 
+_DATATYPE_CACHE: dict[Any, str] = {}
+
+
 def datatype_of(dtype: Any) -> str:
     """The v2 datatype of a torch or numpy dtype (``torch.float32`` -> ``FP32``)."""
+    known = _DATATYPE_CACHE.get(dtype)
+    if known is not None:
+        return known
+    _DATATYPE_CACHE[dtype] = found = _datatype_of(dtype)
+    return found
+
+
+def _datatype_of(dtype: Any) -> str:
     name = str(dtype).removeprefix("torch.")
     if name in DATATYPE_OF:
         return DATATYPE_OF[name]
@@ -86,59 +193,87 @@ def datatype_of(dtype: Any) -> str:
     raise HandlerError(f"a tensor of dtype {dtype} has no Open Inference Protocol datatype")
 
 
-def decode_input(spec: dict[str, Any], raw: bytes | bytearray, torch_module: Any) -> tuple[Any, Any]:
-    """(the tensor value, the envelope's ``data``) of one input."""
-    datatype, shape, name = spec["datatype"], list(spec["shape"]), spec["name"]
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        elements: list[Any] = oip.split_bytes_elements(raw, count, f"input {name!r}")
-        if spec.get("text"):
-            elements = [e.decode("utf-8") for e in elements]
-        nested = _reshape(elements, shape) if shape else elements[0]
-        return nested, (elements[0] if count == 1 else nested)
-    if torch_module is None:
-        nested = _reshape(oip.unpack_values(datatype, raw, count, f"input {name!r}"), shape)
-        return nested, nested
-    dtype = torch_dtype(datatype)
-    tensor = torch_module.frombuffer(raw, dtype=dtype) if count else torch_module.empty(0, dtype=dtype)
-    tensor = tensor.reshape(shape)
-    return tensor, tensor.tolist()
+class _Input:
+    """One input's bytes, turned into a tensor (or nested list) and the envelope's ``data`` on demand."""
+
+    def __init__(self, name: str, datatype: str, shape: list[int], raw: bytes, text: bool) -> None:
+        self.name, self.datatype, self.shape, self.raw, self.text = name, datatype, shape, raw, text
+        self._value: Any = None
+        self._made = False
+
+    def value(self) -> Any:
+        """A torch.Tensor of the input's dtype and shape (nested lists without torch; BYTES: nested
+        elements, ``str`` when the client sent JSON text, else ``bytes``)."""
+        if not self._made:
+            self._value, self._made = self._decode(), True
+        return self._value
+
+    def _decode(self) -> Any:
+        count = math.prod(self.shape)
+        what = f"input {self.name!r}"
+        if self.datatype == "BYTES":
+            elements: list[Any] = oip.split_bytes_elements(self.raw, count, what)
+            if self.text:
+                elements = [e.decode("utf-8") for e in elements]
+            return _reshape(elements, self.shape) if self.shape else elements[0]
+        torch_module = sys.modules.get("torch")
+        if torch_module is None:
+            return _reshape(oip.unpack_values(self.datatype, self.raw, count, what), self.shape)
+        dtype = torch_dtype(self.datatype)
+        if not count:
+            return torch_module.empty(self.shape, dtype=dtype)
+        return torch_module.frombuffer(bytearray(self.raw), dtype=dtype).reshape(self.shape)
+
+    def data(self) -> Any:
+        """What TorchServe's kservev2 envelope passes as ``data``: nested lists; a single BYTES element."""
+        value = self.value()
+        if self.datatype == "BYTES":
+            return value[0] if math.prod(self.shape) == 1 and isinstance(value, list) else value
+        return value.tolist() if hasattr(value, "tolist") else value
+
+
+def decode_input(spec: dict[str, Any], raw: bytes | bytearray, torch_module: Any = None) -> tuple[Any, Any]:
+    """(the tensor value, the envelope's ``data``) of one input described by ``spec``."""
+    one = _Input(spec["name"], spec["datatype"], list(spec["shape"]), bytes(raw), bool(spec.get("text")))
+    return one.value(), one.data()
 
 
 def is_tensor_request(params: dict[str, Any], headers: dict[str, Any]) -> bool:
     """Whether a request came by the Open Inference Protocol (the front's marker and header part)."""
-    return headers.get(oip.PROTOCOL_HEADER) == "v2" and isinstance(params.get(oip.REQUEST_PART), dict)
+    head = params.get(oip.REQUEST_PART)
+    return headers.get(oip.PROTOCOL_HEADER) == "v2" and isinstance(head, (dict, oip.V2Request))
+
+
+def _inputs_of(params: dict[str, Any]) -> tuple[list[_Input], dict[str, Any]]:
+    """(the inputs, the request's id, parameters and outputs) from a V2Request or the wire's parts."""
+    head = params[oip.REQUEST_PART]
+    if isinstance(head, oip.V2Request):
+        inputs = [_Input(i.name, i.datatype, i.shape, i.data, i.text) for i in head.inputs]
+        outputs = [o.name for o in head.outputs] if head.outputs is not None else None
+        return inputs, {"id": head.id, "parameters": head.parameters, "outputs": outputs}
+    inputs = []
+    for index, spec in enumerate(head["inputs"]):
+        raw = params.get(f"{oip.INPUT_PART_PREFIX}{index}", b"")
+        raw = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+        inputs.append(
+            _Input(spec["name"], spec["datatype"], list(spec["shape"]), raw, bool(spec.get("text")))
+        )
+    extra = {"id": head.get("id"), "parameters": head.get("parameters") or {}, "outputs": head.get("outputs")}
+    return inputs, extra
 
 
 def handler_row(params: dict[str, Any]) -> TensorRow:
-    """The handler's row for a v2 request's decoded parts (see the module's docstring)."""
-    head = params[oip.REQUEST_PART]
-    torch_module = sys.modules.get("torch")
-    inputs = []
-    tensors = {}
-    for index, spec in enumerate(head["inputs"]):
-        raw = params.get(f"{oip.INPUT_PART_PREFIX}{index}", b"")
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8")
-        value, data = decode_input(spec, raw, torch_module)
-        tensors[spec["name"]] = value
-        entry = {
-            "name": spec["name"],
-            "datatype": spec["datatype"],
-            "shape": list(spec["shape"]),
-            "data": data,
-        }
-        if spec.get("parameters"):
-            entry["parameters"] = spec["parameters"]
-        inputs.append(entry)
-    row = TensorRow(inputs[0])
-    row.update(
-        inputs=inputs,
-        tensors=tensors,
-        id=head.get("id"),
-        parameters=head.get("parameters") or {},
-        outputs=head.get("outputs"),
-    )
+    """The handler's row for a v2 request (see the module's docstring); values are made on first use."""
+    inputs, extra = _inputs_of(params)
+    entries = []
+    for one in inputs:
+        fields: dict[str, Any] = {"name": one.name, "datatype": one.datatype, "shape": list(one.shape)}
+        entries.append(LazyDict(fields, {"data": one.data}))
+    first = inputs[0]
+    fields = {"name": first.name, "datatype": first.datatype, "shape": list(first.shape)}
+    tensors = LazyDict({}, {one.name: one.value for one in inputs})
+    row = TensorRow({**fields, "inputs": entries, "tensors": tensors, **extra}, {"data": first.data})
+    row.raw_inputs = [(one.name, one.datatype, one.shape, one.raw) for one in inputs]
     return row
 
 
@@ -155,7 +290,9 @@ def tensor_output(name: str, value: Any) -> oip.OutputTensor:
     """A torch tensor or numpy array as one output (its dtype, shape and bytes)."""
     torch_module = sys.modules.get("torch")
     if torch_module is not None and isinstance(value, torch_module.Tensor):
-        tensor = value.detach().cpu().contiguous()
+        tensor = value
+        if tensor.requires_grad or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.detach().cpu().contiguous()
         datatype = datatype_of(tensor.dtype)
         shape = list(tensor.shape)
         if datatype == "BF16":
@@ -191,12 +328,26 @@ def _bytes_output(name: str, body: bytes) -> oip.OutputTensor:
     return oip.OutputTensor(name, "BYTES", [1], oip.pack_values("BYTES", [body], name)[0])
 
 
+@dataclass
+class TensorAnswer:
+    """One request's share of a model's output, already in bytes: (key or None, datatype, shape,
+    bytes) per output; keyless outputs are named by position (``signature.outputs``, else output-N)."""
+
+    parts: list[tuple[str | None, str, list[int], bytes]]
+
+
 def answer_outputs(answer: Any, names: list[str] | None = None) -> list[oip.OutputTensor]:
     """A handler's answer for one v2 request as output tensors (see the module's docstring)."""
     names = names or []
 
     def name_at(i: int) -> str:
         return names[i] if i < len(names) else f"output-{i}"
+
+    if isinstance(answer, TensorAnswer):
+        return [
+            oip.OutputTensor(key if key is not None else name_at(i), datatype, shape, data)
+            for i, (key, datatype, shape, data) in enumerate(answer.parts)
+        ]
 
     if _is_array(answer):
         return [tensor_output(name_at(0), answer)]
@@ -251,79 +402,3 @@ def signature_output_names(model_yaml_config: dict[str, Any] | None) -> list[str
     if not isinstance(outputs, list):
         return []
     return [str(o["name"]) for o in outputs if isinstance(o, dict) and "name" in o]
-
-
-# ---- BaseHandler's default tensor path ----------------------------------------------------------
-def _row_tensors(row: TensorRow) -> list[Any]:
-    return list(row["tensors"].values())
-
-
-def tensor_groups(data: list[Any]) -> list[list[int]]:
-    """Indexes of the batch's rows that can share one model call: one group unless some v2 requests'
-    tensors differ in count, dtype or every dimension but the first (those run as groups of their own)."""
-    if not data or not all(isinstance(row, TensorRow) for row in data):
-        return [list(range(len(data)))]
-    torch_module = sys.modules["torch"]
-    groups: dict[Any, list[int]] = {}
-    for index, row in enumerate(data):
-        key = tuple(
-            (str(v.dtype), tuple(v.shape[1:])) if isinstance(v, torch_module.Tensor) else "other"
-            for v in _row_tensors(row)
-        )
-        groups.setdefault(key, []).append(index)
-    return list(groups.values())
-
-
-def join_tensor_rows(rows: list[TensorRow], device: Any) -> tuple[Any, list[int], dict[int, str]]:
-    """(the model's input: one tensor, or a tuple with one per input; rows each request brings;
-    {index: why} for requests with an input that is not numeric).
-
-    Each request's tensors are joined with the others' on their first dimension, so a [2, 4] input
-    is two rows of the model's batch; a 0-d tensor is one row.
-    """
-    torch_module = sys.modules["torch"]
-    refused: dict[int, str] = {}
-    columns: list[list[Any]] = []
-    counts: list[int] = []
-    for index, row in enumerate(rows):
-        values = _row_tensors(row)
-        bad = [n for n, v in row["tensors"].items() if not isinstance(v, torch_module.Tensor)]
-        if bad:
-            refused[index] = (
-                f"input {bad[0]!r} is BYTES; this handler's default preprocessing takes numeric tensors "
-                "(override preprocess to read it)"
-            )
-            continue
-        values = [v if v.dim() else v.reshape(1) for v in values]
-        counts.append(values[0].shape[0])
-        for position, value in enumerate(values):
-            if position == len(columns):
-                columns.append([])
-            columns[position].append(value)
-    joined = [torch_module.cat(col) if len(col) > 1 else col[0] for col in columns]
-    joined = [t.to(device) if device is not None else t for t in joined]
-    return (joined[0] if len(joined) == 1 else tuple(joined)), counts, refused
-
-
-def split_tensor_rows(output: Any, counts: list[int]) -> list[Any]:
-    """The model's output cut back into one answer per request, by the rows each brought."""
-    if len(counts) == 1:
-        return [output]
-    torch_module = sys.modules["torch"]
-    total = sum(counts)
-
-    def split(value: Any) -> list[Any]:
-        if not isinstance(value, torch_module.Tensor) or value.dim() == 0 or value.shape[0] != total:
-            got = list(value.shape) if isinstance(value, torch_module.Tensor) else type(value).__name__
-            raise HandlerError(
-                f"the model's output ({got}) does not have one row per input row ({total}), "
-                "so it cannot be split between the batch's requests"
-            )
-        return list(torch_module.split(value, counts))
-
-    if isinstance(output, (tuple, list)):
-        return [tuple(parts) for parts in zip(*(split(v) for v in output), strict=True)]
-    if isinstance(output, dict):
-        pieces = {k: split(v) for k, v in output.items()}
-        return [{k: pieces[k][i] for k in pieces} for i in range(len(counts))]
-    return split(output)

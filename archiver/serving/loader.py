@@ -26,7 +26,7 @@ from archiver.manifest import Manifest
 from archiver.reader import open_archive
 from archiver.serving.cache import unpack_cached
 from archiver.serving.isolation import import_spec_exists, isolated_imports
-from archiver.serving.oip import PROTOCOL_HEADER
+from archiver.serving.oip import PROTOCOL_HEADER, V2_BODY
 from archiver.serving.protocol import (
     InferenceRequest,
     InferenceResponse,
@@ -250,6 +250,13 @@ class LoadedModel:
 
     def handle(self, requests: list[InferenceRequest]) -> list[InferenceResponse]:
         """Run one batch through the handler; exactly one response per request, in order."""
+        if any(r.headers.get(PROTOCOL_HEADER) == V2_BODY for r in requests):
+            from archiver.serving.oip_worker import answer_v2_bodies  # v2 requests sent whole
+
+            return answer_v2_bodies(requests, self._handle, self.name, self.version)
+        return self._handle(requests)
+
+    def _handle(self, requests: list[InferenceRequest]) -> list[InferenceResponse]:
         count = len(requests)
         if count == 0:
             return []

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import struct
@@ -52,6 +53,12 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 PROTOCOL_HEADER = "x-archiver-protocol"
 REQUEST_PART = "oip.request"
 INPUT_PART_PREFIX = "oip.input."
+# A v2 request sent to the worker whole (PROTOCOL_HEADER "v2-body"): the body as the client sent it,
+# its Inference-Header-Content-Length under BODY_HEADER_LENGTH; the worker parses it and answers the
+# final response (``archiver.serving.oip_worker``), so the front only moves bytes.
+BODY_PART = "oip.body"
+V2_BODY = "v2-body"
+BODY_HEADER_LENGTH = "x-archiver-inference-header-length"
 # What a worker answers a v2 request with: a binary-extension body, every output binary.
 TENSORS_CONTENT_TYPE = "application/vnd.model-archiver.tensors"
 DEFAULT_OUTPUT = "output-0"
@@ -77,6 +84,7 @@ DATATYPES: dict[str, tuple[str, int]] = {
     "BYTES": ("", 0),
 }
 _LENGTH = struct.Struct("<I")
+_OUTPUTS_HEAD = b'{"outputs":'  # how encode_outputs starts a worker's tensor body
 
 
 # ---- records -------------------------------------------------------------------------------------
@@ -265,6 +273,14 @@ def make_input(
     what = f"input {name!r}"
     datatype = _check_datatype(datatype, what)
     shape = _check_shape(list(shape) if isinstance(shape, tuple) else shape, what)
+    return _checked_input(name, datatype, shape, data, parameters or {})
+
+
+def _checked_input(
+    name: str, datatype: str, shape: list[int], data: Any, parameters: dict[str, Any]
+) -> InferInput:
+    """``make_input`` once the datatype and shape are known to be valid."""
+    what = f"input {name!r}"
     count = math.prod(shape)
     text = False
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -283,9 +299,7 @@ def make_input(
                 f"{what}: shape {shape} holds {count} elements but its data has {len(values)}"
             )
         raw, text = pack_values(datatype, values, what)
-    return InferInput(
-        name=name, datatype=datatype, shape=shape, data=raw, parameters=parameters or {}, text=text
-    )
+    return InferInput(name=name, datatype=datatype, shape=shape, data=raw, parameters=parameters, text=text)
 
 
 def make_request(
@@ -371,9 +385,9 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
         datatype = _check_datatype(spec.get("datatype"), what)
         shape = _check_shape(spec.get("shape"), what)
         params = _parameters(spec.get("parameters"), what)
-        if any(key.startswith("shared_memory") for key in params):
+        if params and any(key.startswith("shared_memory") for key in params):
             raise TensorRequestError(f"{what}: the shared-memory extension is not supported")
-        size = params.pop("binary_data_size", None)
+        size = params.pop("binary_data_size", None) if params else None
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise TensorRequestError(f"{what}: binary_data_size must be an integer >= 0, got {size!r}")
@@ -390,7 +404,7 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
             data = spec["data"]
         else:
             raise TensorRequestError(f"{what} has no data: give 'data' or parameters.binary_data_size")
-        inputs.append(make_input(name, datatype, shape, data, params))
+        inputs.append(_checked_input(name, datatype, shape, data, params))
     if offset != len(binary):
         raise TensorRequestError(
             f"{len(binary) - offset} bytes follow the last binary input: the binary_data_size values or "
@@ -435,21 +449,20 @@ def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
 # ---- to the worker -------------------------------------------------------------------------------
 def request_header(request: V2Request) -> dict[str, Any]:
     """What the worker needs besides the tensors' bytes (the ``REQUEST_PART``)."""
-    return {
-        "id": request.id,
-        "inputs": [
-            {
-                "name": i.name,
-                "datatype": i.datatype,
-                "shape": i.shape,
-                "parameters": i.parameters,
-                "text": i.text,
-            }
-            for i in request.inputs
-        ],
-        "outputs": [o.name for o in request.outputs] if request.outputs is not None else None,
-        "parameters": request.parameters,
-    }
+    inputs = []
+    for i in request.inputs:
+        spec: dict[str, Any] = {"name": i.name, "datatype": i.datatype, "shape": i.shape}
+        if i.parameters:
+            spec["parameters"] = i.parameters
+        if i.text:
+            spec["text"] = True
+        inputs.append(spec)
+    header: dict[str, Any] = {"id": request.id, "inputs": inputs}
+    if request.outputs is not None:
+        header["outputs"] = [o.name for o in request.outputs]
+    if request.parameters:
+        header["parameters"] = request.parameters
+    return header
 
 
 def to_raw_request(request: V2Request, request_id: str, headers: dict[str, str] | None = None) -> RawRequest:
@@ -457,17 +470,59 @@ def to_raw_request(request: V2Request, request_id: str, headers: dict[str, str] 
 
     ``headers`` are the HTTP request's; the front's marker replaces any client-sent one.
     """
-    parts = [(REQUEST_PART, json.dumps(request_header(request)).encode(), "application/json")]
+    head = json.dumps(request_header(request), separators=(",", ":")).encode()
+    parts = [(REQUEST_PART, head, "application/json")]
     for index, tensor in enumerate(request.inputs):
         parts.append((f"{INPUT_PART_PREFIX}{index}", tensor.data, "application/octet-stream"))
-    kept = {k: v for k, v in (headers or {}).items() if k.lower() != PROTOCOL_HEADER}
-    kept[PROTOCOL_HEADER] = "v2"
+    kept = dict(headers or {})
+    kept[PROTOCOL_HEADER] = "v2"  # the worker reads this exact key, whatever a client sent
     return RawRequest(request_id=request_id, headers=kept, parts=parts)
 
 
+def body_raw_request(
+    body: bytes, header_length: str | None, request_id: str, headers: dict[str, str] | None = None
+) -> RawRequest:
+    """A v2 infer request's HTTP body, unparsed, as one element of a handler batch.
+
+    The worker parses and checks it and answers the finished v2 response (a TensorRequestError there
+    is that request's 400), so a host's event loop spends nothing on tensors. ``header_length`` is the
+    ``Inference-Header-Content-Length`` header, if any.
+    """
+    kept = dict(headers or {})
+    kept[PROTOCOL_HEADER] = V2_BODY
+    kept.pop(BODY_HEADER_LENGTH, None)
+    if header_length is not None:
+        kept[BODY_HEADER_LENGTH] = str(header_length)
+    return RawRequest(
+        request_id=request_id, headers=kept, parts=[(BODY_PART, body, "application/octet-stream")]
+    )
+
+
+def worker_params(request: V2Request) -> dict[str, Any]:
+    """The params a worker's wire decoding makes of ``to_raw_request(request)``, without the round
+    trip: the request header as a dict, each input's bytes as a bytearray."""
+    params: dict[str, Any] = {REQUEST_PART: request_header(request)}
+    for index, tensor in enumerate(request.inputs):
+        params[f"{INPUT_PART_PREFIX}{index}"] = bytearray(tensor.data)
+    return params
+
+
 # ---- the answer ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1024)
+def _json_name(name: str) -> str:
+    return json.dumps(name)
+
+
 def encode_outputs(outputs: list[OutputTensor]) -> tuple[bytes, int]:
     """(body, JSON header length) of outputs in the binary extension, every output binary."""
+    if len(outputs) == 1 and not outputs[0].parameters:  # the usual answer, without json.dumps' cost
+        o = outputs[0]
+        shape = ",".join(str(int(d)) for d in o.shape)
+        text = (
+            f'{{"outputs":[{{"name":{_json_name(o.name)},"datatype":"{o.datatype}","shape":[{shape}],'
+            f'"parameters":{{"binary_data_size":{len(o.data)}}}}}]}}'
+        ).encode()
+        return text + o.data, len(text)
     head = {
         "outputs": [
             {
@@ -561,6 +616,9 @@ def build_infer_response(
         response["model_version"] = model_version
     if request.id is not None:
         response["id"] = request.id
+    passed = _pass_through(request, answer, response)
+    if passed is not None:
+        return passed
     blobs = []
     specs = []
     for output, binary in select_outputs(request, answer_outputs(answer)):
@@ -578,6 +636,43 @@ def build_infer_response(
     if not blobs:
         return text, "application/json", None
     return text + b"".join(blobs), "application/octet-stream", len(text)
+
+
+def _pass_through(
+    request: V2Request, answer: InferenceResponse, response: dict[str, Any]
+) -> tuple[bytes, str, int] | None:
+    """The worker's tensor body with the response's names spliced into its JSON header, when the
+    client wants every output, all binary (tritonclient's default): nothing to parse or re-encode."""
+    if request.outputs is not None or not request.binary_output:
+        return None
+    if (answer.content_type or "") != TENSORS_CONTENT_TYPE:
+        return None
+    try:
+        length = int(answer.headers[HEADER_LENGTH])
+    except (KeyError, ValueError):
+        return None
+    body = answer.body
+    if not body.startswith(_OUTPUTS_HEAD) or not 0 < length <= len(body):
+        return None
+    prefix = _response_prefix(response["model_name"], response.get("model_version"), response.get("id"))
+    head_length = len(prefix) + length - 1
+    return prefix + body[1:], "application/octet-stream", head_length
+
+
+@functools.lru_cache(maxsize=256)
+def _names_prefix(model_name: str, model_version: str | None) -> bytes:
+    head: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        head["model_version"] = model_version
+    return json.dumps(head, separators=(",", ":"))[:-1].encode()
+
+
+def _response_prefix(model_name: str, model_version: str | None, request_id: str | None) -> bytes:
+    """``{"model_name":…,"model_version":…[,"id":…],`` — the start of a response's JSON header."""
+    prefix = _names_prefix(model_name, model_version)
+    if request_id is not None:
+        prefix += b',"id":' + json.dumps(request_id).encode()
+    return prefix + b","
 
 
 def error_body(message: str) -> bytes:

@@ -10,21 +10,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 import weakref
 from typing import Any
 
 from aiohttp import web
 
 from archiver import __version__
-from archiver.errors import ArchiverError, ModelNotFoundError, RequestTooLargeError
+from archiver.errors import ArchiverError, ModelNotFoundError, TensorRequestError
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving import oip
-from archiver.serving.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY, HttpLimits, _in_time, _read_capped
+from archiver.serving.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY, HttpLimits, read_inference_request
+from archiver.serving.http_codec import response_headers
 from archiver.serving.model_entry import ModelEntry
 from archiver.serving.oip_metadata import platform_of, read_signature
 from archiver.serving.pool import PoolState
 from archiver.serving.protocol import InferenceResponse
+from archiver.serving.wire import RawRequest
 
 # Bodies past this size are parsed off the event loop, so one large JSON tensor does not stall the rest.
 _PARSE_INLINE_BYTES = 256 * 1024
@@ -55,15 +56,14 @@ def _entry(request: web.Request) -> ModelEntry:
     return request.app[REGISTRY_KEY].get(name, request.match_info.get("version"))
 
 
-async def _body(request: web.Request) -> bytes:
-    """The whole body, under the server's size limit and body-read timeout (as /predictions)."""
+async def _read(request: web.Request) -> tuple[bytes, RawRequest]:
+    """(the body, the request as /predictions reads it): the same size limit, body-read timeout and
+    request id; a form upload is refused (the protocols send one JSON or binary body)."""
     limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
-    limit = limits.max_request_size
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestTooLargeError(
-            f"request body of {request.content_length} bytes is over the server's limit of {limit} bytes"
-        )
-    return await _in_time(_read_capped(request.content.read, limit), limits)
+    raw = await read_inference_request(request, limits)
+    if len(raw.parts) != 1 or raw.parts[0][0] != "body":
+        raise TensorRequestError("send the request as the body (JSON, or JSON and binary data), not a form")
+    return raw.parts[0][1], raw
 
 
 async def _off_loop(body: bytes, parse: Any, *args: Any) -> Any:
@@ -130,31 +130,28 @@ def _failure(answer: InferenceResponse) -> ArchiverError:
 
 
 async def infer(request: web.Request) -> web.Response:
-    """POST /v2/models/{model}[/versions/{version}]/infer."""
+    """POST /v2/models/{model}[/versions/{version}]/infer: the body goes to the worker whole, which
+    parses it and answers the finished response (``oip_worker``); here only bytes move."""
     registry = request.app[REGISTRY_KEY]
     metrics = request.app[METRICS_KEY]
     started = time.perf_counter()
     label = "-"  # unknown names share one label, as on /predictions
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or ""
     try:
         entry = _entry(request)
         label = entry.name
-        body = await _body(request)
-        parsed = await _off_loop(body, oip.parse_infer_request, request.headers.get(oip.HEADER_LENGTH))
-        raw = oip.to_raw_request(parsed, request_id, dict(request.headers))
+        body, http_request = await _read(request)
+        request_id = http_request.request_id
+        header_length = request.headers.get(oip.HEADER_LENGTH)
+        raw = oip.body_raw_request(body, header_length, request_id, http_request.headers)
         answer = await registry.predict(entry.name, request.match_info.get("version"), raw)
         if not answer.ok:
             raise _failure(answer)
-        payload, content_type, header_length = oip.build_infer_response(
-            parsed, answer, entry.name, entry.version
-        )
-        resp = web.Response(status=200, body=payload)
-        resp.headers["Content-Type"] = content_type
-        if header_length is not None:
-            resp.headers[oip.HEADER_LENGTH] = str(header_length)
+        resp = web.Response(status=200, body=answer.body, headers=response_headers(answer, request_id))
     except ArchiverError as exc:
         resp = _error(exc.http_status, exc.message)
-    resp.headers["x-request-id"] = request_id
+        if request_id:
+            resp.headers["x-request-id"] = request_id
     metrics.observe_request(label, resp.status, time.perf_counter() - started)
     return resp
 
@@ -174,13 +171,14 @@ async def v1_predict(request: web.Request) -> web.Response:
     metrics = request.app[METRICS_KEY]
     started = time.perf_counter()
     label = "-"
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or ""
     try:
         entry = _entry(request)
         label = entry.name
-        body = await _body(request)
+        body, http_request = await _read(request)
+        request_id = http_request.request_id
         instances = await _off_loop(body, oip.parse_v1_request)
-        headers = dict(request.headers)
+        headers = http_request.headers
         raws = [oip.v1_raw_request(x, f"{request_id}-{i}", headers) for i, x in enumerate(instances)]
         answers = await asyncio.gather(*(registry.predict(entry.name, None, raw) for raw in raws))
         failed = next((a for a in answers if not a.ok), None)
@@ -189,7 +187,8 @@ async def v1_predict(request: web.Request) -> web.Response:
         resp = _answer(200, oip.build_v1_response(list(answers)))
     except ArchiverError as exc:
         resp = _error(exc.http_status, exc.message)
-    resp.headers["x-request-id"] = request_id
+    if request_id:
+        resp.headers["x-request-id"] = request_id
     metrics.observe_request(label, resp.status, time.perf_counter() - started)
     return resp
 
@@ -200,10 +199,12 @@ def add_oip_routes(app: web.Application) -> None:
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
-    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+    bases = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+    for base in bases:  # infer first: aiohttp tries the routes under one prefix in the order added
+        r.add_post(base + "/infer", infer)
+    for base in bases:
         r.add_get(base, model_metadata)
         r.add_get(base + "/ready", model_ready)
-        r.add_post(base + "/infer", infer)
     r.add_get("/v1/models/{model:[^/:]+}", v1_model)
     r.add_post("/v1/models/{model:[^/:]+}:predict", v1_predict)
 

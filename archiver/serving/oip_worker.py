@@ -1,0 +1,75 @@
+"""The worker's side of a v2 request sent whole (``oip.body_raw_request``): parse it, run it through
+the handler with the rest of the batch, answer the finished v2 response.
+
+Parsing here rather than in the front keeps the front's event loop to moving bytes, as for
+``/predictions``: the JSON header, the checks, the tensors and the response's JSON are the worker's
+CPU time, paid in parallel by as many workers as the model has. A request that does not parse gets
+its own 400 and never reaches the handler; the others are answered as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from archiver.errors import ArchiverError
+from archiver.serving import oip
+from archiver.serving.protocol import InferenceRequest, InferenceResponse, error_response
+
+HandleBatch = Callable[[list[InferenceRequest]], list[InferenceResponse]]
+
+
+def _parse(request: InferenceRequest) -> oip.V2Request:
+    body = request.params.get(oip.BODY_PART)
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if not isinstance(body, (bytes, bytearray)):
+        raise oip.TensorRequestError("the v2 request has no body")
+    return oip.parse_infer_request(bytes(body), request.headers.get(oip.BODY_HEADER_LENGTH))
+
+
+def _error(exc: ArchiverError) -> InferenceResponse:
+    return error_response(exc.http_status, type(exc).__name__, exc.message)
+
+
+def answer_v2_bodies(
+    requests: list[InferenceRequest], handle: HandleBatch, model_name: str, model_version: str | None
+) -> list[InferenceResponse]:
+    """One response per request, in order: v2 bodies parsed, the batch (less what did not parse) run
+    through ``handle``, and each v2 answer built into its finished response."""
+    answers: list[InferenceResponse | None] = [None] * len(requests)
+    parsed: dict[int, oip.V2Request] = {}
+    run: list[tuple[int, InferenceRequest]] = []
+    for index, request in enumerate(requests):
+        if request.headers.get(oip.PROTOCOL_HEADER) != oip.V2_BODY:
+            run.append((index, request))
+            continue
+        try:
+            v2 = _parse(request)
+        except ArchiverError as exc:
+            answers[index] = _error(exc)
+            continue
+        parsed[index] = v2
+        headers = request.headers
+        headers.pop(oip.BODY_HEADER_LENGTH, None)
+        headers[oip.PROTOCOL_HEADER] = "v2"
+        # the parsed request itself: handlers.tensors makes the handler's row from it directly
+        run.append((index, InferenceRequest(request.request_id, {oip.REQUEST_PART: v2}, headers, {})))
+    if run:
+        for (index, _), answer in zip(run, handle([r for _, r in run]), strict=True):
+            answers[index] = answer
+    for index, v2 in parsed.items():
+        answer = answers[index]
+        if answer is None or not answer.ok:
+            continue
+        try:
+            body, content_type, header_length = oip.build_infer_response(
+                v2, answer, model_name, model_version
+            )
+        except ArchiverError as exc:
+            answers[index] = _error(exc)
+            continue
+        headers = {k: v for k, v in answer.headers.items() if k != oip.HEADER_LENGTH}
+        if header_length is not None:
+            headers[oip.HEADER_LENGTH] = str(header_length)
+        answers[index] = InferenceResponse(status=200, body=body, content_type=content_type, headers=headers)
+    return [a if a is not None else error_response(500, "HandlerError", "no answer") for a in answers]
