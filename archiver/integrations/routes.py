@@ -23,11 +23,10 @@ from archiver.errors import (
     ModelNotFoundError,
     ServiceUnavailableError,
     TensorRequestError,
-    UsageError,
 )
 from archiver.serving import oip
 from archiver.serving.http_codec import error_http_response, http_response, raw_request
-from archiver.serving.protocol import InferenceResponse
+from archiver.serving.protocol import InferenceResponse, error_response
 from archiver.serving.wire import RawRequest
 
 log = logging.getLogger("archiver.integrations")
@@ -105,7 +104,9 @@ async def dispatch(
         if segments[:1] not in (["predictions"], ["explanations"]) or not 2 <= len(segments) <= 3:
             raise ModelNotFoundError("Requested resource is not found, please refer to API document.")
         if method not in ("POST", "PUT"):
-            raise UsageError(f"{method} is not allowed on {path}")
+            return http_response(
+                error_response(405, "MethodNotAllowed", f"{method} is not allowed on {path}"), request_id
+            )
         route = table.pick(segments[1], segments[2] if len(segments) == 3 else None)
         raw = raw_request(
             body,
