@@ -154,12 +154,19 @@ function statusText(model) {
   return null;
 }
 
+function inputKinds(model) {
+  // What the model's handler reads, to guide the file picker (a person may still choose anything).
+  if (IMAGE_KINDS.has(model.kind)) return { accept: "image/*", hint: "an image: JPEG, PNG, WebP, GIF, BMP" };
+  if (model.kind === "text_classifier") return { accept: "text/*,.txt", hint: "a text file, or type below" };
+  return { accept: "image/*,text/*,.txt,.json,application/json", hint: "an image, a text file or JSON" };
+}
+
 function makeCard(model) {
   const card = { model };
   const input = h("input", {
     type: "file",
     class: "file-input",
-    accept: "image/*,text/*,.txt,.json,application/json",
+    accept: inputKinds(model).accept,
     onchange: () => input.files[0] && chooseFile(card, input.files[0]),
   });
   card.fileInput = input;
@@ -167,7 +174,7 @@ function makeCard(model) {
     "label",
     { class: "drop" },
     h("span", { class: "drop-title" }, "Drop a file here, or choose one"),
-    h("span", { class: "drop-hint" }, "an image, a text file or JSON"),
+    h("span", { class: "drop-hint" }, inputKinds(model).hint),
     input,
   );
   for (const type of ["dragenter", "dragover"]) {
