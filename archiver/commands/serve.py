@@ -205,10 +205,11 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     watched = _watch_list(settings.models, flag_model) if reload else []
     from archiver.serving.memory import HeapTrimmer
+    from archiver.serving.server import run
 
     trimmer = HeapTrimmer().start()
     try:
-        code = asyncio.run(_run(settings, Path(ready_file) if ready_file else None, watched))
+        code = run(_run(settings, Path(ready_file) if ready_file else None, watched))  # uvloop if installed
     finally:
         trimmer.stop()
         if flag_model is not None:
