@@ -24,13 +24,22 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 # Latency from 1 ms (tiny models) to 60 s (a big model under a long queue).
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -75,6 +84,60 @@ class _ModelStateCollector:
         yield workers
         yield load
         yield memory
+
+
+class _RequestCollector:
+    """Requests answered (by model and status) and their latency (by model), kept as plain numbers.
+
+    Every inference request updates these, so they are the one metric on the hot path: a dict lookup,
+    a bisect and two additions on the event loop, where prometheus-client's labelled Counter and
+    Histogram cost a ``labels()`` lookup, locks and a Python loop over the buckets each time. The
+    families are built when /metrics is scraped, with the same names, labels and ``_created`` series
+    as prometheus-client's own Counter and Histogram. Only the event loop writes here and the scrape
+    runs on it too, so there is no lock.
+    """
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._buckets = buckets
+        self._le = [floatToGoString(b) for b in buckets] + ["+Inf"]
+        # (model, status) → [count, created];
+        # model → [count per bucket (not cumulative) …, count over the last, sum, created]
+        self._requests: dict[tuple[str, int], list[float]] = {}
+        self._latency: dict[str, list[float]] = {}
+
+    def observe(self, model: str, status: int, seconds: float) -> None:
+        counted = self._requests.get((model, status))
+        if counted is None:
+            counted = self._requests[(model, status)] = [0, time.time()]
+        counted[0] += 1
+        row = self._latency.get(model)
+        if row is None:
+            row = self._latency[model] = [0.0] * (len(self._buckets) + 1) + [0.0, time.time()]
+        row[bisect_left(self._buckets, seconds)] += 1
+        row[-2] += seconds
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "model_archiver_requests",
+            "Inference requests answered, by model and HTTP status",
+            labels=["model", "status"],
+        )
+        for (model, status), (count, created) in list(self._requests.items()):
+            requests.add_metric([model, str(status)], count, created=created)
+        yield requests
+        latency = HistogramMetricFamily(
+            "model_archiver_request_latency_seconds",
+            "Time from request received to answer ready, by model",
+            labels=["model"],
+        )
+        for model, row in list(self._latency.items()):
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._le, row[: len(self._le)], strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            latency.add_metric([model], buckets, sum_value=row[-2])
+            latency.add_sample(latency.name + "_created", {"model": model}, row[-1])
+        yield latency
 
 
 HANDLER_SERIES_PER_MODEL = 100  # handler metric series one model may create
@@ -260,19 +323,8 @@ class ServerMetrics:
         handler_series_per_model: int = HANDLER_SERIES_PER_MODEL,
     ) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "model_archiver_requests",
-            "Inference requests answered, by model and HTTP status",
-            ["model", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "model_archiver_request_latency_seconds",
-            "Time from request received to answer ready, by model",
-            ["model"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
+        self.requests = _RequestCollector(_LATENCY_BUCKETS_S)
+        self.registry.register(self.requests)
         self.batch_size = Histogram(
             "model_archiver_batch_size",
             "Requests per batch handed to a handler, by model",
@@ -298,8 +350,8 @@ class ServerMetrics:
         self.registry.register(self.handler_metrics)
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:
-        self.requests.labels(model, str(status)).inc()
-        self.latency.labels(model).observe(seconds)
+        """One answered inference request (the event loop's thread only)."""
+        self.requests.observe(model, status, seconds)
 
     def count_worker_death(self, model: str, cause: str, restarted: bool) -> None:
         self.worker_deaths.labels(model, cause).inc()
