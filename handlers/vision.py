@@ -166,6 +166,11 @@ class VisionHandler(BaseHandler):
         for index, row in enumerate(data):
             payload = payload_of(row)
             try:
+                if isinstance(payload, list) and payload and isinstance(payload[0], (str, bytes, bytearray)):
+                    # several encoded images in one request (a v2 BYTES input of shape [N]): one per request
+                    raise HandlerInputError(
+                        f"expected one image per request, got {len(payload)} (a BYTES input of shape [1])"
+                    )
                 if isinstance(payload, list):
                     shape = self.json_image_shape if self.image_processing is None else None
                     decoded.append((index, tensor_from_json(payload, shape)))

@@ -186,6 +186,15 @@ def test_a_request_that_is_not_an_image_fails_alone(client: triton.InferenceServ
         client.infer("cnn", [tensor])
 
 
+def test_several_images_in_one_request_are_refused_with_the_reason(
+    client: triton.InferenceServerClient, kitten_bytes: bytes
+) -> None:
+    tensor = triton.InferInput("image", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([kitten_bytes, kitten_bytes], dtype=object))
+    with pytest.raises(InferenceServerException, match="expected one image per request, got 2"):
+        client.infer("cnn", [tensor])
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server: ServerThread) -> None:
     """32 requests at once, each from its own tritonclient; the batch-size histogram shows batches > 1."""
     rows = [np.array([[i, i + 1, -i, 2.0]], dtype=np.float32) for i in range(32)]
