@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,7 +30,7 @@ from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving import openapi, page_routes
 from archiver.serving.http_codec import form_parts, last_wins, mime_type, response_headers
 from archiver.serving.metrics import ServerMetrics
-from archiver.serving.protocol import error_response, response_for_exception
+from archiver.serving.protocol import error_response, new_request_id, response_for_exception
 from archiver.serving.registry import ModelRegistry
 from archiver.serving.wire import RawRequest
 
@@ -127,8 +126,11 @@ async def read_inference_request(
     """The HTTP request as a handler sees it: one ``body`` param, or one param per form field.
 
     The whole body must arrive within ``body_read_timeout_s``: a client trickling or stalling its body
-    would otherwise hold its connection (and the memory read so far) for as long as it likes.
+    would otherwise hold its connection (and the memory read so far) for as long as it likes. A body
+    that came whole with the headers (most small ones) is read without arming that timer.
     """
+    if request.content.is_eof():
+        return await _read_request(request, limits, request_id)
     return await _in_time(_read_request(request, limits, request_id), limits)
 
 
@@ -167,13 +169,18 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
         if not parts:
             raise UsageError("multipart body has no parts")
     else:
-        body = await _read_capped(request.content.read, limit)
+        if request.content.is_eof():  # all of it came with the headers: take it as it is
+            body = request.content.read_nowait()
+            if len(body) > limit:
+                raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
+        else:
+            body = await _read_capped(request.content.read, limit)
         if mime == "application/x-www-form-urlencoded":
             parts.extend(form_parts(body))
         else:
             parts.append(("body", body, content_type or ""))
     # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
-    request_id = request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request_id or request.headers.get("x-request-id") or new_request_id()
     return RawRequest(request_id=request_id, headers=dict(request.headers), parts=last_wins(parts))
 
 
@@ -193,7 +200,7 @@ async def predictions(request: web.Request) -> web.StreamResponse:
     name = request.match_info["model"]
     version = request.match_info.get("version")
     label = "-"  # unknown names share one label, so a scanner cannot grow the metrics without bound
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or new_request_id()
     try:
         if not MODEL_NAME_PATTERN.match(name):
             raise ModelNotFoundError(f"Model not found: {name}")

@@ -8,6 +8,7 @@ parsed, ``text/*`` bodies as ``str``, anything else as ``bytearray``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,12 @@ def decode_param(value: bytes, content_type: str | None) -> Any:
     return bytearray(value)
 
 
+def new_request_id() -> str:
+    """An id for a request that came without ``x-request-id``: 32 random hex digits, as random as
+    ``uuid.uuid4().hex`` at a sixth of its cost (no UUID object per request)."""
+    return os.urandom(16).hex()
+
+
 def make_request(
     request_id: str,
     body: bytes,
@@ -90,12 +97,38 @@ def encode_answer(value: Any, content_type: str | None = None) -> tuple[bytes, s
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.tolist()
     try:
-        text = json.dumps(value, indent=2)
+        text = _indented_json(value)
     except (TypeError, ValueError) as exc:
         raise ArchiverError(
             f"handler returned a {type(value).__name__}, which cannot be sent as JSON: {exc}"
         ) from exc
     return text.encode("utf-8"), content_type or "application/json"
+
+
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+# json's C encoder with this item separator writes a flat list or dict as indent=2 would, bar the
+# brackets' own line breaks.
+_FLAT_SEPARATORS = (",\n  ", ": ")
+
+
+def _indented_json(value: Any) -> str:
+    """``json.dumps(value, indent=2)``, TorchServe's answer format, byte for byte.
+
+    Python 3.11's json writes indented JSON in pure Python, several times slower than its C encoder.
+    Most answers are one flat list or dict of numbers and strings (scores, a label map): those go
+    through the C encoder, with the separator that puts each item on its own line.
+    """
+    kind = type(value)
+    if kind is list:
+        items = value
+    elif kind is dict:
+        items = value.values()
+    else:
+        return json.dumps(value, indent=2)
+    if not value or not all(type(item) in _SCALARS for item in items):
+        return json.dumps(value, indent=2)
+    flat = json.dumps(value, separators=_FLAT_SEPARATORS)
+    return f"{flat[0]}\n  {flat[1:-1]}\n{flat[-1]}"
 
 
 def error_response(status: int, error_type: str, message: str) -> InferenceResponse:
