@@ -194,7 +194,15 @@ def test_any_other_answer_is_shown_as_json_with_a_download(page_server, visit, t
 
     echo.locator("textarea").fill("plain words here")
     echo.locator("button.send").click()
-    expect(echo.locator("pre.answer-json")).to_contain_text('"kind": "str"')
+    expect(echo.locator("pre.answer-json")).to_contain_text('"you sent": "plain words here"')
+
+    # A handler of the archive's own is sent any file, as bytes.
+    raw = tmp_path / "tensor.bin"
+    raw.write_bytes(b"raw bytes")
+    with tab.page.expect_request(re.compile(r"/predictions/echo/")) as request:
+        echo.locator("input[type=file]").set_input_files(str(raw))
+    assert request.value.headers["content-type"] == "application/octet-stream"
+    expect(echo.locator("pre.answer-json")).to_contain_text('"you sent": "raw bytes"')
     tab.assert_stayed_home(origin)
     tab.assert_no_script_errors()
 
@@ -210,14 +218,16 @@ def test_an_unsupported_file_gets_a_readable_message(page_server, visit, tmp_pat
 
     classifier.locator("input[type=file]").set_input_files(str(archive))
     message = classifier.locator(".error-unsupported")
-    expect(message).to_contain_text("weights.zip is a application/zip file")
-    expect(message).to_contain_text("this page sends images, text files and JSON")
+    expect(message).to_have_text(
+        "kitten_classifier (image classifier) reads images; weights.zip is a file of type application/zip. "
+        f"Send other files with curl -T FILE {origin}/predictions/kitten_classifier"
+    )
     assert sent == []  # refused in the page, nothing sent
 
     text = tmp_path / "caption.txt"
     text.write_text("a cat on a sofa")
     classifier.locator("input[type=file]").set_input_files(str(text))
-    expect(classifier.locator(".error-unsupported")).to_have_text(
+    expect(classifier.locator(".error-unsupported")).to_contain_text(
         "kitten_classifier (image classifier) reads images; caption.txt is text."
     )
 
@@ -308,7 +318,7 @@ def test_a_dropped_photo_is_sent_like_a_picked_one(page_server, visit, kitten_by
         base64.b64encode(kitten_bytes).decode(),
     )
     topics.locator(".drop").dispatch_event("drop", {"dataTransfer": dropped})
-    expect(topics.locator(".error-unsupported")).to_have_text(
+    expect(topics.locator(".error-unsupported")).to_contain_text(
         "topics (text classifier) reads text; kitten.jpg is an image."
     )
     classifier.locator(".drop").dispatch_event("drop", {"dataTransfer": dropped})

@@ -254,20 +254,16 @@ function fileKind(file) {
 }
 
 function unsupportedMessage(card, file, kind) {
-  const what = file.type || "of an unknown type";
+  // A built-in handler reads one kind of input: say so before sending it something else. A handler of
+  // the archive's own is sent any file, and answers for itself.
   const model = card.model;
-  if (!kind) {
-    return `${file.name} is ${file.type ? `a ${what} file` : "a file " + what}: this page sends images, ` +
-      "text files and JSON. Send other files with curl: curl -T FILE " +
-      `${location.origin}/predictions/${model.name}`;
-  }
-  if (IMAGE_KINDS.has(model.kind) && kind === "text") {
-    return `${model.name} (${model.kind.replace("_", " ")}) reads images; ${file.name} is text.`;
-  }
-  if (model.kind === "text_classifier" && kind === "image") {
-    return `${model.name} (text classifier) reads text; ${file.name} is an image.`;
-  }
-  return null;
+  const reads = IMAGE_KINDS.has(model.kind) ? ["image", "json"] : model.kind === "text_classifier" ? ["text"] : null;
+  if (!reads || reads.includes(kind)) return null;
+  const what = { image: "an image", text: "text", json: "JSON" }[kind] ||
+    (file.type ? `a file of type ${file.type}` : "a file of unknown type");
+  const wants = reads[0] === "image" ? "images" : "text";
+  return `${model.name} (${model.kind.replace("_", " ")}) reads ${wants}; ${file.name} is ${what}. ` +
+    `Send other files with curl -T FILE ${location.origin}/predictions/${model.name}`;
 }
 
 function chooseFile(card, file) {
@@ -281,7 +277,7 @@ function chooseFile(card, file) {
     refreshChoice(card);
     return;
   }
-  card.chosen = { file, kind };
+  card.chosen = { file, kind: kind || "binary" };
   card.text.value = "";
   refreshChoice(card);
   if (card.model.status === "READY") send(card);
