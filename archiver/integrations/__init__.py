@@ -8,6 +8,8 @@ one-line error naming the extra to install.
 from __future__ import annotations
 
 import importlib.util
+import logging
+from typing import Any
 
 from archiver.errors import MissingExtraError
 
@@ -27,3 +29,16 @@ def require_extra(extra: str, module: str | None = None) -> None:
             f"this needs the optional '{extra}' extra, which is not installed: "
             f"pip install 'torchmar[{extra}]'"
         )
+
+
+def log_handler_errors(model: Any, log: logging.Logger) -> None:
+    """Log each batch the handler fails with the frames in the archive's own files, as a bundled
+    server's worker does (each request of that batch is already answered with a 500)."""
+    from archiver.serving.tracebacks import error_block, user_trace
+
+    def report(exc: BaseException) -> None:
+        log.error(
+            "%s", error_block(f'handler error in model "{model.name}"', user_trace(exc, model.model_dir))
+        )
+
+    model.on_handler_error = report

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from archiver.errors import ArchiverError, InputFileError, TensorRequestError
-from archiver.integrations import require_extra
+from archiver.integrations import log_handler_errors, require_extra
 from archiver.serving import oip
 from archiver.serving.protocol import InferenceResponse
 from archiver.serving.wire import RawRequest, to_inference_request
@@ -49,9 +49,7 @@ class ArchiveModel(kserve.Model):
         from archiver.serving.loader import load_model
 
         self.loaded = load_model(self.source, name=self.name, cache_dir=self.cache_dir)
-        self.loaded.on_handler_error = lambda exc: log.error(
-            "handler error in model %r: %s: %s", self.name, type(exc).__name__, exc
-        )
+        log_handler_errors(self.loaded, log)
         self.ready = True
         return self.ready
 
@@ -194,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         "--cache_dir", default=None, help="The unpack cache (default: $MODEL_ARCHIVER_CACHE)."
     )
     args, _ = parser.parse_known_args(argv)
+    if args.workers != 1:
+        # The handlers are loaded in this one process; KServe's multi-process mode is not supported here.
+        print(
+            "model-archiver kserve: error: --workers must be 1 (one handler per pod; scale with the "
+            "InferenceService's replicas)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         # KServe's default --model_name is "model"; only a name someone chose renames an archive's model.
         chosen = args.model_name if args.model_name != "model" else None

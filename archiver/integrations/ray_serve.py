@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from archiver.errors import UsageError
-from archiver.integrations import require_extra
+from archiver.integrations import log_handler_errors, require_extra
 from archiver.integrations.archive_plan import ServePlan, local_path, parse_archive_list, plan_archive
 from archiver.integrations.routes import Infer, ModelRoute, ModelTable, dispatch
 from archiver.serving.http_codec import DEFAULT_MAX_REQUEST_SIZE
@@ -48,9 +48,7 @@ class ArchiveModel:
         self.model = load_model(
             local_path(plan.source), name=plan.name, cache_dir=cache_dir, batch_size=plan.batch_size
         )
-        self.model.on_handler_error = lambda exc: log.error(
-            "handler error in model %r: %s: %s", plan.name, type(exc).__name__, exc
-        )
+        log_handler_errors(self.model, log)
         self._handle_batch.set_max_batch_size(plan.batch_size)
         self._handle_batch.set_batch_wait_timeout_s(plan.max_batch_delay_ms / 1000.0)
 

@@ -169,6 +169,33 @@ def classifier_archive(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tensor_archive(tmp_path_factory) -> Path:
+    """A TorchScript model (x * 2 + 1) behind a bare BaseHandler subclass: tensors in, tensors out."""
+    import warnings
+
+    import torch
+
+    from archiver.build import build_archive
+
+    class Doubler(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 + 1
+
+    work = tmp_path_factory.mktemp("tensor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        torch.jit.save(torch.jit.trace(Doubler().eval(), torch.rand(1, 4)), str(work / "model.pt"))
+    (work / "bare.py").write_text("from handlers import BaseHandler\n\n\nclass H(BaseHandler):\n    pass\n")
+    return build_archive(
+        model_name="doubler",
+        version="1.0",
+        handler=str(work / "bare.py"),
+        serialized_file=str(work / "model.pt"),
+        export_path=str(work / "store"),
+    )
+
+
 def write_echo(root: Path, version: str, config_yaml: str | None = None) -> Path:
     """A folder archive ``echo`` (version ``version``) that echoes its input with its version."""
     folder = root / f"echo-{version}"

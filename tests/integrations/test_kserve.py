@@ -18,12 +18,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def kserve_engine(tmp_path_factory, kit, seed_archive, classifier_archive, echo_archives):
+def kserve_engine(tmp_path_factory, kit, seed_archive, classifier_archive, echo_archives, tensor_archive):
     tmp = tmp_path_factory.mktemp("kserve")
     models = tmp / "models"
     models.mkdir()
     shutil.copy(seed_archive, models / seed_archive.name)
     shutil.copy(classifier_archive, models / classifier_archive.name)
+    shutil.copy(tensor_archive, models / tensor_archive.name)
     shutil.copytree(echo_archives[0], models / "echo")  # a folder archive beside the .mar files
     engine = kit.start_kserve(tmp, models)
     yield engine
@@ -86,6 +87,37 @@ def test_v2_binary_request_from_tritonclient(kserve_engine, kitten_bytes):
     assert result.get_response()["id"] == "t-1"
     scores = json.loads(result.as_numpy("output-0")[0])
     assert scores and set(scores) <= {f"class_{i}" for i in range(6)}
+
+
+def test_v2_fp32_tensors_reach_a_bare_basehandler_model_and_come_back(kserve_engine):
+    rows = np.array([[1, 2, 3, 4], [-1, 0.5, 0, 2]], dtype=np.float32)
+    client = triton.InferenceServerClient(kserve_engine.url.removeprefix("http://"), network_timeout=60)
+    try:
+        tensor = triton.InferInput("input-0", [2, 4], "FP32")
+        tensor.set_data_from_numpy(rows, binary_data=True)
+        binary = client.infer("doubler", [tensor])
+        tensor.set_data_from_numpy(rows, binary_data=False)
+        # KServe reads a body without Content-Type: application/json as binary (tritonclient sets none).
+        as_json = client.infer(
+            "doubler",
+            [tensor],
+            outputs=[triton.InferRequestedOutput("output-0", binary_data=False)],
+            headers={"Content-Type": "application/json"},
+        )
+    finally:
+        client.close()
+    for result in (binary, as_json):
+        output = result.get_output("output-0")
+        assert output["datatype"] == "FP32" and output["shape"] == [2, 4]
+        np.testing.assert_allclose(result.as_numpy("output-0"), rows * 2 + 1)
+
+    request = InferRequest(
+        model_name="doubler",
+        infer_inputs=[InferInput(name="x", shape=[1, 4], datatype="FP32", data=[0.0, 1.0, 2.0, 3.0])],
+    )
+    response = infer(kserve_engine.url, "v2", request, "doubler")
+    assert response.outputs[0].shape == [1, 4]
+    assert list(response.outputs[0].data) == [1.0, 3.0, 5.0, 7.0]
 
 
 def test_a_bad_request_is_a_400_and_the_server_goes_on(kserve_engine, kit, kitten_bytes):
