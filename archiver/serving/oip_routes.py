@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import weakref
 from typing import Any
@@ -16,11 +17,11 @@ from typing import Any
 from aiohttp import web
 
 from archiver import __version__
-from archiver.errors import ArchiverError, ModelNotFoundError, TensorRequestError
+from archiver.errors import ArchiverError, ModelNotFoundError, RequestTooLargeError, TensorRequestError
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving import oip
-from archiver.serving.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY, HttpLimits, read_inference_request
-from archiver.serving.http_codec import response_headers
+from archiver.serving.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY, HttpLimits, _in_time, _read_capped
+from archiver.serving.http_codec import mime_type, response_headers
 from archiver.serving.model_entry import ModelEntry
 from archiver.serving.oip_metadata import platform_of, read_signature
 from archiver.serving.pool import PoolState
@@ -57,13 +58,21 @@ def _entry(request: web.Request) -> ModelEntry:
 
 
 async def _read(request: web.Request) -> tuple[bytes, RawRequest]:
-    """(the body, the request as /predictions reads it): the same size limit, body-read timeout and
-    request id; a form upload is refused (the protocols send one JSON or binary body)."""
+    """(the body, the request as a batch element will carry it): the same size limit and body-read
+    timeout as /predictions. Whatever the Content-Type says (``curl -d`` says form-urlencoded), the
+    body is the protocol's JSON, or JSON and binary data; a multipart form is refused."""
     limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
-    raw = await read_inference_request(request, limits)
-    if len(raw.parts) != 1 or raw.parts[0][0] != "body":
+    limit = limits.max_request_size
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLargeError(
+            f"request body of {request.content_length} bytes is over the server's limit of {limit} bytes"
+        )
+    if mime_type(request.headers.get("Content-Type")) == "multipart/form-data":
         raise TensorRequestError("send the request as the body (JSON, or JSON and binary data), not a form")
-    return raw.parts[0][1], raw
+    read = _read_capped(request.content.read, limit)
+    body = await read if request.content.is_eof() else await _in_time(read, limits)
+    request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+    return body, RawRequest(request_id=request_id, headers=dict(request.headers))
 
 
 async def _off_loop(body: bytes, parse: Any, *args: Any) -> Any:

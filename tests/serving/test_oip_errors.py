@@ -172,3 +172,18 @@ def test_body_over_the_limit_is_a_413(serving_kit: Any, tmp_path: Any) -> None:
         big = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [500], "data": [1.5] * 500}]}
         reply = post(serving_kit, server, big)
         assert reply.status == 413 and "over the server's limit" in reply.json()["error"]
+
+
+def test_the_content_type_does_not_matter_but_a_form_is_refused(
+    serving_kit: Any, server: ServerThread
+) -> None:
+    """``curl -d`` says application/x-www-form-urlencoded; the body is still the protocol's JSON."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    reply = serving_kit.http("POST", server.url() + "/v2/models/echo/infer", json.dumps(GOOD), form)
+    assert reply.status == 200 and reply.json()["id"] == "g"
+    reply = serving_kit.http("POST", server.url() + "/v1/models/echo:predict", b'{"instances": ["x"]}', form)
+    assert reply.status == 200 and reply.json()["predictions"][0]["echo"] == "x"
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    body = b'--b\r\nContent-Disposition: form-data; name="data"\r\n\r\n{}\r\n--b--\r\n'
+    reply = serving_kit.http("POST", server.url() + "/v2/models/echo/infer", body, multipart)
+    assert reply.status == 400 and "not a form" in reply.json()["error"]
