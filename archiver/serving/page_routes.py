@@ -21,6 +21,8 @@ from archiver.serving.registry import ModelRegistry
 # The page's files, by the name they are served under, with their content types.
 PAGE_ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
+    "dom.js": "text/javascript; charset=utf-8",
+    "draw.js": "text/javascript; charset=utf-8",
     "page.css": "text/css; charset=utf-8",
 }
 MODELS_PATH = "/page/models"
