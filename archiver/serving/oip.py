@@ -30,27 +30,45 @@ extension) as the part ``INPUT_PART_PREFIX + index``; the header ``PROTOCOL_HEAD
 request. The worker (``handlers.tensors``) turns them into the handler's row and encodes its answer
 as a binary-extension body (content type ``TENSORS_CONTENT_TYPE``), which
 ``build_infer_response`` re-packs as the client asked (JSON or binary, outputs filtered by name).
+The bundled server hands the body over whole instead (``body_raw_request``, answered finished by
+``oip_worker``). Tensor values and bytes live in ``oip_values``, the v1 codec in ``oip_v1``; both are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from archiver.errors import ArchiverError, TensorRequestError
+from archiver.serving.oip_v1 import (  # noqa: F401 - the v1 codec, re-exported: hosts use oip.<name>
+    build_v1_response,
+    parse_v1_request,
+    v1_instance_parts,
+    v1_prediction,
+    v1_raw_request,
+)
+from archiver.serving.oip_values import (  # noqa: F401 - re-exported: hosts use oip.<name>
+    _LENGTH,
+    DATATYPES,
+    MAX_JSON_DEPTH,
+    PROTOCOL_HEADER,
+    _check_datatype,
+    _check_shape,
+    flatten,
+    load_json,
+    pack_values,
+    split_bytes_elements,
+    unpack_values,
+)
 from archiver.serving.protocol import InferenceResponse
 from archiver.serving.wire import RawRequest
 
 # The binary tensor data extension's header: the length of the JSON part of the body.
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# Marks a request that came by the Open Inference Protocol (value "v2"); set by the front only.
-PROTOCOL_HEADER = "x-archiver-protocol"
 REQUEST_PART = "oip.request"
 INPUT_PART_PREFIX = "oip.input."
 # A v2 request sent to the worker whole (PROTOCOL_HEADER "v2-body"): the body as the client sent it,
@@ -62,28 +80,6 @@ BODY_HEADER_LENGTH = "x-archiver-inference-header-length"
 # What a worker answers a v2 request with: a binary-extension body, every output binary.
 TENSORS_CONTENT_TYPE = "application/vnd.model-archiver.tensors"
 DEFAULT_OUTPUT = "output-0"
-# Deeper JSON than this is refused before Python's parser could recurse on it; a tensor's nested data
-# has one level per dimension, so 64 is far beyond any real request.
-MAX_JSON_DEPTH = 64
-
-# datatype -> (struct format letter, bytes per element); BYTES has no fixed size, BF16 no struct letter.
-DATATYPES: dict[str, tuple[str, int]] = {
-    "BOOL": ("?", 1),
-    "UINT8": ("B", 1),
-    "UINT16": ("H", 2),
-    "UINT32": ("I", 4),
-    "UINT64": ("Q", 8),
-    "INT8": ("b", 1),
-    "INT16": ("h", 2),
-    "INT32": ("i", 4),
-    "INT64": ("q", 8),
-    "FP16": ("e", 2),
-    "FP32": ("f", 4),
-    "FP64": ("d", 8),
-    "BF16": ("", 2),
-    "BYTES": ("", 0),
-}
-_LENGTH = struct.Struct("<I")
 _OUTPUTS_HEAD = b'{"outputs":'  # how encode_outputs starts a worker's tensor body
 
 
@@ -145,115 +141,6 @@ class OutputTensor:
     def values(self) -> list[Any]:
         """The elements as a flat Python list (numbers, bools, or bytes for BYTES)."""
         return unpack_values(self.datatype, self.data, math.prod(self.shape), self.name)
-
-
-# ---- values <-> bytes ----------------------------------------------------------------------------
-def _check_datatype(datatype: Any, what: str) -> str:
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        known = ", ".join(DATATYPES)
-        raise TensorRequestError(f"{what} has unknown datatype {datatype!r} (known: {known})")
-    return datatype
-
-
-def _check_shape(shape: Any, what: str) -> list[int]:
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise TensorRequestError(f"{what} needs a shape that is a list of integers >= 0, got {shape!r}")
-    if len(shape) > MAX_JSON_DEPTH:
-        raise TensorRequestError(f"{what} has {len(shape)} dimensions, more than {MAX_JSON_DEPTH}")
-    return shape
-
-
-def flatten(data: Any, what: str) -> list[Any]:
-    """Nested (row-major) or flat ``data`` as one flat list; non-lists are single elements."""
-    if not isinstance(data, list):
-        return [data]
-    if not any(isinstance(x, list) for x in data):
-        return data
-    flat: list[Any] = []
-    stack = [(iter(data), 0)]
-    while stack:
-        items, depth = stack[-1]
-        for item in items:
-            if isinstance(item, list):
-                if depth + 1 >= MAX_JSON_DEPTH:
-                    raise TensorRequestError(f"the data of {what} is nested too deep")
-                stack.append((iter(item), depth + 1))
-                break
-            flat.append(item)
-        else:
-            stack.pop()
-    return flat
-
-
-def _bf16(values: list[Any]) -> bytes:
-    """float32 rounded to bfloat16 (round to nearest even), little-endian."""
-    out = bytearray()
-    for bits in struct.unpack(f"<{len(values)}I", struct.pack(f"<{len(values)}f", *values)):
-        if (bits & 0x7F800000) == 0x7F800000 and bits & 0x7FFFFF:  # NaN stays a quiet NaN
-            out += struct.pack("<H", (bits >> 16) | 0x40)
-        else:
-            out += struct.pack("<H", ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
-    return bytes(out)
-
-
-def pack_values(datatype: str, values: list[Any], what: str) -> tuple[bytes, bool]:
-    """A flat list of JSON values as the datatype's bytes; (bytes, True when BYTES came as text).
-
-    Raises TensorRequestError naming ``what`` for a value the datatype cannot hold.
-    """
-    if datatype == "BYTES":
-        out = bytearray()
-        text = False
-        for v in values:
-            if isinstance(v, str):
-                v, text = v.encode("utf-8"), True
-            elif not isinstance(v, (bytes, bytearray, memoryview)):
-                raise TensorRequestError(f"{what} is BYTES: its elements must be strings, got {v!r:.40}")
-            out += _LENGTH.pack(len(v))
-            out += v
-        return bytes(out), text
-    if datatype == "BOOL" and not all(isinstance(v, bool) for v in values):
-        bad = next(v for v in values if not isinstance(v, bool))
-        raise TensorRequestError(f"{what} is BOOL: its elements must be true or false, got {bad!r:.40}")
-    if datatype != "BOOL" and any(isinstance(v, bool) for v in values):
-        raise TensorRequestError(f"{what} is {datatype}: true/false is not a number")
-    try:
-        if datatype == "BF16":
-            return _bf16(values), False
-        return struct.pack(f"<{len(values)}{DATATYPES[datatype][0]}", *values), False
-    except (struct.error, OverflowError, TypeError) as exc:
-        raise TensorRequestError(f"{what}: a value does not fit datatype {datatype} ({exc})") from None
-
-
-def unpack_values(datatype: str, data: bytes | bytearray | memoryview, count: int, what: str) -> list[Any]:
-    """The inverse of ``pack_values``: a flat list (BYTES elements as bytes)."""
-    if datatype == "BYTES":
-        return split_bytes_elements(data, count, what)
-    if datatype == "BF16":
-        half = struct.unpack(f"<{count}H", data)
-        return list(struct.unpack(f"<{count}f", struct.pack(f"<{count}I", *(h << 16 for h in half))))
-    return list(struct.unpack(f"<{count}{DATATYPES[datatype][0]}", data))
-
-
-def split_bytes_elements(data: bytes | bytearray | memoryview, count: int, what: str) -> list[bytes]:
-    """BYTES elements, each sent as a 4-byte little-endian length and its bytes; exactly ``count``."""
-    view = memoryview(data)
-    out: list[bytes] = []
-    offset = 0
-    while offset < len(view):
-        if offset + 4 > len(view):
-            raise TensorRequestError(f"{what}: a BYTES element's 4-byte length is cut off")
-        (size,) = _LENGTH.unpack_from(view, offset)
-        offset += 4
-        if offset + size > len(view):
-            raise TensorRequestError(f"{what}: a BYTES element of {size} bytes runs past its data")
-        out.append(bytes(view[offset : offset + size]))
-        offset += size
-    if len(out) != count:
-        raise TensorRequestError(f"{what}: its shape holds {count} elements but its data has {len(out)}")
-    return out
 
 
 def make_input(
@@ -322,18 +209,6 @@ def make_request(
 
 
 # ---- parsing an HTTP v2 request ------------------------------------------------------------------
-def load_json(text: bytes | str, what: str = "request body") -> Any:
-    """``json.loads`` with a nesting limit and 400s (TensorRequestError) for anything malformed."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        # The C parser counts its depth against Python's recursion limit and stops there; a tensor's
-        # data deeper than MAX_JSON_DEPTH is refused later, by flatten.
-        raise TensorRequestError(f"the {what} is JSON nested too deep") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise TensorRequestError(f"the {what} is not valid JSON: {exc}") from None
-
-
 def split_binary_body(body: bytes, header_length: int | str | None) -> tuple[Any, memoryview]:
     """(the JSON header parsed, the binary data after it) of a body in the binary tensor extension.
 
@@ -678,71 +553,3 @@ def _response_prefix(model_name: str, model_version: str | None, request_id: str
 def error_body(message: str) -> bytes:
     """The protocol's error shape, ``{"error": "..."}`` (v1 and v2 alike)."""
     return json.dumps({"error": message}).encode()
-
-
-# ---- KServe v1 ---------------------------------------------------------------------------------
-def parse_v1_request(body: bytes) -> list[Any]:
-    """The ``instances`` of a v1 ``:predict`` body; TensorRequestError (400) for anything else."""
-    head = load_json(body)
-    if not isinstance(head, dict) or not isinstance(head.get("instances"), list):
-        raise TensorRequestError('a v1 predict body must be a JSON object {"instances": [...]}')
-    if not head["instances"]:
-        raise TensorRequestError("'instances' is empty: send at least one instance")
-    return head["instances"]
-
-
-def _b64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise TensorRequestError(f"{what}: 'b64' must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise TensorRequestError(f"{what}: 'b64' is not valid base64") from None
-
-
-def v1_instance_parts(instance: Any, what: str = "instance") -> list[tuple[str, bytes, str]]:
-    """One v1 instance as the parts of a handler row (TorchServe's v1 envelope decoding).
-
-    ``{"b64": "..."}`` and ``{"data": {"b64": "..."}}`` become the bytes under ``data``; a
-    ``{"data": "<base64>"}`` image stays text, which the vision handlers decode; any other object
-    gives one JSON field per key; anything else (a list of numbers, a string) is the row's ``data``.
-    """
-    if isinstance(instance, dict):
-        if list(instance) == ["b64"]:
-            return [("data", _b64(instance["b64"], what), "application/octet-stream")]
-        parts = []
-        for key, value in instance.items():
-            if isinstance(value, dict) and list(value) == ["b64"]:
-                parts.append((key, _b64(value["b64"], what), "application/octet-stream"))
-            else:
-                parts.append((key, json.dumps(value).encode(), "application/json"))
-        if not parts:
-            raise TensorRequestError(f"{what} is an empty object")
-        return parts
-    return [("data", json.dumps(instance).encode(), "application/json")]
-
-
-def v1_raw_request(instance: Any, request_id: str, headers: dict[str, str] | None = None) -> RawRequest:
-    """One v1 instance as one element of a handler batch."""
-    kept = {k: v for k, v in (headers or {}).items() if k.lower() != PROTOCOL_HEADER}
-    return RawRequest(
-        request_id=request_id, headers=kept, parts=v1_instance_parts(instance, f"instance {request_id}")
-    )
-
-
-def v1_prediction(answer: InferenceResponse) -> Any:
-    """One handler answer as a v1 prediction: JSON as parsed, text as str, other bytes as {"b64"}."""
-    mime = (answer.content_type or "").split(";", 1)[0].strip().lower()
-    if mime == "application/json":
-        try:
-            return json.loads(answer.body)
-        except ValueError:
-            pass
-    if mime.startswith("text/") or mime == "application/json":
-        return answer.body.decode("utf-8", errors="replace")
-    return {"b64": base64.b64encode(answer.body).decode()}
-
-
-def build_v1_response(answers: list[InferenceResponse]) -> bytes:
-    """``{"predictions": [...]}``, one prediction per instance, in order (all answers successful)."""
-    return json.dumps({"predictions": [v1_prediction(a) for a in answers]}).encode()
