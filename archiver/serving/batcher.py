@@ -13,6 +13,7 @@ waiting for a batch of 32 that will never fill; TorchServe waits out the delay i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,12 +28,15 @@ BatchObserver = Callable[[int], None]
 
 @dataclass(eq=False)
 class Job:
-    """One queued request; ``dispatched`` once a worker holds it (its batch's timer then governs)."""
+    """One queued request; ``dispatched`` once a worker holds it (its batch's timer then governs).
+
+    ``deadline`` (event-loop time) is when it gets 504 if no worker has taken it by then."""
 
     request: RawRequest
     future: asyncio.Future
     dispatched: bool = False
-    timer: asyncio.TimerHandle | None = None
+    deadline: float | None = None
+    timeout_s: float = 0.0
 
 
 class Batcher:
@@ -64,6 +68,9 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._waiters: deque[asyncio.Future] = deque()
         self._last_batch_size = 0
+        # One timer for the whole queue, at its earliest deadline, instead of one per request.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._gathering: list[list[Job]] = []  # batches workers are filling, not yet dispatched
         self.closed = False
 
     @property
@@ -90,24 +97,40 @@ class Batcher:
         loop = asyncio.get_running_loop()
         job = Job(request=request, future=loop.create_future())
         if timeout_s is not None:
-            job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
+            job.deadline, job.timeout_s = loop.time() + timeout_s, timeout_s
+            self._arm(job.deadline)
         self._queue.append(job)
         self._wake_one()
-        try:
-            return await job.future
-        finally:
-            if job.timer is not None:
-                job.timer.cancel()
+        return await job.future
 
-    def _expire(self, job: Job, timeout_s: float) -> None:
-        if job.dispatched or job.future.done():
-            return
-        job.future.set_exception(
-            RequestTimeoutError(
-                f'model "{self.name}" had no worker free for this request within {timeout_s:g} s: '
-                "its workers were busy or restarting"
-            )
-        )
+    def _arm(self, deadline: float) -> None:
+        """Make sure the expiry timer fires by ``deadline``. Requests share one timeout, so a new one's
+        deadline is later than the armed one's and this costs a comparison, not a timer per request."""
+        if self._expiry is None or deadline < self._expiry.when():
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self._expiry = asyncio.get_running_loop().call_at(deadline, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Answer 504 to every waiting request past its deadline (queued, or in a batch still filling),
+        then re-arm for the earliest deadline left."""
+        self._expiry = None
+        now = asyncio.get_running_loop().time()
+        earliest: float | None = None
+        for job in itertools.chain(self._queue, *self._gathering):
+            if job.deadline is None or job.dispatched or job.future.done():
+                continue
+            if job.deadline <= now:
+                job.future.set_exception(
+                    RequestTimeoutError(
+                        f'model "{self.name}" had no worker free for this request within '
+                        f"{job.timeout_s:g} s: its workers were busy or restarting"
+                    )
+                )
+            elif earliest is None or job.deadline < earliest:
+                earliest = job.deadline
+        if earliest is not None:
+            self._arm(earliest)
 
     def _wake_one(self) -> None:
         while self._waiters:
@@ -134,6 +157,7 @@ class Batcher:
 
     async def _gather(self) -> list[Job]:
         batch: list[Job] = []
+        self._gathering.append(batch)  # its jobs still time out while it waits to fill
         try:
             while not self._pop_into(batch, 1):
                 await self._arrival(None)
@@ -151,6 +175,8 @@ class Batcher:
             if self._queue:
                 self._wake_one()  # ...and another idle worker gets it (this one's wake-up may be spent)
             raise
+        finally:
+            self._gathering.remove(batch)
         return batch
 
     def _pop_into(self, batch: list[Job], count: int) -> bool:
@@ -197,6 +223,9 @@ class Batcher:
         """Answer every queued request with ``exc``'s error response."""
         jobs = list(self._queue)
         self._queue.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self.deliver_error(jobs, exc)
 
     def _drop_done(self) -> None:
@@ -210,5 +239,7 @@ class Batcher:
             job.dispatched = False
             if not job.future.done():
                 self._queue.appendleft(job)
+                if job.deadline is not None:
+                    self._arm(job.deadline)  # its deadline still holds: it is back in the queue
         if self._queue:
             self._wake_one()
