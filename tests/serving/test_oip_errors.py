@@ -187,3 +187,33 @@ def test_the_content_type_does_not_matter_but_a_form_is_refused(
     body = b'--b\r\nContent-Disposition: form-data; name="data"\r\n\r\n{}\r\n--b--\r\n'
     reply = serving_kit.http("POST", server.url() + "/v2/models/echo/infer", body, multipart)
     assert reply.status == 400 and "not a form" in reply.json()["error"]
+
+
+def test_same_token_and_request_metrics_as_predictions(serving_kit: Any, tmp_path: Any) -> None:
+    echo = serving_kit.write_model(tmp_path, "echo")
+    settings = ServerSettings(
+        port=0,
+        management_port=0,
+        metrics_port=0,
+        models=[(None, echo)],
+        cache_dir=tmp_path / "cache",
+        token="s3cret",
+    )
+    with ServerThread(settings) as server:
+        url = server.url() + "/v2/models/echo/infer"
+        assert serving_kit.http("POST", url, json.dumps(GOOD)).status == 401
+        assert serving_kit.http("GET", server.url() + "/v2/health/ready").status == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert serving_kit.http("POST", url, json.dumps(GOOD), auth).status == 200
+        bad = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1]}]}
+        assert serving_kit.http("POST", url, json.dumps(bad), auth).status == 400
+        v1 = server.url() + "/v1/models/echo:predict"
+        assert serving_kit.http("POST", v1, b'{"instances": [1]}', auth).status == 200
+        metrics = serving_kit.http("GET", server.url("metrics") + "/metrics", headers=auth).body.decode()
+    counted = {
+        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("model_archiver_requests_total{")
+    }
+    assert counted['model="echo",status="200"'] == 2
+    assert counted['model="echo",status="400"'] == 1
