@@ -49,6 +49,7 @@ class ArchiveModel:
             local_path(plan.source), name=plan.name, cache_dir=cache_dir, batch_size=plan.batch_size
         )
         log_handler_errors(self.model, log)
+        self.table = ModelTable([ModelRoute(plan.name, plan.version, self.infer)])
         self._handle_batch.set_max_batch_size(plan.batch_size)
         self._handle_batch.set_batch_wait_timeout_s(plan.max_batch_delay_ms / 1000.0)
 
@@ -66,8 +67,7 @@ class ArchiveModel:
 
     async def __call__(self, request: Request) -> Response:
         """HTTP, when this model is the application's only one."""
-        table = ModelTable([ModelRoute(self.plan.name, self.plan.version, self.infer)])
-        return await answer_http(request, table, self.max_request_size)
+        return await answer_http(request, self.table, self.max_request_size)
 
 
 class ArchiveRouter:
