@@ -75,9 +75,10 @@ def deploy_ray(
 ) -> None:
     """Write a Ray Serve config that serves ARCHIVES (one deployment per model).
 
-    Archive paths are written absolute; a URI (s3://, https://, ...) is written as given and must be
-    mounted at that path where the replicas run. Run it with ``serve run serve_config.yaml``, ``serve
-    deploy serve_config.yaml`` or as a KubeRay RayService's serveConfigV2.
+    Archive paths are written absolute (a file:// URI as given). The replicas read the archives from
+    disk, so on a cluster they must be at that path on every node (a volume). Run the file with
+    'serve run serve_config.yaml' or 'serve deploy serve_config.yaml', or use its applications as a
+    KubeRay RayService's serveConfigV2.
 
     \b
     model-archiver deploy ray model-store/resnet34.mar --replicas 2 -o serve_config.yaml
@@ -93,8 +94,8 @@ def deploy_ray(
     _refuse_existing([target], force)
     if any(is_remote(a) for a in archives):
         raise UsageError(
-            "deploy ray reads each archive's settings: give local paths (the config may then be edited "
-            "to name the path where the replicas mount them)"
+            "deploy ray reads each archive's settings: give local paths (then edit the config to name "
+            "the path where the replicas mount them)"
         )
     plans = [
         plan_archive(a, batch_size=batch_size, max_batch_delay_ms=max_batch_delay, replicas=replicas)
