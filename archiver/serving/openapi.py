@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from archiver import __version__
-from archiver.serving import page_routes
+from archiver.serving import oip_openapi, page_routes
 from archiver.serving.openapi_ops import (
     ERROR,
     INFERENCE,
@@ -153,19 +153,11 @@ def _page_ops() -> dict[str, Any]:
 
 def _protocol_ops() -> dict[str, Any]:
     """The Open Inference Protocol (v2) and KServe v1 routes, as their own module describes them."""
-    from archiver.serving.oip_routes import openapi_paths  # imported late: it imports app.py, as we are
-
-    paths = openapi_paths()
+    paths = oip_openapi.openapi_paths()
     for item in paths.values():
         for operation in item.values():
             operation.setdefault("x-ports", [INFERENCE])
     return paths
-
-
-def _protocol_schemas() -> dict[str, Any]:
-    from archiver.serving.oip_routes import openapi_schemas
-
-    return openapi_schemas()
 
 
 # Each source of paths, merged in this order.
@@ -208,7 +200,7 @@ def openapi_document(
             if serving not in operation["x-ports"]:
                 operation["servers"] = [_server_for(operation["x-ports"][0], host, scheme)]
     document_components = components()
-    document_components["schemas"].update(_protocol_schemas())
+    document_components["schemas"].update(oip_openapi.openapi_schemas())
     return {
         "openapi": "3.0.3",
         "info": {
