@@ -1,8 +1,8 @@
 """Tensors in and out of a handler for Open Inference Protocol (v2) requests, in the worker process.
 
-In: the request's parts (``archiver.serving.oip``: a JSON header and each input's raw bytes) become
-the handler's row, a ``TensorRow``, which holds what TorchServe's ``kservev2`` envelope gives its
-handlers and more:
+In: the request (a parsed ``oip.V2Request``, or the wire's parts: a JSON header and each input's raw
+bytes) becomes the handler's row, a ``TensorRow``, which holds what TorchServe's ``kservev2`` envelope
+gives its handlers and more; its values are made when first read (``LazyDict``):
 
 - ``data``, ``name``, ``datatype``, ``shape``: the first input, as the envelope passes it (numbers as
   nested lists shaped like the tensor; a BYTES input's element as ``bytes``, or ``str`` when the client
@@ -230,12 +230,6 @@ class _Input:
         if self.datatype == "BYTES":
             return value[0] if math.prod(self.shape) == 1 and isinstance(value, list) else value
         return value.tolist() if hasattr(value, "tolist") else value
-
-
-def decode_input(spec: dict[str, Any], raw: bytes | bytearray, torch_module: Any = None) -> tuple[Any, Any]:
-    """(the tensor value, the envelope's ``data``) of one input described by ``spec``."""
-    one = _Input(spec["name"], spec["datatype"], list(spec["shape"]), bytes(raw), bool(spec.get("text")))
-    return one.value(), one.data()
 
 
 def is_tensor_request(params: dict[str, Any], headers: dict[str, Any]) -> bool:

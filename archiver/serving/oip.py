@@ -373,15 +373,6 @@ def body_raw_request(
     )
 
 
-def worker_params(request: V2Request) -> dict[str, Any]:
-    """The params a worker's wire decoding makes of ``to_raw_request(request)``, without the round
-    trip: the request header as a dict, each input's bytes as a bytearray."""
-    params: dict[str, Any] = {REQUEST_PART: request_header(request)}
-    for index, tensor in enumerate(request.inputs):
-        params[f"{INPUT_PART_PREFIX}{index}"] = bytearray(tensor.data)
-    return params
-
-
 # ---- the answer ----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1024)
 def _json_name(name: str) -> str:
