@@ -334,3 +334,28 @@ def test_codec_values_and_binary_layouts() -> None:
         oip.make_input("n", "BOOL", [1], [1])
     body, length = oip.encode_outputs([oip.OutputTensor("o", "INT8", [2], b"\x01\x02")])
     assert json.loads(body[:length])["outputs"][0]["parameters"] == {"binary_data_size": 2}
+
+
+def test_a_row_reads_like_a_plain_dict_whatever_way_it_is_read() -> None:
+    from handlers.tensors import handler_row
+
+    request = oip.parse_infer_request(
+        json.dumps({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 2], "data": [3, 4]}]}).encode()
+    )
+    made = []
+
+    def fresh() -> Any:
+        row = handler_row({oip.REQUEST_PART: request})
+        made.append(row)
+        return row
+
+    assert "data" in fresh() and len(made[-1]) == len(dict(made[-1]))
+    assert fresh()["data"] == [[3, 4]] and fresh().get("data") == [[3, 4]]
+    plain = dict(fresh())
+    assert plain["data"] == [[3, 4]] and plain["tensors"]["x"].tolist() == [[3, 4]]
+    assert {**fresh()}["data"] == [[3, 4]]
+    assert json.loads(json.dumps({k: v for k, v in fresh().items() if k != "tensors"}))["data"] == [[3, 4]]
+    row = fresh()
+    row["data"] = "replaced"
+    assert row["data"] == "replaced" and row.pop("data") == "replaced" and "data" not in row
+    assert fresh()["inputs"][0]["data"] == [[3, 4]] and fresh()["tensors"]["x"].dtype == torch.int32
