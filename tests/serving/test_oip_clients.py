@@ -300,3 +300,15 @@ def test_kserve_rest_client_v2_and_v1(server: ServerThread, kitten_bytes: bytes)
     np.testing.assert_allclose(np.array(numbers["predictions"]), expected_tiny(x), rtol=1e-5)
     assert len(images["predictions"]) == 1 and len(images["predictions"][0]) == 5
     assert images_b64["predictions"] == images["predictions"]
+
+
+def test_a_version_in_the_path_answers_and_an_unknown_one_is_a_404(
+    client: triton.InferenceServerClient,
+) -> None:
+    tensor = triton.InferInput("n", [1, 2], "INT64")
+    tensor.set_data_from_numpy(np.array([[5, 6]], dtype=np.int64))
+    result = client.infer("ints", [tensor], model_version="1.0")
+    assert result.get_response()["model_version"] == "1.0"
+    np.testing.assert_array_equal(result.as_numpy("output-0"), [[11, 13]])
+    with pytest.raises(InferenceServerException, match="Model version not found: ints version 9"):
+        client.infer("ints", [tensor], model_version="9")
