@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import weakref
 from typing import Any
@@ -26,7 +25,7 @@ from archiver.serving.model_entry import ModelEntry
 from archiver.serving.oip_metadata import platform_of, read_signature
 from archiver.serving.oip_openapi import openapi_paths, openapi_schemas  # noqa: F401 - openapi.py reads them here
 from archiver.serving.pool import PoolState
-from archiver.serving.protocol import InferenceResponse
+from archiver.serving.protocol import InferenceResponse, new_request_id
 from archiver.serving.wire import RawRequest
 
 # Bodies past this size are parsed off the event loop, so one large JSON tensor does not stall the rest.
@@ -70,9 +69,13 @@ async def _read(request: web.Request) -> tuple[bytes, RawRequest]:
         )
     if mime_type(request.headers.get("Content-Type")) == "multipart/form-data":
         raise TensorRequestError("send the request as the body (JSON, or JSON and binary data), not a form")
-    read = _read_capped(request.content.read, limit)
-    body = await read if request.content.is_eof() else await _in_time(read, limits)
-    request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+    if request.content.is_eof():  # all of it came with the headers (most requests): take it as it is
+        body = request.content.read_nowait()
+        if len(body) > limit:
+            raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
+    else:
+        body = await _in_time(_read_capped(request.content.read, limit), limits)
+    request_id = request.headers.get("x-request-id") or new_request_id()
     return body, RawRequest(request_id=request_id, headers=dict(request.headers))
 
 
