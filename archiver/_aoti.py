@@ -71,8 +71,8 @@ def export_program(
     except UsageError:
         reason = "the inputs do not share a batch dimension"
     except Exception as exc:
-        reason = _first_line(exc)
-    stage(f"the batch dimension stays fixed at the example's ({reason})")
+        reason = _first_line(exc).split(" For more information")[0]
+    stage(f"torch.export with the batch fixed at the example's, as the model allows no other ({reason})")
     return torch.export.export(model, inputs)
 
 

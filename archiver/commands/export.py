@@ -56,7 +56,7 @@ METHOD_SUFFIX = {"trace": ".pt", "script": ".pt", "export": ".pt2", "aoti": ".pt
     "--output",
     "-o",
     type=click.Path(dir_okay=False),
-    help="File to write.  [default: model.pt, or model.pt2 for --method export]",
+    help="File to write.  [default: model.pt, or model.pt2 for --method export and aoti]",
 )
 @click.option("--rtol", type=float, help="Relative tolerance of the check.  [default: 1e-4; 1e-3 for aoti]")
 @click.option("--atol", type=float, help="Absolute tolerance of the check.  [default: 1e-5; 1e-4 for aoti]")

@@ -217,3 +217,28 @@ def test_export_model_api_refuses_what_it_cannot_package(work: Path) -> None:
     with pytest.raises(ExportError, match="the model fails on the example input"):
         archiver.export_model(model, torch.randn(2, 5), work / "x.pt2", method="aoti")
     assert not list(work.glob("x.pt*")) and not list(work.glob(".x.pt*"))
+
+
+def test_method_export_takes_any_batch_where_the_model_allows(work: Path) -> None:
+    """Not aoti, but the same dynamic batch: a served torch.export program gets batches of every size."""
+    result = run_cli(
+        "export", "--model", "tiny_model.py:make_tiny", "--method", "export", "--example-input", "1,4",
+        "-o", "program.pt2", cwd=work,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    program = torch.export.load(str(work / "program.pt2")).module()
+    model = eager_tiny(work)
+    with torch.no_grad():
+        for batch in (1, 5):
+            x = torch.randn(batch, 4)
+            assert torch.allclose(program(x), model(x), rtol=1e-4, atol=1e-5)
+    fixed = run_cli(
+        "export", "--model", "tiny_model.py:FixedBatch", "--method", "export", "--example-input", "2,4",
+        "-o", "fixed_program.pt2", cwd=work,
+    )  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    assert "torch.export with the batch fixed at the example's, as the model allows no other" in fixed.stderr
+    assert torch.export.load(str(work / "fixed_program.pt2")).module()(torch.ones(2, 4)).tolist() == [
+        4.0,
+        4.0,
+    ]
