@@ -48,9 +48,8 @@ def _check_datatype(datatype: Any, what: str) -> str:
 
 
 def _check_shape(shape: Any, what: str) -> list[int]:
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+    ok = type(shape) is list and all(type(d) is int and d >= 0 for d in shape)  # bool is not int here
+    if not ok:
         raise TensorRequestError(f"{what} needs a shape that is a list of integers >= 0, got {shape!r}")
     if len(shape) > MAX_JSON_DEPTH:
         raise TensorRequestError(f"{what} has {len(shape)} dimensions, more than {MAX_JSON_DEPTH}")
@@ -151,7 +150,8 @@ def split_bytes_elements(data: bytes | bytearray | memoryview, count: int, what:
 def load_json(text: bytes | str, what: str = "request body") -> Any:
     """``json.loads`` with a nesting limit and 400s (TensorRequestError) for anything malformed."""
     try:
-        return json.loads(text)
+        # bytes decoded here: json.loads would first guess their encoding, which UTF-8 JSON never needs
+        return json.loads(text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text)
     except RecursionError:
         # The C parser counts its depth against Python's recursion limit and stops there; a tensor's
         # data deeper than MAX_JSON_DEPTH is refused later, by flatten.
