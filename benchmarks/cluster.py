@@ -8,8 +8,8 @@ model) is served twice, taking turns within each round:
 
 - ours: ``model-archiver serve`` with 2 worker processes of 1 torch thread each;
 - Ray: ``serve run`` of the config ``model-archiver deploy ray --replicas 2`` writes (a local Ray of
-  its own, 2 replicas of 1 CPU each, so 1 torch thread each; the proxy and the controller take the
-  remaining cycles like our front does).
+  its own, 2 replicas of 1 CPU each; a replica runs one torch thread per CPU it holds, so 1 each; the
+  proxy and the controller take the remaining cycles like our front does).
 
 Measured for each: time to first answer (from starting the command to the first 200 on a kitten),
 throughput and latency from ``hey`` at c=1, 8 and 32 (serve.py's load_runs, warm-up included), and

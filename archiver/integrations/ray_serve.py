@@ -49,6 +49,7 @@ class ArchiveModel:
             local_path(plan.source), name=plan.name, cache_dir=cache_dir, batch_size=plan.batch_size
         )
         log_handler_errors(self.model, log)
+        _pin_torch_threads()
         self.table = ModelTable([ModelRoute(plan.name, plan.version, self.infer)])
         self._handle_batch.set_max_batch_size(plan.batch_size)
         self._handle_batch.set_batch_wait_timeout_s(plan.max_batch_delay_ms / 1000.0)
@@ -68,6 +69,20 @@ class ArchiveModel:
     async def __call__(self, request: Request) -> Response:
         """HTTP, when this model is the application's only one."""
         return await answer_http(request, self.table, self.max_request_size)
+
+
+def _pin_torch_threads() -> None:
+    """One torch thread per CPU the replica holds (at least one), as ``--torch-threads`` does for a
+    bundled server's worker: Ray's resources decide, whatever the machine's core count."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return  # a handler without torch
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    torch.set_num_threads(max(1, int(cpus)))
 
 
 class ArchiveRouter:
