@@ -53,6 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="weights file size (default 1024 = 1 GiB)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per command; the median is reported")
+    parser.add_argument(
+        "--skip-torch-model-archiver", action="store_true", help="only cp, cp + sync and model-archiver"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "archive", help="work folder")
     args = parser.parse_args()
 
@@ -95,8 +98,8 @@ def main() -> None:
             "zip-store",
         ],
     }
-    if not (BIN / "torch-model-archiver").exists():
-        print("torch-model-archiver is not installed in this venv: its rows are skipped")
+    if args.skip_torch_model_archiver or not (BIN / "torch-model-archiver").exists():
+        print("torch-model-archiver rows skipped (--skip-torch-model-archiver, or not installed)")
         commands = {k: v for k, v in commands.items() if not k.startswith("torch-model-archiver")}
 
     results: dict[str, float] = {}
