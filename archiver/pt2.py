@@ -84,7 +84,8 @@ def read_pt2_info(source: str | os.PathLike | IO[bytes]) -> Pt2Info | None:
 def _classify(zf: zipfile.ZipFile) -> Pt2Info | None:
     names = zf.namelist()
     markers = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
-    if not markers or zf.read(markers[0])[:16].strip() != b"pt2":
+    # Sizes are checked before reading: the inner zip may come from an archive nobody vouches for.
+    if not markers or zf.getinfo(markers[0]).file_size > 64 or zf.read(markers[0]).strip() != b"pt2":
         return None
     top = markers[0].split("/", 1)[0]
     compiled = [n for n in names if n.startswith(f"{top}/data/aotinductor/")]
