@@ -181,3 +181,13 @@ def test_inspect_tells_each_kind_in_an_archive(files: SimpleNamespace, tmp_path:
     assert kinds["program"]["kind"] == "export" and kinds["program"]["description"] == "torch.export program"
     assert kinds["package"]["kind"] == "aoti" and kinds["package"]["max_batch"] == MAX_BATCH
     assert kinds["package"]["description"].startswith("AOTInductor package, compiled for cpu")
+
+
+def test_a_hostile_marker_entry_is_not_read(tmp_path: Path) -> None:
+    """A 'pt2' marker of 64 MB (a bomb would be larger) is not a .pt2: nothing past its size is read."""
+    path = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("model/archive_format", b"pt2" + b" " * (64 << 20))
+        zf.writestr("model/data/aotinductor/model/x.so", b"")
+    assert path.stat().st_size < 1 << 20
+    assert read_pt2_info(path) is None
