@@ -70,7 +70,8 @@ class Batcher:
         self._last_batch_size = 0
         # One timer for the whole queue, at its earliest deadline, instead of one per request.
         self._expiry: asyncio.TimerHandle | None = None
-        self._gathering: list[list[Job]] = []  # batches workers are filling, not yet dispatched
+        # Batches workers are filling, not yet dispatched, by id (lists compare by content).
+        self._gathering: dict[int, list[Job]] = {}
         self.closed = False
 
     @property
@@ -117,7 +118,7 @@ class Batcher:
         self._expiry = None
         now = asyncio.get_running_loop().time()
         earliest: float | None = None
-        for job in itertools.chain(self._queue, *self._gathering):
+        for job in itertools.chain(self._queue, *self._gathering.values()):
             if job.deadline is None or job.dispatched or job.future.done():
                 continue
             if job.deadline <= now:
@@ -157,7 +158,7 @@ class Batcher:
 
     async def _gather(self) -> list[Job]:
         batch: list[Job] = []
-        self._gathering.append(batch)  # its jobs still time out while it waits to fill
+        self._gathering[id(batch)] = batch  # its jobs still time out while it waits to fill
         try:
             while not self._pop_into(batch, 1):
                 await self._arrival(None)
@@ -176,7 +177,7 @@ class Batcher:
                 self._wake_one()  # ...and another idle worker gets it (this one's wake-up may be spent)
             raise
         finally:
-            self._gathering.remove(batch)
+            del self._gathering[id(batch)]
         return batch
 
     def _pop_into(self, batch: list[Job], count: int) -> bool:
