@@ -63,7 +63,7 @@ class LazyDict(dict):  # type: ignore[type-arg]
 
     def __init__(self, fields: dict[str, Any], lazy: dict[str, Any] | None = None) -> None:
         super().__init__(fields)
-        self._lazy: dict[str, Any] = dict(lazy or {})
+        self._lazy: dict[str, Any] = lazy if lazy is not None else {}  # the caller's, fresh
 
     def _make(self, key: Any) -> None:
         lazy = self._lazy
@@ -196,6 +196,8 @@ def _datatype_of(dtype: Any) -> str:
 class _Input:
     """One input's bytes, turned into a tensor (or nested list) and the envelope's ``data`` on demand."""
 
+    __slots__ = ("_made", "_value", "datatype", "name", "raw", "shape", "text")
+
     def __init__(self, name: str, datatype: str, shape: list[int], raw: bytes, text: bool) -> None:
         self.name, self.datatype, self.shape, self.raw, self.text = name, datatype, shape, raw, text
         self._value: Any = None
@@ -256,17 +258,26 @@ def _inputs_of(params: dict[str, Any]) -> tuple[list[_Input], dict[str, Any]]:
     return inputs, extra
 
 
+def _entries(inputs: list[_Input]) -> list[LazyDict]:
+    return [
+        LazyDict({"name": one.name, "datatype": one.datatype, "shape": list(one.shape)}, {"data": one.data})
+        for one in inputs
+    ]
+
+
 def handler_row(params: dict[str, Any]) -> TensorRow:
     """The handler's row for a v2 request (see the module's docstring); values are made on first use."""
     inputs, extra = _inputs_of(params)
-    entries = []
-    for one in inputs:
-        fields: dict[str, Any] = {"name": one.name, "datatype": one.datatype, "shape": list(one.shape)}
-        entries.append(LazyDict(fields, {"data": one.data}))
     first = inputs[0]
-    fields = {"name": first.name, "datatype": first.datatype, "shape": list(first.shape)}
-    tensors = LazyDict({}, {one.name: one.value for one in inputs})
-    row = TensorRow({**fields, "inputs": entries, "tensors": tensors, **extra}, {"data": first.data})
+    extra.update(name=first.name, datatype=first.datatype, shape=list(first.shape))
+    row = TensorRow(
+        extra,
+        {
+            "data": first.data,
+            "inputs": lambda: _entries(inputs),
+            "tensors": lambda: LazyDict({}, {one.name: one.value for one in inputs}),
+        },
+    )
     row.raw_inputs = [(one.name, one.datatype, one.shape, one.raw) for one in inputs]
     return row
 

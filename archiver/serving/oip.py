@@ -167,19 +167,19 @@ def _checked_input(
     name: str, datatype: str, shape: list[int], data: Any, parameters: dict[str, Any]
 ) -> InferInput:
     """``make_input`` once the datatype and shape are known to be valid."""
-    what = f"input {name!r}"
     count = math.prod(shape)
     text = False
     if isinstance(data, (bytes, bytearray, memoryview)):
         raw = bytes(data)
         if datatype == "BYTES":
-            split_bytes_elements(raw, count, what)
+            split_bytes_elements(raw, count, f"input {name!r}")
         elif len(raw) != count * DATATYPES[datatype][1]:
             itemsize = DATATYPES[datatype][1]
             raise TensorRequestError(
-                f"{what}: shape {shape} of {datatype} needs {count * itemsize} bytes, got {len(raw)}"
+                f"input {name!r}: shape {shape} of {datatype} needs {count * itemsize} bytes, got {len(raw)}"
             )
     else:
+        what = f"input {name!r}"
         values = flatten(data, what)
         if len(values) != count:
             raise TensorRequestError(
@@ -224,10 +224,11 @@ def split_binary_body(body: bytes, header_length: int | str | None) -> tuple[Any
         raise TensorRequestError(
             f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes: the header length is wrong"
         )
-    head = load_json(
-        bytes(memoryview(body)[:length]),
-        f"JSON header (the first {length} bytes, per {HEADER_LENGTH}; is that length right?)",
-    )
+    try:
+        head = load_json(body[:length])
+    except TensorRequestError as exc:  # named here, where the length it trusted is known
+        where = f"JSON header (the first {length} bytes, per {HEADER_LENGTH}; is that length right?)"
+        raise TensorRequestError(exc.message.replace("request body", where, 1)) from None
     return head, memoryview(body)[length:]
 
 
@@ -285,9 +286,9 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
             f"{len(binary) - offset} bytes follow the last binary input: the binary_data_size values or "
             f"{HEADER_LENGTH} are wrong"
         )
-    return make_request(
-        inputs, id=request_id, outputs=_requested_outputs(head.get("outputs")), parameters=parameters
-    )
+    if len(inputs) > 1 and len({i.name for i in inputs}) != len(inputs):
+        raise TensorRequestError(f"input names must be unique, got {[i.name for i in inputs]}")
+    return V2Request(inputs, request_id, _requested_outputs(head.get("outputs")), parameters)
 
 
 def _parameters(value: Any, what: str) -> dict[str, Any]:
