@@ -22,6 +22,7 @@ from typing import Any
 
 from archiver.errors import ArchiverError, InputFileError, TensorRequestError
 from archiver.integrations import log_handler_errors, require_extra
+from archiver.integrations.routes import model_signature
 from archiver.serving import oip
 from archiver.serving.protocol import InferenceResponse
 from archiver.serving.wire import RawRequest, to_inference_request
@@ -44,14 +45,23 @@ class ArchiveModel(kserve.Model):
         self.source = source
         self.cache_dir = cache_dir
         self.loaded: Any = None
+        self.signature: dict[str, Any] = {"inputs": [], "outputs": []}
 
     def load(self) -> bool:
         from archiver.serving.loader import load_model
 
         self.loaded = load_model(self.source, name=self.name, cache_dir=self.cache_dir)
         log_handler_errors(self.loaded, log)
+        self.signature = model_signature(str(self.source))
         self.ready = True
         return self.ready
+
+    def get_input_types(self) -> list[dict]:
+        """The v2 metadata's inputs, by the bundled server's rules (``oip_metadata``)."""
+        return self.signature["inputs"]
+
+    def get_output_types(self) -> list[dict]:
+        return self.signature["outputs"]
 
     async def _handle(self, raws: list[RawRequest]) -> list[InferenceResponse]:
         # Blocking handler code off KServe's event loop; LoadedModel lets one batch run at a time.

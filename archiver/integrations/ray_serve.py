@@ -50,7 +50,7 @@ class ArchiveModel:
         )
         log_handler_errors(self.model, log)
         _pin_torch_threads()
-        self.table = ModelTable([ModelRoute(plan.name, plan.version, self.infer)])
+        self.table = ModelTable([ModelRoute(plan.name, plan.version, self.infer, plan.source)])
         self._handle_batch.set_max_batch_size(plan.batch_size)
         self._handle_batch.set_batch_wait_timeout_s(plan.max_batch_delay_ms / 1000.0)
 
@@ -88,9 +88,14 @@ def _pin_torch_threads() -> None:
 class ArchiveRouter:
     """The ingress of a multi-model application: each request to its model's deployment."""
 
-    def __init__(self, models: list[tuple[str, str, Any]], max_request_size: int = 0) -> None:
+    def __init__(self, models: list[tuple[ServePlan, Any]], max_request_size: int = 0) -> None:
         self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
-        self.table = ModelTable([ModelRoute(name, version, _remote_infer(h)) for name, version, h in models])
+        self.table = ModelTable(
+            [
+                ModelRoute(plan.name, plan.version, _remote_infer(handle), plan.source)
+                for plan, handle in models
+            ]
+        )
 
     async def __call__(self, request: Request) -> Response:
         return await answer_http(request, self.table, self.max_request_size)
@@ -194,4 +199,4 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=max(256, sum(p.max_ongoing_requests * p.max_replicas for p in plans)),
     )
-    return router.bind([(p.name, p.version, app) for p, app in bound], max_request_size)
+    return router.bind(bound, max_request_size)

@@ -16,6 +16,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from archiver.errors import (
@@ -25,7 +26,8 @@ from archiver.errors import (
     TensorRequestError,
 )
 from archiver.serving import oip
-from archiver.serving.http_codec import error_http_response, http_response, raw_request
+from archiver.serving.http_codec import error_http_response, http_response, raw_request, response_headers
+from archiver.serving.oip_metadata import platform_of, read_signature
 from archiver.serving.protocol import InferenceResponse, error_response
 from archiver.serving.wire import RawRequest
 
@@ -37,11 +39,12 @@ _JSON = "application/json"
 
 @dataclass(frozen=True)
 class ModelRoute:
-    """One servable model version and how to reach it."""
+    """One servable model version and how to reach it (``source``: its archive, for v2 metadata)."""
 
     name: str
     version: str
     infer: Infer
+    source: str | None = None
 
 
 class ModelTable:
@@ -49,6 +52,22 @@ class ModelTable:
 
     def __init__(self, routes: list[ModelRoute]) -> None:
         self.routes = routes
+        self._metadata: dict[tuple[str, str], dict[str, Any]] = {}
+
+    async def metadata(self, route: ModelRoute) -> dict[str, Any]:
+        """The v2 model metadata, as the bundled server gives it (read once, off the event loop)."""
+        key = (route.name, route.version)
+        if key not in self._metadata:
+            found = await asyncio.get_running_loop().run_in_executor(None, model_signature, route.source)
+            self._metadata[key] = found
+        found = self._metadata[key]
+        return {
+            "name": route.name,
+            "versions": self.versions(route.name),
+            "platform": found["platform"],
+            "inputs": found["inputs"],
+            "outputs": found["outputs"],
+        }
 
     def pick(self, name: str, version: str | None) -> ModelRoute:
         for route in self.routes:
@@ -59,6 +78,19 @@ class ModelTable:
 
     def versions(self, name: str) -> list[str]:
         return [r.version for r in self.routes if r.name == name]
+
+
+def model_signature(source: str | None) -> dict[str, Any]:
+    """(inputs, outputs, platform) of an archive, by the bundled server's rules (``oip_metadata``):
+    model-config.yaml's ``signature:``, else a ``.pt2`` program's, else empty lists."""
+    if source is None:
+        return {"inputs": [], "outputs": [], "platform": "python"}
+    from archiver.reader import open_archive
+
+    with open_archive(source) as reader:
+        manifest = reader.manifest.to_dict()
+    inputs, outputs = read_signature(Path(source), manifest)
+    return {"inputs": inputs, "outputs": outputs, "platform": platform_of(manifest)}
 
 
 def _json(status: int, payload: Any) -> Reply:
@@ -155,30 +187,17 @@ async def _open_inference(
         version, rest = rest[1], rest[2:]
     route = table.pick(name, version)
     if rest == [] and method == "GET":
-        return _json(
-            200,
-            {
-                "name": route.name,
-                "versions": table.versions(route.name),
-                "platform": "model-archiver",
-                "inputs": [],
-                "outputs": [],
-            },
-        )
+        return _json(200, await table.metadata(route))
     if rest == ["ready"] and method == "GET":
         return _json(200, {"name": route.name, "ready": True})
     if rest == ["infer"] and method == "POST":
-        request = oip.parse_infer_request(body, lowered.get(oip.HEADER_LENGTH.lower()))
-        answer = await _call(route, oip.to_raw_request(request, request_id, headers))
+        # Sent whole, as the bundled server does: the replica parses it and answers the finished v2
+        # response (its 400 for a malformed request included), so this loop only moves bytes.
+        header_length = lowered.get(oip.HEADER_LENGTH.lower())
+        answer = await _call(route, oip.body_raw_request(body, header_length, request_id, headers))
         if not answer.ok:
             return answer.status, {"Content-Type": _JSON}, oip.error_body(answer.message or "request failed")
-        out, content_type, header_length = oip.build_infer_response(
-            request, answer, route.name, route.version
-        )
-        reply_headers = {"Content-Type": content_type}
-        if header_length is not None:
-            reply_headers[oip.HEADER_LENGTH] = str(header_length)
-        return 200, reply_headers, out
+        return 200, response_headers(answer, request_id), answer.body
     return _not_found()
 
 

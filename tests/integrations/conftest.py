@@ -48,6 +48,12 @@ def handle(data, context):
     return answers
 """
 
+ECHO_SIGNATURE = """signature:
+  inputs: [{name: text, datatype: BYTES, shape: [-1]}]
+  outputs: [{name: output-0, datatype: BYTES, shape: [-1]}]
+"""
+ECHO_INPUTS = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+
 
 # ---- HTTP --------------------------------------------------------------------------------------------
 @dataclass
@@ -211,9 +217,10 @@ def write_echo(root: Path, version: str, config_yaml: str | None = None) -> Path
 
 @pytest.fixture(scope="session")
 def echo_archives(tmp_path_factory) -> list[Path]:
-    """echo 1.0 and 2.0; their model-config.yaml ask Ray for no CPU (the machine has two, for ResNet)."""
+    """echo 1.0 and 2.0; their model-config.yaml ask Ray for no CPU (the machine has two, for ResNet)
+    and declare a v2 signature."""
     root = tmp_path_factory.mktemp("echo")
-    config = "batchSize: 4\nmaxBatchDelay: 20\nray:\n  ray_actor_options:\n    num_cpus: 0\n"
+    config = "batchSize: 4\nmaxBatchDelay: 20\nray:\n  ray_actor_options:\n    num_cpus: 0\n" + ECHO_SIGNATURE
     return [write_echo(root, "1.0", config), write_echo(root, "2.0", config)]
 
 
@@ -343,4 +350,5 @@ def kit() -> SimpleNamespace:
         start_kserve=start_kserve,
         write_echo=write_echo,
         marked_processes=marked_processes,
+        echo_inputs=ECHO_INPUTS,
     )

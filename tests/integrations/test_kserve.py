@@ -50,6 +50,11 @@ def test_v1_instances_of_one_call_are_one_batch(kserve_engine):
     assert {p["batch"] for p in result["predictions"]} == {3}
 
 
+def test_v2_metadata_gives_the_archives_declared_signature(kserve_engine, kit):
+    meta = kit.http("GET", kserve_engine.url + "/v2/models/echo").json()
+    assert meta["name"] == "echo" and meta["inputs"] == kit.echo_inputs
+
+
 def test_v1_predict_runs_the_seed_handler(kserve_engine, kitten_bytes, seed_labels):
     image = {"b64": base64.b64encode(kitten_bytes).decode()}
     result = infer(kserve_engine.url, "v1", {"instances": [image, image, image]}, "resnet34")

@@ -135,6 +135,8 @@ def test_router_serves_both_versions_and_the_open_inference_routes(ray_engine, k
     refused = kit.http("POST", base + "/v2/models/echo/infer", json.dumps(broken).encode())
     assert refused.status == 400 and "2 elements" in refused.json()["error"]
     assert kit.http("GET", base + "/v2/health/ready").json() == {"ready": True}
+    meta = kit.http("GET", base + "/v2/models/echo").json()
+    assert meta["versions"] == ["1.0", "2.0"] and meta["inputs"] == kit.echo_inputs
 
 
 def test_a_sigkilled_replica_costs_only_its_requests_and_is_replaced(ray_engine, kit, kitten_bytes):

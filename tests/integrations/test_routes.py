@@ -20,15 +20,17 @@ from archiver.serving.wire import to_inference_request
 
 @pytest.fixture(scope="module")
 def table(echo_archives, tmp_path_factory):
-    models = [load_model(p, cache_dir=tmp_path_factory.mktemp("cache")) for p in echo_archives]
+    cache = tmp_path_factory.mktemp("cache")
 
-    def route(model):
+    def route(source):
+        model = load_model(source, cache_dir=cache)
+
         async def infer(raw):
             return model.handle([to_inference_request(raw)])[0]
 
-        return ModelRoute(model.name, model.version, infer)
+        return ModelRoute(model.name, model.version, infer, str(source))
 
-    return ModelTable([route(m) for m in models])
+    return ModelTable([route(p) for p in echo_archives])
 
 
 def call(table, method, path, body=b"", headers=None, limit=1000):
@@ -103,9 +105,12 @@ def test_ping_unknown_routes_and_methods(table):
     assert status == 404 and "nope" in json.loads(body)["error"]
 
 
-def test_open_inference_routes(table):
+def test_open_inference_routes(table, kit):
     meta = json.loads(call(table, "GET", "/v2/models/echo")[2])
-    assert meta["name"] == "echo" and meta["versions"] == ["1.0", "2.0"]
+    assert meta["name"] == "echo" and meta["versions"] == ["1.0", "2.0"] and meta["platform"] == "python"
+    assert (
+        meta["inputs"] == kit.echo_inputs
+    )  # the archive's declared signature, as the bundled server reads it
     infer = {"id": "q", "inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
     status, headers, body = call(
         table, "POST", "/v2/models/echo/versions/2.0/infer", json.dumps(infer).encode()
