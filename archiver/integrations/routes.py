@@ -22,6 +22,7 @@ from typing import Any
 from archiver.errors import (
     ArchiverError,
     ModelNotFoundError,
+    RequestTooLargeError,
     ServiceUnavailableError,
     TensorRequestError,
 )
@@ -127,6 +128,10 @@ async def dispatch(
     segments = [s for s in path.split("/") if s]
     if segments[:1] in (["v2"], ["v1"]):
         try:
+            if len(body) > max_request_size:
+                raise RequestTooLargeError(
+                    f"request body is over the server's limit of {max_request_size} bytes"
+                )
             return await _open_inference(table, method, segments, headers, lowered, body, request_id)
         except ArchiverError as exc:
             return _oip_error(exc)

@@ -95,6 +95,8 @@ def test_a_body_over_the_limit_is_a_413(table):
         raw_request(b"x" * 1001, None, {}, max_request_size=1000)
     status, _, _ = call(table, "POST", "/predictions/echo", b"x" * 1001)
     assert status == 413
+    status, _, body = call(table, "POST", "/v2/models/echo/infer", b"x" * 1001)
+    assert status == 413 and "limit" in json.loads(body)["error"]
 
 
 def test_ping_unknown_routes_and_methods(table):
