@@ -11,6 +11,7 @@ Where the names, datatypes and shapes come from, first found wins:
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -37,6 +38,8 @@ _SCALAR_TYPES = {
     35: "UINT64",
 }
 _MAX_PROGRAM_JSON = 64 * 1024 * 1024
+# A .pt2 inside a .mar or .tar.gz is read into memory to find its graph; past this size it is not.
+_MAX_PT2_READ = 256 * 1024 * 1024
 
 
 def _tensor_specs(value: Any, where: str) -> list[dict[str, Any]]:
@@ -122,16 +125,27 @@ def read_signature(source: Path, manifest: dict[str, Any] | None) -> tuple[list[
                 return declared
         serialized = model.get("serializedFile") or ""
         if serialized.endswith(".pt2"):
-            try:
-                import io
-
-                with zipfile.ZipFile(io.BytesIO(reader.read(serialized))) as program:
-                    found = signature_from_export(program)
-            except (zipfile.BadZipFile, KeyError, TypeError, ValueError, AttributeError):
-                found = None
+            found = _pt2_signature(reader, source, serialized)
             if found is not None:
                 return found
     return [], []
+
+
+def _pt2_signature(reader: Any, source: Path, serialized: str) -> tuple[list[dict], list[dict]] | None:
+    """The program's signature, read from the file in place in a folder archive, else from the
+    archive into memory, but only up to _MAX_PT2_READ bytes (the front keeps no model in memory)."""
+    try:
+        size = reader.size(serialized)  # also: it is a member of the archive, not any path
+        if source.is_dir():
+            opened = zipfile.ZipFile(source / serialized)
+        elif size <= _MAX_PT2_READ:
+            opened = zipfile.ZipFile(io.BytesIO(reader.read(serialized)))
+        else:
+            return None
+        with opened as program:
+            return signature_from_export(program)
+    except (ArchiverError, OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def platform_of(manifest: dict[str, Any] | None) -> str:

@@ -107,3 +107,20 @@ def test_readiness_is_false_until_every_startup_model_has_loaded(
     assert call("GET", base + "/v1/models/slow").json() == {"name": "slow", "ready": True}
     server = call("GET", base + "/v2").json()
     assert server["name"] == "model-archiver" and "binary_tensor_data" in server["extensions"]
+
+
+def test_a_pt2_inside_a_mar_is_read_too(make_model: Any, tmp_path: Path) -> None:
+    import zipfile
+
+    from archiver.serving.oip_metadata import read_signature
+
+    folder = with_pt2(make_model("zipped", handler_source=BARE))
+    mar = tmp_path / "zipped.mar"
+    with zipfile.ZipFile(mar, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+    inputs, outputs = read_signature(mar, manifest)
+    assert inputs == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    assert outputs == [{"name": "output-0", "datatype": "FP32", "shape": [-1, 2]}]
