@@ -221,7 +221,9 @@ async def predictions(request: web.Request) -> web.StreamResponse:
 
 
 def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
-    open_paths = frozenset({"/ping"}) | page_routes.OPEN_PATHS | openapi.OPEN_PATHS
+    # Health probes come from kubelets and load balancers, which hold no token.
+    probes = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
+    open_paths = probes | page_routes.OPEN_PATHS | openapi.OPEN_PATHS
     app = web.Application(middlewares=_middlewares(limits, open_paths))
     app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
     page_routes.add_page_routes(app, registry)  # GET /, its files and /page/models

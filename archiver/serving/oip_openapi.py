@@ -96,6 +96,7 @@ def openapi_paths() -> dict[str, Any]:
             "get": {
                 "tags": tag,
                 "summary": "The server is up",
+                "security": [],  # a probe (kubelet, load balancer) has no token, as for /ping
                 "responses": {"200": ok("live", {"type": "object"})},
             }
         },
@@ -103,6 +104,7 @@ def openapi_paths() -> dict[str, Any]:
             "get": {
                 "tags": tag,
                 "summary": "Every model loaded at startup is ready",
+                "security": [],  # a probe (kubelet, load balancer) has no token, as for /ping
                 "responses": {"200": ok("ready", readiness), "503": ok("not ready yet", readiness)},
             }
         },

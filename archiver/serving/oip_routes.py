@@ -98,7 +98,7 @@ async def ready(request: web.Request) -> web.Response:
     """Ready when every model loaded at startup is READY (a loading or failed one says not ready)."""
     registry = request.app[REGISTRY_KEY]
     waiting = [e for e in registry.entries() if e.loaded_at_startup and e.state != PoolState.READY]
-    if waiting:
+    if waiting or registry.listing_startup_models:
         return _json_answer(503, {"ready": False})
     return _json_answer(200, {"ready": True})
 

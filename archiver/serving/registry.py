@@ -67,6 +67,9 @@ class ModelRegistry:
         self._handler_metrics = handler_metrics
         self._batch_observer = batch_observer
         self._death_counter = death_counter
+        # True from the moment the server binds its ports until its startup models are listed: a probe
+        # in that window must not hear "Healthy"/"ready" from a registry that is merely still empty.
+        self.listing_startup_models = False
         self._models: dict[str, dict[str, ModelEntry]] = {}
         self._default: dict[str, str] = {}
 
@@ -98,7 +101,7 @@ class ModelRegistry:
         return self._default.get(entry.name) == entry.version
 
     def loading(self) -> bool:
-        return any(e.state == LOADING for e in self.entries())
+        return self.listing_startup_models or any(e.state == LOADING for e in self.entries())
 
     def snapshot(self) -> list[ModelSnapshot]:
         """Per model version: (name, version, queued, workers, load seconds, worker RSS), for /metrics."""

@@ -155,6 +155,7 @@ class Server:
             "management": (management_app, self.settings.management_port),
             "metrics": (metrics_app, self.settings.metrics_port),
         }
+        self.registry.listing_startup_models = bool(self.settings.models)
         socks = {which: _bind(self.settings.host, port) for which, (_, port) in apps.items()}
         for which, (factory, _) in apps.items():
             app = factory(self.registry, self.metrics, self.limits)
@@ -180,9 +181,13 @@ class Server:
         """Read each startup archive's head and list it as LOADING (cheap: no process starts yet), so
         the management API shows every model from the first moment, and each worker's thread count
         knows all the workers to come."""
-        return [
-            await self.registry.prepare(path, name=name, startup=True) for name, path in self.settings.models
-        ]
+        try:
+            return [
+                await self.registry.prepare(path, name=name, startup=True)
+                for name, path in self.settings.models
+            ]
+        finally:
+            self.registry.listing_startup_models = False
 
     async def start_models(self, entries: list[ModelEntry]) -> list[ModelEntry]:
         await asyncio.gather(*(self.registry.start(e) for e in entries if e.pool is not None))
@@ -206,9 +211,9 @@ class ServerThread:
             target=self._loop.run_forever, name="model-archiver-server", daemon=True
         )
 
-    def start(self) -> ServerThread:
+    def start(self, load_models: bool = True) -> ServerThread:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self.server.start(load_models), self._loop).result()
         return self
 
     def call(self, coro: Any, timeout_s: float = 120.0) -> Any:
