@@ -339,6 +339,10 @@ async def _run(settings: Any, ready_file: Path | None, watched: list[Any]) -> in
         f"model-archiver serve: inference {server.url('inference')}  management {server.url('management')}"
         f"  metrics {server.url('metrics')}" + ("  (token required)" if settings.token else "")
     )
+    click.echo(
+        f"model-archiver serve: try a model in the browser at {server.url('inference')}/"
+        f" (the API: {server.url('inference')}/docs)"
+    )
     loading = asyncio.ensure_future(server.start_models(listed))
     await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if loading.done():

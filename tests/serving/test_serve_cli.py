@@ -55,6 +55,7 @@ def test_serve_prints_its_urls_and_models_and_drains_in_flight_requests_on_sigte
     assert proc.returncode == 0, out
     assert sorted(r.status for r in replies) == [200, 200, 200, 200]
     assert f"inference http://127.0.0.1:{ready['inference_port']}" in out
+    assert f"try a model in the browser at http://127.0.0.1:{ready['inference_port']}/ " in out
     assert f"echo 1.0: READY (workers 1: pid {worker_pid}; batch 1" in out
     assert not os.path.exists(f"/proc/{worker_pid}"), "the worker outlived its server"
     assert "broken 1.0: FAILED: " in out and "missing_dependency_xyz" in out
