@@ -95,6 +95,15 @@ def test_the_slugs_are_githubs():
     assert github_slug("Management (port 8081)") == "management-port-8081"
 
 
+def test_a_group_command_is_checked_against_its_subcommands():
+    assert unknown_flags(["deploy", "ray", "a.mar", "-o", "serve_config.yaml"]) is None
+    assert (
+        unknown_flags(["deploy", "ray", "a.mar", "--no-such-flag"])
+        == "deploy ray has no option --no-such-flag"
+    )
+    assert unknown_flags(["deploy", "nowhere", "a.mar"]) == "deploy has no subcommand 'nowhere'"
+
+
 def test_a_broken_link_is_caught(tmp_path: Path):
     page = tmp_path / "page.md"
     page.write_text("# Title\n\n[ok](#title) [gone](missing.md) `[code](not-a-link.md)`\n")
@@ -138,6 +147,11 @@ def unknown_flags(argv: list[str]) -> str | None:
         return f"no subcommand {name!r} (there are {', '.join(commands)})"
     command = cli.get_command(context, name)
     assert command is not None
+    while isinstance(command, click.Group) and args and not args[0].startswith("-"):  # deploy ray ...
+        sub = command.get_command(context, args[0])
+        if sub is None:
+            return f"{name} has no subcommand {args[0]!r}"
+        name, command, args = f"{name} {args[0]}", sub, args[1:]
     known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)} | {
         "-h",
         "--help",
