@@ -193,11 +193,14 @@ def tensor_archive(tmp_path_factory) -> Path:
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         torch.jit.save(torch.jit.trace(Doubler().eval(), torch.rand(1, 4)), str(work / "model.pt"))
     (work / "bare.py").write_text("from handlers import BaseHandler\n\n\nclass H(BaseHandler):\n    pass\n")
+    # Batches of up to 8 rows; on Ray no CPU reserved (the machine's two are ResNet's).
+    (work / "model-config.yaml").write_text("batchSize: 8\nray:\n  ray_actor_options: {num_cpus: 0}\n")
     return build_archive(
         model_name="doubler",
         version="1.0",
         handler=str(work / "bare.py"),
         serialized_file=str(work / "model.pt"),
+        config_file=str(work / "model-config.yaml"),
         export_path=str(work / "store"),
     )
 

@@ -12,8 +12,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+import tritonclient.http as triton
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -30,10 +32,10 @@ def deploy_ray(tmp: Path, *args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_engine(tmp_path_factory, kit, seed_archive, echo_archives):
+def ray_engine(tmp_path_factory, kit, seed_archive, echo_archives, tensor_archive):
     """One Ray running what `model-archiver deploy ray` wrote, as two applications: `resnet` (the seed
     archive alone, so its deployment is the ingress: 2 replicas, batches of up to 4) and `mixed` (echo
-    1.0 and 2.0 behind the router, under /mixed)."""
+    1.0 and 2.0 and a tensor model behind the router, under /mixed)."""
     tmp = tmp_path_factory.mktemp("ray")
     resnet = deploy_ray(
         tmp,
@@ -47,7 +49,7 @@ def ray_engine(tmp_path_factory, kit, seed_archive, echo_archives):
         "--max-batch-delay",
         "50",
     )
-    mixed = deploy_ray(tmp, *map(str, echo_archives), "--app-name", "mixed")
+    mixed = deploy_ray(tmp, *map(str, echo_archives), str(tensor_archive), "--app-name", "mixed")
     mixed["applications"][0]["route_prefix"] = "/mixed"
     engine = kit.start_ray(tmp, {"applications": resnet["applications"] + mixed["applications"]})
     yield engine
@@ -137,6 +139,23 @@ def test_router_serves_both_versions_and_the_open_inference_routes(ray_engine, k
     assert kit.http("GET", base + "/v2/health/ready").json() == {"ready": True}
     meta = kit.http("GET", base + "/v2/models/echo").json()
     assert meta["versions"] == ["1.0", "2.0"] and meta["inputs"] == kit.echo_inputs
+
+
+def test_tritonclient_binary_tensors_through_the_router(ray_engine):
+    rows = np.array([[1, 2, 3, 4], [-1, 0.5, 0, 2]], dtype=np.float32)
+    client = triton.InferenceServerClient(
+        ray_engine.url.removeprefix("http://") + "/mixed", network_timeout=60
+    )
+    try:
+        tensor = triton.InferInput("input-0", [2, 4], "FP32")
+        tensor.set_data_from_numpy(rows, binary_data=True)
+        result = client.infer("doubler", [tensor], request_id="ray-1")
+        metadata = client.get_model_metadata("doubler")
+    finally:
+        client.close()
+    assert result.get_response()["id"] == "ray-1"
+    np.testing.assert_allclose(result.as_numpy("output-0"), rows * 2 + 1)
+    assert metadata["platform"] == "pytorch_torchscript"
 
 
 def test_a_sigkilled_replica_costs_only_its_requests_and_is_replaced(ray_engine, kit, kitten_bytes):
