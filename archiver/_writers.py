@@ -6,17 +6,22 @@ carries the hashes of everything before it.
 
 A large file's sha256 runs on a thread of its own while the main thread writes (zipfile's CRC-32, or
 gzip, then the write): hashlib, zlib and file writes all release the GIL on large buffers, so on two
-cores archiving costs about what copying does instead of hash + CRC + copy one after the other.
+cores archiving costs about what copying does instead of hash + CRC + copy one after the other. A large
+weights file stored in a zip goes further: the kernel copies its bytes into the archive
+(``copy_file_range``, as ``cp`` does) while this process only reads them for the sha256 and the CRC.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import io
 import os
 import tarfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -107,6 +112,70 @@ def _copy(source: Path, expected: int, sink: BinaryIO, on_progress: Progress | N
         digest.close()
 
 
+# copy_file_range refused for these reasons (an old kernel, another file system, a pipe): write instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
+
+
+def _kernel_copy_stored(
+    source: Path, expected: int, out: object, on_progress: Progress | None
+) -> FileRecord | None:
+    """Copy ``source`` into a ZIP_STORED entry being written as ``out`` with ``copy_file_range``.
+
+    The bytes zipfile would have written are exactly the file's, so the archive is byte-identical; what
+    zipfile's writer would have counted (size, CRC-32) is set on it before it closes. None, having
+    written nothing, where this cannot be done (small file, no copy_file_range, the archive is not a
+    plain file, a zipfile without these internals, a file system that refuses): write it instead.
+    """
+    fp = getattr(out, "_fileobj", None)
+    if (
+        expected < PARALLEL_HASH_BYTES
+        or not hasattr(os, "copy_file_range")
+        or getattr(out, "_compressor", True) is not None
+        or not (hasattr(out, "_crc") and hasattr(out, "_file_size"))
+        or fp is None
+    ):
+        return None
+    try:
+        fp.flush()
+        dst, start = fp.fileno(), fp.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    digest = _Sha256(expected)
+    crc = size = 0
+    try:
+        with open(source, "rb") as fh:
+            src = fh.fileno()
+            while chunk := fh.read(CHUNK_BYTES):
+                digest.update(chunk)
+                crc = zlib.crc32(chunk, crc)
+                try:
+                    _copy_range(src, dst, size, start + size, len(chunk), source)
+                except OSError as exc:
+                    if size == 0 and exc.errno in _NO_KERNEL_COPY:
+                        return None
+                    raise
+                size += len(chunk)
+                if on_progress is not None:
+                    on_progress(len(chunk))
+        if size != expected:
+            raise InputFileError(f"{source} changed while it was being archived ({expected} → {size} bytes)")
+        record = FileRecord(sha256=digest.hexdigest(), size=size)
+    finally:
+        digest.close()
+    fp.seek(start + size)
+    out._file_size = size  # type: ignore[attr-defined]
+    out._crc = crc  # type: ignore[attr-defined]
+    return record
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int, source: Path) -> None:
+    while count > 0:
+        done = os.copy_file_range(src, dst, count, src_offset, dst_offset)
+        if done == 0:
+            raise InputFileError(f"{source} changed while it was being archived (it shrank)")
+        src_offset, dst_offset, count = src_offset + done, dst_offset + done, count - done
+
+
 def write_zip(
     sink: BinaryIO,
     entries: dict[str, Path],
@@ -128,7 +197,9 @@ def write_zip(
             )
             info.file_size = sizes[arcname]  # lets zipfile choose zip64 up front for big files
             with zf.open(info, "w") as out:
-                records[arcname] = _copy(source, sizes[arcname], out, on_progress)
+                stored = info.compress_type == zipfile.ZIP_STORED
+                record = _kernel_copy_stored(source, sizes[arcname], out, on_progress) if stored else None
+                records[arcname] = record or _copy(source, sizes[arcname], out, on_progress)
         manifest.files = records
         info = _zip_info(MANIFEST_PATH, epoch if epoch is not None else time.time(), deflate=compress)
         zf.writestr(info, manifest.to_json())

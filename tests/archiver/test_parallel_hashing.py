@@ -1,0 +1,115 @@
+"""Large files take the fast paths (sha256 on its own thread, the kernel copying stored weights) and the
+archives are the same bytes as the plain one-after-the-other path writes; failures midway still leave
+the old archive alone."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import archiver
+from archiver import _writers
+from archiver.errors import InputFileError
+
+FORMATS = ["default", "zip-store", "tgz", "no-archive"]
+BIG = (9 << 20) + 12345  # past PARALLEL_HASH_BYTES, and not a whole number of chunks
+
+
+def digest_of(path: Path) -> str:
+    """sha256 of an archive file, or of a folder archive's files and their contents."""
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path)).encode() + b"\0" + file.read_bytes())
+    else:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def build_all(model_inputs, store: str) -> dict[str, str]:
+    return {
+        fmt: digest_of(
+            archiver.build_archive(
+                **model_inputs.build_kwargs(archive_format=fmt, export_path=f"{store}/{fmt}")
+            )
+        )
+        for fmt in FORMATS
+    }
+
+
+def test_fast_paths_write_the_same_bytes_as_the_plain_path(model_inputs, epoch, monkeypatch, tmp_path):
+    model_inputs.weights.write_bytes(os.urandom(BIG))
+    calls = []
+    real = os.copy_file_range
+
+    def counting(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    fast = build_all(model_inputs, str(tmp_path / "fast"))
+    assert sum(calls) == 2 * BIG  # the kernel copied the weights, for default and zip-store
+    monkeypatch.setattr(_writers, "PARALLEL_HASH_BYTES", 1 << 40)  # hashed inline, written by zipfile
+    plain = build_all(model_inputs, str(tmp_path / "plain"))
+    assert fast == plain
+    with zipfile.ZipFile(tmp_path / "fast" / "default" / "tiny.mar") as zf:
+        assert zf.testzip() is None  # every CRC-32 right
+        assert zf.read("weights.pt") == model_inputs.weights.read_bytes()
+    with archiver.open_archive(tmp_path / "fast" / "default" / "tiny.mar") as reader:
+        assert reader.verify().ok  # every sha256 right
+
+
+def test_a_file_system_without_kernel_copy_falls_back_to_writing(model_inputs, epoch, monkeypatch, tmp_path):
+    model_inputs.weights.write_bytes(os.urandom(BIG))
+    expected = digest_of(archiver.build_archive(**model_inputs.build_kwargs(export_path=str(tmp_path / "a"))))
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    assert digest_of(
+        archiver.build_archive(**model_inputs.build_kwargs(export_path=str(tmp_path / "b")))
+    ) == (expected)
+
+
+@pytest.mark.parametrize("archive_format", ["default", "tgz"])
+def test_a_big_input_that_shrinks_midway_is_refused(model_inputs, archive_format):
+    old = archiver.build_archive(**model_inputs.build_kwargs(archive_format=archive_format))
+    before = old.read_bytes()
+    model_inputs.weights.write_bytes(os.urandom(BIG))
+
+    def shrink(n: int) -> None:
+        with open(model_inputs.weights, "r+b") as fh:
+            fh.truncate(1 << 20)
+
+    with pytest.raises(InputFileError, match=r"weights\.pt changed while it was being archived"):
+        archiver.build_archive(
+            **model_inputs.build_kwargs(archive_format=archive_format, force=True), on_progress=shrink
+        )
+    assert old.read_bytes() == before
+    assert sorted(p.name for p in old.parent.iterdir()) == [old.name]
+
+
+def test_a_kernel_copy_failing_midway_keeps_the_old_archive(model_inputs, monkeypatch):
+    old = archiver.build_archive(**model_inputs.build_kwargs())
+    before = old.read_bytes()
+    model_inputs.weights.write_bytes(os.urandom(BIG))
+    real = os.copy_file_range
+    copied = []
+
+    def disk_full_after_two_chunks(*args):
+        if len(copied) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        copied.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", disk_full_after_two_chunks)
+    with pytest.raises(OSError, match="No space left"):
+        archiver.build_archive(**model_inputs.build_kwargs(force=True))
+    assert old.read_bytes() == before
+    assert sorted(p.name for p in old.parent.iterdir()) == [old.name]
