@@ -125,6 +125,9 @@ def _kernel_copy_stored(
     zipfile's writer would have counted (size, CRC-32) is set on it before it closes. None, having
     written nothing, where this cannot be done (small file, no copy_file_range, the archive is not a
     plain file, a zipfile without these internals, a file system that refuses): write it instead.
+    The bytes are read twice (once here, once by the kernel), so a file rewritten in place at the same
+    size during the copy could leave an entry its recorded sha256 and CRC disagree with; ``verify``
+    and the server's unpack catch that, and a change of size is refused here as on the plain path.
     """
     fp = getattr(out, "_fileobj", None)
     if (
