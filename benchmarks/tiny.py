@@ -74,7 +74,8 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[str, float]:
 def measure(url: str, body_file: Path, args: argparse.Namespace, root: psutil.Process) -> dict:
     """Each concurrency's hey run, with the CPU time the server's processes spent per request: on a
     shared machine req/s follows whatever else runs, CPU per request far less."""
-    hey(url, 8, 2.0, body_file, "application/json")  # warm-up
+    # Warm-up at the highest concurrency: Java's JIT in TorchServe's frontend needs a few seconds of it.
+    hey(url, max(args.concurrency), args.warmup, body_file, "application/json")
     procs = [root, *root.children(recursive=True)]
     runs = {}
     for c in args.concurrency:
@@ -207,6 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
     parser.add_argument("--out", type=Path, default=REPO / "bench-out")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-batch-delay", type=int, default=5, help="ms, for both servers")
