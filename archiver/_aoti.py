@@ -5,7 +5,8 @@ batch 8, 2 cores: 141 ms a forward pass against TorchScript's 187), at the price
 export time and a compile of tens of seconds. The batch dimension is exported as dynamic from 1 to
 ``max_batch`` so one package serves every batch the server forms; that bound is written into the
 package's metadata (``archiver.pt2.MAX_BATCH_KEY``) so the loader can refuse a larger batch with a
-clear error instead of running code tuned for sizes it was never checked at.
+clear error instead of running code tuned for sizes it was never checked at. ``--method export``
+uses the same dynamic batch, unbounded, where the model allows it (``export_program``).
 """
 
 from __future__ import annotations
@@ -64,10 +65,8 @@ def export_program(
     """``--method export``: the batch dimension dynamic (1 and up) where the model allows it, so the
     served program takes every batch the server forms; else fixed at the example's, as before."""
     try:
-        batch_size_of(inputs)
-        example = inputs if batch_size_of(inputs) >= 2 else resize_batch(inputs, 2)
-        batch = torch.export.Dim("batch", min=1)
-        return torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in inputs))
+        example, dynamic = _dynamic_batch(inputs, None)
+        return torch.export.export(model, example, dynamic_shapes=dynamic)
     except UsageError:
         reason = "the inputs do not share a batch dimension"
     except Exception as exc:
@@ -90,10 +89,7 @@ def compile_package(
         example, dynamic = resize_batch(inputs, 1), None
     else:
         stage(f"torch.export with a dynamic batch dimension (1 to {max_batch})")
-        # torch.export fixes a dimension whose example size is 1, so trace with at least two rows.
-        example = inputs if batch_size_of(inputs) >= 2 else resize_batch(inputs, 2)
-        batch = torch.export.Dim("batch", min=1, max=max_batch)
-        dynamic = tuple({0: batch} for _ in inputs)
+        example, dynamic = _dynamic_batch(inputs, max_batch)
     try:
         program = torch.export.export(model, example, dynamic_shapes=dynamic)
     except Exception as exc:
@@ -119,6 +115,18 @@ def compile_package(
 def load_package(path: Path) -> Any:
     """Load a compiled package for the check (the serving side has its own loader)."""
     return torch._inductor.aoti_load_package(str(path))
+
+
+def _dynamic_batch(
+    inputs: tuple[torch.Tensor, ...], max_batch: int | None
+) -> tuple[tuple[torch.Tensor, ...], tuple[dict[int, Any], ...]]:
+    """The example to trace and ``dynamic_shapes`` marking dimension 0 of every input as one batch.
+
+    torch.export fixes a dimension whose example size is 1, so the example gets two rows at least.
+    """
+    example = inputs if batch_size_of(inputs) >= 2 else resize_batch(inputs, 2)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    return example, tuple({0: batch} for _ in inputs)
 
 
 def check_batches(example_batch: int, max_batch: int) -> list[int]:
