@@ -242,8 +242,10 @@ def page_server(
     thread.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    # Module scope, not session: while playwright's sync API is open it marks an event loop as running
+    # in the main thread, and every later test that calls asyncio.run() would fail.
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield chromium

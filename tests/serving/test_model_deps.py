@@ -28,7 +28,8 @@ from archiver.errors import DependencyError
 from archiver.serving.model_env import MARKER, check_requirements, env_key, model_python
 
 TINY = "mad_tiny_dep"  # the wheel below; nothing of that name exists on PyPI
-REAL = "tabulate"  # small, pure Python, no dependencies, and not one of ours
+# small, pure Python, no dependencies, and installed by none of our extras (kserve pulls tabulate in)
+REAL = "humanize"
 
 TINY_HANDLER = f"""
 import {TINY}
@@ -43,7 +44,7 @@ import {REAL}
 
 
 def handle(data, context):
-    return data and [{{"table": {REAL}.tabulate([[1, 2]]), "from": {REAL}.__file__}} for _ in data]
+    return data and [{{"number": {REAL}.intcomma(1234567), "from": {REAL}.__file__}} for _ in data]
 """
 
 
@@ -259,19 +260,19 @@ def test_serve_installs_a_package_from_the_index_once_and_reuses_it_on_the_next_
 ):
     """The acceptance test: a real package from the configured index (PyPI in CI)."""
     assert importlib.util.find_spec(REAL) is None, f"{REAL} is installed here; the test needs one that is not"
-    model = with_requirements(make_model("tables", handler_source=REAL_HANDLER), f"{REAL}\n")
+    model = with_requirements(make_model("numbers", handler_source=REAL_HANDLER), f"{REAL}\n")
     envs = tmp_path / "cache" / "envs"
 
     started = time.perf_counter()
     proc, ready = serve_process(str(model), "--workers", "1", "--install-model-deps")
     first_s = time.perf_counter() - started
-    url = f"http://127.0.0.1:{ready['inference_port']}/predictions/tables"
+    url = f"http://127.0.0.1:{ready['inference_port']}/predictions/numbers"
     answer = call("POST", url, b"x").json()
-    assert answer["table"].split() == ["-", "-", "1", "2", "-", "-"]
+    assert answer["number"] == "1,234,567"
     assert answer["from"].startswith(str(envs))
     first_log = proc.log.read_text()
-    assert "deps: tables: installing requirements.txt" in first_log
-    assert f"deps: tables: pip: Successfully installed {REAL}" in first_log
+    assert "deps: numbers: installing requirements.txt" in first_log
+    assert f"deps: numbers: pip: Successfully installed {REAL}" in first_log
     (env,) = [p for p in envs.iterdir() if p.is_dir()]
     built = (env / MARKER).stat().st_mtime_ns
     proc.terminate()
@@ -280,13 +281,13 @@ def test_serve_installs_a_package_from_the_index_once_and_reuses_it_on_the_next_
     started = time.perf_counter()
     proc, ready = serve_process(str(model), "--workers", "1", "--install-model-deps")
     second_s = time.perf_counter() - started
-    url = f"http://127.0.0.1:{ready['inference_port']}/predictions/tables"
+    url = f"http://127.0.0.1:{ready['inference_port']}/predictions/numbers"
     assert call("POST", url, b"x").json()["from"].startswith(str(env))
     second_log = proc.log.read_text()
-    assert f"deps: tables: reusing the environment {env} (no pip run)" in second_log
+    assert f"deps: numbers: reusing the environment {env} (no pip run)" in second_log
     assert "pip:" not in second_log and "installing" not in second_log
     assert (env / MARKER).stat().st_mtime_ns == built
-    pip_s = float(re.search(r"deps: tables: installed requirements.txt in ([0-9.]+) s", first_log)[1])
+    pip_s = float(re.search(r"deps: numbers: installed requirements.txt in ([0-9.]+) s", first_log)[1])
     print(
         f"\nserve --install-model-deps until ready: first {first_s:.1f} s (venv + pip {pip_s:.1f} s), "
         f"second {second_s:.1f} s (reused)"
