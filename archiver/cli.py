@@ -105,7 +105,13 @@ def main(argv: list[str] | None = None) -> Any:
         hint = f"{PROG} {exc.ctx.info_name} --help" if exc.ctx and exc.ctx.parent else f"{PROG} --help"
         if exc.ctx and exc.ctx.command_path:
             hint = f"{exc.ctx.command_path} --help"
-        click.echo(f"{PROG}: error: {_one_line(exc.format_message())} (see '{hint}')", err=True)
+        message = _one_line(exc.format_message())
+        command = exc.ctx.command if exc.ctx else None
+        if isinstance(exc, click.exceptions.NoArgsIsHelpError) and isinstance(command, click.Group):
+            # a group called bare (`model-archiver deploy`): click's message is its whole help text
+            names = ", ".join(command.list_commands(exc.ctx))
+            message = f"'{exc.ctx.command_path}' needs a subcommand: {names}"
+        click.echo(f"{PROG}: error: {message} (see '{hint}')", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo(f"{PROG}: interrupted", err=True)

@@ -109,6 +109,17 @@ def test_missing_required_flag_is_a_usage_error(seed_dir, capsys):
     assert "Missing option '-v' / '--version'" in err and err.count("\n") == 1
 
 
+def test_a_group_without_its_subcommand_names_the_choices_in_one_line(capsys):
+    code, _, err = run_main(["deploy"], capsys)
+    assert code == 2
+    assert err == (
+        "model-archiver: error: 'model-archiver deploy' needs a subcommand: kserve, ray "
+        "(see 'model-archiver deploy --help')\n"
+    )
+    code, _, err = run_main(["deploy", "nowhere"], capsys)
+    assert code == 2 and "No such command 'nowhere'" in err and err.count("\n") == 1
+
+
 def test_help_lists_subcommands_and_every_archive_flag():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0, result.output
