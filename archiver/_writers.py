@@ -4,40 +4,31 @@ Output is reproducible: entries in sorted order, fixed permissions (0644 files, 
 and every timestamp from SOURCE_DATE_EPOCH when it is set. The manifest is written last, because it
 carries the hashes of everything before it.
 
-A large file's sha256 runs on a thread of its own while the main thread writes (zipfile's CRC-32, or
-gzip, then the write): hashlib, zlib and file writes all release the GIL on large buffers, so on two
-cores archiving costs about what copying does instead of hash + CRC + copy one after the other. A large
-weights file stored in a zip goes further: the kernel copies its bytes into the archive
-(``copy_file_range``, as ``cp`` does) while this process only reads them for the sha256 and the CRC.
+A large file's sha256 (and, for a zip, CRC-32) runs on threads of its own while the main thread writes
+(see archiver/_fastcopy.py). A large weights file stored in a zip, and every large file of a folder
+archive, goes further: the kernel copies its bytes (``copy_file_range``, as ``cp`` does) while this
+process reads them once for the hashes.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import gzip
-import hashlib
 import io
 import os
-import sys
 import tarfile
 import time
 import zipfile
-import zlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from archiver._fastcopy import Digests, Progress, copy_hashing, kernel_copy
 from archiver.errors import InputFileError
 from archiver.manifest import MANIFEST_PATH, FileRecord, Manifest
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 20  # tarfile's copy buffer
 # Deflating float weights costs much time and saves a few percent: these are stored as they are.
 STORED_SUFFIXES = (".pt", ".pt2", ".pth", ".bin", ".safetensors", ".onnx")
-Progress = Callable[[int], None]
-# Below this a file is hashed inline: a thread hand-off would cost more than it saves.
-PARALLEL_HASH_BYTES = 4 * CHUNK_BYTES
 
 
 def source_date_epoch() -> int | None:
@@ -51,71 +42,8 @@ def _zip_time(epoch: float) -> tuple[int, int, int, int, int, int]:
     return time.gmtime(max(epoch, 315532800))[:6]
 
 
-def _chunks(source: Path, expected: int, on_progress: Progress | None) -> Iterator[bytes]:
-    size = 0
-    with open(source, "rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES):
-            size += len(chunk)
-            if on_progress is not None:
-                on_progress(len(chunk))
-            yield chunk
-    if size != expected:
-        raise InputFileError(f"{source} changed while it was being archived ({expected} → {size} bytes)")
-
-
-class _Sha256:
-    """sha256 of chunks fed in order; past PARALLEL_HASH_BYTES it is computed on a thread of its own.
-
-    One chunk is hashed while the caller writes the same chunk (bytes are immutable, so both may read
-    it); ``update`` waits for the previous chunk first, so at most one chunk is in flight.
-    """
-
-    def __init__(self, expected_size: int) -> None:
-        self._digest = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1, "sha256") if expected_size >= PARALLEL_HASH_BYTES else None
-        self._pending: Future | None = None
-
-    def update(self, chunk: bytes) -> None:
-        if self._pool is None:
-            self._digest.update(chunk)
-            return
-        self._wait()
-        self._pending = self._pool.submit(self._digest.update, chunk)
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._digest.hexdigest()
-
-    def close(self) -> None:
-        """Finish (or abandon, after an error) the background work; safe to call twice."""
-        if self._pool is not None:
-            try:
-                self._wait()
-            finally:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-
 def _copy(source: Path, expected: int, sink: BinaryIO, on_progress: Progress | None) -> FileRecord:
-    digest = _Sha256(expected)
-    size = 0
-    try:
-        for chunk in _chunks(source, expected, on_progress):
-            digest.update(chunk)
-            sink.write(chunk)
-            size += len(chunk)
-        return FileRecord(sha256=digest.hexdigest(), size=size)
-    finally:
-        digest.close()
-
-
-# copy_file_range refused for these reasons (an old kernel, another file system, a pipe): write instead.
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
+    return copy_hashing(source, expected, sink.write, on_progress)
 
 
 def _kernel_copy_stored(
@@ -124,18 +52,14 @@ def _kernel_copy_stored(
     """Copy ``source`` into a ZIP_STORED entry being written as ``out`` with ``copy_file_range``.
 
     The bytes zipfile would have written are exactly the file's, so the archive is byte-identical; what
-    zipfile's writer would have counted (size, CRC-32) is set on it before it closes. None, having
-    written nothing, where this cannot be done (small file, no copy_file_range, the archive is not a
-    plain file, a zipfile without these internals, a file system that refuses): write it instead.
-    The bytes are read twice (once here, once by the kernel), so a file rewritten in place at the same
-    size during the copy could leave an entry its recorded sha256 and CRC disagree with; ``verify``
-    and the server's unpack catch that, and a change of size is refused here as on the plain path.
+    zipfile's writer would have counted (size, CRC-32, the latter computed on a thread of its own) is
+    set on it before it closes. None, having written nothing, where this cannot be done (small file, no
+    copy_file_range, the archive is not a plain file, a zipfile without these internals, a file system
+    that refuses): write it instead.
     """
     fp = getattr(out, "_fileobj", None)
     if (
-        expected < PARALLEL_HASH_BYTES
-        or not hasattr(os, "copy_file_range")
-        or getattr(out, "_compressor", True) is not None
+        getattr(out, "_compressor", True) is not None
         or not (hasattr(out, "_crc") and hasattr(out, "_file_size"))
         or fp is None
     ):
@@ -145,66 +69,24 @@ def _kernel_copy_stored(
         dst, start = fp.fileno(), fp.tell()
     except (AttributeError, OSError, io.UnsupportedOperation):
         return None
-    digest = _Sha256(expected)
-    crc = size = flushed = 0
-    writeback = _start_writeback()
-    try:
-        with open(source, "rb") as fh:
-            src = fh.fileno()
-            while chunk := fh.read(CHUNK_BYTES):
-                digest.update(chunk)
-                crc = zlib.crc32(chunk, crc)
-                try:
-                    _copy_range(src, dst, size, start + size, len(chunk), source)
-                except OSError as exc:
-                    if size == 0 and exc.errno in _NO_KERNEL_COPY:
-                        return None
-                    raise
-                size += len(chunk)
-                if size - flushed >= WRITEBACK_BYTES:
-                    writeback(dst, start + flushed, size - flushed)
-                    flushed = size
-                if on_progress is not None:
-                    on_progress(len(chunk))
-        if size != expected:
-            raise InputFileError(f"{source} changed while it was being archived ({expected} → {size} bytes)")
-        record = FileRecord(sha256=digest.hexdigest(), size=size)
-    finally:
-        digest.close()
-    fp.seek(start + size)
-    out._file_size = size  # type: ignore[attr-defined]
+    copied = kernel_copy(source, expected, dst, start, crc=True, on_progress=on_progress)
+    if copied is None:
+        return None
+    record, crc = copied
+    fp.seek(start + record.size)
+    out._file_size = record.size  # type: ignore[attr-defined]
     out._crc = crc  # type: ignore[attr-defined]
     return record
 
 
-def _start_writeback() -> Callable[[int, int, int], None]:
-    """A function that asks the kernel to start writing a byte range of a file to disk, not waiting for
-    it (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the disk works while we hash and the
-    final fsync has little left to wait for; a no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return lambda fd, offset, count: None
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return lambda fd, offset, count: None
-    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    write_flag = 2  # SYNC_FILE_RANGE_WRITE
-
-    def start(fd: int, offset: int, count: int) -> None:
-        call(fd, offset, count, write_flag)  # a failure only means the final fsync does all the work
-
-    return start
-
-
-WRITEBACK_BYTES = 32 << 20  # how much the kernel is handed at a time for writing back
-
-
-def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int, source: Path) -> None:
-    while count > 0:
-        done = os.copy_file_range(src, dst, count, src_offset, dst_offset)
-        if done == 0:
-            raise InputFileError(f"{source} changed while it was being archived (it shrank)")
-        src_offset, dst_offset, count = src_offset + done, dst_offset + done, count - done
+def _copy_to_file(source: Path, expected: int, out: BinaryIO, on_progress: Progress | None) -> FileRecord:
+    """A folder archive's file: the kernel copies it where it can, else it is written from Python."""
+    out.flush()
+    copied = kernel_copy(source, expected, out.fileno(), 0, crc=False, on_progress=on_progress)
+    if copied is None:
+        return _copy(source, expected, out, on_progress)
+    out.seek(copied[0].size)
+    return copied[0]
 
 
 def write_zip(
@@ -251,7 +133,7 @@ class _HashingReader:
         self._fh = fh
         self._source = source
         self._on_progress = on_progress
-        self.digest = _Sha256(size)
+        self.digest = Digests(size)
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
@@ -265,7 +147,7 @@ class _HashingReader:
         return data
 
     def record(self) -> FileRecord:
-        return FileRecord(sha256=self.digest.hexdigest(), size=self.size)
+        return FileRecord(sha256=self.digest.sha256(), size=self.size)
 
 
 def write_tgz(
@@ -345,7 +227,7 @@ def write_folder(
     records: dict[str, FileRecord] = {}
     for arcname in sorted(entries):
         records[arcname] = _write_file(
-            root, arcname, lambda out, a=arcname: _copy(entries[a], sizes[a], out, on_progress), epoch
+            root, arcname, lambda out, a=arcname: _copy_to_file(entries[a], sizes[a], out, on_progress), epoch
         )
     manifest.files = records
     data = manifest.to_json()
