@@ -37,6 +37,7 @@ re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -239,6 +240,9 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
     a shape that disagrees with the data, an unknown datatype, a binary size past the body's end, a
     wrong ``Inference-Header-Content-Length``, an input with no data, JSON nested too deep.
     """
+    cached = _from_template(body, header_length)
+    if cached is not None:
+        return cached
     head, binary = split_binary_body(body, header_length)
     if not isinstance(head, dict):
         raise TensorRequestError("an infer request must be a JSON object with an 'inputs' list")
@@ -251,6 +255,7 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
     parameters = _parameters(head.get("parameters"), "the request")
     offset = 0
     inputs = []
+    all_binary = True
     for index, spec in enumerate(raw_inputs):
         if not isinstance(spec, dict):
             raise TensorRequestError(f"inputs[{index}] must be a JSON object")
@@ -278,6 +283,7 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
             offset += size
         elif "data" in spec:
             data = spec["data"]
+            all_binary = False
         else:
             raise TensorRequestError(f"{what} has no data: give 'data' or parameters.binary_data_size")
         inputs.append(_checked_input(name, datatype, shape, data, params))
@@ -288,7 +294,70 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
         )
     if len(inputs) > 1 and len({i.name for i in inputs}) != len(inputs):
         raise TensorRequestError(f"input names must be unique, got {[i.name for i in inputs]}")
-    return V2Request(inputs, request_id, _requested_outputs(head.get("outputs")), parameters)
+    request = V2Request(inputs, request_id, _requested_outputs(head.get("outputs")), parameters)
+    if all_binary:
+        _remember_template(body, header_length, request)
+    return request
+
+
+# ---- parsed JSON headers, kept --------------------------------------------------------------------
+# A client sending binary tensors of one shape sends the same JSON header every time (tritonclient
+# does, unless each request carries its own id): what that header says, once checked, depends only on
+# its bytes and on how many binary bytes follow, so it is parsed and checked once and each later
+# request only cuts its tensors' bytes out of the body (BYTES elements are still checked per request,
+# their lengths being in the data). Headers past _TEMPLATE_MAX_HEADER bytes are not kept.
+_TEMPLATE_MAX_HEADER = 4096
+_TEMPLATE_SLOTS = 256
+_templates: dict[tuple[bytes, int], tuple[V2Request, list[int]]] = {}
+
+
+def _template_key(body: bytes, header_length: int | str | None) -> tuple[bytes, int] | None:
+    if header_length is None or header_length == "":
+        return None
+    try:
+        length = int(header_length)
+    except (TypeError, ValueError):
+        return None
+    if not 0 < length <= min(len(body), _TEMPLATE_MAX_HEADER):
+        return None
+    return bytes(body[:length]), len(body) - length
+
+
+def _remember_template(body: bytes, header_length: int | str | None, request: V2Request) -> None:
+    key = _template_key(body, header_length)
+    if key is None:
+        return
+    if len(_templates) >= _TEMPLATE_SLOTS:
+        with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # another thread got there
+            del _templates[next(iter(_templates))]
+    # the tensors' sizes, not their bytes: a kept header must not keep its first request's data alive
+    sizes = [len(one.data) for one in request.inputs]
+    inputs = [InferInput(i.name, i.datatype, i.shape, b"", i.parameters, i.text) for i in request.inputs]
+    _templates[key] = (V2Request(inputs, request.id, request.outputs, request.parameters), sizes)
+
+
+def _from_template(body: bytes, header_length: int | str | None) -> V2Request | None:
+    """The request, if its JSON header was seen (and checked) before: its tensors cut from ``body``."""
+    key = _template_key(body, header_length)
+    kept = _templates.get(key) if key is not None else None
+    if kept is None:
+        return None
+    template, sizes = kept
+    view = memoryview(body)
+    offset = len(key[0])
+    inputs = []
+    for one, size in zip(template.inputs, sizes, strict=True):
+        data = bytes(view[offset : offset + size])
+        offset += size
+        if one.datatype == "BYTES":
+            split_bytes_elements(data, one.count, f"input {one.name!r}")
+        inputs.append(
+            InferInput(one.name, one.datatype, list(one.shape), data, dict(one.parameters), one.text)
+        )
+    outputs = template.outputs
+    if outputs is not None:
+        outputs = [RequestedOutput(o.name, o.binary, dict(o.parameters)) for o in outputs]
+    return V2Request(inputs, template.id, outputs, dict(template.parameters))
 
 
 def _parameters(value: Any, what: str) -> dict[str, Any]:
