@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -202,10 +202,11 @@ def test_a_very_long_strip_is_not_blown_up_by_the_resize():
     assert tensor.shape == (3, 224, 224)
 
 
-def test_the_strip_guard_leaves_ordinary_pictures_alone(kitten_bytes):
+def torchserve_transform():
+    """TorchServe's image_classifier transform, the reference our faster one must match."""
     from torchvision import transforms
 
-    torchserve = transforms.Compose(
+    return transforms.Compose(
         [
             transforms.Resize(256),
             transforms.CenterCrop(224),
@@ -213,9 +214,70 @@ def test_the_strip_guard_leaves_ordinary_pictures_alone(kitten_bytes):
             transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
         ]
     )
+
+
+# One level of 255 after normalizing by the smallest std (0.224): the most a resized pixel may move.
+ONE_LEVEL = 1 / (255 * 0.224) + 1e-5
+
+
+def assert_like_torchserve(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    assert ours.shape == reference.shape and ours.dtype == reference.dtype and ours.is_contiguous()
+    difference = (ours - reference).abs()
+    assert difference.max().item() <= ONE_LEVEL
+    assert difference.mean().item() < 0.1 * ONE_LEVEL  # a few pixels a level off, not a shifted picture
+
+
+def test_the_strip_guard_leaves_ordinary_pictures_alone(kitten_bytes):
+    torchserve = torchserve_transform()
     for size in [(451, 300), (1000, 260), (260, 1000)]:
         image = decode_image(kitten_bytes).resize(size)
-        assert torch.equal(imagenet_tensor(image), torchserve(image))
+        assert_like_torchserve(imagenet_tensor(image), torchserve(image))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 900), st.integers(1, 900), st.integers(0, 2**32 - 1))
+def test_the_fast_transform_is_torchserves_within_one_level(width, height, seed):
+    assume(max(width, height) <= 4 * min(width, height))  # longer strips are cut first, on purpose
+    noise = torch.randint(
+        0, 256, (height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    image = Image.fromarray(noise.numpy(), "RGB")  # noise: the hardest picture for a resize to agree on
+
+    assert_like_torchserve(imagenet_tensor(image), torchserve_transform()(image))
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (256, 300), (224, 224), (100, 50), (1, 1)])
+def test_big_small_and_exact_sizes_match_torchserve(kitten_bytes, size):
+    image = decode_image(kitten_bytes).resize(size)
+
+    assert_like_torchserve(imagenet_tensor(image), torchserve_transform()(image))
+
+
+def test_pictures_torchvision_would_pad_still_go_through_torchvision(kitten_bytes):
+    from torchvision.transforms import functional as F
+
+    image = decode_image(kitten_bytes)  # a 200 resize leaves less than the 224 crop: torchvision pads
+    expected = F.normalize(
+        F.to_tensor(F.center_crop(F.resize(image, 200), 224)), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    )
+
+    assert torch.equal(imagenet_tensor(image, resize=200), expected)
+
+
+def test_the_kittens_answer_is_the_one_torchserves_transform_gives(kitten_bytes):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=1000).eval()
+    image = decode_image(kitten_bytes)
+
+    with torch.no_grad():
+        ours = model(imagenet_tensor(image).unsqueeze(0))[0]
+        reference = model(torchserve_transform()(image).unsqueeze(0))[0]
+
+    assert torch.equal(ours.topk(5).indices, reference.topk(5).indices)
+    assert (ours - reference).abs().max() < 1e-3 * (reference.max() - reference.min())
+    assert (ours.softmax(0) - reference.softmax(0)).abs().max() < 1e-5
 
 
 def test_a_request_with_neither_body_nor_data_field_says_how_to_send_an_image():
