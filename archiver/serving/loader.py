@@ -26,7 +26,14 @@ from archiver.manifest import Manifest
 from archiver.reader import open_archive
 from archiver.serving.cache import unpack_cached
 from archiver.serving.isolation import import_spec_exists, isolated_imports
-from archiver.serving.oip import PROTOCOL_HEADER, V2_BODY
+from archiver.serving.oip import (
+    HEADER_LENGTH,
+    PROTOCOL_HEADER,
+    TENSORS_CONTENT_TYPE,
+    V2_BODY,
+    OutputsResponse,
+    encode_outputs,
+)
 from archiver.serving.protocol import (
     InferenceRequest,
     InferenceResponse,
@@ -253,10 +260,17 @@ class LoadedModel:
         if any(r.headers.get(PROTOCOL_HEADER) == V2_BODY for r in requests):
             from archiver.serving.oip_worker import answer_v2_bodies  # v2 requests sent whole
 
-            return answer_v2_bodies(requests, self._handle, self.name, self.version)
+            return answer_v2_bodies(requests, self._handle_kept, self.name, self.version)
         return self._handle(requests)
 
-    def _handle(self, requests: list[InferenceRequest]) -> list[InferenceResponse]:
+    def _handle_kept(self, requests: list[InferenceRequest]) -> list[InferenceResponse]:
+        """``_handle`` for requests whose v2 answer is built in this process: tensor answers stay
+        output tensors (``oip.OutputsResponse``) rather than a body to be parsed back."""
+        return self._handle(requests, keep_tensors=True)
+
+    def _handle(
+        self, requests: list[InferenceRequest], keep_tensors: bool = False
+    ) -> list[InferenceResponse]:
         count = len(requests)
         if count == 0:
             return []
@@ -284,7 +298,13 @@ class LoadedModel:
                 )
                 message = f"handler returned {got} for a batch of {count} requests"
                 return [error_response(500, "HandlerError", message) for _ in requests]
-            return [self._response(i, answer, i in tensor_rows) for i, answer in enumerate(answers)]
+            if not tensor_rows:
+                return [self._response(i, answer) for i, answer in enumerate(answers)]
+            names = _output_names(context)  # once a batch, not once a request
+            return [
+                self._response(i, answer, i in tensor_rows, names, keep_tensors)
+                for i, answer in enumerate(answers)
+            ]
 
     def _handler_failed(self, exc: BaseException) -> None:
         report = self.on_handler_error
@@ -292,7 +312,14 @@ class LoadedModel:
             with contextlib.suppress(Exception):  # reporting must not change the batch's answers
                 report(exc)
 
-    def _response(self, idx: int, answer: Any, tensors: bool = False) -> InferenceResponse:
+    def _response(
+        self,
+        idx: int,
+        answer: Any,
+        tensors: bool = False,
+        names: list[str] | None = None,
+        keep_tensors: bool = False,
+    ) -> InferenceResponse:
         context = self.context
         if isinstance(answer, BaseException):
             return response_for_exception(answer)
@@ -303,8 +330,12 @@ class LoadedModel:
             response = error_response(code, "HandlerError", message)
         else:
             try:
+                if tensors and keep_tensors:
+                    response = OutputsResponse(outputs=_tensor_outputs(answer, names))
+                    response.headers.update(headers)
+                    return response
                 if tensors:
-                    body, content_type, extra = _encode_tensors(answer, context)
+                    body, content_type, extra = _encode_tensors(answer, names)
                     headers = {**headers, **extra}
                 else:
                     body, content_type = encode_answer(answer, context.get_response_content_type(idx))
@@ -327,30 +358,41 @@ class LoadedModel:
 
 def _tensor_rows(requests: list[InferenceRequest], data: list[dict[str, Any]]) -> set[int]:
     """Replace the rows of v2 requests by their tensors (``handlers.tensors``); their indexes."""
-    found = set()
-    for i, request in enumerate(requests):
-        if request.headers.get(PROTOCOL_HEADER) == "v2":
-            from handlers.tensors import handler_row, is_tensor_request
+    found: set[int] = set()
+    if not any(request.headers.get(PROTOCOL_HEADER) == "v2" for request in requests):
+        return found
+    from handlers.tensors import handler_row, is_tensor_request
 
-            if is_tensor_request(request.params, request.headers):
-                try:
-                    data[i] = handler_row(request.params)
-                except (ArchiverError, LookupError, TypeError, ValueError):
-                    continue  # not what our front sends: the handler gets the parts as they are
-                found.add(i)
+    for i, request in enumerate(requests):
+        if is_tensor_request(request.params, request.headers):  # the "v2" marker and its parts
+            try:
+                data[i] = handler_row(request.params)
+            except (ArchiverError, LookupError, TypeError, ValueError):
+                continue  # not what our front sends: the handler gets the parts as they are
+            found.add(i)
     return found
 
 
-def _encode_tensors(answer: Any, context: Any) -> tuple[bytes, str, dict[str, str]]:
-    from handlers.tensors import encode_answer as encode_tensors
+def _output_names(context: Any) -> list[str]:
     from handlers.tensors import signature_output_names
 
+    return signature_output_names(context.model_yaml_config)
+
+
+def _tensor_outputs(answer: Any, names: list[str] | None) -> list[Any]:
+    from handlers.tensors import answer_outputs
+
     try:
-        return encode_tensors(answer, signature_output_names(context.model_yaml_config))
+        return answer_outputs(answer, names)
     except ArchiverError:
         raise
     except Exception as exc:  # noqa: BLE001 - an answer that cannot be encoded fails its own request
         raise HandlerError(f"the handler's answer cannot be sent as tensors: {_reason(exc)}") from exc
+
+
+def _encode_tensors(answer: Any, names: list[str] | None) -> tuple[bytes, str, dict[str, str]]:
+    body, length = encode_outputs(_tensor_outputs(answer, names))
+    return body, TENSORS_CONTENT_TYPE, {HEADER_LENGTH: str(length)}
 
 
 def _encode_payload(payload: Any) -> tuple[bytes, str]:

@@ -474,12 +474,23 @@ def encode_outputs(outputs: list[OutputTensor]) -> tuple[bytes, int]:
     return text + b"".join(o.data for o in outputs), len(text)
 
 
+@dataclass
+class OutputsResponse(InferenceResponse):
+    """A worker's answer to a v2 request that stays in its process (``oip_worker``): the output
+    tensors as they are, never encoded into a tensor body only to be read back."""
+
+    outputs: list[OutputTensor] = field(default_factory=list)
+
+
 def answer_outputs(answer: InferenceResponse) -> list[OutputTensor]:
     """The output tensors of a worker's successful answer to a v2 request.
 
-    A tensor answer (``TENSORS_CONTENT_TYPE``) is read as it is; any other answer (a handler that
-    knows nothing of tensors) becomes one BYTES output holding its body: the JSON or text it sent.
+    A tensor answer (``TENSORS_CONTENT_TYPE``, or an ``OutputsResponse``) is read as it is; any other
+    answer (a handler that knows nothing of tensors) becomes one BYTES output holding its body: the
+    JSON or text it sent.
     """
+    if isinstance(answer, OutputsResponse):
+        return answer.outputs
     mime = (answer.content_type or "").split(";", 1)[0].strip().lower()
     if mime != TENSORS_CONTENT_TYPE:
         return [OutputTensor(DEFAULT_OUTPUT, "BYTES", [1], _LENGTH.pack(len(answer.body)) + answer.body)]
@@ -552,6 +563,8 @@ def build_infer_response(
         response["model_version"] = model_version
     if request.id is not None:
         response["id"] = request.id
+    if isinstance(answer, OutputsResponse) and request.outputs is None and request.binary_output:
+        return _all_binary(answer.outputs, response)
     passed = _pass_through(request, answer, response)
     if passed is not None:
         return passed
@@ -572,6 +585,13 @@ def build_infer_response(
     if not blobs:
         return text, "application/json", None
     return text + b"".join(blobs), "application/octet-stream", len(text)
+
+
+def _all_binary(outputs: list[OutputTensor], response: dict[str, Any]) -> tuple[bytes, str, int]:
+    """Every output, all binary (tritonclient's default), written straight after the names."""
+    prefix = _response_prefix(response["model_name"], response.get("model_version"), response.get("id"))
+    body, length = encode_outputs(outputs)
+    return prefix + body[1:], "application/octet-stream", len(prefix) + length - 1
 
 
 def _pass_through(
