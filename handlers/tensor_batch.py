@@ -17,7 +17,11 @@ from handlers.tensors import TensorAnswer, TensorRow, datatype_of, torch_dtype
 
 
 def _key(row: TensorRow) -> tuple[Any, ...]:
-    return tuple((datatype, tuple(shape[1:])) for _, datatype, shape, _ in row.raw_inputs)
+    inputs = row.tensor_inputs
+    if len(inputs) == 1:  # the usual request
+        one = inputs[0]
+        return ((one.datatype, tuple(one.shape[1:])),)
+    return tuple((one.datatype, tuple(one.shape[1:])) for one in inputs)
 
 
 def tensor_groups(data: list[Any]) -> list[list[int]]:
@@ -37,7 +41,7 @@ def join_tensor_rows(rows: list[TensorRow], device: Any) -> tuple[Any, list[int]
     refused: dict[int, str] = {}
     kept: list[TensorRow] = []
     for index, row in enumerate(rows):
-        text = [name for name, datatype, _, _ in row.raw_inputs if datatype == "BYTES"]
+        text = [one.name for one in row.tensor_inputs if one.datatype == "BYTES"]
         if text:
             refused[index] = (
                 f"input {text[0]!r} is BYTES; this handler's default preprocessing takes numeric tensors "
@@ -47,13 +51,14 @@ def join_tensor_rows(rows: list[TensorRow], device: Any) -> tuple[Any, list[int]
             kept.append(row)
     if not kept:
         return None, [], refused
-    counts = [(row.raw_inputs[0][2] or [1])[0] for row in kept]
+    counts = [(row.tensor_inputs[0].shape or [1])[0] for row in kept]
     total = sum(counts)
     joined = []
-    for position, (_, datatype, shape, _) in enumerate(kept[0].raw_inputs):
+    for position, first in enumerate(kept[0].tensor_inputs):
+        datatype, shape = first.datatype, first.shape
         dims = [total, *shape[1:]]
         dtype = torch_dtype(datatype)
-        data = b"".join(row.raw_inputs[position][3] for row in kept)
+        data = b"".join([row.tensor_inputs[position].raw for row in kept])
         tensor = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
         tensor = tensor.reshape(dims if shape else [total])
         joined.append(tensor.to(device) if device is not None else tensor)

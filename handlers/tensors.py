@@ -61,20 +61,28 @@ class LazyDict(dict):  # type: ignore[type-arg]
     ``data`` does not pay for nested lists, nor one that never looks at ``tensors`` for tensors.
     """
 
+    # No instance __dict__: a v2 request's row is one object for the garbage collector to track, not
+    # two (a worker makes one per request, and fewer tracked objects mean rarer full collections).
+    __slots__ = ("_lazy",)
+
     def __init__(self, fields: dict[str, Any], lazy: dict[str, Any] | None = None) -> None:
         super().__init__(fields)
         self._lazy: dict[str, Any] = lazy if lazy is not None else {}  # the caller's, fresh
 
+    def _build(self, maker: Any) -> Any:
+        """The value a ``lazy`` entry makes (a subclass may name its makers instead of holding them)."""
+        return maker()
+
     def _make(self, key: Any) -> None:
         lazy = self._lazy
         if lazy and key in lazy:
-            dict.__setitem__(self, key, lazy.pop(key)())
+            dict.__setitem__(self, key, self._build(lazy.pop(key)))
 
     def _make_all(self) -> None:
         lazy = self._lazy
         while lazy:
             key = next(iter(lazy))
-            dict.__setitem__(self, key, lazy.pop(key)())
+            dict.__setitem__(self, key, self._build(lazy.pop(key)))
 
     def __getitem__(self, key: Any) -> Any:
         self._make(key)
@@ -145,11 +153,36 @@ class LazyDict(dict):  # type: ignore[type-arg]
 class TensorRow(LazyDict):
     """A handler row made from a v2 request (the type marks where it came from).
 
-    ``raw_inputs`` holds each input as (name, datatype, shape, bytes), for code that batches the
-    bytes itself (BaseHandler's default path) instead of reading ``tensors`` one request at a time.
+    ``raw_inputs`` gives each input as (name, datatype, shape, bytes), and ``tensor_inputs`` the same
+    as objects with those attributes, for code that batches the bytes itself (BaseHandler's default
+    path) instead of reading ``tensors`` one request at a time.
+
+    Its lazy values are made by its own methods, named in ``_lazy`` (a dict of strings, which the
+    garbage collector does not track), not by closures: a worker makes one row per request.
     """
 
-    raw_inputs: list[tuple[str, str, list[int], bytes]]
+    __slots__ = ("tensor_inputs",)
+
+    def __init__(self, fields: dict[str, Any], inputs: list[_Input]) -> None:
+        super().__init__(fields, {"data": "_first_data", "inputs": "_entries", "tensors": "_tensors"})
+        self.tensor_inputs = inputs
+
+    def _build(self, maker: Any) -> Any:
+        return getattr(self, maker)()
+
+    def _first_data(self) -> Any:
+        return self.tensor_inputs[0].data()
+
+    def _entries(self) -> list[LazyDict]:
+        return _entries(self.tensor_inputs)
+
+    def _tensors(self) -> LazyDict:
+        return LazyDict({}, {one.name: one.value for one in self.tensor_inputs})
+
+    @property
+    def raw_inputs(self) -> list[tuple[str, str, list[int], bytes]]:
+        """Each input as (name, datatype, shape, raw little-endian bytes or length-prefixed BYTES)."""
+        return [(one.name, one.datatype, one.shape, one.raw) for one in self.tensor_inputs]
 
 
 def _reshape(flat: list[Any], shape: list[int]) -> Any:
@@ -270,16 +303,7 @@ def handler_row(params: dict[str, Any]) -> TensorRow:
     inputs, extra = _inputs_of(params)
     first = inputs[0]
     extra.update(name=first.name, datatype=first.datatype, shape=list(first.shape))
-    row = TensorRow(
-        extra,
-        {
-            "data": first.data,
-            "inputs": lambda: _entries(inputs),
-            "tensors": lambda: LazyDict({}, {one.name: one.value for one in inputs}),
-        },
-    )
-    row.raw_inputs = [(one.name, one.datatype, one.shape, one.raw) for one in inputs]
-    return row
+    return TensorRow(extra, inputs)
 
 
 # ---- answers ------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def _parse(request: InferenceRequest) -> oip.V2Request:
         body = body.encode("utf-8")
     if not isinstance(body, (bytes, bytearray)):
         raise oip.TensorRequestError("the v2 request has no body")
-    return oip.parse_infer_request(bytes(body), request.headers.get(oip.BODY_HEADER_LENGTH))
+    # a bytearray as it is: parsing copies each tensor's bytes out of it, so a whole copy is waste
+    return oip.parse_infer_request(body, request.headers.get(oip.BODY_HEADER_LENGTH))
 
 
 def _error(exc: ArchiverError) -> InferenceResponse:
@@ -52,8 +53,12 @@ def answer_v2_bodies(
         headers = request.headers
         headers.pop(oip.BODY_HEADER_LENGTH, None)
         headers[oip.PROTOCOL_HEADER] = "v2"
-        # the parsed request itself: handlers.tensors makes the handler's row from it directly
-        run.append((index, InferenceRequest(request.request_id, {oip.REQUEST_PART: v2}, headers, {})))
+        # the parsed request itself, in place of the body (this request is the worker's own):
+        # handlers.tensors makes the handler's row from it directly
+        request.params.clear()
+        request.params[oip.REQUEST_PART] = v2
+        request.param_content_types.clear()
+        run.append((index, request))
     if run:
         for (index, _), answer in zip(run, handle([r for _, r in run]), strict=True):
             answers[index] = answer
@@ -68,7 +73,9 @@ def answer_v2_bodies(
         except ArchiverError as exc:
             answers[index] = _error(exc)
             continue
-        headers = {k: v for k, v in answer.headers.items() if k != oip.HEADER_LENGTH}
+        headers = answer.headers
+        if oip.HEADER_LENGTH in headers:
+            headers = {k: v for k, v in headers.items() if k != oip.HEADER_LENGTH}
         if header_length is not None:
             headers[oip.HEADER_LENGTH] = str(header_length)
         answers[index] = InferenceResponse(status=200, body=body, content_type=content_type, headers=headers)
