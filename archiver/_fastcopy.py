@@ -110,7 +110,8 @@ class Digests:
 
 
 def changed(source: Path, expected: int, size: int) -> InputFileError:
-    return InputFileError(f"{source} changed while it was being archived ({expected} → {size} bytes)")
+    now = f"more than {expected}" if size > expected else str(size)
+    return InputFileError(f"{source} changed while it was being archived ({expected} → {now} bytes)")
 
 
 def copy_hashing(
@@ -122,9 +123,9 @@ def copy_hashing(
     try:
         with open(source, "rb", buffering=0) as fh:
             while True:
-                buffer = digests.buffer()
+                buffer = digests.buffer()[: expected + 1 - size]  # one byte past: did it grow?
                 count = fh.readinto(buffer)
-                if not count:
+                if not count or size + count > expected:
                     break
                 block = buffer[:count]
                 digests.update(block)
@@ -132,8 +133,8 @@ def copy_hashing(
                 size += count
                 if on_progress is not None:
                     on_progress(count)
-        if size != expected:
-            raise changed(source, expected, size)
+        if size != expected or count:
+            raise changed(source, expected, size + count)
         return FileRecord(sha256=digests.sha256(), size=size)
     finally:
         digests.close()
@@ -160,9 +161,9 @@ def kernel_copy(
         with open(source, "rb", buffering=0) as fh:
             src = fh.fileno()
             while True:
-                buffer = digests.buffer()
+                buffer = digests.buffer()[: expected + 1 - size]  # one byte past: did it grow?
                 count = os.preadv(src, [buffer], size)
-                if not count:
+                if not count or size + count > expected:
                     break
                 digests.update(buffer[:count])
                 try:
@@ -177,8 +178,8 @@ def kernel_copy(
                     flushed = size
                 if on_progress is not None:
                     on_progress(count)
-        if size != expected:
-            raise changed(source, expected, size)
+        if size != expected or count:
+            raise changed(source, expected, size + count)
         return FileRecord(sha256=digests.sha256(), size=size), digests.crc32() if crc else None
     finally:
         digests.close()

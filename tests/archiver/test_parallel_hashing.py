@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,79 @@ def test_a_kernel_copy_failing_midway_keeps_the_old_archive(model_inputs, monkey
         archiver.build_archive(**model_inputs.build_kwargs(force=True))
     assert old.read_bytes() == before
     assert sorted(p.name for p in old.parent.iterdir()) == [old.name]
+
+
+def hash_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("sha256", "crc32"))]
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("crc", [True, False])
+def test_the_kernel_copy_hashes_what_it_copies(tmp_path, monkeypatch, crc):
+    monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)  # 10 blocks through a ring of 4 buffers
+    data = os.urandom(BIG)
+    source = tmp_path / "weights.bin"
+    source.write_bytes(data)
+    progress = []
+    with open(tmp_path / "out", "wb") as out:
+        out.write(b"header")  # the copy lands at the given offset, after what is already there
+        out.flush()
+        record, crc32 = _fastcopy.kernel_copy(
+            source, BIG, out.fileno(), 6, crc=crc, on_progress=progress.append
+        )
+    assert (tmp_path / "out").read_bytes() == b"header" + data
+    assert record.sha256 == hashlib.sha256(data).hexdigest() and record.size == BIG
+    assert crc32 == (zlib.crc32(data) if crc else None)
+    assert sum(progress) == BIG and len(progress) == 10
+    assert hash_threads() == []
+
+
+def test_the_written_copy_hashes_what_it_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)
+    data = os.urandom(BIG)
+    source = tmp_path / "weights.bin"
+    source.write_bytes(data)
+    written = bytearray()
+    record = _fastcopy.copy_hashing(source, BIG, written.extend, None)
+    assert bytes(written) == data
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+    assert hash_threads() == []
+
+
+@pytest.mark.parametrize("archive_format", FORMATS)
+def test_a_failure_midway_leaves_no_thread_or_open_file_behind(model_inputs, archive_format, monkeypatch):
+    monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)
+    model_inputs.weights.write_bytes(os.urandom(BIG))
+    fds = open_fds()
+    seen = []
+
+    def fail_on_third_block(n: int) -> None:
+        if n == 1 << 20:  # a block of the weights (the small files come in one piece)
+            seen.append(hash_threads())
+        if len(seen) == 3:
+            raise RuntimeError("interrupted by the progress bar")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        archiver.build_archive(
+            **model_inputs.build_kwargs(archive_format=archive_format), on_progress=fail_on_third_block
+        )
+    assert any(name.startswith("sha256") for name in seen[-1])  # the threaded path really ran
+    assert hash_threads() == []
+    assert open_fds() == fds
+    store = model_inputs.root / "model-store"
+    assert list(store.iterdir()) == []  # no partial archive or temp file left
+
+
+def test_a_growing_input_is_refused_on_the_kernel_copy_path(model_inputs):
+    model_inputs.weights.write_bytes(os.urandom(BIG))
+
+    def grow(n: int) -> None:
+        with open(model_inputs.weights, "ab") as fh:
+            fh.write(b"x" * 4096)
+
+    with pytest.raises(InputFileError, match=r"weights\.pt changed while it was being archived"):
+        archiver.build_archive(**model_inputs.build_kwargs(archive_format="zip-store"), on_progress=grow)
+    assert hash_threads() == []
