@@ -558,13 +558,13 @@ def build_infer_response(
     binary data after the JSON header, per ``outputs[].parameters.binary_data`` or
     ``parameters.binary_data_output``.
     """
+    if isinstance(answer, OutputsResponse) and request.outputs is None and request.binary_output:
+        return _all_binary(answer.outputs, _response_prefix(model_name, model_version, request.id))
     response: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         response["model_version"] = model_version
     if request.id is not None:
         response["id"] = request.id
-    if isinstance(answer, OutputsResponse) and request.outputs is None and request.binary_output:
-        return _all_binary(answer.outputs, response)
     passed = _pass_through(request, answer, response)
     if passed is not None:
         return passed
@@ -587,11 +587,24 @@ def build_infer_response(
     return text + b"".join(blobs), "application/octet-stream", len(text)
 
 
-def _all_binary(outputs: list[OutputTensor], response: dict[str, Any]) -> tuple[bytes, str, int]:
-    """Every output, all binary (tritonclient's default), written straight after the names."""
-    prefix = _response_prefix(response["model_name"], response.get("model_version"), response.get("id"))
+def _all_binary(outputs: list[OutputTensor], prefix: bytes) -> tuple[bytes, str, int]:
+    """Every output, all binary (tritonclient's default), written straight after ``prefix``."""
+    if len(outputs) == 1 and not outputs[0].parameters:  # the usual answer: its JSON made once a shape
+        o = outputs[0]
+        head = prefix + _one_output_head(o.name, o.datatype, tuple(o.shape), len(o.data))
+        return head + o.data, "application/octet-stream", len(head)
     body, length = encode_outputs(outputs)
     return prefix + body[1:], "application/octet-stream", len(prefix) + length - 1
+
+
+@functools.lru_cache(maxsize=256)
+def _one_output_head(name: str, datatype: str, shape: tuple[int, ...], size: int) -> bytes:
+    """``"outputs":[{…one binary output…}]}``: the rest of a response's JSON header after its names."""
+    dims = ",".join(str(int(d)) for d in shape)
+    return (
+        f'"outputs":[{{"name":{_json_name(name)},"datatype":"{datatype}","shape":[{dims}],'
+        f'"parameters":{{"binary_data_size":{size}}}}}]}}'
+    ).encode()
 
 
 def _pass_through(
