@@ -58,7 +58,7 @@ def join_tensor_rows(rows: list[TensorRow], device: Any) -> tuple[Any, list[int]
         datatype, shape = first.datatype, first.shape
         dims = [total, *shape[1:]]
         dtype = torch_dtype(datatype)
-        data = b"".join([row.tensor_inputs[position].raw for row in kept])
+        data = b"".join([row.tensor_inputs[position].data for row in kept])
         tensor = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
         tensor = tensor.reshape(dims if shape else [total])
         joined.append(tensor.to(device) if device is not None else tensor)

@@ -23,6 +23,7 @@ bytes) is one BYTES element holding its JSON text, text or bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -161,28 +162,51 @@ class TensorRow(LazyDict):
     garbage collector does not track), not by closures: a worker makes one row per request.
     """
 
-    __slots__ = ("tensor_inputs",)
+    __slots__ = ("_values", "tensor_inputs")
 
-    def __init__(self, fields: dict[str, Any], inputs: list[_Input]) -> None:
+    def __init__(self, fields: dict[str, Any], inputs: list[oip.InferInput]) -> None:
         super().__init__(fields, {"data": "_first_data", "inputs": "_entries", "tensors": "_tensors"})
-        self.tensor_inputs = inputs
+        self.tensor_inputs = inputs  # the request's own (oip.InferInput: name, datatype, shape, data)
+        self._values: dict[int, Any] | None = None  # decoded inputs, each made once
 
     def _build(self, maker: Any) -> Any:
         return getattr(self, maker)()
 
+    def input_value(self, index: int) -> Any:
+        """Input ``index`` decoded (a tensor, or nested lists without torch), made once."""
+        values = self._values
+        if values is None:
+            values = self._values = {}
+        if index not in values:
+            values[index] = _decode(self.tensor_inputs[index])
+        return values[index]
+
+    def input_data(self, index: int) -> Any:
+        """Input ``index`` as TorchServe's kservev2 envelope passes ``data``."""
+        return _envelope_data(self.tensor_inputs[index], self.input_value(index))
+
     def _first_data(self) -> Any:
-        return self.tensor_inputs[0].data()
+        return self.input_data(0)
 
     def _entries(self) -> list[LazyDict]:
-        return _entries(self.tensor_inputs)
+        return [
+            LazyDict(
+                {"name": one.name, "datatype": one.datatype, "shape": list(one.shape)},
+                {"data": functools.partial(self.input_data, index)},
+            )
+            for index, one in enumerate(self.tensor_inputs)
+        ]
 
     def _tensors(self) -> LazyDict:
-        return LazyDict({}, {one.name: one.value for one in self.tensor_inputs})
+        return LazyDict(
+            {},
+            {one.name: functools.partial(self.input_value, i) for i, one in enumerate(self.tensor_inputs)},
+        )
 
     @property
     def raw_inputs(self) -> list[tuple[str, str, list[int], bytes]]:
         """Each input as (name, datatype, shape, raw little-endian bytes or length-prefixed BYTES)."""
-        return [(one.name, one.datatype, one.shape, one.raw) for one in self.tensor_inputs]
+        return [(one.name, one.datatype, one.shape, one.data) for one in self.tensor_inputs]
 
 
 def _reshape(flat: list[Any], shape: list[int]) -> Any:
@@ -226,45 +250,30 @@ def _datatype_of(dtype: Any) -> str:
     raise HandlerError(f"a tensor of dtype {dtype} has no Open Inference Protocol datatype")
 
 
-class _Input:
-    """One input's bytes, turned into a tensor (or nested list) and the envelope's ``data`` on demand."""
+def _decode(one: oip.InferInput) -> Any:
+    """One input as a torch.Tensor of its dtype and shape (nested lists without torch; BYTES: nested
+    elements, ``str`` when the client sent JSON text, else ``bytes``)."""
+    count = math.prod(one.shape)
+    what = f"input {one.name!r}"
+    if one.datatype == "BYTES":
+        elements: list[Any] = oip.split_bytes_elements(one.data, count, what)
+        if one.text:
+            elements = [e.decode("utf-8") for e in elements]
+        return _reshape(elements, one.shape) if one.shape else elements[0]
+    torch_module = sys.modules.get("torch")
+    if torch_module is None:
+        return _reshape(oip.unpack_values(one.datatype, one.data, count, what), one.shape)
+    dtype = torch_dtype(one.datatype)
+    if not count:
+        return torch_module.empty(one.shape, dtype=dtype)
+    return torch_module.frombuffer(bytearray(one.data), dtype=dtype).reshape(one.shape)
 
-    __slots__ = ("_made", "_value", "datatype", "name", "raw", "shape", "text")
 
-    def __init__(self, name: str, datatype: str, shape: list[int], raw: bytes, text: bool) -> None:
-        self.name, self.datatype, self.shape, self.raw, self.text = name, datatype, shape, raw, text
-        self._value: Any = None
-        self._made = False
-
-    def value(self) -> Any:
-        """A torch.Tensor of the input's dtype and shape (nested lists without torch; BYTES: nested
-        elements, ``str`` when the client sent JSON text, else ``bytes``)."""
-        if not self._made:
-            self._value, self._made = self._decode(), True
-        return self._value
-
-    def _decode(self) -> Any:
-        count = math.prod(self.shape)
-        what = f"input {self.name!r}"
-        if self.datatype == "BYTES":
-            elements: list[Any] = oip.split_bytes_elements(self.raw, count, what)
-            if self.text:
-                elements = [e.decode("utf-8") for e in elements]
-            return _reshape(elements, self.shape) if self.shape else elements[0]
-        torch_module = sys.modules.get("torch")
-        if torch_module is None:
-            return _reshape(oip.unpack_values(self.datatype, self.raw, count, what), self.shape)
-        dtype = torch_dtype(self.datatype)
-        if not count:
-            return torch_module.empty(self.shape, dtype=dtype)
-        return torch_module.frombuffer(bytearray(self.raw), dtype=dtype).reshape(self.shape)
-
-    def data(self) -> Any:
-        """What TorchServe's kservev2 envelope passes as ``data``: nested lists; a single BYTES element."""
-        value = self.value()
-        if self.datatype == "BYTES":
-            return value[0] if math.prod(self.shape) == 1 and isinstance(value, list) else value
-        return value.tolist() if hasattr(value, "tolist") else value
+def _envelope_data(one: oip.InferInput, value: Any) -> Any:
+    """What TorchServe's kservev2 envelope passes as ``data``: nested lists; a single BYTES element."""
+    if one.datatype == "BYTES":
+        return value[0] if math.prod(one.shape) == 1 and isinstance(value, list) else value
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def is_tensor_request(params: dict[str, Any], headers: dict[str, Any]) -> bool:
@@ -273,11 +282,11 @@ def is_tensor_request(params: dict[str, Any], headers: dict[str, Any]) -> bool:
     return headers.get(oip.PROTOCOL_HEADER) == "v2" and isinstance(head, (dict, oip.V2Request))
 
 
-def _inputs_of(params: dict[str, Any]) -> tuple[list[_Input], dict[str, Any]]:
+def _inputs_of(params: dict[str, Any]) -> tuple[list[oip.InferInput], dict[str, Any]]:
     """(the inputs, the request's id, parameters and outputs) from a V2Request or the wire's parts."""
     head = params[oip.REQUEST_PART]
     if isinstance(head, oip.V2Request):
-        inputs = [_Input(i.name, i.datatype, i.shape, i.data, i.text) for i in head.inputs]
+        inputs = head.inputs  # the request's own list, made for this request
         outputs = [o.name for o in head.outputs] if head.outputs is not None else None
         return inputs, {"id": head.id, "parameters": head.parameters, "outputs": outputs}
     inputs = []
@@ -285,17 +294,12 @@ def _inputs_of(params: dict[str, Any]) -> tuple[list[_Input], dict[str, Any]]:
         raw = params.get(f"{oip.INPUT_PART_PREFIX}{index}", b"")
         raw = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
         inputs.append(
-            _Input(spec["name"], spec["datatype"], list(spec["shape"]), raw, bool(spec.get("text")))
+            oip.InferInput(
+                spec["name"], spec["datatype"], list(spec["shape"]), raw, {}, bool(spec.get("text"))
+            )
         )
     extra = {"id": head.get("id"), "parameters": head.get("parameters") or {}, "outputs": head.get("outputs")}
     return inputs, extra
-
-
-def _entries(inputs: list[_Input]) -> list[LazyDict]:
-    return [
-        LazyDict({"name": one.name, "datatype": one.datatype, "shape": list(one.shape)}, {"data": one.data})
-        for one in inputs
-    ]
 
 
 def handler_row(params: dict[str, Any]) -> TensorRow:
