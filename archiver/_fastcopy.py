@@ -27,7 +27,7 @@ from archiver.errors import InputFileError
 from archiver.manifest import FileRecord
 
 Progress = Callable[[int], None]
-BLOCK_BYTES = 16 << 20  # one read, one hand-off to the hashing threads, one copy_file_range
+BLOCK_BYTES = 8 << 20  # one read, one hand-off to the hashing threads, one copy_file_range
 SLOTS = 4  # buffers in the ring: the reader may run this many blocks ahead of the slower hash
 # Below this a file is hashed inline and written by Python (no threads, no kernel copy).
 PARALLEL_HASH_BYTES = 4 << 20
