@@ -41,6 +41,7 @@ import contextlib
 import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -425,7 +426,7 @@ def to_raw_request(request: V2Request, request_id: str, headers: dict[str, str] 
 
 
 def body_raw_request(
-    body: bytes, header_length: str | None, request_id: str, headers: dict[str, str] | None = None
+    body: bytes, header_length: str | None, request_id: str, headers: Mapping[str, str] | None = None
 ) -> RawRequest:
     """A v2 infer request's HTTP body, unparsed, as one element of a handler batch.
 

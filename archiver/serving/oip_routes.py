@@ -26,7 +26,6 @@ from archiver.serving.oip_metadata import platform_of, read_signature
 from archiver.serving.oip_openapi import openapi_paths, openapi_schemas  # noqa: F401 - openapi.py reads them here
 from archiver.serving.pool import PoolState
 from archiver.serving.protocol import InferenceResponse, new_request_id
-from archiver.serving.wire import RawRequest
 
 # Bodies past this size are parsed off the event loop, so one large JSON tensor does not stall the rest.
 _PARSE_INLINE_BYTES = 256 * 1024
@@ -57,10 +56,10 @@ def _entry(request: web.Request) -> ModelEntry:
     return request.app[REGISTRY_KEY].get(name, request.match_info.get("version"))
 
 
-async def _read(request: web.Request) -> tuple[bytes, RawRequest]:
-    """(the body, the request as a batch element will carry it): the same size limit and body-read
-    timeout as /predictions. Whatever the Content-Type says (``curl -d`` says form-urlencoded), the
-    body is the protocol's JSON, or JSON and binary data; a multipart form is refused."""
+async def _read(request: web.Request) -> tuple[bytes, str]:
+    """(the body, the request's id): the same size limit and body-read timeout as /predictions.
+    Whatever the Content-Type says (``curl -d`` says form-urlencoded), the body is the protocol's
+    JSON, or JSON and binary data; a multipart form is refused."""
     limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
     limit = limits.max_request_size
     if request.content_length is not None and request.content_length > limit:
@@ -75,8 +74,7 @@ async def _read(request: web.Request) -> tuple[bytes, RawRequest]:
             raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
     else:
         body = await _in_time(_read_capped(request.content.read, limit), limits)
-    request_id = request.headers.get("x-request-id") or new_request_id()
-    return body, RawRequest(request_id=request_id, headers=dict(request.headers))
+    return body, request.headers.get("x-request-id") or new_request_id()
 
 
 async def _off_loop(body: bytes, parse: Any, *args: Any) -> Any:
@@ -153,10 +151,10 @@ async def infer(request: web.Request) -> web.Response:
     try:
         entry = _entry(request)
         label = entry.name
-        body, http_request = await _read(request)
-        request_id = http_request.request_id
+        body, request_id = await _read(request)
         header_length = request.headers.get(oip.HEADER_LENGTH)
-        raw = oip.body_raw_request(body, header_length, request_id, http_request.headers)
+        # the headers copied once, there (the same work as /predictions does per request)
+        raw = oip.body_raw_request(body, header_length, request_id, request.headers)
         answer = await registry.predict(entry.name, request.match_info.get("version"), raw)
         if not answer.ok:
             raise _failure(answer)
@@ -188,10 +186,9 @@ async def v1_predict(request: web.Request) -> web.Response:
     try:
         entry = _entry(request)
         label = entry.name
-        body, http_request = await _read(request)
-        request_id = http_request.request_id
+        body, request_id = await _read(request)
         instances = await _off_loop(body, oip.parse_v1_request)
-        headers = http_request.headers
+        headers = dict(request.headers)
         raws = [oip.v1_raw_request(x, f"{request_id}-{i}", headers) for i, x in enumerate(instances)]
         answers = await asyncio.gather(*(registry.predict(entry.name, None, raw) for raw in raws))
         failed = next((a for a in answers if not a.ok), None)
