@@ -102,7 +102,9 @@ def compile_package(
         )
         raise ExportError(f"torch.export failed: {_first_line(exc).rstrip('.')}.{hint}") from exc
     stage("AOTInductor: generating and compiling C++ (ResNet34 takes about 30 s on 2 cores)")
-    configs = {"aot_inductor.metadata": {MAX_BATCH_KEY: str(max_batch)}}
+    # freezing: weights become constants the compiler may fold into the graph (e.g. batch norm into
+    # the convolutions before them), which a served model never changes.
+    configs = {"aot_inductor.metadata": {MAX_BATCH_KEY: str(max_batch)}, "freezing": True}
     try:
         with _quiet_cpp_extension():
             torch._inductor.aoti_compile_and_package(
