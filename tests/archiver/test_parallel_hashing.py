@@ -56,6 +56,7 @@ def test_fast_paths_write_the_same_bytes_as_the_plain_path(model_inputs, epoch, 
     monkeypatch.setattr(os, "copy_file_range", counting)
     monkeypatch.setattr(_fastcopy, "WRITEBACK_BYTES", 2 << 20)  # early writeback runs a few times too
     monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)  # more blocks than buffers: the ring is reused
+    monkeypatch.setattr(_fastcopy, "COPY_BYTES", 2 << 20)  # copies of 2 blocks, and a shorter last one
     fast = build_all(model_inputs, str(tmp_path / "fast"))
     assert sum(calls) == 3 * BIG  # the kernel copied the weights: default, zip-store, no-archive
     monkeypatch.setattr(_fastcopy, "PARALLEL_HASH_BYTES", 1 << 40)  # hashed inline, written by zipfile
@@ -114,6 +115,7 @@ def test_a_kernel_copy_failing_midway_keeps_the_old_archive(model_inputs, monkey
 
     monkeypatch.setattr(os, "copy_file_range", disk_full_after_two_chunks)
     monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(_fastcopy, "COPY_BYTES", 1 << 20)
     with pytest.raises(OSError, match="No space left"):
         archiver.build_archive(**model_inputs.build_kwargs(force=True))
     assert old.read_bytes() == before
@@ -131,6 +133,7 @@ def open_fds() -> set[str]:
 @pytest.mark.parametrize("crc", [True, False])
 def test_the_kernel_copy_hashes_what_it_copies(tmp_path, monkeypatch, crc):
     monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)  # 10 blocks through a ring of 4 buffers
+    monkeypatch.setattr(_fastcopy, "COPY_BYTES", 3 << 20)  # copied 3 blocks at a time, then the rest
     data = os.urandom(BIG)
     source = tmp_path / "weights.bin"
     source.write_bytes(data)
