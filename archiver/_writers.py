@@ -6,8 +6,8 @@ carries the hashes of everything before it.
 
 A large file's sha256 (and, for a zip, CRC-32) runs on threads of its own while the main thread writes
 (see archiver/_fastcopy.py). A large weights file stored in a zip, and every large file of a folder
-archive, goes further: the kernel copies its bytes (``copy_file_range``, as ``cp`` does) while this
-process reads them once for the hashes.
+archive, goes further: its blocks are written straight to the archive's file at their offset, with the
+CRC-32 zipfile would have computed on the main thread computed on a thread of its own instead.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from archiver._fastcopy import Digests, Progress, copy_hashing, kernel_copy
+from archiver._fastcopy import Digests, Progress, copy_hashing, write_at
 from archiver.errors import InputFileError
 from archiver.manifest import MANIFEST_PATH, FileRecord, Manifest
 
@@ -46,16 +46,15 @@ def _copy(source: Path, expected: int, sink: BinaryIO, on_progress: Progress | N
     return copy_hashing(source, expected, sink.write, on_progress)
 
 
-def _kernel_copy_stored(
+def _write_stored(
     source: Path, expected: int, out: object, on_progress: Progress | None
 ) -> FileRecord | None:
-    """Copy ``source`` into a ZIP_STORED entry being written as ``out`` with ``copy_file_range``.
+    """Copy ``source`` into a ZIP_STORED entry being written as ``out``, straight to the archive's file.
 
     The bytes zipfile would have written are exactly the file's, so the archive is byte-identical; what
     zipfile's writer would have counted (size, CRC-32, the latter computed on a thread of its own) is
-    set on it before it closes. None, having written nothing, where this cannot be done (small file, no
-    copy_file_range, the archive is not a plain file, a zipfile without these internals, a file system
-    that refuses): write it instead.
+    set on it before it closes. None, having written nothing, where this cannot be done (small file, the
+    archive is not a plain file, a zipfile without these internals): write it instead.
     """
     fp = getattr(out, "_fileobj", None)
     if (
@@ -69,7 +68,7 @@ def _kernel_copy_stored(
         dst, start = fp.fileno(), fp.tell()
     except (AttributeError, OSError, io.UnsupportedOperation):
         return None
-    copied = kernel_copy(source, expected, dst, start, crc=True, on_progress=on_progress)
+    copied = write_at(source, expected, dst, start, crc=True, on_progress=on_progress)
     if copied is None:
         return None
     record, crc = copied
@@ -80,9 +79,9 @@ def _kernel_copy_stored(
 
 
 def _copy_to_file(source: Path, expected: int, out: BinaryIO, on_progress: Progress | None) -> FileRecord:
-    """A folder archive's file: the kernel copies it where it can, else it is written from Python."""
+    """A folder archive's file: hashed on threads while written at offsets where it is large."""
     out.flush()
-    copied = kernel_copy(source, expected, out.fileno(), 0, crc=False, on_progress=on_progress)
+    copied = write_at(source, expected, out.fileno(), 0, crc=False, on_progress=on_progress)
     if copied is None:
         return _copy(source, expected, out, on_progress)
     out.seek(copied[0].size)
@@ -111,7 +110,7 @@ def write_zip(
             info.file_size = sizes[arcname]  # lets zipfile choose zip64 up front for big files
             with zf.open(info, "w") as out:
                 stored = info.compress_type == zipfile.ZIP_STORED
-                record = _kernel_copy_stored(source, sizes[arcname], out, on_progress) if stored else None
+                record = _write_stored(source, sizes[arcname], out, on_progress) if stored else None
                 records[arcname] = record or _copy(source, sizes[arcname], out, on_progress)
         manifest.files = records
         info = _zip_info(MANIFEST_PATH, epoch if epoch is not None else time.time(), deflate=compress)

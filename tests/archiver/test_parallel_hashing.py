@@ -1,6 +1,6 @@
-"""Large files take the fast paths (sha256 on its own thread, the kernel copying stored weights) and the
-archives are the same bytes as the plain one-after-the-other path writes; failures midway still leave
-the old archive alone."""
+"""Large files take the fast paths (sha256 and CRC-32 on threads of their own, stored weights written at
+their offset) and the archives are the same bytes as the plain one-after-the-other path writes;
+failures midway still leave the old archive alone, and no thread or open file behind."""
 
 from __future__ import annotations
 
@@ -47,18 +47,17 @@ def build_all(model_inputs, store: str) -> dict[str, str]:
 def test_fast_paths_write_the_same_bytes_as_the_plain_path(model_inputs, epoch, monkeypatch, tmp_path):
     model_inputs.weights.write_bytes(os.urandom(BIG))
     calls = []
-    real = os.copy_file_range
+    real = os.pwrite
 
     def counting(*args):
         calls.append(real(*args))
         return calls[-1]
 
-    monkeypatch.setattr(os, "copy_file_range", counting)
+    monkeypatch.setattr(os, "pwrite", counting)
     monkeypatch.setattr(_fastcopy, "WRITEBACK_BYTES", 2 << 20)  # early writeback runs a few times too
     monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)  # more blocks than buffers: the ring is reused
-    monkeypatch.setattr(_fastcopy, "COPY_BYTES", 2 << 20)  # copies of 2 blocks, and a shorter last one
     fast = build_all(model_inputs, str(tmp_path / "fast"))
-    assert sum(calls) == 3 * BIG  # the kernel copied the weights: default, zip-store, no-archive
+    assert sum(calls) == 3 * BIG  # weights written at offsets: default, zip-store, no-archive
     monkeypatch.setattr(_fastcopy, "PARALLEL_HASH_BYTES", 1 << 40)  # hashed inline, written by zipfile
     plain = build_all(model_inputs, str(tmp_path / "plain"))
     assert fast == plain
@@ -69,14 +68,29 @@ def test_fast_paths_write_the_same_bytes_as_the_plain_path(model_inputs, epoch, 
         assert reader.verify().ok  # every sha256 right
 
 
-def test_a_file_system_without_kernel_copy_falls_back_to_writing(model_inputs, epoch, monkeypatch, tmp_path):
+def test_an_output_that_cannot_be_written_at_an_offset_is_left_to_the_plain_path(tmp_path):
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(BIG))
+    read_end, write_end = os.pipe()
+    try:
+        assert _fastcopy.write_at(source, BIG, write_end, 0, crc=True, on_progress=None) is None
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)  # nothing was written
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert hash_threads() == []
+
+
+def test_a_refused_offset_write_falls_back_to_zipfile(model_inputs, epoch, monkeypatch, tmp_path):
     model_inputs.weights.write_bytes(os.urandom(BIG))
     expected = digest_of(archiver.build_archive(**model_inputs.build_kwargs(export_path=str(tmp_path / "a"))))
 
     def refuse(*args):
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
+        raise OSError(errno.ESPIPE, "Illegal seek")
 
-    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(os, "pwrite", refuse)
     assert digest_of(
         archiver.build_archive(**model_inputs.build_kwargs(export_path=str(tmp_path / "b")))
     ) == (expected)
@@ -100,22 +114,21 @@ def test_a_big_input_that_shrinks_midway_is_refused(model_inputs, archive_format
     assert sorted(p.name for p in old.parent.iterdir()) == [old.name]
 
 
-def test_a_kernel_copy_failing_midway_keeps_the_old_archive(model_inputs, monkeypatch):
+def test_a_write_failing_midway_keeps_the_old_archive(model_inputs, monkeypatch):
     old = archiver.build_archive(**model_inputs.build_kwargs())
     before = old.read_bytes()
     model_inputs.weights.write_bytes(os.urandom(BIG))
-    real = os.copy_file_range
-    copied = []
+    real = os.pwrite
+    written = []
 
-    def disk_full_after_two_chunks(*args):
-        if len(copied) == 2:
+    def disk_full_after_two_blocks(*args):
+        if len(written) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        copied.append(args[2])
-        return real(*args)
+        written.append(real(*args))
+        return written[-1]
 
-    monkeypatch.setattr(os, "copy_file_range", disk_full_after_two_chunks)
+    monkeypatch.setattr(os, "pwrite", disk_full_after_two_blocks)
     monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)
-    monkeypatch.setattr(_fastcopy, "COPY_BYTES", 1 << 20)
     with pytest.raises(OSError, match="No space left"):
         archiver.build_archive(**model_inputs.build_kwargs(force=True))
     assert old.read_bytes() == before
@@ -131,9 +144,8 @@ def open_fds() -> set[str]:
 
 
 @pytest.mark.parametrize("crc", [True, False])
-def test_the_kernel_copy_hashes_what_it_copies(tmp_path, monkeypatch, crc):
+def test_the_offset_write_hashes_what_it_writes(tmp_path, monkeypatch, crc):
     monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)  # 10 blocks through a ring of 4 buffers
-    monkeypatch.setattr(_fastcopy, "COPY_BYTES", 3 << 20)  # copied 3 blocks at a time, then the rest
     data = os.urandom(BIG)
     source = tmp_path / "weights.bin"
     source.write_bytes(data)
@@ -141,9 +153,7 @@ def test_the_kernel_copy_hashes_what_it_copies(tmp_path, monkeypatch, crc):
     with open(tmp_path / "out", "wb") as out:
         out.write(b"header")  # the copy lands at the given offset, after what is already there
         out.flush()
-        record, crc32 = _fastcopy.kernel_copy(
-            source, BIG, out.fileno(), 6, crc=crc, on_progress=progress.append
-        )
+        record, crc32 = _fastcopy.write_at(source, BIG, out.fileno(), 6, crc=crc, on_progress=progress.append)
     assert (tmp_path / "out").read_bytes() == b"header" + data
     assert record.sha256 == hashlib.sha256(data).hexdigest() and record.size == BIG
     assert crc32 == (zlib.crc32(data) if crc else None)
@@ -187,7 +197,7 @@ def test_a_failure_midway_leaves_no_thread_or_open_file_behind(model_inputs, arc
     assert list(store.iterdir()) == []  # no partial archive or temp file left
 
 
-def test_a_growing_input_is_refused_on_the_kernel_copy_path(model_inputs):
+def test_a_growing_input_is_refused_on_the_offset_write_path(model_inputs):
     model_inputs.weights.write_bytes(os.urandom(BIG))
 
     def grow(n: int) -> None:
