@@ -296,7 +296,7 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
     if len(inputs) > 1 and len({i.name for i in inputs}) != len(inputs):
         raise TensorRequestError(f"input names must be unique, got {[i.name for i in inputs]}")
     request = V2Request(inputs, request_id, _requested_outputs(head.get("outputs")), parameters)
-    if all_binary:
+    if all_binary and request_id is None:  # a header with an id is seldom sent twice
         _remember_template(body, header_length, request)
     return request
 
@@ -306,7 +306,8 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
 # does, unless each request carries its own id): what that header says, once checked, depends only on
 # its bytes and on how many binary bytes follow, so it is parsed and checked once and each later
 # request only cuts its tensors' bytes out of the body (BYTES elements are still checked per request,
-# their lengths being in the data). Headers past _TEMPLATE_MAX_HEADER bytes are not kept.
+# their lengths being in the data). Headers past _TEMPLATE_MAX_HEADER bytes, and headers with an
+# ``id`` (each request its own, so keeping them would only churn the slots), are not kept.
 _TEMPLATE_MAX_HEADER = 4096
 _TEMPLATE_SLOTS = 256
 _templates: dict[tuple[bytes, int], tuple[V2Request, list[int]]] = {}

@@ -38,7 +38,7 @@ def no_kept_headers():
 
 
 def test_a_kept_header_gives_what_a_first_parse_gives() -> None:
-    head = {"id": "r", "parameters": {"binary_data_output": True}, "outputs": [{"name": "y"}]}
+    head = {"parameters": {"binary_data_output": True}, "outputs": [{"name": "y"}]}
     first_body, length = binary_request([("x", "FP32", [1, 2], struct.pack("<2f", 1, 2))], **head)
     second_body, _ = binary_request([("x", "FP32", [1, 2], struct.pack("<2f", 3, 4))], **head)
     first = oip.parse_infer_request(first_body, length)
@@ -101,6 +101,12 @@ def test_json_data_and_errors_are_not_kept() -> None:
 
 def test_the_kept_headers_are_bounded() -> None:
     for i in range(oip._TEMPLATE_SLOTS + 10):
-        body, length = binary_request([("x", "FP32", [1], struct.pack("<f", 1))], id=str(i))
-        assert oip.parse_infer_request(body, length).id == str(i)
+        body, length = binary_request([("x", "FP32", [1], struct.pack("<f", 1))], parameters={"n": i})
+        assert oip.parse_infer_request(body, length).parameters == {"n": i}
     assert len(oip._templates) == oip._TEMPLATE_SLOTS
+
+
+def test_a_header_with_an_id_is_not_kept() -> None:
+    body, length = binary_request([("x", "FP32", [1], struct.pack("<f", 1))], id="once")
+    assert oip.parse_infer_request(body, length).id == "once"
+    assert not oip._templates
