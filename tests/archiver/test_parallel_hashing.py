@@ -144,20 +144,23 @@ def open_fds() -> set[str]:
 
 
 @pytest.mark.parametrize("crc", [True, False])
-def test_the_offset_write_hashes_what_it_writes(tmp_path, monkeypatch, crc):
-    monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)  # 10 blocks through a ring of 4 buffers
-    data = os.urandom(BIG)
+@pytest.mark.parametrize("size", [BIG, 8 << 20])  # a last partial block, and whole blocks only
+def test_the_offset_write_hashes_what_it_writes(tmp_path, monkeypatch, crc, size):
+    monkeypatch.setattr(_fastcopy, "BLOCK_BYTES", 1 << 20)  # 8 or 10 blocks through a ring of 4 buffers
+    data = os.urandom(size)
     source = tmp_path / "weights.bin"
     source.write_bytes(data)
     progress = []
     with open(tmp_path / "out", "wb") as out:
         out.write(b"header")  # the copy lands at the given offset, after what is already there
         out.flush()
-        record, crc32 = _fastcopy.write_at(source, BIG, out.fileno(), 6, crc=crc, on_progress=progress.append)
+        record, crc32 = _fastcopy.write_at(
+            source, size, out.fileno(), 6, crc=crc, on_progress=progress.append
+        )
     assert (tmp_path / "out").read_bytes() == b"header" + data
-    assert record.sha256 == hashlib.sha256(data).hexdigest() and record.size == BIG
+    assert record.sha256 == hashlib.sha256(data).hexdigest() and record.size == size
     assert crc32 == (zlib.crc32(data) if crc else None)
-    assert sum(progress) == BIG and len(progress) == 10
+    assert sum(progress) == size and len(progress) == -(-size // (1 << 20))
     assert hash_threads() == []
 
 
