@@ -38,19 +38,19 @@ def answer_v2_bodies(
     """One response per request, in order: v2 bodies parsed, the batch (less what did not parse) run
     through ``handle``, and each v2 answer built into its finished response."""
     answers: list[InferenceResponse | None] = [None] * len(requests)
-    parsed: dict[int, oip.V2Request] = {}
-    run: list[tuple[int, InferenceRequest]] = []
+    parsed: list[oip.V2Request | None] = [None] * len(requests)
+    refused = False
     for index, request in enumerate(requests):
-        if request.headers.get(oip.PROTOCOL_HEADER) != oip.V2_BODY:
-            run.append((index, request))
+        headers = request.headers
+        if headers.get(oip.PROTOCOL_HEADER) != oip.V2_BODY:
             continue
         try:
             v2 = _parse(request)
         except ArchiverError as exc:
             answers[index] = _error(exc)
+            refused = True
             continue
         parsed[index] = v2
-        headers = request.headers
         headers.pop(oip.BODY_HEADER_LENGTH, None)
         headers[oip.PROTOCOL_HEADER] = "v2"
         # the parsed request itself, in place of the body (this request is the worker's own):
@@ -58,11 +58,16 @@ def answer_v2_bodies(
         request.params.clear()
         request.params[oip.REQUEST_PART] = v2
         request.param_content_types.clear()
-        run.append((index, request))
-    if run:
-        for (index, _), answer in zip(run, handle([r for _, r in run]), strict=True):
-            answers[index] = answer
-    for index, v2 in parsed.items():
+    if not refused:  # the usual batch: every request runs
+        answers = [answer for _, answer in zip(requests, handle(requests), strict=True)]
+    else:
+        run = [index for index, answer in enumerate(answers) if answer is None]
+        if run:
+            for index, answer in zip(run, handle([requests[i] for i in run]), strict=True):
+                answers[index] = answer
+    for index, v2 in enumerate(parsed):
+        if v2 is None:
+            continue
         answer = answers[index]
         if answer is None or not answer.ok:
             continue

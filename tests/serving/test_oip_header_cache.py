@@ -1,5 +1,6 @@
 """A binary v2 request's JSON header is parsed and checked once and kept (``oip._templates``): a later
-request with the same header must give what a first parse gives, with the same checks on its data."""
+request with the same header must give what a first parse gives, with the same checks on its data.
+Also the worker's batch path (``oip_worker.answer_v2_bodies``) when one request of a batch does not parse."""
 
 from __future__ import annotations
 
@@ -110,3 +111,34 @@ def test_a_header_with_an_id_is_not_kept() -> None:
     body, length = binary_request([("x", "FP32", [1], struct.pack("<f", 1))], id="once")
     assert oip.parse_infer_request(body, length).id == "once"
     assert not oip._templates
+
+
+def test_a_batch_with_a_request_that_does_not_parse_runs_the_others_in_order() -> None:
+    from archiver.serving.oip_worker import answer_v2_bodies
+    from archiver.serving.protocol import InferenceRequest, InferenceResponse
+    from archiver.serving.wire import to_inference_request
+
+    good, length = binary_request([("x", "FP32", [1], struct.pack("<f", 1))])
+    bad = good[:length] + b"xx"  # two bytes where four are declared
+    raws = [
+        oip.body_raw_request(good, str(length), "a"),
+        oip.body_raw_request(bad, str(length), "b"),
+        to_inference_request(oip.body_raw_request(good, str(length), "c")),
+    ]
+    requests = [to_inference_request(r) if not isinstance(r, InferenceRequest) else r for r in raws]
+    requests.append(InferenceRequest("d", {"body": b"plain"}, {}))
+    seen: list[str] = []
+
+    def handle(batch: list[InferenceRequest]) -> list[InferenceResponse]:
+        seen.extend(r.request_id for r in batch)
+        return [InferenceResponse(body=r.request_id.encode(), content_type="text/plain") for r in batch]
+
+    answers = answer_v2_bodies(requests, handle, "m", None)
+    assert seen == ["a", "c", "d"]
+    assert [a.status for a in answers] == [200, 400, 200, 200]
+    assert "runs past the end" in answers[1].message
+    assert answers[3].body == b"d"  # not a v2 request: its answer as the handler gave it
+    for answer, rid in ((answers[0], "a"), (answers[2], "c")):  # the handler's text, a BYTES output
+        body = json.loads(answer.body)  # the client did not ask for binary outputs
+        assert body["model_name"] == "m" and body["outputs"][0]["datatype"] == "BYTES"
+        assert body["outputs"][0]["data"] == [rid]
