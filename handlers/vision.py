@@ -5,7 +5,9 @@ type) is a HandlerInputError naming the reason, so a handler can reject that one
 the rest of its batch. Unlike TorchServe, images are converted to RGB (grayscale, palette, RGBA and
 CMYK pictures work), EXIF orientation is applied, and the pixel limit is checked here, per handler,
 before any pixel is decoded (the loader lifts PIL's process-wide limit only for a model loaded with
-``limit_max_image_pixels=False``, as TorchServe does).
+``limit_max_image_pixels=False``, as TorchServe does). For the default ImageNet transform a big JPEG
+is decoded at a reduced scale still twice the resize (``draft``), and the transform itself takes a
+faster route; both stay within a level or two of 255 of TorchServe's tensor.
 """
 
 from __future__ import annotations
