@@ -36,6 +36,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -250,9 +251,11 @@ def _ts_child_role(proc: psutil.Process) -> str:
     return "worker" if "model_service_worker" in " ".join(proc.cmdline()) else proc.name()
 
 
-def run_torchserve(name: str, mar: Path, duration: float, body_file: Path, ctype: str, out: Path) -> dict:
+@contextlib.contextmanager
+def started_torchserve(name: str, mar: Path, home: Path) -> Iterator[str]:
+    """TorchServe 0.12 serving ``mar`` as ``name`` from a fresh ``home`` on free ports: its prediction
+    URL while the block runs (it may still be loading); stopped, with every process it started, after."""
     ports = [free_port() for _ in range(3)]
-    home = (out / f"ts-{name}").resolve()
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     (home / "config.properties").write_text(
@@ -267,23 +270,16 @@ def run_torchserve(name: str, mar: Path, duration: float, body_file: Path, ctype
             """
         )
     )
-    url = f"http://127.0.0.1:{ports[0]}/predictions/{name}"
     cmd = [str(TS_VENV / "bin" / "torchserve"), "--start", "--ncs", "--model-store", str(mar.parent)]
     cmd += ["--models", f"{name}={mar.name}", "--ts-config", str(home / "config.properties")]
     cmd += ["--disable-token-auth"]
-    started = time.perf_counter()
     try:
         # The launcher leaves Java running with its stdout: a pipe here would never reach EOF.
         with open(home / "torchserve-start.log", "w") as log:
             subprocess.run(
                 cmd, cwd=home, env=_ts_env(), stdout=log, stderr=subprocess.STDOUT, timeout=120, check=True
             )
-        startup = wait_first_prediction(url, body_file.read_bytes(), ctype, started)
-        java = _find_torchserve(home)
-        if java is None:
-            raise RuntimeError("TorchServe answers but its Java process was not found")
-        runs = load_runs(url, duration, body_file, ctype, tree_roles(java, "frontend (java)", _ts_child_role))
-        return {"startup_s": startup, **runs}
+        yield f"http://127.0.0.1:{ports[0]}/predictions/{name}"
     finally:
         java = _find_torchserve(home)
         tree = [java, *java.children(recursive=True)] if java is not None else []
@@ -298,6 +294,18 @@ def run_torchserve(name: str, mar: Path, duration: float, body_file: Path, ctype
                 timeout=60,
             )
         kill_leftovers(tree, grace_s=30)  # its workers can outlive a frontend stopped mid-start
+
+
+def run_torchserve(name: str, mar: Path, duration: float, body_file: Path, ctype: str, out: Path) -> dict:
+    home = (out / f"ts-{name}").resolve()
+    started = time.perf_counter()
+    with started_torchserve(name, mar, home) as url:
+        startup = wait_first_prediction(url, body_file.read_bytes(), ctype, started)
+        java = _find_torchserve(home)
+        if java is None:
+            raise RuntimeError("TorchServe answers but its Java process was not found")
+        runs = load_runs(url, duration, body_file, ctype, tree_roles(java, "frontend (java)", _ts_child_role))
+        return {"startup_s": startup, **runs}
 
 
 def main() -> None:

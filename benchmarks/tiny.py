@@ -23,13 +23,12 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import psutil
-from _common import REPO, free_port, kill_leftovers, stop_server, wait_ready_file
-from serve import TINY_HANDLER, TS_VENV, _find_torchserve, _ts_env, hey, wait_first_prediction
+from _common import REPO, free_port, stop_server, wait_ready_file
+from serve import TINY_HANDLER, TS_VENV, _find_torchserve, hey, started_torchserve, wait_first_prediction
 
 
 def build_tiny(out: Path, batch: int, delay_ms: int) -> Path:
@@ -120,50 +119,14 @@ def run_ours(
 
 
 def run_torchserve(mar: Path, args: argparse.Namespace) -> dict:
-    ports = [free_port() for _ in range(3)]
     home = (args.out / "tiny-ts").resolve()
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
-    (home / "config.properties").write_text(
-        textwrap.dedent(
-            f"""\
-            inference_address=http://127.0.0.1:{ports[0]}
-            management_address=http://127.0.0.1:{ports[1]}
-            metrics_address=http://127.0.0.1:{ports[2]}
-            disable_token_authorization=true
-            python={TS_VENV / "bin" / "python"}
-            job_queue_size=1000
-            """
-        )
-    )
-    url = f"http://127.0.0.1:{ports[0]}/predictions/tiny"
-    cmd = [str(TS_VENV / "bin" / "torchserve"), "--start", "--ncs", "--model-store", str(mar.parent)]
-    cmd += ["--models", f"tiny={mar.name}", "--ts-config", str(home / "config.properties")]
-    cmd += ["--disable-token-auth"]
-    try:
-        with open(home / "torchserve-start.log", "w") as log:
-            subprocess.run(
-                cmd, cwd=home, env=_ts_env(), stdout=log, stderr=subprocess.STDOUT, timeout=120, check=True
-            )
+    with started_torchserve("tiny", mar, home) as url:
         body_file = args.out / "tiny.json"
         wait_first_prediction(url, body_file.read_bytes(), "application/json", time.perf_counter())
         java = _find_torchserve(home)
         if java is None:
             raise RuntimeError("TorchServe answers but its Java process was not found")
         return measure(url, body_file, args, java)
-    finally:
-        java = _find_torchserve(home)
-        tree = [java, *java.children(recursive=True)] if java is not None else []
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(
-                [str(TS_VENV / "bin" / "torchserve"), "--stop"],
-                cwd=home,
-                env=_ts_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=60,
-            )
-        kill_leftovers(tree, grace_s=30)
 
 
 def best(rounds: list[dict], server: str, c: int, key: str) -> float | None:
