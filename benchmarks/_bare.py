@@ -139,7 +139,14 @@ def measure_bare(group: list[BareProcess], phase: str, duration: float, unit: st
 
 
 def run_bare(work: Path, processes: int, threads: int, duration: float, batch: int, tiny_batch: int) -> dict:
-    group = [BareProcess(work, threads, duration) for _ in range(processes)]
+    return run_group(
+        [BareProcess(work, threads, duration) for _ in range(processes)], duration, batch, tiny_batch
+    )
+
+
+def run_group(group: list[BareProcess], duration: float, batch: int, tiny_batch: int | None = None) -> dict:
+    """Measure started bare processes (this module's, or any driven the same way): batch 1, the batched
+    run, the tiny model when ``tiny_batch`` is given, then memory; every process is closed after."""
     try:
         for bare in group:
             bare.expect(300)  # loaded
@@ -147,8 +154,9 @@ def run_bare(work: Path, processes: int, threads: int, duration: float, batch: i
             # c=1: one request in flight, so one process works and the others wait.
             "batch1": measure_bare(group[:1], "batch1", duration, "img_per_s"),
             "batched": measure_bare(group, f"batch{batch}", duration, "img_per_s"),
-            "tiny": measure_bare(group, f"tiny{tiny_batch}", duration, "req_per_s"),
         }
+        if tiny_batch is not None:
+            out["tiny"] = measure_bare(group, f"tiny{tiny_batch}", duration, "req_per_s")
         # Memory in a batched run of its own: reading memory maps costs CPU the timed runs must not pay.
         with MemorySampler(lambda: [(f"process {i + 1}", b.proc.pid) for i, b in enumerate(group)]) as mem:
             measure_bare(group, f"batch{batch}", min(5.0, duration), "img_per_s")

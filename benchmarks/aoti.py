@@ -35,8 +35,8 @@ import threading
 import time
 from pathlib import Path
 
-from _bare import BareProcess, measure_bare, run_bare
-from _common import KITTEN, REPO, MemorySampler
+from _bare import BareProcess, run_bare, run_group
+from _common import KITTEN, REPO
 from serve import RESNET_HANDLER, build_models, run_ours, shapes
 
 TARGET_C8 = 1.2  # served AOTInductor c=8 img/s >= this x the bare TorchScript model's best
@@ -88,7 +88,7 @@ def child() -> None:
 
 
 class PackageProcess(BareProcess):
-    """One bare-package process, driven exactly like _bare.py's so ``measure_bare`` serves both."""
+    """One bare-package process, driven exactly like _bare.py's so ``run_group`` measures both."""
 
     def __init__(self, package: Path, threads: int, duration: float) -> None:
         cmd = [sys.executable, __file__, "--child", str(package), str(threads), str(duration)]
@@ -99,20 +99,7 @@ class PackageProcess(BareProcess):
 
 
 def run_bare_package(package: Path, processes: int, threads: int, duration: float, batch: int) -> dict:
-    group = [PackageProcess(package, threads, duration) for _ in range(processes)]
-    try:
-        for bare in group:
-            bare.expect(300)  # loaded
-        out = {
-            "batch1": measure_bare(group[:1], "batch1", duration, "img_per_s"),
-            "batched": measure_bare(group, f"batch{batch}", duration, "img_per_s"),
-        }
-        with MemorySampler(lambda: [(f"process {i + 1}", b.proc.pid) for i, b in enumerate(group)]) as mem:
-            measure_bare(group, f"batch{batch}", min(5.0, duration), "img_per_s")
-        return {**out, "memory": mem.result()}
-    finally:
-        for bare in group:
-            bare.close()
+    return run_group([PackageProcess(package, threads, duration) for _ in range(processes)], duration, batch)
 
 
 # ---- building -----------------------------------------------------------------------------------
