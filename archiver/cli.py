@@ -25,6 +25,7 @@ _COMMANDS = {
     "export": "archiver.commands.export:export",
     "inspect": "archiver.commands.inspect:inspect",
     "verify": "archiver.commands.inspect:verify",
+    "sign": "archiver.commands.sign:sign",
     "serve": "archiver.commands.serve:serve",
     "predict": "archiver.commands.predict:predict",
     "deploy": "archiver.commands.deploy:deploy",

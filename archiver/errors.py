@@ -155,6 +155,13 @@ class UnauthorizedError(ArchiverError):
     http_status = 401
 
 
+class CrossSiteRequestError(ArchiverError):
+    """A server without a token refused a request for another host name (DNS rebinding) or from another
+    web origin (a page the user visits): ``serving/site_guard.py``."""
+
+    http_status = 403
+
+
 class WorkerDiedError(ArchiverError):
     """The worker process ended while it held a batch; every request of the batch gets this 500."""
 
@@ -194,3 +201,52 @@ class TensorRequestError(UsageError):
 class MissingExtraError(ArchiverError):
     """An optional engine is not installed (``torchmar[ray]``, ``torchmar[kserve]``): the message names
     the extra and the pip command that installs it. Exit 1."""
+
+
+class SignatureError(ArchiverError):
+    """An archive's signature does not let it load (``archiver/signing.py``): HTTP 403, exit 1.
+
+    ``reason`` is one word from a closed set, the label ``/metrics`` counts refusals by. This base is
+    raised for a signature whose bytes do not verify under the trusted key its bundle names (the
+    signature file was altered); the subclasses below say the other ways a check fails.
+    """
+
+    http_status = 403
+    reason = "invalid"
+
+
+class MissingSignatureError(SignatureError):
+    """Trusted keys are set and the archive has no signature file (``ARCHIVE.sig``)."""
+
+    reason = "missing"
+
+
+class MalformedSignatureError(SignatureError):
+    """The signature file is not an OpenSSF model-signing bundle (truncated, not JSON, wrong fields)."""
+
+    reason = "malformed"
+
+
+class UntrustedSignerError(SignatureError):
+    """The archive is signed, but by a key that is none of the trusted keys."""
+
+    reason = "untrusted_key"
+
+
+class TamperedArchiveError(SignatureError):
+    """The archive's bytes (or a folder's file) differ from what was signed."""
+
+    reason = "tampered"
+
+
+class WrongArchiveSignatureError(SignatureError):
+    """The signature file was made for another archive (another name and other bytes)."""
+
+    reason = "other_archive"
+
+
+class UnsignableSourceError(SignatureError):
+    """Trusted keys are set and the source is one the server cannot hold to its signature: a folder,
+    whose files may change between the check and a worker's load."""
+
+    reason = "folder"

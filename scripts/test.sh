@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The tests need every extra: Ray Serve and KServe run for real, never skipped.
-EXTRAS=${EXTRAS:-dev,examples,ray,kserve} scripts/setup.sh
+EXTRAS=${EXTRAS:-dev,examples,ray,kserve,signing} scripts/setup.sh
 # The browser tests drive Debian's chromium (playwright's own browser download is never used).
 if ! command -v chromium >/dev/null; then
     echo "==> installing chromium (Debian package) for the browser tests"

@@ -86,6 +86,11 @@ PROGRESS_MIN_BYTES = 50 * 1000 * 1000
     type=click.Path(dir_okay=False),
     help="model-config.yaml (batchSize, maxBatchDelay, workers, handler settings); checked before archiving.",
 )
+@click.option(
+    "--sign-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Sign the archive with this EC private key once written: <archive>.sig (see 'sign --help').",
+)
 def archive(
     model_name: str,
     serialized_file: str | None,
@@ -99,6 +104,7 @@ def archive(
     model_version: str,
     requirements_file: str | None,
     config_file: str | None,
+    sign_key: str | None,
 ) -> None:
     """Package a model's files into a TorchServe .mar (the same flags as torch-model-archiver)."""
     export_dir = export_path if export_path is not None else os.getcwd()
@@ -120,6 +126,11 @@ def archive(
         config_file=config_file,
     )
     existed = _exists(target_path(export_dir, model_name, archive_format))
+    if sign_key:
+        from archiver.signing_keys import check_private_key, require_signing_extra
+
+        require_signing_extra()
+        check_private_key(Path(sign_key))  # a bad key fails before the archive is written
     if bar_wanted:
         with click.progressbar(length=big, label=f"archiving {model_name}", file=sys.stderr) as bar:
             written = build_archive(**kwargs, on_progress=bar.update)
@@ -128,6 +139,10 @@ def archive(
     if existed:
         click.echo(f"overwrote {written}", err=True)
     click.echo(str(written))
+    if sign_key:
+        from archiver.commands.sign import sign_after_build
+
+        click.echo(str(sign_after_build(Path(written), sign_key)))
 
 
 def _size(path: str) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from archiver.errors import UsageError
 from archiver.manifest import MANIFEST_PATH
 from archiver.pt2 import Pt2Info, read_pt2_info
 from archiver.reader import ArchiveReader, VerifyReport, open_archive
@@ -60,8 +61,48 @@ def inspect(archive_path: str, as_json: bool) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("archive_path", metavar="ARCHIVE", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(archive_path: str, as_json: bool) -> None:
-    """Check an archive's structure, manifest, handler and every file's sha256. Exit 0 if intact, else 1."""
+@click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also check ARCHIVE's signature was made with this EC public key (repeatable: any of them).",
+)
+@click.option(
+    "--signature",
+    "signature_path",
+    type=click.Path(dir_okay=False),
+    help="The signature file.  [default: ARCHIVE.sig beside it]",
+)
+@click.option(
+    "--certificate-chain",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Check a certificate-mode signature against these certificates (root first; repeatable).",
+)
+@click.option(
+    "--sigstore-identity",
+    metavar="IDENTITY",
+    help="Check a Sigstore signature by this identity (needs a network; with --sigstore-issuer).",
+)
+@click.option("--sigstore-issuer", metavar="URL", help="The OIDC issuer of --sigstore-identity.")
+def verify(
+    archive_path: str,
+    as_json: bool,
+    public_keys: tuple[str, ...],
+    signature_path: str | None,
+    certificate_chain: tuple[str, ...],
+    sigstore_identity: str | None,
+    sigstore_issuer: str | None,
+) -> None:
+    """Check an archive's structure, manifest, handler and every file's sha256. Exit 0 if intact, else 1.
+
+    With --public-key (or --certificate-chain, --sigstore-identity) the signature is checked first
+    (OpenSSF model-signing format, ARCHIVE.sig): a refusal is one line saying what failed.
+    """
+    signed = _check_signature(
+        archive_path, public_keys, signature_path, certificate_chain, sigstore_identity, sigstore_issuer
+    )
     with open_archive(archive_path) as reader:
         report = reader.verify()
         count = len(reader.files())
@@ -71,14 +112,52 @@ def verify(archive_path: str, as_json: bool) -> None:
             "has_hashes": report.has_hashes,
             "problems": report.problems,
             "notes": report.notes,
+            "signedBy": signed,
         }
         click.echo(json.dumps(doc, indent=2))
     else:
         _print_findings(report)
         detail = f"{count} files, all sha256 match" if report.has_hashes and report.ok else f"{count} files"
+        detail += f"; signed by {signed}" if signed else ""
         click.echo(f"{'OK' if report.ok else 'FAILED'}: {archive_path} ({detail})")
     if not report.ok:
         sys.exit(1)
+
+
+def _check_signature(
+    archive: str,
+    public_keys: tuple[str, ...],
+    signature: str | None,
+    chain: tuple[str, ...],
+    identity: str | None,
+    issuer: str | None,
+) -> str | None:
+    """Who signed ``archive`` (a key's fingerprint, or the mode), None when no check was asked for;
+    a SignatureError (exit 1, one line) when it does not verify."""
+    modes = sum(bool(x) for x in (public_keys, chain, identity or issuer))
+    if modes > 1:
+        raise UsageError(
+            "check one kind of signature: --public-key, --certificate-chain or --sigstore-identity"
+        )
+    if signature and not modes:
+        raise UsageError("--signature needs --public-key (or --certificate-chain, --sigstore-identity)")
+    if public_keys:
+        from archiver.signing import verify as verify_signature
+        from archiver.signing_keys import read_trusted_keys
+
+        check = verify_signature(archive, read_trusted_keys(public_keys), signature)
+        return f"key {check.fingerprint}"
+    from archiver import signing_modes
+
+    if chain:
+        signing_modes.verify_certificate(archive, list(chain), signature)
+        return "a certificate of the given chain"
+    if identity or issuer:
+        if not (identity and issuer):
+            raise UsageError("--sigstore-identity and --sigstore-issuer go together")
+        signing_modes.verify_sigstore(archive, identity, issuer, signature)
+        return f"Sigstore identity {identity}"
+    return None
 
 
 def _print_pt2(path: str, info: Pt2Info, as_json: bool) -> None:

@@ -6,6 +6,12 @@ skips unpacking, and a changed archive can never be mistaken for the old one. Th
 private temp folder and renames it into place only when every file passed its hash check, so a folder
 that exists under its hash is complete; two processes racing to unpack the same archive both end up
 using the one that won the rename.
+
+A server with trusted keys verifies an archive's signature before any worker starts, and starts its
+workers with ``PINNED_SHA256_ENV`` set to the sha256 that was signed: a worker then unpacks (or reuses
+the folder of) only those bytes, so an archive replaced after its check, then loaded by a restarted
+worker, is refused instead of run. The pin costs no extra read: the hashing pass that names the
+folder computes it too.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ import threading
 import uuid
 from pathlib import Path
 
-from archiver.errors import ArchiverError, UsageError
+from archiver.errors import ArchiverError, TamperedArchiveError, UnsignableSourceError, UsageError
 from archiver.manifest import MANIFEST_PATH
 from archiver.reader import ArchiveReader
 
 CACHE_ENV = "MODEL_ARCHIVER_CACHE"
+PINNED_SHA256_ENV = "MODEL_ARCHIVER_SIGNED_SHA256"
 _LAYOUT = "v1"  # bump when the cache's folder layout changes, so old entries are simply not found
 _CHUNK = 1 << 20
-_KEYS: dict[tuple[int, int, int, int], str] = {}
+# (device, inode, size, mtime) -> (content key, the file's own sha256)
+_KEYS: dict[tuple[int, int, int, int], tuple[str, str | None]] = {}
 _KEYS_LOCK = threading.Lock()
 _UNPACK_LOCKS: dict[str, threading.Lock] = {}
 
@@ -44,6 +52,11 @@ def content_key(reader: ArchiveReader) -> str:
     model hash its archive once; an archive rewritten in place (atomically, as build_archive does) gets
     a new inode and is hashed again.
     """
+    return _digests(reader)[0]
+
+
+def _digests(reader: ArchiveReader) -> tuple[str, str | None]:
+    """(content key, the file's plain sha256: None for a folder), from one read of the bytes."""
     stamp = None
     if reader.format != "dir":
         info = os.stat(reader.path)
@@ -52,14 +65,14 @@ def content_key(reader: ArchiveReader) -> str:
             known = _KEYS.get(stamp)
         if known is not None:
             return known
-    key = _hash_content(reader)
+    digests = _hash_content(reader)
     if stamp is not None:
         with _KEYS_LOCK:
-            _KEYS[stamp] = key
-    return key
+            _KEYS[stamp] = digests
+    return digests
 
 
-def _hash_content(reader: ArchiveReader) -> str:
+def _hash_content(reader: ArchiveReader) -> tuple[str, str | None]:
     digest = hashlib.sha256(_LAYOUT.encode())
     if reader.format == "dir":
         # A folder has no single byte stream; hash every file's name and content, in sorted order.
@@ -69,11 +82,27 @@ def _hash_content(reader: ArchiveReader) -> str:
                 while chunk := stream.read(_CHUNK):
                     digest.update(chunk)
             digest.update(b"\0")
-    else:
-        with open(reader.path, "rb") as stream:
-            while chunk := stream.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
+        return digest.hexdigest(), None
+    plain = hashlib.sha256()
+    with open(reader.path, "rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+            plain.update(chunk)
+    return digest.hexdigest(), plain.hexdigest()
+
+
+def _check_pin(reader: ArchiveReader, sha256: str | None) -> None:
+    """Refuse bytes other than those whose signature the server verified (``PINNED_SHA256_ENV``)."""
+    pinned = os.environ.get(PINNED_SHA256_ENV)
+    if not pinned:
+        return
+    if sha256 is None:
+        raise UnsignableSourceError(f"{reader.path.name} is a folder archive; only a signed file is loaded")
+    if sha256 != pinned:
+        raise TamperedArchiveError(
+            f"{reader.path.name} changed after its signature was verified (its sha256 is now "
+            f"{sha256[:16]}…, the signed one {pinned[:16]}…); it is not loaded"
+        )
 
 
 def cache_subfolder(cache_dir: str | Path | None, name: str) -> Path:
@@ -90,7 +119,8 @@ def cache_subfolder(cache_dir: str | Path | None, name: str) -> Path:
 def unpack_cached(reader: ArchiveReader, cache_dir: str | Path | None = None) -> tuple[Path, bool]:
     """The folder holding ``reader``'s files, unpacking it first if needed; and whether it unpacked."""
     models = cache_subfolder(cache_dir, "models")
-    key = content_key(reader)
+    key, sha256 = _digests(reader)
+    _check_pin(reader, sha256)
     target = models / key
     with _lock_for(key):  # workers of one process unpack one at a time; other processes may race
         if _intact(target, reader):

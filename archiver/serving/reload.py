@@ -59,10 +59,12 @@ class WatchedModel:
         return False
 
 
-def watch_archive(path: Path) -> WatchedModel:
-    """An archive file or folder: reloading it means loading it again."""
+def watch_archive(path: Path, signed: bool = False) -> WatchedModel:
+    """An archive file or folder: reloading it means loading it again. ``signed`` (serve --trusted-key)
+    watches its ``ARCHIVE.sig`` too, so a signature written after its archive brings the new one in."""
     path = path.resolve()
-    return WatchedModel(paths=[path], stage=lambda: path)
+    paths = [path, path.with_name(path.name + ".sig")] if signed else [path]
+    return WatchedModel(paths=paths, stage=lambda: path)
 
 
 def watch_flags(flags: dict[str, Any], staging_root: Path) -> WatchedModel:
