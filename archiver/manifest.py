@@ -17,11 +17,12 @@ from archiver.errors import ManifestError, ModelNameError
 
 MANIFEST_PATH = "MAR-INF/MANIFEST.json"
 RUNTIMES = ("python", "python3", "LSP")
-# TorchServe's rule (model_packaging_utils.check_model_name_regex_or_exit).
-MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+# TorchServe's rule (model_packaging_utils.check_model_name_regex_or_exit), ending at \Z: "$" would also
+# match before a final newline, and let "name\n" through.
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*\Z")
 # TorchServe writes local time, day first, no zone; we keep the format so its parser accepts ours.
 CREATED_ON_FORMAT = "%d/%m/%Y %H:%M:%S"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 # TorchServe's key order for the "model" object (manifest_components/model.py).
 _MODEL_KEYS = (

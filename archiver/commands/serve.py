@@ -55,6 +55,8 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "restart_backoff": (int, float),
     "token": (str,),
     "no_auth": (bool,),
+    "allowed_hosts": (str, list),
+    "allowed_origins": (str, list),
     "cache_dir": (str,),
 }
 
@@ -160,6 +162,18 @@ def _is_archive(path: Path) -> bool:
     "--token", envvar="MODEL_ARCHIVER_TOKEN", help="Require 'Authorization: Bearer TOKEN' (or env)."
 )
 @click.option("--no-auth", is_flag=True, default=None, help="Allow a non-loopback --host without a token.")
+@click.option(
+    "--allowed-hosts",
+    multiple=True,
+    metavar="NAMES",
+    help="Without a token: Host names answered besides loopback and --host (comma-separated; '*': any).",
+)
+@click.option(
+    "--allowed-origins",
+    multiple=True,
+    metavar="ORIGINS",
+    help="Without a token: web origins (http://host:port) whose pages may call the server ('*': any).",
+)
 @click.option(
     "--cache-dir", type=click.Path(file_okay=False), help="Unpack cache.  [~/.cache/model-archiver]"
 )
@@ -305,10 +319,15 @@ def build_settings(
         max_request_size=pick("max_request_size"),
         token=pick("token") or None,
         no_auth=bool(pick("no_auth")),
+        allowed_hosts=list(flags.get("allowed_hosts") or ()) or _as_list(file_cfg.get("allowed_hosts")),
+        allowed_origins=list(flags.get("allowed_origins") or ()) or _as_list(file_cfg.get("allowed_origins")),
         cache_dir=Path(cache_dir) if cache_dir else None,
         torch_threads=pick("torch_threads"),
         install_model_deps=bool(pick("install_model_deps")),
     )
+    from archiver.serving.site_guard import SiteRules
+
+    SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins)  # a bad entry: exit 2
     return settings
 
 

@@ -21,6 +21,7 @@ from aiohttp import BodyPartReader, web
 from archiver.errors import (
     ArchiverError,
     BodyTimeoutError,
+    CrossSiteRequestError,
     ModelNotFoundError,
     RequestTooLargeError,
     UnauthorizedError,
@@ -32,6 +33,7 @@ from archiver.serving.http_codec import form_parts, last_wins, mime_type, respon
 from archiver.serving.metrics import ServerMetrics
 from archiver.serving.protocol import error_response, new_request_id, response_for_exception
 from archiver.serving.registry import ModelRegistry
+from archiver.serving.site_guard import SiteRules
 from archiver.serving.wire import RawRequest
 
 log = logging.getLogger("archiver.serving")
@@ -40,6 +42,9 @@ REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 LIMITS_KEY = web.AppKey("limits", object)
 T = TypeVar("T")
+# Request headers the front sets for the worker (the v2 marker, ...): a client's own are dropped, so a
+# client cannot pose as the front and switch how the worker reads its body.
+INTERNAL_HEADER_PREFIX = "x-archiver-"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class HttpLimits:
     max_request_size: int = 6553500
     body_read_timeout_s: float = 60.0
     token: str | None = None
+    # The host names and origins answered when there is no token (site_guard.py); None: every one.
+    site: SiteRules | None = None
 
 
 def _json(status: int, payload: Any) -> web.Response:
@@ -70,22 +77,40 @@ def _exception_response(exc: BaseException) -> web.Response:
     return _error(r.status, r.error_type or "ServerError", r.message or "")
 
 
+def _arrival_port(request: web.Request) -> int | None:
+    """The local port the request came in on (the app's own port, even when it was 0 in the settings)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+
+
+def _refusal(request: web.Request, limits: HttpLimits, open_paths: frozenset[str]) -> web.Response | None:
+    """With a token: 401 unless the request carries it (open paths aside). Without one: 403 for another
+    host name or web origin (site_guard.py), on every path. None lets the request through."""
+    if limits.token is not None:
+        if request.path in open_paths:
+            return None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), limits.token.encode()):
+            return None
+        resp = _exception_response(UnauthorizedError("missing or wrong 'Authorization: Bearer <token>'"))
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+    if limits.site is not None:
+        try:
+            limits.site.check(request.method, request.headers, _arrival_port(request))
+        except CrossSiteRequestError as exc:
+            return _exception_response(exc)
+    return None
+
+
 def _middlewares(limits: HttpLimits, open_paths: frozenset[str]) -> list[Any]:
-    """Token check (when a token is set) and JSON errors for everything, including 404/405."""
+    """Token or site check (``_refusal``) and JSON errors for everything, including 404/405."""
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if limits.token is not None and request.path not in open_paths:
-            header = request.headers.get("Authorization", "")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), limits.token.encode()
-            ):
-                resp = _exception_response(
-                    UnauthorizedError("missing or wrong 'Authorization: Bearer <token>'")
-                )
-                resp.headers["WWW-Authenticate"] = "Bearer"
-                return resp
+        refused = _refusal(request, limits, open_paths)
+        if refused is not None:
+            return refused
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -181,7 +206,8 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
             parts.append(("body", body, content_type or ""))
     # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
     request_id = request_id or request.headers.get("x-request-id") or new_request_id()
-    return RawRequest(request_id=request_id, headers=dict(request.headers), parts=last_wins(parts))
+    headers = {k: v for k, v in request.headers.items() if not k.lower().startswith(INTERNAL_HEADER_PREFIX)}
+    return RawRequest(request_id=request_id, headers=headers, parts=last_wins(parts))
 
 
 # ---- inference app -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from archiver.serving.openapi_ops import (
     INFERENCE,
     MANAGEMENT,
     OPEN,
+    REFUSED,
     components,
     inference_ops,
     json_media,
@@ -197,6 +198,7 @@ def openapi_document(
             paths.setdefault(path, {}).update(item)
     for item in paths.values():
         for operation in item.values():
+            operation["responses"].setdefault("403", REFUSED)  # every route, before it runs (site_guard.py)
             if serving not in operation["x-ports"]:
                 operation["servers"] = [_server_for(operation["x-ports"][0], host, scheme)]
     document_components = components()

@@ -12,6 +12,7 @@ from typing import Any
 INFERENCE, MANAGEMENT, METRICS = "inference", "management", "metrics"
 
 ERROR = {"$ref": "#/components/responses/Error"}
+REFUSED = {"$ref": "#/components/responses/Refused"}  # the 403 any route answers without a token
 OPEN: list[dict[str, Any]] = []  # an operation that never needs the token
 
 
@@ -267,7 +268,13 @@ def components() -> dict[str, Any]:
             "Error": {
                 "description": "A failure, said in one line.",
                 "content": json_media({"$ref": "#/components/schemas/Error"}),
-            }
+            },
+            "Refused": {
+                "description": "Refused (CrossSiteRequestError), only when the server has no token: the "
+                "Host header is not a name of this server (DNS rebinding), or the Origin is not its own "
+                "pages' (a request from another web site). --allowed-hosts and --allowed-origins add more.",
+                "content": json_media({"$ref": "#/components/schemas/Error"}),
+            },
         },
         "schemas": {
             "Error": {

@@ -23,7 +23,9 @@ from aiohttp import web
 from archiver.errors import UsageError
 from archiver.serving.app import HttpLimits, inference_app, management_app, metrics_app
 from archiver.serving.metrics import ServerMetrics
+from archiver.serving.parse_errors import JsonErrorRunner
 from archiver.serving.registry import ModelEntry, ModelRegistry, ModelSettings
+from archiver.serving.site_guard import SiteRules
 
 DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size
 T = TypeVar("T")
@@ -68,6 +70,10 @@ class ServerSettings:
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
     token: str | None = None
     no_auth: bool = False
+    # Without a token: host names (Host header) and web origins (Origin header) answered besides the
+    # server's own; "*" turns that check off (site_guard.py).
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
     cache_dir: Path | None = None
     # A connection that has not sent a complete request line and headers by then is closed.
     idle_timeout_s: float = 15.0
@@ -139,6 +145,7 @@ class Server:
             max_request_size=settings.max_request_size,
             body_read_timeout_s=settings.body_read_timeout_s,
             token=settings.token or None,
+            site=SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins),
         )
         self.ports: dict[str, int] = {}
         self._runners: list[web.AppRunner] = []
@@ -159,7 +166,7 @@ class Server:
         socks = {which: _bind(self.settings.host, port) for which, (_, port) in apps.items()}
         for which, (factory, _) in apps.items():
             app = factory(self.registry, self.metrics, self.limits)
-            runner = web.AppRunner(
+            runner = JsonErrorRunner(
                 app,
                 access_log=None,
                 handle_signals=False,

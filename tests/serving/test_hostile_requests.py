@@ -126,7 +126,7 @@ def test_path_tricks_in_model_names_are_404(serve, call, echo_model, path):
 def test_a_client_trickling_its_headers_is_cut_off_without_holding_a_worker(serve, call, echo_model):
     server = serve([echo_model], idle_timeout_s=1.0)
     with socket.create_connection(("127.0.0.1", server.server.ports["inference"]), timeout=20) as slow:
-        slow.sendall(b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        slow.sendall(b"POST /predictions/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
         _healthy(server, call)  # meanwhile everyone else is served
         try:
             closed = slow.recv(1024) == b""  # the server hangs up on the trickler
@@ -141,7 +141,7 @@ def test_a_client_sending_its_headers_byte_by_byte_is_cut_off_before_it_finishes
     import select
 
     server = serve([echo_model], idle_timeout_s=1.0)
-    head = b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 2000 + b"\r\n\r\n"
+    head = b"POST /predictions/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 2000 + b"\r\n\r\n"
     sent = 0
     with socket.create_connection(("127.0.0.1", server.server.ports["inference"]), timeout=20) as slow:
         try:
@@ -161,12 +161,13 @@ def test_a_client_sending_its_headers_byte_by_byte_is_cut_off_before_it_finishes
 
 def test_a_client_that_stalls_its_body_gets_408_and_its_connection_back(serve, call, raw, echo_model):
     server = serve([echo_model], body_read_timeout_s=1.0)
-    stalled = b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it"
+    stalled = b"POST /predictions/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nonly part"
     answer = raw(server.server.ports["inference"], stalled, timeout=20)
     assert answer.startswith(b"HTTP/1.1 408")
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["type"] == "BodyTimeoutError"
     register = (
-        b"POST /models HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{"
+        b"POST /models HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{"
     )
     assert raw(server.server.ports["management"], register, timeout=20).startswith(b"HTTP/1.1 408")
     _healthy(server, call)

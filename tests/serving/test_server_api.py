@@ -112,10 +112,11 @@ def test_a_body_over_the_limit_is_refused_with_413(serve, call, raw, echo_model)
     assert reply.status == 413 and reply.json()["type"] == "RequestTooLargeError"
     # Claiming a gigabyte is refused from the headers alone: the answer comes without the body being sent.
     port = server.server.ports["inference"]
-    answer = raw(port, b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\nabc")
+    claim = b"POST /predictions/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000000\r\n\r\nabc"
+    answer = raw(port, claim)
     assert answer.startswith(b"HTTP/1.1 413")
     # A chunked body with no length is cut off as it streams past the limit.
-    chunked = b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = b"POST /predictions/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunked += b"".join(b"200\r\n" + b"y" * 512 + b"\r\n" for _ in range(4)) + b"0\r\n\r\n"
     assert raw(port, chunked).startswith(b"HTTP/1.1 413")
     assert call("POST", server.url() + "/predictions/echo", b"small").status == 200
