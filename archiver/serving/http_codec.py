@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from email.parser import BytesHeaderParser
 
 from archiver.errors import RequestTooLargeError, UsageError
+from archiver.serving.answer_checks import checked
 from archiver.serving.protocol import InferenceResponse, response_for_exception
 from archiver.serving.wire import RawRequest
 
@@ -109,7 +110,9 @@ def response_headers(answer: InferenceResponse, request_id: str) -> dict[str, st
 
 
 def http_response(answer: InferenceResponse, request_id: str) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of one answer, ready for any HTTP framework."""
+    """(status, headers, body) of one answer, ready for any HTTP framework (``answer_checks.checked``
+    first: a status or header the handler set that no response can carry is a 500)."""
+    answer = checked(answer)
     return answer.status, response_headers(answer, request_id), answer.body
 
 

@@ -25,23 +25,10 @@ from archiver.handler_spec import BUILTIN_HANDLERS, parse_handler
 from archiver.manifest import Manifest
 from archiver.reader import open_archive
 from archiver.serving.cache import unpack_cached
+from archiver.serving.handler_answers import answer_response, failure_response, output_names, tensor_rows
 from archiver.serving.isolation import import_spec_exists, isolated_imports
-from archiver.serving.oip import (
-    HEADER_LENGTH,
-    PROTOCOL_HEADER,
-    TENSORS_CONTENT_TYPE,
-    V2_BODY,
-    OutputsResponse,
-    encode_outputs,
-)
-from archiver.serving.protocol import (
-    InferenceRequest,
-    InferenceResponse,
-    encode_answer,
-    error_response,
-    make_request,
-    response_for_exception,
-)
+from archiver.serving.oip import PROTOCOL_HEADER, V2_BODY
+from archiver.serving.protocol import InferenceRequest, InferenceResponse, error_response, make_request
 from archiver.serving.tracebacks import user_trace
 
 EntryPoint = Callable[[Any, Any], Any]
@@ -281,28 +268,29 @@ class LoadedModel:
             context = self.context
             context.begin_batch([r.request_id for r in requests], [dict(r.headers) for r in requests])
             data = [dict(r.params) for r in requests]
-            tensor_rows = _tensor_rows(requests, data)  # Open Inference Protocol requests: rows of tensors
+            rows = tensor_rows(requests, data)  # Open Inference Protocol requests: rows of tensors
             try:
                 answers = entry_point(data, context)
             except SystemExit as exc:
                 # In a worker this would end the process for nothing: the batch fails, the worker stays.
                 error = HandlerError(f"handler called sys.exit({exc.code!r}) while handling a batch")
                 self._handler_failed(exc)
-                return [response_for_exception(error) for _ in requests]
+                return [failure_response(error, self.model_dir) for _ in requests]
             except Exception as exc:  # noqa: BLE001 - the handler's failure is each request's 500
                 self._handler_failed(exc)
-                return [response_for_exception(exc) for _ in requests]
+                return [failure_response(exc, self.model_dir) for _ in requests]
             if not isinstance(answers, list) or len(answers) != count:
                 got = (
                     f"{len(answers)} answers" if isinstance(answers, list) else f"a {type(answers).__name__}"
                 )
                 message = f"handler returned {got} for a batch of {count} requests"
                 return [error_response(500, "HandlerError", message) for _ in requests]
-            if not tensor_rows:
-                return [self._response(i, answer) for i, answer in enumerate(answers)]
-            names = _output_names(context)  # once a batch, not once a request
+            model_dir = self.model_dir
+            if not rows:
+                return [answer_response(context, i, answer, model_dir) for i, answer in enumerate(answers)]
+            names = output_names(context)  # once a batch, not once a request
             return [
-                self._response(i, answer, i in tensor_rows, names, keep_tensors)
+                answer_response(context, i, answer, model_dir, i in rows, names, keep_tensors)
                 for i, answer in enumerate(answers)
             ]
 
@@ -311,39 +299,6 @@ class LoadedModel:
         if report is not None:
             with contextlib.suppress(Exception):  # reporting must not change the batch's answers
                 report(exc)
-
-    def _response(
-        self,
-        idx: int,
-        answer: Any,
-        tensors: bool = False,
-        names: list[str] | None = None,
-        keep_tensors: bool = False,
-    ) -> InferenceResponse:
-        context = self.context
-        if isinstance(answer, BaseException):
-            return response_for_exception(answer)
-        code, phrase = context.get_response_status(idx)
-        headers = context.get_response_headers(idx)
-        if code >= 400:
-            message = phrase or (answer if isinstance(answer, str) else "") or f"request failed with {code}"
-            response = error_response(code, "HandlerError", message)
-        else:
-            try:
-                if tensors and keep_tensors:
-                    response = OutputsResponse(outputs=_tensor_outputs(answer, names))
-                    response.headers.update(headers)
-                    return response
-                if tensors:
-                    body, content_type, extra = _encode_tensors(answer, names)
-                    headers = {**headers, **extra}
-                else:
-                    body, content_type = encode_answer(answer, context.get_response_content_type(idx))
-            except ArchiverError as exc:
-                return error_response(500, "HandlerError", exc.message)
-            response = InferenceResponse(status=code, body=body, content_type=content_type)
-        response.headers.update(headers)
-        return response
 
     def predict(self, payloads: list[Any]) -> list[Any]:
         """Answer payloads in-process (bytes: raw body, str: text, dict/list: JSON); errors at their index."""
@@ -354,45 +309,6 @@ class LoadedModel:
         """Drop the handler and its model so their memory can be freed."""
         self._entry_point = None
         self.handler = None
-
-
-def _tensor_rows(requests: list[InferenceRequest], data: list[dict[str, Any]]) -> set[int]:
-    """Replace the rows of v2 requests by their tensors (``handlers.tensors``); their indexes."""
-    found: set[int] = set()
-    if not any(request.headers.get(PROTOCOL_HEADER) == "v2" for request in requests):
-        return found
-    from handlers.tensors import handler_row, is_tensor_request
-
-    for i, request in enumerate(requests):
-        if is_tensor_request(request.params, request.headers):  # the "v2" marker and its parts
-            try:
-                data[i] = handler_row(request.params)
-            except (ArchiverError, LookupError, TypeError, ValueError):
-                continue  # not what our front sends: the handler gets the parts as they are
-            found.add(i)
-    return found
-
-
-def _output_names(context: Any) -> list[str]:
-    from handlers.tensors import signature_output_names
-
-    return signature_output_names(context.model_yaml_config)
-
-
-def _tensor_outputs(answer: Any, names: list[str] | None) -> list[Any]:
-    from handlers.tensors import answer_outputs
-
-    try:
-        return answer_outputs(answer, names)
-    except ArchiverError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - an answer that cannot be encoded fails its own request
-        raise HandlerError(f"the handler's answer cannot be sent as tensors: {_reason(exc)}") from exc
-
-
-def _encode_tensors(answer: Any, names: list[str] | None) -> tuple[bytes, str, dict[str, str]]:
-    body, length = encode_outputs(_tensor_outputs(answer, names))
-    return body, TENSORS_CONTENT_TYPE, {HEADER_LENGTH: str(length)}
 
 
 def _encode_payload(payload: Any) -> tuple[bytes, str]:

@@ -69,7 +69,7 @@ def v1_prediction(answer: InferenceResponse) -> Any:
     if mime == "application/json":
         try:
             return json.loads(answer.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON after all, or nested past the parser: as text
             pass
     if mime.startswith("text/") or mime == "application/json":
         return answer.body.decode("utf-8", errors="replace")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from archiver.errors import ArchiverError
 from archiver.serving import oip
 from archiver.serving.protocol import InferenceRequest, InferenceResponse, error_response
+from archiver.serving.tracebacks import public_message
 
 HandleBatch = Callable[[list[InferenceRequest]], list[InferenceResponse]]
 
@@ -50,6 +51,12 @@ def answer_v2_bodies(
             answers[index] = _error(exc)
             refused = True
             continue
+        except Exception as exc:  # noqa: BLE001 - bytes the parser did not foresee fail their request alone
+            answers[index] = error_response(
+                400, "TensorRequestError", f"the v2 request cannot be read: {public_message(exc)}"
+            )
+            refused = True
+            continue
         parsed[index] = v2
         headers.pop(oip.BODY_HEADER_LENGTH, None)
         headers[oip.PROTOCOL_HEADER] = "v2"
@@ -77,6 +84,11 @@ def answer_v2_bodies(
             )
         except ArchiverError as exc:
             answers[index] = _error(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - the handler's outputs fail their own request alone
+            answers[index] = error_response(
+                500, "HandlerError", f"the handler's outputs cannot be sent: {public_message(exc)}"
+            )
             continue
         headers = answer.headers
         if oip.HEADER_LENGTH in headers:

@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from archiver.errors import ArchiverError
+from archiver.errors import ArchiverError, HandlerInputError
+from archiver.serving.tracebacks import public_message
 
 
 @dataclass
@@ -46,7 +47,8 @@ class InferenceResponse:
 def decode_param(value: bytes, content_type: str | None) -> Any:
     """TorchServe's value decoding: JSON parsed, ``text/*`` as str, everything else as bytearray.
 
-    A JSON body that does not parse is kept as raw bytes, as TorchServe does, so the handler can decide.
+    A JSON body that does not parse is kept as raw bytes, as TorchServe does, so the handler can decide;
+    one nested deeper than the parser's recursion limit is a HandlerInputError (400) for its request.
     """
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     if mime == "application/json":
@@ -54,6 +56,10 @@ def decode_param(value: bytes, content_type: str | None) -> Any:
             return json.loads(value)
         except (ValueError, UnicodeDecodeError):
             return bytearray(value)
+        except RecursionError:
+            raise HandlerInputError(
+                f"the JSON body is nested deeper than this server parses ({sys.getrecursionlimit()} levels)"
+            ) from None
     if mime.startswith("text"):
         try:
             return value.decode("utf-8")
@@ -87,22 +93,24 @@ def encode_answer(value: Any, content_type: str | None = None) -> tuple[bytes, s
     """Turn one handler answer into bytes and a content type (TorchServe's per-type rules).
 
     bytes are sent as they are, str as UTF-8 text, anything else as indented JSON. Unlike TorchServe,
-    a content type is always set, so clients need not guess.
+    a content type is always set, so clients need not guess. An answer that cannot be sent (not JSON,
+    nested past the recursion limit, text that is not Unicode) is an ArchiverError for its request.
     """
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), content_type or "application/octet-stream"
-    if isinstance(value, str):
-        return value.encode("utf-8"), content_type or "text/plain; charset=utf-8"
-    torch = sys.modules.get("torch")  # a handler that never imported torch cannot return a tensor
-    if torch is not None and isinstance(value, torch.Tensor):
-        value = value.tolist()
     try:
+        if isinstance(value, str):
+            return value.encode("utf-8"), content_type or "text/plain; charset=utf-8"
+        torch = sys.modules.get("torch")  # a handler that never imported torch cannot return a tensor
+        if torch is not None and isinstance(value, torch.Tensor):
+            value = value.tolist()
         text = _indented_json(value)
-    except (TypeError, ValueError) as exc:
-        raise ArchiverError(
-            f"handler returned a {type(value).__name__}, which cannot be sent as JSON: {exc}"
-        ) from exc
-    return text.encode("utf-8"), content_type or "application/json"
+        return text.encode("utf-8"), content_type or "application/json"
+    except RecursionError:
+        reason = f"it is nested deeper than {sys.getrecursionlimit()} levels"
+    except Exception as exc:  # noqa: BLE001 - whatever the answer's own methods raise fails this request
+        reason = public_message(exc)
+    raise ArchiverError(f"handler returned a {type(value).__name__}, which cannot be sent as JSON: {reason}")
 
 
 _SCALARS = frozenset({int, float, str, bool, type(None)})
@@ -148,7 +156,7 @@ def response_for_exception(exc: BaseException) -> InferenceResponse:
     if isinstance(exc, ArchiverError):
         status = exc.http_status
         message = exc.message
-    else:
+    else:  # one line, no interpreter paths (the server's log has the whole exception)
         status = 500
-        message = str(exc) or type(exc).__name__
+        message = public_message(exc)
     return error_response(status, type(exc).__name__, message)

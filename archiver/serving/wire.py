@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from archiver.serving.answer_checks import checked
 from archiver.serving.protocol import InferenceRequest, InferenceResponse, decode_param
 
 _PREFIX = struct.Struct("!II")
@@ -115,7 +116,12 @@ def answers_frame(
 
 
 def read_answers(frame: Frame) -> tuple[int, list[InferenceResponse]]:
-    """The answers of one batch; a header that does not have their shape raises WireError."""
+    """The answers of one batch; a header that does not have their shape raises WireError.
+
+    Each answer is ``answer_checks.checked`` here, where the front takes it from the worker: a status,
+    header or content type no HTTP response can carry is that request's 500, however it got past the
+    worker's own check.
+    """
     view = memoryview(frame.payload)
     offset = 0
     responses = []
@@ -123,13 +129,15 @@ def read_answers(frame: Frame) -> tuple[int, list[InferenceResponse]]:
         for status, content_type, headers, error_type, message, size in frame.header["responses"]:
             size = int(size)
             responses.append(
-                InferenceResponse(
-                    status=int(status),
-                    body=bytes(view[offset : offset + size]),
-                    content_type=content_type,
-                    headers={str(k): str(v) for k, v in headers.items()} if headers else {},
-                    error_type=error_type,
-                    message=message,
+                checked(
+                    InferenceResponse(
+                        status=status,
+                        body=bytes(view[offset : offset + size]),
+                        content_type=content_type,
+                        headers=headers if headers else {},
+                        error_type=error_type,
+                        message=message,
+                    )
                 )
             )
             offset += size

@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from archiver.serving import wire
+from archiver.serving.protocol import InferenceResponse, error_response
 
 
 def _exit_with_server(lifeline_fd: int) -> None:
@@ -90,8 +91,13 @@ def serve_batches(sock: socket.socket) -> int:
         model = _load(init.header)
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, not raised
         from archiver.errors import ArchiverError
+        from archiver.serving.tracebacks import public_message
 
-        reason = exc.message if isinstance(exc, ArchiverError) else f"{type(exc).__name__}: {exc}"
+        # our own messages as they are; anything else as one line without interpreter paths
+        if isinstance(exc, ArchiverError):
+            reason = exc.message
+        else:
+            reason = f"{type(exc).__name__}: {public_message(exc)}"
         if not isinstance(exc, ArchiverError):
             traceback.print_exc()
         trace = getattr(exc, "trace", None)
@@ -115,8 +121,58 @@ def serve_batches(sock: socket.socket) -> int:
         # Tell the server the batch is ours before the handler touches it: if this process dies
         # before that, the server knows the batch never ran and gives it to another worker.
         wire.send_frame(sock, wire.frame_chunks("taken", {"batch": batch_id}))
-        responses = model.handle([wire.to_inference_request(r) for r in raw])
-        wire.send_frame(sock, wire.answers_frame(batch_id, responses, _drain_metrics(model)))
+        responses = answer_batch(model, raw)
+        wire.send_frame(sock, _answers_frame(batch_id, responses, _drain_metrics(model)))
+
+
+def answer_batch(model: Any, raw: list[wire.RawRequest]) -> list[InferenceResponse]:
+    """One response per request, whatever its bytes or the handler do; never raises.
+
+    Each request is decoded on its own (a JSON body nested past the parser's limit is that request's
+    400), the rest run through the handler, and anything the handler's batch raises past the loader
+    (our own code's failure on a strange input) answers each request of it a 500: the worker lives.
+    """
+    responses: list[InferenceResponse | None] = [None] * len(raw)
+    requests = []
+    for index, one in enumerate(raw):
+        try:
+            requests.append(wire.to_inference_request(one))
+        except Exception as exc:  # noqa: BLE001 - the client's bytes fail their own request alone
+            responses[index] = _failure(exc, 400)
+    try:
+        answered = model.handle(requests) if requests else []
+        if len(answered) != len(requests):
+            raise wire.WireError(f"{len(answered)} answers for {len(requests)} requests")
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: the batch fails, not the worker
+        traceback.print_exc()
+        answered = [_failure(exc, 500) for _ in requests]
+    pending = iter(answered)
+    return [response if response is not None else next(pending) for response in responses]
+
+
+def _failure(exc: BaseException, status: int) -> InferenceResponse:
+    from archiver.errors import ArchiverError
+    from archiver.serving.tracebacks import public_message
+
+    if isinstance(exc, ArchiverError):
+        return error_response(exc.http_status, type(exc).__name__, public_message(exc))
+    return error_response(status, type(exc).__name__, public_message(exc))
+
+
+def _answers_frame(
+    batch_id: int, responses: list[InferenceResponse], metrics: list[dict[str, Any]]
+) -> list[bytes]:
+    """The answers frame; if the handler's metrics cannot be encoded they are left out, and if the
+    answers themselves cannot (over the wire's 4 GiB), each request gets a 500 saying so."""
+    try:
+        return wire.answers_frame(batch_id, responses, metrics)
+    except (TypeError, ValueError, RecursionError, wire.WireError):
+        pass
+    try:
+        return wire.answers_frame(batch_id, responses)
+    except (TypeError, ValueError, RecursionError, wire.WireError) as exc:
+        failed = _failure(wire.WireError(f"the batch's answers cannot be sent: {exc}"), 500)
+        return wire.answers_frame(batch_id, [failed for _ in responses])
 
 
 def main(argv: list[str]) -> int:

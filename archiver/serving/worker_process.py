@@ -26,6 +26,7 @@ from typing import Any
 from archiver.errors import WorkerDiedError, WorkerGoneError, WorkerStartError
 from archiver.serving import wire
 from archiver.serving.protocol import InferenceResponse
+from archiver.serving.tracebacks import redact_paths
 from archiver.serving.worker_output import WorkerOutput, crash_lines
 
 log = logging.getLogger("archiver.worker")
@@ -334,8 +335,8 @@ class WorkerProcess:
         verb = "was stopped" if self.kill_reason is not None else "died"
         message = f"{self.name} {verb} ({ended.description}) {doing}"
         lines = crash_lines(list(self.output.stderr_tail)) if self.output is not None else []
-        if lines:
-            message += "; its last stderr lines: " + " | ".join(lines)
+        if lines:  # quoted to clients: files by their name only (the log has the lines whole)
+            message += "; its last stderr lines: " + redact_paths(" | ".join(lines))
         return message
 
     # ---- observation ---------------------------------------------------------------------------
