@@ -50,6 +50,8 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "worker_memory_limit": (int, float),
     "torch_threads": (int,),
     "install_model_deps": (bool,),
+    "gpus": (str, int, list),
+    "number_of_gpu": (int,),
     "max_worker_deaths": (int,),
     "worker_death_window": (int, float),
     "restart_backoff": (int, float),
@@ -154,6 +156,11 @@ def _is_archive(path: Path) -> bool:
     is_flag=True,
     default=None,
     help="Install each archive's requirementsFile into a cached venv for its workers.",
+)
+@click.option(
+    "--gpus",
+    metavar="all|none|0,2",
+    help="GPUs to place workers on (CUDA indices; CUDA_VISIBLE_DEVICES applies).  [default: all found]",
 )
 @click.option(
     "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML of these settings."
@@ -324,6 +331,8 @@ def build_settings(
         cache_dir=Path(cache_dir) if cache_dir else None,
         torch_threads=pick("torch_threads"),
         install_model_deps=bool(pick("install_model_deps")),
+        gpus=pick("gpus"),
+        number_of_gpu=file_cfg.get("number_of_gpu"),
     )
     from archiver.serving.site_guard import SiteRules
 

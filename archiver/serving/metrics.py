@@ -86,6 +86,48 @@ class _ModelStateCollector:
         yield memory
 
 
+class _GpuCollector:
+    """GPU gauges, read when /metrics is scraped (``devices.GpuMonitor``): each GPU's memory and
+    utilisation, and the memory each worker's process holds on the GPUs; only on a server with GPUs."""
+
+    def __init__(self, monitor: Any, workers: Callable[[], Iterable[tuple[str, str, str, int, int | None]]]):
+        self._monitor = monitor
+        self._workers = workers
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        usage = self._monitor.usage()
+        used = GaugeMetricFamily(
+            "model_archiver_gpu_memory_used_bytes", "Memory in use on each GPU", labels=["gpu"]
+        )
+        total = GaugeMetricFamily(
+            "model_archiver_gpu_memory_total_bytes", "Memory of each GPU", labels=["gpu"]
+        )
+        busy = GaugeMetricFamily(
+            "model_archiver_gpu_utilization_percent",
+            "Time each GPU's kernels ran, last sample",
+            labels=["gpu"],
+        )
+        for target, values, scale in (
+            (used, usage.memory_used_mb, 2**20),
+            (total, usage.memory_total_mb, 2**20),
+            (busy, usage.utilization_pct, 1),
+        ):
+            for gpu, value in sorted(values.items()):
+                target.add_metric([str(gpu)], value * scale)
+        worker = GaugeMetricFamily(
+            "model_archiver_worker_gpu_memory_bytes",
+            "GPU memory each worker process holds, on the GPU it was placed on",
+            labels=["model", "version", "worker", "gpu"],
+        )
+        for model, version, slot, gpu, pid in self._workers():
+            held = usage.process_memory_mb.get(pid, {}) if pid is not None else {}
+            worker.add_metric([model, version, slot, str(gpu)], held.get(gpu, 0.0) * 2**20)
+        yield used
+        yield total
+        yield busy
+        yield worker
+
+
 class _RequestCollector:
     """Requests answered (by model and status) and their latency (by model), kept as plain numbers.
 
@@ -348,6 +390,12 @@ class ServerMetrics:
         self.registry.register(_ModelStateCollector(snapshot))
         self.handler_metrics = _HandlerMetricsCollector(handler_series_per_model)
         self.registry.register(self.handler_metrics)
+
+    def watch_gpus(
+        self, monitor: Any, workers: Callable[[], Iterable[tuple[str, str, str, int, int | None]]]
+    ) -> None:
+        """Export the GPU gauges (a server with GPUs calls this once)."""
+        self.registry.register(_GpuCollector(monitor, workers))
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:
         """One answered inference request (the event loop's thread only)."""

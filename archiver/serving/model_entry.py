@@ -29,6 +29,9 @@ class ModelSettings:
     max_worker_deaths: int = 5
     worker_death_window_s: float = 60.0
     restart_backoff_s: float = 1.0
+    # model-config.yaml's deviceType and deviceIds: where its workers may run (placement.py)
+    device_type: str | None = None
+    device_ids: tuple[int, ...] | None = None
 
     def merged(self, **overrides: Any) -> ModelSettings:
         """These settings with every override that is not None applied."""
@@ -54,6 +57,8 @@ def settings_from_model_config(config: ModelConfig) -> dict[str, Any]:
         "load_timeout_s": config.startup_timeout_s if "startupTimeout" in raw else None,
         "queue_size": config.job_queue_size,
         "worker_memory_limit_mb": config.worker_memory_limit_mb,
+        "device_type": raw.get("deviceType"),
+        "device_ids": tuple(raw["deviceIds"]) if raw.get("deviceIds") else None,
     }
 
 
@@ -88,6 +93,13 @@ class ModelEntry:
             return self.pool.error
         return self.error
 
+    def _devices(self) -> dict[str, Any]:
+        """TorchServe's ``deviceType``/``deviceIds``: what the model's workers run on here."""
+        placement = self.pool.placement if self.pool is not None else None
+        if placement is None:
+            return {"deviceType": "cpu", "deviceIds": []}
+        return placement.describe()
+
     def describe(self) -> dict[str, Any]:
         """TorchServe's describe-model shape, plus our ``status``, ``loadError``, ``deaths``, ``manifest``."""
         pool = self.pool
@@ -103,6 +115,7 @@ class ModelEntry:
             "maxBatchDelay": self.settings.max_batch_delay_ms,
             "responseTimeout": self.settings.response_timeout_s,
             "workerMemoryLimitMB": self.settings.worker_memory_limit_mb,
+            **self._devices(),
             "loadedAtStartup": self.loaded_at_startup,
             "status": self.state.value,
             "loadError": self.reason if self.state == PoolState.FAILED else None,

@@ -17,8 +17,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from archiver.errors import (
     RequestTimeoutError,
@@ -31,6 +31,10 @@ from archiver.serving.batcher import Batcher, Job
 from archiver.serving.protocol import InferenceResponse
 from archiver.serving.wire import RawRequest
 from archiver.serving.worker_process import WorkerExit, WorkerProcess, WorkerSpec, WorkerState
+
+if TYPE_CHECKING:
+    from archiver.serving.devices import GpuMonitor
+    from archiver.serving.placement import ModelPlacement
 
 log = logging.getLogger("archiver.serving")
 
@@ -98,8 +102,12 @@ class WorkerPool:
         env_for: Callable[[], dict[str, str]] | None = None,
         on_death: DeathObserver | None = None,
         on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
+        placement: ModelPlacement | None = None,
+        gpu_monitor: GpuMonitor | None = None,
     ) -> None:
         self.spec = spec
+        self.placement = placement  # which GPU each slot's worker gets (placement.py); None: the CPU
+        self.gpu_monitor = gpu_monitor  # what each worker holds on its GPU; None on a server without
         self.batcher = batcher
         self.response_timeout_s = response_timeout_s
         self.memory_limit_mb = memory_limit_mb
@@ -145,6 +153,8 @@ class WorkerPool:
         self._count_deaths_since = time.monotonic()
         self.target = count
         try:
+            if self.placement is not None and self.placement.problem:
+                raise WorkerStartError(f'model "{self.spec.model}" cannot run here: {self.placement.problem}')
             await self._start_workers(count, all_or_nothing=True)
         except WorkerStartError as exc:
             self.target = 0
@@ -182,7 +192,9 @@ class WorkerPool:
 
     def _new_worker(self, slot: int) -> WorkerProcess:
         env = self._env_for() if self._env_for is not None else None
-        worker = WorkerProcess(self.spec, slot, env=env, on_metrics=self._on_metrics)
+        gpu_id = self.placement.gpu_for(slot) if self.placement is not None else None
+        spec = self.spec if gpu_id is None else replace(self.spec, gpu_id=gpu_id)
+        worker = WorkerProcess(spec, slot, env=env, on_metrics=self._on_metrics)
         self.workers[slot] = worker
         return worker
 
@@ -212,6 +224,8 @@ class WorkerPool:
         restart = self._restarts.pop(slot, None)
         if restart is not None:
             restart.cancel()
+        if self.placement is not None:
+            self.placement.release(slot)
         worker = self.workers.pop(slot, None)
         if worker is None:
             return
@@ -343,10 +357,14 @@ class WorkerPool:
                 if worker.state not in (WorkerState.READY, WorkerState.BUSY):
                     continue
                 rss = worker.rss_bytes()
-                if rss is not None and rss > limit:
+                # GPU memory counts too: one limit on all a worker holds (docs/serving.md, "GPUs").
+                gpu_mb = self.gpu_monitor.process_memory_mb(worker.pid) if self.gpu_monitor else None
+                held = (rss or 0) + int((gpu_mb or 0) * 2**20)
+                if rss is not None and held > limit:
+                    parts = f"{rss / 2**20:.0f} MB RSS" + (f" + {gpu_mb:.0f} MB GPU" if gpu_mb else "")
                     worker.kill(
                         "memory",
-                        f"memory {rss / 2**20:.0f} MB RSS over its limit of {self.memory_limit_mb:g} MB",
+                        f"memory {parts} over its limit of {self.memory_limit_mb:g} MB",
                     )
 
     # ---- shutdown ------------------------------------------------------------------------------
@@ -375,7 +393,16 @@ class WorkerPool:
 
     # ---- reporting -----------------------------------------------------------------------------
     def describe_workers(self) -> list[dict[str, Any]]:
-        return [self.workers[slot].describe() for slot in sorted(self.workers)]
+        from archiver.serving.devices import describe_device
+
+        described = []
+        for slot in sorted(self.workers):
+            worker = self.workers[slot]
+            entry = {**worker.describe(), **describe_device(worker.spec.gpu_id, worker.pid, self.gpu_monitor)}
+            if worker.device:  # what the handler did, over what it was given (no CUDA: the CPU)
+                entry["device"] = worker.device
+            described.append(entry)
+        return described
 
     def live_workers(self) -> int:
         return sum(1 for w in self.workers.values() if w.state in (WorkerState.READY, WorkerState.BUSY))

@@ -26,8 +26,10 @@ from archiver.errors import (
 )
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.batcher import Batcher
+from archiver.serving.devices import Gpu, GpuMonitor, worker_gpu_env
 from archiver.serving.metrics import ModelSnapshot
 from archiver.serving.model_entry import ModelEntry, ModelSettings, settings_from_model_config
+from archiver.serving.placement import SharedGpuCounter
 from archiver.serving.pool import PoolState, WorkerPool
 from archiver.serving.protocol import InferenceResponse
 from archiver.serving.wire import RawRequest
@@ -57,6 +59,7 @@ class ModelRegistry:
         torch_threads: int | None = None,
         install_model_deps: bool = False,
         handler_metrics: HandlerMetricsSink | None = None,
+        gpus: list[Gpu] | None = None,
     ) -> None:
         self.model_store = model_store
         self.defaults = defaults or ModelSettings()
@@ -67,6 +70,9 @@ class ModelRegistry:
         self._handler_metrics = handler_metrics
         self._batch_observer = batch_observer
         self._death_counter = death_counter
+        self.gpus = list(gpus or [])  # the GPUs workers are placed on (devices.py); none: the CPU
+        self.gpu_counter = SharedGpuCounter([g.index for g in self.gpus])
+        self.gpu_monitor = GpuMonitor(self.gpus) if self.gpus else None
         # True from the moment the server binds its ports until its startup models are listed: a probe
         # in that window must not hear "Healthy"/"ready" from a registry that is merely still empty.
         self.listing_startup_models = False
@@ -114,6 +120,16 @@ class ModelRegistry:
             out.append((e.name, e.version, queued, live, e.load_time_s, rss))
         return out
 
+    def gpu_workers(self) -> list[tuple[str, str, str, int, int | None]]:
+        """(model, version, worker, GPU index, pid) of every worker placed on a GPU, for /metrics."""
+        return [
+            (e.name, e.version, str(w.slot), w.spec.gpu_id, w.pid)
+            for e in self.entries()
+            if e.pool is not None
+            for w in e.pool.workers.values()
+            if w.spec.gpu_id is not None
+        ]
+
     # ---- inference ---------------------------------------------------------------------------
     async def predict(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
         """Answer one request through the model's workers (404, 503, 504 and 500 raised as errors)."""
@@ -135,7 +151,8 @@ class ModelRegistry:
 
     def worker_env(self) -> dict[str, str]:
         """The environment of a new worker process (``worker_env.worker_environment``)."""
-        return worker_environment(self.threads_per_worker(), pinned=bool(self.torch_threads))
+        env = worker_environment(self.threads_per_worker(), pinned=bool(self.torch_threads))
+        return worker_gpu_env(env) if self.gpus else env
 
     def _spec(self, entry: ModelEntry) -> WorkerSpec:
         return WorkerSpec(
@@ -258,6 +275,8 @@ class ModelRegistry:
             env_for=self.worker_env,
             on_death=self._on_death(entry.name),
             on_metrics=self._metrics_for(entry.name),
+            placement=self.gpu_counter.for_model(settings.device_type, settings.device_ids),
+            gpu_monitor=self.gpu_monitor,
         )
 
     async def start(self, entry: ModelEntry) -> None:

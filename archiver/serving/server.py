@@ -22,6 +22,7 @@ from aiohttp import web
 
 from archiver.errors import UsageError
 from archiver.serving.app import HttpLimits, inference_app, management_app, metrics_app
+from archiver.serving.devices import server_gpus
 from archiver.serving.metrics import ServerMetrics
 from archiver.serving.parse_errors import JsonErrorRunner
 from archiver.serving.registry import ModelEntry, ModelRegistry, ModelSettings
@@ -83,6 +84,10 @@ class ServerSettings:
     torch_threads: int | None = None
     # Install each archive's requirementsFile into a cached virtual environment for its workers.
     install_model_deps: bool = False
+    # The GPUs workers are placed on: None or "all" (every one found), "none", or indices "0,2";
+    # number_of_gpu (TorchServe's key) keeps the first N found (devices.py, placement.py).
+    gpus: str | int | list[int] | None = None
+    number_of_gpu: int | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -129,6 +134,7 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         check_exposure(settings)
         self.settings = settings
+        gpus = server_gpus(settings.gpus, settings.number_of_gpu)
         self.metrics = ServerMetrics(lambda: self.registry.snapshot())
         self.registry = ModelRegistry(
             model_store=settings.model_store,
@@ -140,7 +146,10 @@ class Server:
             torch_threads=settings.torch_threads,
             install_model_deps=settings.install_model_deps,
             handler_metrics=self.metrics.observe_handler_metrics,
+            gpus=gpus,
         )
+        if self.registry.gpu_monitor is not None:
+            self.metrics.watch_gpus(self.registry.gpu_monitor, self.registry.gpu_workers)
         self.limits = HttpLimits(
             max_request_size=settings.max_request_size,
             body_read_timeout_s=settings.body_read_timeout_s,

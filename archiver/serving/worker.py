@@ -55,6 +55,13 @@ def _load(init: dict[str, Any]) -> Any:
     )
 
 
+def _device_of(model: Any) -> str | None:
+    """Where the handler put its model (``BaseHandler.device``: ``cuda:0``, ``cpu``), for the describe
+    API; None for a handler that keeps no ``device``."""
+    device = getattr(getattr(model, "handler", None), "device", None)
+    return str(device) if device is not None else None
+
+
 def _log_block(title: str, trace: Any) -> None:
     from archiver.serving.tracebacks import error_block
 
@@ -110,7 +117,8 @@ def serve_batches(sock: socket.socket) -> int:
     from archiver.serving.memory import HeapTrimmer
 
     HeapTrimmer().start()
-    wire.send_frame(sock, wire.frame_chunks("ready", {"pid": os.getpid(), "load_time_s": model.load_time_s}))
+    ready = {"pid": os.getpid(), "load_time_s": model.load_time_s, "device": _device_of(model)}
+    wire.send_frame(sock, wire.frame_chunks("ready", ready))
     while True:
         frame = wire.read_frame(sock)
         if frame is None:

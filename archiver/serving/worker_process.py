@@ -94,6 +94,7 @@ class WorkerProcess:
         self.pid: int | None = None
         self.started_at = time.time()
         self.load_time_s: float | None = None
+        self.device: str | None = None  # where its handler put the model, as it said when ready
         self.holding = 0  # requests of the batch it has taken (0 when idle)
         self.kill_reason: tuple[str, str] | None = None  # (cause, description) when the supervisor kills
         self._proc: asyncio.subprocess.Process | None = None
@@ -187,6 +188,7 @@ class WorkerProcess:
             self.kill("exit", f"sent {frame.kind!r} instead of ready")
             raise WorkerStartError(f"{self.name} answered its start with {frame.kind!r}", cause="exit")
         self.load_time_s = time.perf_counter() - started
+        self.device = frame.header.get("device") if isinstance(frame.header.get("device"), str) else None
         self.state = WorkerState.READY
 
     async def _watch(self) -> None:
