@@ -3,12 +3,13 @@
 A request aiohttp cannot parse never reaches an app's middleware: its connection protocol answers it
 itself, in ``RequestHandler.handle_error``, as text/plain quoting the bytes it choked on. Every other
 answer of the server is ``{"code", "type", "message"}``, so ``JsonErrorRunner`` makes each connection a
-``JsonErrorProtocol``, whose ``handle_error`` keeps aiohttp's logging and connection handling and
-answers the same status as JSON: the first line of aiohttp's reason, less the bytes it quotes.
+``JsonErrorProtocol``, whose ``handle_error`` answers the same status as JSON: the first line of
+aiohttp's reason, less the bytes it quotes. A client's junk is logged in one line, not a traceback.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from http import HTTPStatus
 
@@ -18,6 +19,7 @@ from aiohttp.web_request import BaseRequest
 
 from archiver.serving.protocol import error_response
 
+log = logging.getLogger("archiver.serving")
 # From the first quote on, aiohttp's reasons quote the client's bytes (b'...', bytearray(b'...'), "...").
 _QUOTED = re.compile(r"""(?:bytearray\(b|\bb)?['"].*""")
 _TYPES = {400: "BadRequest", 413: "RequestTooLarge", 431: "RequestHeaderFieldsTooLarge", 504: "Timeout"}
@@ -47,11 +49,16 @@ class JsonErrorProtocol(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        # aiohttp's own: logs the failure, refuses when a response has begun (ConnectionError).
-        super().handle_error(request, status, exc, message)
+        if status >= 500:  # a failure of ours: aiohttp's own logging, with the traceback
+            super().handle_error(request, status, exc, message)
+        elif request.writer.output_size > 0:  # as aiohttp does: too late for another answer
+            raise ConnectionError("a response was begun: no room for the error")
         reason = message if message is not None else getattr(exc, "message", None)
+        said = parse_error_message(status, reason)
+        if status < 500:  # the client's bytes: one line, not a traceback per junk request
+            log.info("refused an unreadable request from %s: %s", request.remote, said)
         error_type = _TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequest")
-        body = error_response(status, error_type, parse_error_message(status, reason)).body
+        body = error_response(status, error_type, said).body
         resp = web.Response(status=status, body=body, content_type="application/json")
         resp.force_close()  # the rest of the stream cannot be trusted to start a new request
         return resp
