@@ -60,6 +60,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "allowed_hosts": (str, list),
     "allowed_origins": (str, list),
     "cache_dir": (str,),
+    "trusted_keys": (str, list),
 }
 
 
@@ -185,6 +186,13 @@ def _is_archive(path: Path) -> bool:
     "--cache-dir", type=click.Path(file_okay=False), help="Unpack cache.  [~/.cache/model-archiver]"
 )
 @click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Load only archives signed by this EC public key (ARCHIVE.sig beside each; repeatable).",
+)
+@click.option(
     "--ready-file", type=click.Path(dir_okay=False), help="Write the bound ports here as JSON when ready."
 )
 @click.option(
@@ -218,13 +226,15 @@ def serve(
     model-archiver serve --reload --model-name m --serialized-file m.pt --handler h.py
     """
     archive_flags = {k[len("flag_") :]: flags.pop(k) for k in list(flags) if k.startswith("flag_")}
+    if archive_flags.get("handler") and flags.get("trusted_keys"):
+        raise UsageError("--handler serves unsigned files: with --trusted-key, serve signed archives")
     staged, flag_model = _stage_archive_flags(archive_flags, flags.get("cache_dir"))
     settings = build_settings(archives + staged, model_specs, config_path, flags)
     from archiver.serving.server import check_exposure
 
     check_exposure(settings)  # refuse an exposed bind before starting anything
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    watched = _watch_list(settings.models, flag_model) if reload else []
+    watched = _watch_list(settings.models, flag_model, bool(settings.trusted_keys)) if reload else []
     from archiver.serving.memory import HeapTrimmer
     from archiver.serving.server import run
 
@@ -258,13 +268,14 @@ def _stage_archive_flags(archive_flags: dict[str, Any], cache_dir: str | None) -
     return (str(model.stage()),), model
 
 
-def _watch_list(models: list[tuple[str | None, Path]], flag_model: Any) -> list[Any]:
-    """What --reload watches, one entry per startup model, in the same order."""
+def _watch_list(models: list[tuple[str | None, Path]], flag_model: Any, signed: bool = False) -> list[Any]:
+    """What --reload watches, one entry per startup model, in the same order (with trusted keys, each
+    archive's signature file too: a new signature written after its archive reloads it)."""
     from archiver.serving.reload import watch_archive
 
     staged = flag_model.staged[-1] if flag_model is not None else None
     return [
-        flag_model if staged is not None and staged in path.parents else watch_archive(path)
+        flag_model if staged is not None and staged in path.parents else watch_archive(path, signed)
         for _, path in models
     ]
 
@@ -331,6 +342,9 @@ def build_settings(
         cache_dir=Path(cache_dir) if cache_dir else None,
         torch_threads=pick("torch_threads"),
         install_model_deps=bool(pick("install_model_deps")),
+        trusted_keys=_trusted_keys(
+            list(flags.get("trusted_keys") or ()) or _as_list(file_cfg.get("trusted_keys"))
+        ),
         gpus=pick("gpus"),
         number_of_gpu=file_cfg.get("number_of_gpu"),
     )
@@ -338,6 +352,15 @@ def build_settings(
 
     SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins)  # a bad entry: exit 2
     return settings
+
+
+def _trusted_keys(items: list[str]) -> tuple[Any, ...]:
+    """The --trusted-key files (or --config's trusted_keys: paths or PEM text), read and checked now."""
+    if not items:
+        return ()
+    from archiver.signing_keys import read_trusted_keys
+
+    return read_trusted_keys(items)
 
 
 def _first(*values: Any) -> Any:

@@ -387,6 +387,15 @@ class ServerMetrics:
             ["model", "cause"],
             registry=self.registry,
         )
+        # With serve --trusted-key: archives refused before loading, by a closed set of reasons
+        # (SignatureError.reason: missing, malformed, untrusted_key, invalid, tampered, other_archive,
+        # folder), so the series cannot grow.
+        self.signature_refusals = Counter(
+            "model_archiver_signature_refusals",
+            "Archives refused because their signature is missing or does not verify, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_ModelStateCollector(snapshot))
         self.handler_metrics = _HandlerMetricsCollector(handler_series_per_model)
         self.registry.register(self.handler_metrics)
@@ -405,6 +414,9 @@ class ServerMetrics:
         self.worker_deaths.labels(model, cause).inc()
         if restarted:
             self.worker_restarts.labels(model, cause).inc()
+
+    def count_signature_refusal(self, reason: str) -> None:
+        self.signature_refusals.labels(reason).inc()
 
     def observe_handler_metrics(self, model: str, records: list[dict]) -> None:
         """What one batch's handler reported through ``context.metrics`` (TorchServe's names).

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archiver.config import ModelConfig
 from archiver.serving.pool import PoolState, RestartPolicy, WorkerPool
+
+if TYPE_CHECKING:
+    from archiver.signing import SignatureCheck
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class ModelEntry:
     failed_before_start: bool = False
     reloads: int = 0  # times --reload switched it to new files
     reload_error: str | None = None  # why the newest files do not load (the previous ones still serve)
+    signature: SignatureCheck | None = None  # the verified signature it loaded under (serve --trusted-key)
 
     @property
     def state(self) -> PoolState:
@@ -124,6 +128,8 @@ class ModelEntry:
             "deaths": [d.describe() for d in pool.deaths] if pool is not None else [],
             "reloads": self.reloads,
             "reloadError": self.reload_error,
+            # the signer's key fingerprint (sha256 of its PEM SubjectPublicKeyInfo), with trusted keys
+            "signedBy": self.signature.fingerprint if self.signature is not None else None,
             "jobQueueStatus": {
                 "remainingCapacity": max(0, self.settings.queue_size - pending),
                 "pendingRequests": pending,

@@ -32,6 +32,7 @@ from archiver.serving.model_entry import ModelEntry, ModelSettings, settings_fro
 from archiver.serving.placement import SharedGpuCounter
 from archiver.serving.pool import PoolState, WorkerPool
 from archiver.serving.protocol import InferenceResponse
+from archiver.serving.signature_gate import SignatureGate
 from archiver.serving.wire import RawRequest
 from archiver.serving.worker_env import torch_threads_for, worker_environment
 from archiver.serving.worker_process import WorkerSpec
@@ -59,6 +60,7 @@ class ModelRegistry:
         torch_threads: int | None = None,
         install_model_deps: bool = False,
         handler_metrics: HandlerMetricsSink | None = None,
+        signatures: SignatureGate | None = None,
         gpus: list[Gpu] | None = None,
     ) -> None:
         self.model_store = model_store
@@ -70,6 +72,7 @@ class ModelRegistry:
         self._handler_metrics = handler_metrics
         self._batch_observer = batch_observer
         self._death_counter = death_counter
+        self.signatures = signatures or SignatureGate()  # with trusted keys: archives must be signed
         self.gpus = list(gpus or [])  # the GPUs workers are placed on (devices.py); none: the CPU
         self.gpu_counter = SharedGpuCounter([g.index for g in self.gpus])
         self.gpu_monitor = GpuMonitor(self.gpus) if self.gpus else None
@@ -227,6 +230,7 @@ class ModelRegistry:
         """
         loop = asyncio.get_running_loop()
         try:
+            signature = await self.signatures.check(source)  # before a byte of the archive is read
             manifest, config = await loop.run_in_executor(None, _read_archive_head, source)
         except ArchiverError as exc:
             if not startup:
@@ -251,6 +255,7 @@ class ModelRegistry:
             settings=settings,
             manifest=manifest.to_dict(),
             loaded_at_startup=startup,
+            signature=signature,
         )
         self._add(entry)
         entry.pool = self._new_pool(entry)
@@ -272,7 +277,7 @@ class ModelRegistry:
             response_timeout_s=settings.response_timeout_s,
             memory_limit_mb=settings.worker_memory_limit_mb,
             policy=settings.restart_policy(),
-            env_for=self.worker_env,
+            env_for=self.signatures.env_for(self.worker_env, entry.signature),
             on_death=self._on_death(entry.name),
             on_metrics=self._metrics_for(entry.name),
             placement=self.gpu_counter.for_model(settings.device_type, settings.device_ids),
@@ -322,10 +327,16 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
+            signature = await self.signatures.check(source)
             manifest, config = await loop.run_in_executor(None, _read_archive_head, source)
             settings = self.defaults.merged(**settings_from_model_config(config)).merged(**self.operator)
             candidate = replace(
-                entry, source=source, settings=settings, manifest=manifest.to_dict(), pool=None
+                entry,
+                source=source,
+                settings=settings,
+                manifest=manifest.to_dict(),
+                pool=None,
+                signature=signature,
             )
             pool = self._new_pool(candidate)
             await self._use_model_env(candidate, pool)
@@ -336,6 +347,7 @@ class ModelRegistry:
         old = entry.pool
         entry.pool, entry.source, entry.settings = pool, source, settings
         entry.manifest, entry.error, entry.reload_error = candidate.manifest, None, None
+        entry.signature = candidate.signature
         entry.failed_before_start = False
         entry.load_time_s = loop.time() - started
         entry.reloads += 1

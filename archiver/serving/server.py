@@ -26,6 +26,7 @@ from archiver.serving.devices import server_gpus
 from archiver.serving.metrics import ServerMetrics
 from archiver.serving.parse_errors import JsonErrorRunner
 from archiver.serving.registry import ModelEntry, ModelRegistry, ModelSettings
+from archiver.serving.signature_gate import SignatureGate
 from archiver.serving.site_guard import SiteRules
 
 DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size
@@ -84,6 +85,8 @@ class ServerSettings:
     torch_threads: int | None = None
     # Install each archive's requirementsFile into a cached virtual environment for its workers.
     install_model_deps: bool = False
+    # Public keys (signing_keys.read_trusted_keys): when set, only archives one of them signed load.
+    trusted_keys: tuple[Any, ...] = ()
     # The GPUs workers are placed on: None or "all" (every one found), "none", or indices "0,2";
     # number_of_gpu (TorchServe's key) keeps the first N found (devices.py, placement.py).
     gpus: str | int | list[int] | None = None
@@ -146,6 +149,7 @@ class Server:
             torch_threads=settings.torch_threads,
             install_model_deps=settings.install_model_deps,
             handler_metrics=self.metrics.observe_handler_metrics,
+            signatures=SignatureGate(settings.trusted_keys, self.metrics.count_signature_refusal),
             gpus=gpus,
         )
         if self.registry.gpu_monitor is not None:
