@@ -6,13 +6,15 @@ TorchServe parses this file with SnakeYAML and silently ignores values of the wr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from archiver.errors import ConfigError
+from archiver import settings_bounds
+from archiver.errors import ConfigError, UsageError
 
 # key -> (accepted python types, minimum or None). Keys TorchServe's ModelConfig.java knows.
 _INT = (int,)
@@ -42,8 +44,19 @@ _KNOWN_KEYS: dict[str, tuple[tuple[type, ...], float | None]] = {
     "asyncCommunication": ((bool,), None),
     "useVenv": ((bool,), None),
     "handler": ((dict,), None),
-    # Ours (TorchServe ignores keys it does not know): a worker's resident memory limit in MB.
-    "workerMemoryLimit": (_NUM, 1),
+    # Ours (TorchServe ignores keys it does not know): a worker's resident memory limit in MB (0: none).
+    "workerMemoryLimit": (_NUM, 0),
+}
+# Keys whose range the server's one checker owns (settings_bounds), by the setting each one sets.
+_BOUNDED = {
+    "minWorkers": "workers",
+    "maxWorkers": "workers",
+    "batchSize": "batch_size",
+    "maxBatchDelay": "max_batch_delay_ms",
+    "responseTimeout": "response_timeout_s",
+    "startupTimeout": "load_timeout_s",
+    "jobQueueSize": "queue_size",
+    "workerMemoryLimit": "worker_memory_limit_mb",
 }
 _CHOICES = {"deviceType": ("cpu", "gpu", "neuron"), "parallelType": ("pp", "tp", "pptp", "custom")}
 
@@ -94,8 +107,13 @@ def parse_model_config(text: str | bytes, source: str = "model-config.yaml") -> 
         if not value_ok:
             wanted = " or ".join(t.__name__ for t in types).replace("float", "number")
             raise ConfigError(f"{source}: {key} must be {wanted}, got {type(value).__name__} {value!r}")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"{source}: {key} must be >= {minimum:g}, got {value!r}")
+        if key in _BOUNDED:
+            try:
+                settings_bounds.check(_BOUNDED[key], value, f"{source}: {key}")
+            except UsageError as exc:
+                raise ConfigError(exc.message) from None
+        elif minimum is not None and (value < minimum or not math.isfinite(value)):
+            raise ConfigError(f"{source}: {key} must be a finite number >= {minimum:g}, got {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(_CHOICES[key])}")
     if "deviceIds" in data and not all(
@@ -110,7 +128,7 @@ def parse_model_config(text: str | bytes, source: str = "model-config.yaml") -> 
         response_timeout_s=float(data.get("responseTimeout", 120)),
         startup_timeout_s=float(data.get("startupTimeout", 120)),
         job_queue_size=data.get("jobQueueSize"),
-        worker_memory_limit_mb=data.get("workerMemoryLimit"),
+        worker_memory_limit_mb=data.get("workerMemoryLimit"),  # 0: no limit
         handler=dict(data.get("handler") or {}),
         raw=data,
     )

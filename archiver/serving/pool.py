@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -40,6 +41,7 @@ log = logging.getLogger("archiver.serving")
 
 _FIBONACCI = (1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
 MEMORY_CHECK_INTERVAL_S = 0.2
+STARTS_AT_ONCE = max(4, os.cpu_count() or 1)  # workers loading at the same time, in one scale or start
 
 
 class PoolState(str, enum.Enum):
@@ -200,9 +202,15 @@ class WorkerPool:
 
     async def _start_workers(self, count: int, *, all_or_nothing: bool) -> None:
         workers = [self._new_worker(slot) for slot in self._free_slots(count)]
-        results = await asyncio.gather(
-            *(w.start(self.policy.load_timeout_s) for w in workers), return_exceptions=True
-        )
+        # A few at a time: each new worker imports torch and loads its model, so scaling to many at
+        # once would fork them all together and have every one of them compete for the same cores.
+        gate = asyncio.Semaphore(STARTS_AT_ONCE)
+
+        async def start(worker: WorkerProcess) -> None:
+            async with gate:
+                await worker.start(self.policy.load_timeout_s)
+
+        results = await asyncio.gather(*(start(w) for w in workers), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         for worker, result in zip(workers, results, strict=True):
             ok = not isinstance(result, BaseException) and not (all_or_nothing and failures)
