@@ -4,21 +4,25 @@ It starts the worker processes, gives each free worker its next batch from the m
 decides what an ending means: a worker that dies (signal, exit, the OOM killer), overruns
 ``responseTimeout`` or grows past its memory limit costs its own batch (500, or 504 for a timeout)
 and is restarted after a backoff (1, 1, 2, 3, 5, 8 … times ``restart_backoff_s``, as TorchServe
-does), while requests still queued wait for it. After ``max_worker_deaths`` endings within
-``worker_death_window_s`` the model is FAILED with the reason: its requests get 503 at once until it
-is scaled or registered again. Other models never notice any of this: each has its own pool.
+does), while requests still queued wait for it. Other models never notice any of this: each has its
+own pool.
+
+How an ending counts (``restart_policy``): one while its worker held a batch may be a request's
+doing, so it costs that batch and a restart with backoff but never the model; endings while idle or
+starting are the model's own crash loop, and ``max_worker_deaths`` of them within
+``worker_death_window_s`` make the model FAILED with the reason: its requests get 503 at once until
+it is scaled or registered again. ``GET /models/{m}`` lists every ending with its ``during``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from archiver.errors import (
@@ -30,6 +34,7 @@ from archiver.errors import (
 )
 from archiver.serving.batcher import Batcher, Job
 from archiver.serving.protocol import InferenceResponse
+from archiver.serving.restart_policy import Death, DeathLog, PoolState, RestartPolicy
 from archiver.serving.wire import RawRequest
 from archiver.serving.worker_process import WorkerExit, WorkerProcess, WorkerSpec, WorkerState
 
@@ -39,52 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("archiver.serving")
 
-_FIBONACCI = (1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
 MEMORY_CHECK_INTERVAL_S = 0.2
 STARTS_AT_ONCE = max(4, os.cpu_count() or 1)  # workers loading at the same time, in one scale or start
-
-
-class PoolState(str, enum.Enum):
-    """A model's serving state, as the APIs report it."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    FAILED = "FAILED"
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """When to restart a worker and when to give up on the model."""
-
-    backoff_s: float = 1.0
-    max_deaths: int = 5
-    window_s: float = 60.0
-    load_timeout_s: float = 300.0
-
-    def delay_s(self, recent_deaths: int) -> float:
-        index = min(max(recent_deaths, 1), len(_FIBONACCI)) - 1
-        return _FIBONACCI[index] * self.backoff_s
-
-
-@dataclass(frozen=True)
-class Death:
-    """One worker ending the supervisor did not ask for, as ``GET /models/{m}`` lists it."""
-
-    at: float  # wall clock, for people
-    monotonic_at: float  # for counting the crash-loop window
-    slot: int
-    pid: int | None
-    cause: str
-    message: str
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at)),
-            "worker": str(self.slot),
-            "pid": self.pid,
-            "cause": self.cause,
-            "message": self.message,
-        }
 
 
 DeathObserver = Callable[[str, bool], None]  # (cause, restarted)
@@ -121,10 +82,9 @@ class WorkerPool:
         self.error: str | None = None
         self.target = 0
         self.workers: dict[int, WorkerProcess] = {}  # by slot: starting, serving or finishing a batch
-        self.deaths: deque[Death] = deque(maxlen=50)
+        self.death_log = DeathLog(self.policy)
         self._restarts: dict[int, asyncio.Task] = {}  # slots waiting out their backoff
         self._loops: dict[int, asyncio.Task] = {}
-        self._count_deaths_since = 0.0  # a FAILED model scaled again starts its count afresh
         self._closing = False
         self._memory_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
@@ -152,7 +112,7 @@ class WorkerPool:
         """Start ``count`` workers and wait for all of them; if any cannot load, stop them all and
         raise WorkerStartError: a model that cannot load is FAILED, not half-served."""
         self.state, self.error = PoolState.LOADING, None
-        self._count_deaths_since = time.monotonic()
+        self.death_log.restart_counting()  # a FAILED model scaled again starts its count afresh
         self.target = count
         try:
             if self.placement is not None and self.placement.problem:
@@ -296,6 +256,7 @@ class WorkerPool:
         except asyncio.CancelledError:
             self.batcher.requeue(jobs)
             raise
+        self.death_log.answered(worker.slot)
         self.batcher.deliver(jobs, responses)
 
     def _on_exit(self, worker: WorkerProcess, ended: asyncio.Future[WorkerExit]) -> None:
@@ -305,29 +266,34 @@ class WorkerPool:
         loop_task = self._loops.get(worker.slot)
         if loop_task is not None and worker.state != WorkerState.BUSY:
             loop_task.cancel()  # waiting for work: it holds no batch, nobody is left without an answer
-        self._record_death(worker, ended.result().cause, worker.death_message(ended.result()))
+        during = "batch" if worker.holding else "idle"  # set from "taken" until the answers are in
+        self._record_death(worker, ended.result().cause, worker.death_message(ended.result()), during)
 
-    def _record_death(self, worker: WorkerProcess, cause: str, message: str) -> None:
+    def _record_death(self, worker: WorkerProcess, cause: str, message: str, during: str) -> None:
         del self.workers[worker.slot]
-        now = time.monotonic()
-        self.deaths.append(Death(time.time(), now, worker.slot, worker.pid, cause, message))
-        since = max(now - self.policy.window_s, self._count_deaths_since)
-        recent = sum(1 for d in self.deaths if d.monotonic_at >= since)
-        if recent >= self.policy.max_deaths:
-            log.error("%s; %d endings within %g s: model FAILED", message, recent, self.policy.window_s)
+        death = Death(time.time(), time.monotonic(), worker.slot, worker.pid, cause, message, during)
+        verdict = self.death_log.record(death)
+        if verdict.fail:
+            window = self.policy.window_s
+            log.error(
+                "%s; %d endings while idle or starting within %g s: model FAILED",
+                message,
+                verdict.counted,
+                window,
+            )
             self._fail(
-                f"its workers ended {recent} times within {self.policy.window_s:g} s (a crash loop); "
-                f"the last: {message}"
+                f"its workers ended {verdict.counted} times within {window:g} s while idle or starting "
+                f"(a crash loop); the last: {message}"
             )
             if self._on_death is not None:
                 self._on_death(cause, False)
             return
-        delay = self.policy.delay_s(recent)
+        slot, delay = worker.slot, verdict.delay_s
         log.warning("%s; restarting it in %g s", message, delay)
         if self._on_death is not None:
             self._on_death(cause, True)
-        task = asyncio.get_running_loop().create_task(self._restart(worker.slot, delay))
-        self._restarts[worker.slot] = task
+        task = asyncio.get_running_loop().create_task(self._restart(slot, delay))
+        self._restarts[slot] = task
 
     async def _restart(self, slot: int, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
@@ -339,7 +305,7 @@ class WorkerPool:
             await worker.start(self.policy.load_timeout_s)
         except WorkerStartError as exc:
             if self._ours(worker) and not self._closing:
-                self._record_death(worker, exc.cause, exc.message)
+                self._record_death(worker, exc.cause, exc.message, "start")
             return
         if not self._ours(worker) or self._closing:
             await worker.stop(grace_s=2.0)
@@ -400,6 +366,11 @@ class WorkerPool:
         return any(w.state == WorkerState.BUSY for w in self.workers.values())
 
     # ---- reporting -----------------------------------------------------------------------------
+    @property
+    def deaths(self) -> deque[Death]:
+        """The workers' recent endings, oldest first (``GET /models/{m}`` lists them)."""
+        return self.death_log.deaths
+
     def describe_workers(self) -> list[dict[str, Any]]:
         from archiver.serving.devices import describe_device
 
