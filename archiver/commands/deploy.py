@@ -159,9 +159,9 @@ def deploy_kserve(
     files = {
         "00-servingruntime.yaml": _yaml(to_document(kserve_runtime(image or DEFAULT_IMAGE))),
         "10-inferenceservice.yaml": _yaml(
-            to_document(kserve_inference_service(k8s_name(name or plan.name), storage_uri))
+            to_document(kserve_inference_service(k8s_name(name or plan.name), storage_uri, gpus=plan.gpus))
         ),
-        "Dockerfile": kserve_dockerfile(package_spec()),
+        "Dockerfile": kserve_dockerfile(package_spec(), gpu=plan.gpus > 0),
     }
     _refuse_existing([folder / f for f in files], force)
     for filename, text in files.items():

@@ -15,6 +15,7 @@ from typing import Any
 from archiver.config import ModelConfig, parse_model_config
 from archiver.errors import ConfigError, IntegrityError, UsageError
 from archiver.reader import open_archive
+from archiver.serving.placement import gpus_per_replica
 
 _REMOTE_SCHEMES = ("s3://", "gs://", "http://", "https://", "hdfs://", "pvc://", "az://")
 # Keys a model-config.yaml `ray:` section may give a replica's actor (Ray's own option names).
@@ -33,6 +34,9 @@ class ServePlan:
     min_replicas: int = 1
     max_replicas: int = 1
     ray_actor_options: dict[str, Any] = field(default_factory=dict)
+    # model-config.yaml's deviceType, and the GPUs a replica asks its engine for (placement.py)
+    device_type: str | None = None
+    gpus: int = 0
 
     @property
     def autoscaling(self) -> bool:
@@ -108,15 +112,19 @@ def plan_archive(
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         ray_actor_options=actor_options(config),
+        device_type=config.raw.get("deviceType"),
+        gpus=gpus_per_replica(config.raw),
     )
 
 
 def actor_options(config: ModelConfig) -> dict[str, Any]:
-    """A replica's resources: one GPU when ``deviceType: gpu``, one CPU otherwise, and whatever the
+    """A replica's resources: one CPU, the GPUs the model asks for (``deviceType: gpu`` or
+    ``deviceIds``: one; ``parallelLevel`` for torchrun; ``placement.gpus_per_replica``), and whatever the
     config's ``ray: {ray_actor_options: {...}}`` section sets (num_cpus, num_gpus, memory, resources)."""
     options: dict[str, Any] = {"num_cpus": 1}
-    if config.raw.get("deviceType") == "gpu":
-        options["num_gpus"] = 1
+    gpus = gpus_per_replica(config.raw)
+    if gpus:
+        options["num_gpus"] = gpus
     section = config.raw.get("ray") or {}
     given = section.get("ray_actor_options") if isinstance(section, dict) else None
     if given is None:

@@ -50,7 +50,9 @@ class ArchiveModel(kserve.Model):
     def load(self) -> bool:
         from archiver.serving.loader import load_model
 
-        self.loaded = load_model(self.source, name=self.name, cache_dir=self.cache_dir)
+        self.loaded = load_model(
+            self.source, name=self.name, cache_dir=self.cache_dir, gpu_id=pod_gpu_id(self.source)
+        )
         log_handler_errors(self.loaded, log)
         self.signature = model_signature(str(self.source))
         self.ready = True
@@ -114,6 +116,18 @@ class ArchiveModel(kserve.Model):
             use_binary_outputs=request.use_binary_outputs,
             requested_outputs=request.request_outputs,
         )
+
+
+def pod_gpu_id(source: Path) -> int | None:
+    """The GPU of this pod for the model at ``source``: its ``nvidia.com/gpu`` is all its CUDA sees,
+    so the first, 0, when CUDA is there; none for ``deviceType: cpu`` (``placement.replica_gpu_id``)."""
+    import torch
+
+    from archiver.integrations.archive_plan import plan_archive
+    from archiver.serving.placement import replica_gpu_id
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return replica_gpu_id(plan_archive(source).device_type, visible, "this KServe pod")
 
 
 def v2_request(request: InferRequest) -> oip.V2Request:

@@ -21,6 +21,7 @@ KSERVE_RUNTIME = "model-archiver"
 KSERVE_FORMATS = (("mar", True), ("pytorch", False))
 KSERVE_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the storage URI's files
 KSERVE_HTTP_PORT = 8080
+GPU_RESOURCE = "nvidia.com/gpu"  # the NVIDIA device plugin's resource name
 DEFAULT_IMAGE = f"torchmar-kserve:{__version__}"
 # What the runtime container runs: the command the tests run against KServe's ModelServer.
 KSERVE_ENTRYPOINT = ["python", "-m", "archiver.integrations.kserve"]
@@ -118,11 +119,17 @@ def kserve_runtime(image: str = DEFAULT_IMAGE, name: str = KSERVE_RUNTIME) -> An
     )
 
 
-def kserve_inference_service(name: str, storage_uri: str, runtime: str = KSERVE_RUNTIME) -> Any:
-    """The ``InferenceService`` that serves the archive at ``storage_uri`` with the runtime above."""
+def kserve_inference_service(
+    name: str, storage_uri: str, runtime: str = KSERVE_RUNTIME, gpus: int = 0
+) -> Any:
+    """The ``InferenceService`` that serves the archive at ``storage_uri`` with the runtime above;
+    ``gpus`` (``ServePlan.gpus``) become the model's ``nvidia.com/gpu`` limit, the GPUs its pod gets."""
     require_extra("kserve")
     from kserve import models as km
-    from kubernetes.client import V1ObjectMeta
+    from kubernetes.client import V1ObjectMeta, V1ResourceRequirements
+
+    # An extended resource is asked for by its limit (Kubernetes sets the request to it).
+    resources = V1ResourceRequirements(limits={GPU_RESOURCE: str(gpus)}) if gpus else None
 
     return km.V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
@@ -134,6 +141,7 @@ def kserve_inference_service(name: str, storage_uri: str, runtime: str = KSERVE_
                     model_format=km.V1beta1ModelFormat(name="mar"),
                     runtime=runtime,
                     storage_uri=storage_uri,
+                    resources=resources,
                 )
             )
         ),
@@ -156,14 +164,19 @@ def _without_empty(value: Any) -> Any:
     return value
 
 
-def kserve_dockerfile(package: str, base_image: str = "python:3.12-slim") -> str:
-    """The runtime image: this package with its ``kserve`` extra, CPU torch, our ModelServer command."""
+def kserve_dockerfile(package: str, base_image: str = "python:3.12-slim", gpu: bool = False) -> str:
+    """The runtime image: this package with its ``kserve`` extra, torch (CPU-only, or PyPI's CUDA
+    build for a model that asks for a GPU), our ModelServer command."""
     entrypoint = ", ".join(f'"{part}"' for part in KSERVE_ENTRYPOINT)
+    index = "" if gpu else "--extra-index-url https://download.pytorch.org/whl/cpu "
+    torch_kind = "CUDA torch (PyPI's default build)" if gpu else "CPU-only torch"
+
     return f"""\
 # The model-archiver KServe runtime (written by `model-archiver deploy kserve`).
 # Build: docker build -t IMAGE .   (then push IMAGE and name it in the ServingRuntime)
 FROM {base_image}
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu "{package}"
+# {torch_kind}
+RUN pip install --no-cache-dir {index}"{package}"
 # KServe mounts the InferenceService's storageUri here; the runtime serves every archive in it.
 ENV MODEL_ARCHIVER_CACHE=/tmp/model-archiver-cache
 USER 1000

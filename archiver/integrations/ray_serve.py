@@ -46,7 +46,11 @@ class ArchiveModel:
         self.plan = plan
         self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
         self.model = load_model(
-            local_path(plan.source), name=plan.name, cache_dir=cache_dir, batch_size=plan.batch_size
+            local_path(plan.source),
+            name=plan.name,
+            cache_dir=cache_dir,
+            batch_size=plan.batch_size,
+            gpu_id=_ray_gpu_id(plan),
         )
         log_handler_errors(self.model, log)
         _pin_torch_threads()
@@ -69,6 +73,16 @@ class ArchiveModel:
     async def __call__(self, request: Request) -> Response:
         """HTTP, when this model is the application's only one."""
         return await answer_http(request, self.table, self.max_request_size)
+
+
+def _ray_gpu_id(plan: ServePlan) -> int | None:
+    """The GPU Ray gave this replica, as its CUDA sees it: Ray sets CUDA_VISIBLE_DEVICES to the
+    ``ray.get_gpu_ids()`` it assigned, so the first is ``cuda:0`` (``placement.replica_gpu_id``)."""
+    import ray
+
+    from archiver.serving.placement import replica_gpu_id
+
+    return replica_gpu_id(plan.device_type, len(ray.get_gpu_ids()), "this Ray replica (ray.get_gpu_ids())")
 
 
 def _pin_torch_threads() -> None:
