@@ -133,15 +133,57 @@ def parse(setting: str, text: str, name: str | None = None, *, high: float | Non
         if not stripped or len(stripped) > _MAX_TEXT:
             raise ValueError(text)
         value: float = int(stripped) if bound.integer else float(stripped)
-    except ValueError:
+        return check(setting, value, name, high=high)
+    except (ValueError, UsageError):  # the message shows the text as sent, not as converted
         raise UsageError(f"{name} must be {bound.describe(top)}, got {_shown(text)}") from None
-    return check(setting, value, name, high=high)
 
 
-def check_all(values: dict[str, Any], names: dict[str, str] | None = None) -> dict[str, Any]:
-    """Every value that is not None checked (``names``: how each setting is spelled at its source)."""
-    names = names or {}
-    return {k: (v if v is None else check(k, v, names.get(k))) for k, v in values.items()}
+# serve's settings, as its flags (dashes as underscores) and --config keys name them -> their bound.
+SERVE_SETTINGS: dict[str, str] = {
+    "port": "port",
+    "management_port": "port",
+    "metrics_port": "port",
+    "workers": "workers",
+    "batch_size": "batch_size",
+    "max_batch_delay": "max_batch_delay_ms",
+    "response_timeout": "response_timeout_s",
+    "job_queue_size": "queue_size",
+    "max_request_size": "max_request_size",
+    "max_request_items": "max_request_items",
+    "worker_memory_limit": "worker_memory_limit_mb",
+    "torch_threads": "torch_threads",
+    "max_worker_deaths": "max_worker_deaths",
+    "worker_death_window": "worker_death_window_s",
+    "restart_backoff": "restart_backoff_s",
+    "max_workers_per_model": "max_workers_per_model",
+}
+
+
+def check_serve_settings(flags: dict[str, Any], config: dict[str, Any], config_name: str | None) -> int:
+    """Check every ``serve`` setting given as a flag (``flags``) or in ``--config`` (``config``), each
+    named as it was given; return the most workers per model (given, or the default)."""
+
+    def given(key: str) -> tuple[Any, str]:
+        if flags.get(key) is not None:
+            return flags[key], "--" + key.replace("_", "-")
+        return config.get(key), f"{key} in {config_name}"
+
+    value, name = given("max_workers_per_model")
+    top = default_max_workers_per_model() if value is None else check("max_workers_per_model", value, name)
+    for key, setting in SERVE_SETTINGS.items():
+        value, name = given(key)
+        if value is None:
+            continue
+        if setting != "workers":
+            check(setting, value, name)
+            continue
+        try:
+            check(setting, value, name, high=top)
+        except UsageError as exc:
+            over = isinstance(value, int) and value > top
+            hint = f" (at most --max-workers-per-model, {top} here)" if over else ""
+            raise UsageError(exc.message + hint) from None
+    return top
 
 
 def _shown(value: Any) -> str:

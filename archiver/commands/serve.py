@@ -48,6 +48,8 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "response_timeout": (int, float),
     "job_queue_size": (int,),
     "worker_memory_limit": (int, float),
+    "max_workers_per_model": (int,),
+    "max_request_items": (int,),
     "torch_threads": (int,),
     "install_model_deps": (bool,),
     "gpus": (str, int, list),
@@ -130,26 +132,29 @@ def _is_archive(path: Path) -> bool:
 @click.option("--port", type=int, help="Inference port (0 picks a free one).  [default: 8080]")
 @click.option("--management-port", type=int, help="Management port.  [default: 8081]")
 @click.option("--metrics-port", type=int, help="Metrics port.  [default: 8082]")
-@click.option("--workers", type=click.IntRange(min=0), help="Worker processes per model.  [default: 1]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Largest batch per model.  [default: 1]")
+# Ranges are checked by settings_bounds (in build_settings), the one checker every source shares.
+@click.option("--workers", type=int, help="Worker processes per model.  [default: 1]")
 @click.option(
-    "--max-batch-delay", type=click.FloatRange(min=0), help="Ms to wait for a batch to fill. [default: 5]"
+    "--max-workers-per-model", type=int, help="Most workers one model may run.  [default: 4 per core]"
 )
-@click.option("--response-timeout", type=click.FloatRange(min=0), help="Seconds before 504.  [default: 120]")
+@click.option("--batch-size", type=int, help="Largest batch per model.  [default: 1]")
+@click.option("--max-batch-delay", type=float, help="Ms to wait for a batch to fill. [default: 5]")
+@click.option("--response-timeout", type=float, help="Seconds before 504.  [default: 120]")
+@click.option("--job-queue-size", type=int, help="Queued requests per model before 503. [100]")
+@click.option("--max-request-size", type=int, help="Body limit in bytes.  [default: 6553500]")
 @click.option(
-    "--job-queue-size", type=click.IntRange(min=1), help="Queued requests per model before 503. [100]"
-)
-@click.option(
-    "--max-request-size", type=click.IntRange(min=1), help="Body limit in bytes.  [default: 6553500]"
+    "--max-request-items",
+    type=int,
+    help="v1 instances, v2 inputs or form fields per request; more is a 413.  [default: 1024]",
 )
 @click.option(
     "--worker-memory-limit",
-    type=click.FloatRange(min=1),
-    help="Restart a worker whose resident memory passes this many MB.  [default: no limit]",
+    type=float,
+    help="Restart a worker whose resident memory passes this many MB (0: none).  [default: no limit]",
 )
 @click.option(
     "--torch-threads",
-    type=click.IntRange(min=1),
+    type=int,
     help="torch threads per worker.  [default: cores / all workers]",
 )
 @click.option(
@@ -288,6 +293,10 @@ def build_settings(
     from archiver.serving.server import ServerSettings
 
     file_cfg = read_server_config(Path(config_path)) if config_path else {}
+    from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
+    from archiver.settings_bounds import check_serve_settings
+
+    max_workers = check_serve_settings(flags, file_cfg, config_path)  # every range, named as given
 
     def pick(key: str) -> Any:
         if flags.get(key) is not None:
@@ -342,6 +351,8 @@ def build_settings(
         cache_dir=Path(cache_dir) if cache_dir else None,
         torch_threads=pick("torch_threads"),
         install_model_deps=bool(pick("install_model_deps")),
+        max_workers_per_model=max_workers,
+        max_request_items=pick("max_request_items") or DEFAULT_MAX_REQUEST_ITEMS,
         trusted_keys=_trusted_keys(
             list(flags.get("trusted_keys") or ()) or _as_list(file_cfg.get("trusted_keys"))
         ),

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
+from archiver import settings_bounds
 from archiver.errors import (
     ArchiverError,
     BodyTimeoutError,
@@ -33,6 +34,7 @@ from archiver.serving.http_codec import form_parts, last_wins, mime_type, respon
 from archiver.serving.metrics import ServerMetrics
 from archiver.serving.protocol import error_response, new_request_id, response_for_exception
 from archiver.serving.registry import ModelRegistry
+from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items, form_fields_at_most
 from archiver.serving.site_guard import SiteRules
 from archiver.serving.wire import RawRequest
 
@@ -53,6 +55,8 @@ class HttpLimits:
 
     max_request_size: int = 6553500
     body_read_timeout_s: float = 60.0
+    # v1 instances, v2 input tensors or form fields one request may carry (request_bounds.py)
+    max_request_items: int = DEFAULT_MAX_REQUEST_ITEMS
     token: str | None = None
     # The host names and origins answered when there is no token (site_guard.py); None: every one.
     site: SiteRules | None = None
@@ -186,6 +190,7 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader):
                     raise ValueError("nested multipart bodies are not supported")
+                check_items(len(parts) + 1, limits.max_request_items, "form fields")  # before reading it
                 value = await _read_capped(part.read_chunk, limit, total)
                 total += len(value)
                 parts.append((part.name or "data", value, part.headers.get("Content-Type") or ""))
@@ -201,6 +206,7 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
         else:
             body = await _read_capped(request.content.read, limit)
         if mime == "application/x-www-form-urlencoded":
+            check_items(form_fields_at_most(body, content_type), limits.max_request_items, "form fields")
             parts.extend(form_parts(body))
         else:
             parts.append(("body", body, content_type or ""))
@@ -277,14 +283,10 @@ def _int_param(query: Any, key: str) -> int | None:
         raise UsageError(f"{key} must be an integer, got {raw!r}") from None
 
 
-def _float_param(query: Any, key: str) -> float | None:
+def _setting(query: Any, key: str, setting: str, high: int | None = None) -> Any:
+    """A serving setting from the query, in its range (settings_bounds; "" is refused, not ignored)."""
     raw = query.get(key)
-    if raw is None or raw == "":
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise UsageError(f"{key} must be a number, got {raw!r}") from None
+    return None if raw is None else settings_bounds.parse(setting, raw, key, high=high)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -317,24 +319,26 @@ async def register_model(request: web.Request) -> web.Response:
         try:
             limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
             body = json.loads(await _in_time(_read_capped(request.content.read, 65536), limits))
+        except RecursionError:
+            raise UsageError("register body is JSON nested too deep: send one flat object") from None
         except ValueError as exc:
             raise UsageError(f"register body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise UsageError("register body must be a JSON object")
-        query = {k: str(v) for k, v in body.items()}
+        if any(isinstance(v, (dict, list)) for v in body.values()):
+            raise UsageError("register body: each value must be a string, a number or true/false")
+        query = {k: str(v) for k, v in body.items() if v is not None}
     url = query.get("url")
     if not url:
         raise UsageError("Parameter url is required.")
     source = registry.store_path(url)
     overrides = {
-        "batch_size": _int_param(query, "batch_size"),
-        "max_batch_delay_ms": _float_param(query, "max_batch_delay"),
-        "workers": _int_param(query, "initial_workers"),
-        "response_timeout_s": _float_param(query, "response_timeout"),
-        "worker_memory_limit_mb": _float_param(query, "worker_memory_limit"),
+        "batch_size": _setting(query, "batch_size", "batch_size"),
+        "max_batch_delay_ms": _setting(query, "max_batch_delay", "max_batch_delay_ms"),
+        "workers": _setting(query, "initial_workers", "workers", registry.max_workers_per_model),
+        "response_timeout_s": _setting(query, "response_timeout", "response_timeout_s"),
+        "worker_memory_limit_mb": _setting(query, "worker_memory_limit", "worker_memory_limit_mb"),
     }
-    if overrides["batch_size"] is not None and overrides["batch_size"] < 1:
-        raise UsageError("batch_size must be >= 1")
     entry = await registry.register(
         source, name=query.get("model_name") or None, url=url, overrides=overrides
     )
@@ -346,12 +350,14 @@ async def register_model(request: web.Request) -> web.Response:
 async def scale_model(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     name, version = request.match_info["model"], request.match_info.get("version")
-    workers = _int_param(request.query, "min_worker")
+    top = registry.max_workers_per_model
+    workers = _setting(request.query, "min_worker", "workers", top)
     if workers is None:
         workers = registry.get(name, version).settings.workers
-    max_workers = _int_param(request.query, "max_worker")
+    max_workers = _setting(request.query, "max_worker", "workers", top)
     if max_workers is not None and max_workers < workers:
-        raise UsageError("max_worker must be >= min_worker")
+        wanted = f"an integer from min_worker ({workers}) to {top}"
+        raise UsageError(f"max_worker must be {wanted}, got {max_workers}")
     entry = await registry.scale(name, version, workers)
     suffix = f", version: {version}" if version else ""
     return _json(200, {"status": f"Workers scaled to {workers} for model: {entry.name}{suffix}"})

@@ -11,7 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from archiver import settings_bounds
 from archiver.config import ModelConfig
+from archiver.errors import UsageError
 from archiver.serving.pool import PoolState, RestartPolicy, WorkerPool
 
 if TYPE_CHECKING:
@@ -63,6 +65,49 @@ def settings_from_model_config(config: ModelConfig) -> dict[str, Any]:
         "device_type": raw.get("deviceType"),
         "device_ids": tuple(raw["deviceIds"]) if raw.get("deviceIds") else None,
     }
+
+
+# The ModelSettings fields whose range settings_bounds owns (all of them but the devices).
+_BOUNDED_FIELDS = (
+    "batch_size",
+    "max_batch_delay_ms",
+    "response_timeout_s",
+    "queue_size",
+    "load_timeout_s",
+    "worker_memory_limit_mb",
+    "max_worker_deaths",
+    "worker_death_window_s",
+    "restart_backoff_s",
+)
+
+
+def served_settings(
+    defaults: ModelSettings,
+    config: ModelConfig,
+    operator: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    *,
+    max_workers: int,
+) -> ModelSettings:
+    """How a model is served: ``overrides`` (a register call) over the operator's settings over its
+    model-config.yaml over the defaults, each in its range (UsageError naming the first that is not).
+
+    Every source checks its own values with its own names; this is the last word, and the one place
+    that knows the server's ``max_workers`` per model, which an archive's ``minWorkers`` may exceed.
+    """
+    settings = defaults.merged(**settings_from_model_config(config)).merged(**operator)
+    settings = settings.merged(**(overrides or {}))
+    for key in _BOUNDED_FIELDS:
+        value = getattr(settings, key)
+        if value is not None:
+            settings_bounds.check(key, value)
+    from_archive = config.min_workers is not None and settings.workers == config.min_workers
+    name = "minWorkers (in the archive's model-config.yaml)" if from_archive else "workers"
+    try:
+        settings_bounds.check("workers", settings.workers, name, high=max_workers)
+    except UsageError as exc:
+        raise UsageError(f"{exc.message} (the server's --max-workers-per-model is {max_workers})") from None
+    return settings
 
 
 @dataclass(eq=False)

@@ -15,9 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from archiver import settings_bounds
 from archiver.config import ModelConfig, parse_model_config
 from archiver.errors import (
     ArchiverError,
+    ConfigError,
     ConflictError,
     ForbiddenError,
     ModelNotFoundError,
@@ -28,7 +30,7 @@ from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.batcher import Batcher
 from archiver.serving.devices import Gpu, GpuMonitor, worker_gpu_env
 from archiver.serving.metrics import ModelSnapshot
-from archiver.serving.model_entry import ModelEntry, ModelSettings, settings_from_model_config
+from archiver.serving.model_entry import ModelEntry, ModelSettings, served_settings
 from archiver.serving.placement import SharedGpuCounter
 from archiver.serving.pool import PoolState, WorkerPool
 from archiver.serving.protocol import InferenceResponse
@@ -60,6 +62,7 @@ class ModelRegistry:
         torch_threads: int | None = None,
         install_model_deps: bool = False,
         handler_metrics: HandlerMetricsSink | None = None,
+        max_workers_per_model: int | None = None,
         signatures: SignatureGate | None = None,
         gpus: list[Gpu] | None = None,
     ) -> None:
@@ -69,6 +72,8 @@ class ModelRegistry:
         self.cache_dir = cache_dir
         self.torch_threads = torch_threads
         self.install_model_deps = install_model_deps
+        # the most workers one model may run (serve --max-workers-per-model; settings_bounds says why)
+        self.max_workers_per_model = max_workers_per_model or settings_bounds.default_max_workers_per_model()
         self._handler_metrics = handler_metrics
         self._batch_observer = batch_observer
         self._death_counter = death_counter
@@ -198,9 +203,15 @@ class ModelRegistry:
             raise UsageError(
                 f"url must be the file name of an archive in the model store (no paths, no URLs), got {url!r}"
             )
+        if len(url.encode("utf-8", "surrogatepass")) > 255:  # no file system has longer file names
+            raise UsageError(f"url must be a file name of at most 255 bytes, got {len(url)} characters")
         path = self.model_store / url
-        if not path.exists():
-            raise ModelNotFoundError(f"no archive named {url!r} in the model store")
+        try:
+            found = path.exists()
+        except (OSError, ValueError):  # never an answer that shows where the store is
+            raise UsageError(f"url {url[:80]!r} cannot name a file in the model store") from None
+        if not found:
+            raise ModelNotFoundError(f"no archive named {url[:80]!r} in the model store")
         return path
 
     async def register(self, source: Path, **options: Any) -> ModelEntry:
@@ -234,19 +245,27 @@ class ModelRegistry:
             manifest, config = await loop.run_in_executor(None, _read_archive_head, source)
         except ArchiverError as exc:
             if not startup:
+                # an archive whose model-config.yaml is wrong: the request named it, so it is a 400
+                if isinstance(exc, ConfigError):
+                    raise UsageError(exc.message) from None
                 raise
             return self._add_failed(name or _stem(source), url or source.name, source, exc)
         model_name = name or manifest.model_name
         if not MODEL_NAME_PATTERN.match(model_name):
             raise UsageError(f"invalid model name {model_name!r}")
+        try:
+            limit = self.max_workers_per_model
+            settings = served_settings(self.defaults, config, self.operator, overrides, max_workers=limit)
+        except UsageError as exc:
+            if not startup:
+                raise
+            return self._add_failed(model_name, url or source.name, source, exc)
         version = manifest.model_version or "1.0"
         existing = self._models.get(model_name, {}).get(version)
         if existing is not None:
             if existing.state != FAILED:
                 raise ConflictError(f'model "{model_name}" version {version} is already registered')
             await self.unregister(model_name, version, force=True)
-        settings = self.defaults.merged(**settings_from_model_config(config)).merged(**self.operator)
-        settings = settings.merged(**(overrides or {}))
         entry = ModelEntry(
             name=model_name,
             version=version,
@@ -329,7 +348,8 @@ class ModelRegistry:
         try:
             signature = await self.signatures.check(source)
             manifest, config = await loop.run_in_executor(None, _read_archive_head, source)
-            settings = self.defaults.merged(**settings_from_model_config(config)).merged(**self.operator)
+            limit = self.max_workers_per_model
+            settings = served_settings(self.defaults, config, self.operator, max_workers=limit)
             candidate = replace(
                 entry,
                 source=source,
@@ -377,8 +397,7 @@ class ModelRegistry:
     # ---- management --------------------------------------------------------------------------
     async def scale(self, name: str, version: str | None, workers: int) -> ModelEntry:
         """Start or retire worker processes until the model has ``workers``; a FAILED model restarts."""
-        if workers < 0:
-            raise UsageError("min_worker must be >= 0")
+        settings_bounds.check("workers", workers, "min_worker", high=self.max_workers_per_model)
         entry = self.get(name, version)
         if entry.pool is None or entry.state == LOADING:
             raise ServiceUnavailableError(f'model "{name}" is {entry.state.value}; cannot scale it')

@@ -26,6 +26,7 @@ from archiver.serving.devices import server_gpus
 from archiver.serving.metrics import ServerMetrics
 from archiver.serving.parse_errors import JsonErrorRunner
 from archiver.serving.registry import ModelEntry, ModelRegistry, ModelSettings
+from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
 from archiver.serving.signature_gate import SignatureGate
 from archiver.serving.site_guard import SiteRules
 
@@ -85,6 +86,10 @@ class ServerSettings:
     torch_threads: int | None = None
     # Install each archive's requirementsFile into a cached virtual environment for its workers.
     install_model_deps: bool = False
+    # The most workers one model may run (register, scale, model-config.yaml); None: 4 per core.
+    max_workers_per_model: int | None = None
+    # v1 instances, v2 input tensors or form fields one request may carry (request_bounds.py).
+    max_request_items: int = DEFAULT_MAX_REQUEST_ITEMS
     # Public keys (signing_keys.read_trusted_keys): when set, only archives one of them signed load.
     trusted_keys: tuple[Any, ...] = ()
     # The GPUs workers are placed on: None or "all" (every one found), "none", or indices "0,2";
@@ -148,6 +153,7 @@ class Server:
             death_counter=self.metrics.count_worker_death,
             torch_threads=settings.torch_threads,
             install_model_deps=settings.install_model_deps,
+            max_workers_per_model=settings.max_workers_per_model,
             handler_metrics=self.metrics.observe_handler_metrics,
             signatures=SignatureGate(settings.trusted_keys, self.metrics.count_signature_refusal),
             gpus=gpus,
@@ -157,6 +163,7 @@ class Server:
         self.limits = HttpLimits(
             max_request_size=settings.max_request_size,
             body_read_timeout_s=settings.body_read_timeout_s,
+            max_request_items=settings.max_request_items,
             token=settings.token or None,
             site=SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins),
         )
