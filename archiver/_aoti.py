@@ -54,7 +54,7 @@ def resize_batch(inputs: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Ten
     """The example inputs with ``size`` rows: the first rows, or the rows repeated in turn."""
     out = []
     for tensor in inputs:
-        index = torch.arange(size) % tensor.shape[0]
+        index = torch.arange(size, device=tensor.device) % tensor.shape[0]
         out.append(tensor.index_select(0, index))
     return tuple(out)
 

@@ -26,6 +26,7 @@ from archiver import _aoti
 from archiver.errors import ExportError, InputFileError, UsageError
 
 METHODS = ("trace", "script", "export", "aoti")
+DEVICES = ("cpu", "cuda")
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -53,6 +54,7 @@ def export_model(
     atol: float | None = None,
     max_batch: int | None = None,
     on_stage: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Export ``model`` by ``method`` to ``path``, check it against the eager model, return ``path``.
 
@@ -60,9 +62,14 @@ def export_model(
     the example's batch) and compiles it; ``on_stage(text)`` is told as each long step begins.
     The check's tolerances default to rtol 1e-4, atol 1e-5, and ten times that for ``aoti``, whose
     fused kernels sum in another order (ResNet34's logits differ by up to 2e-4).
+
+    ``device="cuda"`` (``export`` and ``aoti``) exports the model and example on the GPU, so an
+    AOTInductor package holds CUDA kernels; where torch has no CUDA it is refused before anything
+    is written (``check_device``).
     """
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_device(method, device)
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -85,6 +92,9 @@ def export_model(
             )
     path = Path(path)
     model.eval()
+    if device != "cpu":
+        model = model.to(device)
+        inputs = tuple(t.to(device) for t in inputs)
     with torch.no_grad():
         try:
             expected = model(*inputs)
@@ -112,6 +122,26 @@ def export_model(
         finally:
             temp.unlink(missing_ok=True)
     return path
+
+
+def check_device(method: str, device: str) -> None:
+    """Refuse a device this export cannot target here: an unknown one or TorchScript on CUDA (usage),
+    CUDA on a machine whose torch has none (ExportError), before any work or any file."""
+    if device not in DEVICES:
+        raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return
+    if method not in ("export", "aoti"):
+        raise UsageError(
+            f"--device {device} applies to --method export and aoti; a TorchScript file ({method}) is "
+            "moved to the serving device when it loads, so export it on the CPU"
+        )
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+        raise ExportError(
+            f"--device {device}: this machine has no CUDA GPU that torch can use ({build}); export on "
+            "a machine with the GPU the server will use, or use --device cpu"
+        )
 
 
 def _save(

@@ -3,9 +3,11 @@
 A ``.pt2`` is a zip that torch writes in two kinds: a ``torch.export`` program (``torch.export.save``:
 a graph in ``models/*.json`` plus weights, run by torch's Python interpreter of the graph) and an
 AOTInductor package (``aoti_compile_and_package``: C++ compiled into ``data/aotinductor/<model>/*.so``,
-with its metadata beside it in ``*wrapper_metadata.json``). Both carry ``archive_format`` = ``pt2``
-under one top folder. The name proves nothing (TorchServe archives name any serialized file
-``model.pt``), so the loader, ``inspect`` and the export check all ask this module.
+with its metadata beside it in ``*wrapper_metadata.json``, whose ``AOTI_DEVICE_KEY`` names the device
+the code was compiled for). Both carry ``archive_format`` = ``pt2`` under one top folder; a program
+says where its weights live in ``data/weights/model_weights_config.json`` (each tensor's ``device``).
+The name proves nothing (TorchServe archives name any serialized file ``model.pt``), so the loader,
+``inspect`` and the export check all ask this module.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ KIND_NAMES = {AOTI: "AOTInductor package", EXPORT: "torch.export program"}
 # exported and checked for. torch itself records no bound, so packages compiled elsewhere have none.
 MAX_BATCH_KEY = "model_archiver.max_batch"
 _METADATA_LIMIT_BYTES = 1 << 20
+_WEIGHTS_CONFIG_LIMIT_BYTES = 64 << 20  # about 600 bytes a tensor: 100,000 tensors
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Pt2Info:
 
     kind: str
     metadata: dict[str, str] = field(default_factory=dict)
+    weights_device: str | None = None  # a program's: 'cuda' when any weight was saved on a GPU
 
     @property
     def kind_name(self) -> str:
@@ -46,13 +50,17 @@ class Pt2Info:
 
     @property
     def device(self) -> str | None:
-        """The device the package's code was compiled for ('cpu', 'cuda'); None for a program."""
+        """The device a package's code was compiled for, or a program's weights were saved on ('cpu',
+        'cuda'); None when the file does not say."""
+        if self.kind == EXPORT:
+            return self.weights_device
         return self.metadata.get("AOTI_DEVICE_KEY") or None
 
     def describe(self) -> str:
         """One line for a user: the kind and, for a package, what it was compiled for."""
         if self.kind != AOTI:
-            return self.kind_name
+            on = self.weights_device
+            return self.kind_name + (f", exported on {on}" if on and on != "cpu" else "")
         parts = []
         if self.device:
             isa = self.metadata.get("AOTI_CPU_ISA") if self.device == "cpu" else None
@@ -92,7 +100,9 @@ def _classify(zf: zipfile.ZipFile) -> Pt2Info | None:
     if compiled:
         return Pt2Info(AOTI, _metadata(zf, compiled))
     if any(n.startswith(f"{top}/models/") and n.endswith(".json") for n in names):
-        return Pt2Info(EXPORT)
+        return Pt2Info(
+            EXPORT, weights_device=_weights_device(zf, f"{top}/data/weights/model_weights_config.json")
+        )
     raise ArchiveFormatError(
         "this .pt2 holds neither a torch.export program (models/*.json) nor an AOTInductor package "
         "(data/aotinductor/)"
@@ -108,6 +118,24 @@ def _metadata(zf: zipfile.ZipFile, compiled: list[str]) -> dict[str, str]:
                 return {}
             return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
     return {}
+
+
+def _weights_device(zf: zipfile.ZipFile, name: str) -> str | None:
+    """'cuda' (or another accelerator) when a weight of the program was saved there, 'cpu' when all
+    were, None when the file is missing or unreadable."""
+    try:
+        if zf.getinfo(name).file_size > _WEIGHTS_CONFIG_LIMIT_BYTES:
+            return None
+        config = json.loads(zf.read(name)).get("config", {})
+    except (KeyError, ValueError, AttributeError):
+        return None
+    kinds = set()
+    for entry in config.values() if isinstance(config, dict) else ():
+        device = entry.get("tensor_meta", {}).get("device", {}) if isinstance(entry, dict) else {}
+        if isinstance(device, dict) and isinstance(device.get("type"), str):
+            kinds.add(device["type"])
+    others = sorted(kinds - {"cpu"})
+    return others[0] if others else ("cpu" if kinds else None)
 
 
 def _label(source: str | os.PathLike | IO[bytes]) -> str:

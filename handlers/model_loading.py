@@ -57,6 +57,12 @@ def load_serialized_model(
     if info is not None and info.kind == AOTI:
         return AotiModel.load(path, info, device)
     if info is not None:
+        if info.device not in (None, "cpu") and not _has(info.device):
+            raise HandlerError(
+                f"{path.name} is a torch.export program exported on {info.device}, and this worker has no "
+                f"{info.device.upper()} that torch can use: export it again with "
+                "--device cpu, or serve it on a GPU machine"
+            )
         try:
             with open(path, "rb") as stream:  # a file object: torch.export.load warns at a name not .pt2
                 program = torch.export.load(stream)
@@ -97,10 +103,11 @@ class AotiModel:
         """Load ``path`` for ``device`` when it was compiled for that kind of device, else for its own."""
         compiled_for = info.device or "cpu"
         if compiled_for != device.type:
-            if compiled_for != "cpu" and not torch.cuda.is_available():
+            if compiled_for != "cpu" and not _has(compiled_for):
                 raise HandlerError(
                     f"{path.name} is an AOTInductor package compiled for {compiled_for}, and this worker "
-                    "has no such device: export it again on a machine like the server's"
+                    f"has no {compiled_for.upper()} that torch can use: export it again "
+                    "with --device cpu, or serve it on a GPU machine"
                 )
             device = torch.device("cpu") if compiled_for == "cpu" else torch.device(compiled_for, 0)
         try:
@@ -151,6 +158,13 @@ def _pt2_named(path: Path) -> Iterator[Path]:
         link = Path(folder) / f"{path.stem}.pt2"
         link.symlink_to(path.resolve())
         yield link
+
+
+def _has(device_type: str) -> bool:
+    """Whether this process's torch can run code on ``device_type`` ('cuda', 'xpu', …)."""
+    backend = getattr(torch, device_type, None)
+    available = getattr(backend, "is_available", None)
+    return bool(available()) if callable(available) else False
 
 
 def load_state_dict_into(model: torch.nn.Module, path: Path, device: torch.device) -> None:

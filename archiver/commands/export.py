@@ -58,6 +58,14 @@ METHOD_SUFFIX = {"trace": ".pt", "script": ".pt", "export": ".pt2", "aoti": ".pt
     type=click.Path(dir_okay=False),
     help="File to write.  [default: model.pt, or model.pt2 for --method export and aoti]",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where --method export and aoti trace and compile: cuda makes a package of CUDA kernels, "
+    "served on a GPU (needs CUDA here).",
+)
 @click.option("--rtol", type=float, help="Relative tolerance of the check.  [default: 1e-4; 1e-3 for aoti]")
 @click.option("--atol", type=float, help="Absolute tolerance of the check.  [default: 1e-5; 1e-4 for aoti]")
 def export(
@@ -70,12 +78,14 @@ def export(
     output: str | None,
     rtol: float | None,
     atol: float | None,
+    device: str,
 ) -> None:
     """Export a model to TorchScript, torch.export or AOTInductor, in eval mode, and check it against
     the eager model."""
     from archiver.errors import UsageError
-    from archiver.export import export_model, load_model_object, parse_example_input
+    from archiver.export import check_device, export_model, load_model_object, parse_example_input
 
+    check_device(method, device)  # before the model is built: no CUDA here is said at once
     if method != "aoti" and (max_batch is not None or config_file is not None):
         raise UsageError("--max-batch and --config-file apply to --method aoti only")
     if max_batch is None and config_file is not None:
@@ -96,6 +106,7 @@ def export(
             atol=atol,
             max_batch=max_batch,
             on_stage=on_stage,
+            device=device,
         )
     if method not in ("export", "aoti"):
         click.echo(
