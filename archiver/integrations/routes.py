@@ -30,6 +30,7 @@ from archiver.serving import oip
 from archiver.serving.http_codec import error_http_response, http_response, raw_request, response_headers
 from archiver.serving.oip_metadata import platform_of, read_signature
 from archiver.serving.protocol import InferenceResponse, error_response
+from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items, form_fields_at_most
 from archiver.serving.wire import RawRequest
 
 log = logging.getLogger("archiver.integrations")
@@ -120,9 +121,18 @@ async def _call(route: ModelRoute, raw: RawRequest) -> InferenceResponse:
 
 
 async def dispatch(
-    table: ModelTable, method: str, path: str, headers: dict[str, str], body: bytes, max_request_size: int
+    table: ModelTable,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    max_request_size: int,
+    max_request_items: int = DEFAULT_MAX_REQUEST_ITEMS,
 ) -> Reply:
-    """Answer one HTTP request; every failure is a JSON error body with its status, never a raise."""
+    """Answer one HTTP request; every failure is a JSON error body with its status, never a raise.
+
+    ``max_request_items``: the v1 instances or form fields one request may carry (request_bounds).
+    """
     lowered = {k.lower(): v for k, v in headers.items()}
     request_id = lowered.get("x-request-id") or uuid.uuid4().hex
     segments = [s for s in path.split("/") if s]
@@ -132,7 +142,9 @@ async def dispatch(
                 raise RequestTooLargeError(
                     f"request body is over the server's limit of {max_request_size} bytes"
                 )
-            return await _open_inference(table, method, segments, headers, lowered, body, request_id)
+            return await _open_inference(
+                table, method, segments, headers, lowered, body, request_id, max_request_items
+            )
         except ArchiverError as exc:
             return _oip_error(exc)
     try:
@@ -145,6 +157,8 @@ async def dispatch(
                 error_response(405, "MethodNotAllowed", f"{method} is not allowed on {path}"), request_id
             )
         route = table.pick(segments[1], segments[2] if len(segments) == 3 else None)
+        fields = form_fields_at_most(body, lowered.get("content-type"))
+        check_items(fields, max_request_items, "form fields", exact=False)  # before it is parsed
         raw = raw_request(
             body,
             lowered.get("content-type"),
@@ -167,6 +181,7 @@ async def _open_inference(
     lowered: dict[str, str],
     body: bytes,
     request_id: str,
+    max_request_items: int,
 ) -> Reply:
     """``/v2/...`` and ``/v1/models/...``: the protocol's routes on the same models."""
     if segments == ["v2"] and method == "GET":
@@ -182,7 +197,7 @@ async def _open_inference(
         if verb == "" and method == "GET":
             return _json(200, {"name": route.name, "ready": True})
         if verb == "predict" and method == "POST":
-            return await _v1_predict(route, headers, body, request_id)
+            return await _v1_predict(route, headers, body, request_id, max_request_items)
         return _not_found()
     if segments[:2] != ["v2", "models"] or len(segments) < 3:
         return _not_found()
@@ -206,9 +221,11 @@ async def _open_inference(
     return _not_found()
 
 
-async def _v1_predict(route: ModelRoute, headers: dict[str, str], body: bytes, request_id: str) -> Reply:
+async def _v1_predict(
+    route: ModelRoute, headers: dict[str, str], body: bytes, request_id: str, max_instances: int
+) -> Reply:
     """Each instance is one element of a batch: sent together, they batch as separate requests do."""
-    instances = oip.parse_v1_request(body)
+    instances = oip.parse_v1_request(body, max_instances)
     raws = [oip.v1_raw_request(x, f"{request_id}-{i}", headers) for i, x in enumerate(instances)]
     answers = await asyncio.gather(*(_call(route, raw) for raw in raws))
     for answer in answers:

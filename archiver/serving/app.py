@@ -190,7 +190,7 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader):
                     raise ValueError("nested multipart bodies are not supported")
-                check_items(len(parts) + 1, limits.max_request_items, "form fields")  # before reading it
+                check_items(len(parts) + 1, limits.max_request_items, "form fields", exact=False)
                 value = await _read_capped(part.read_chunk, limit, total)
                 total += len(value)
                 parts.append((part.name or "data", value, part.headers.get("Content-Type") or ""))
@@ -206,7 +206,8 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
         else:
             body = await _read_capped(request.content.read, limit)
         if mime == "application/x-www-form-urlencoded":
-            check_items(form_fields_at_most(body, content_type), limits.max_request_items, "form fields")
+            fields = form_fields_at_most(body, content_type)
+            check_items(fields, limits.max_request_items, "form fields", exact=False)
             parts.extend(form_parts(body))
         else:
             parts.append(("body", body, content_type or ""))

@@ -88,6 +88,7 @@ from archiver.serving.oip_values import (  # noqa: F401 - re-exported: hosts use
     split_bytes_elements,
     unpack_values,
 )
+from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items
 from archiver.serving.wire import RawRequest
 
 
@@ -143,10 +144,12 @@ def make_request(
     id: str | None = None,  # noqa: A002 - the protocol's name
     outputs: list[RequestedOutput] | list[str] | None = None,
     parameters: dict[str, Any] | None = None,
+    max_inputs: int = DEFAULT_MAX_REQUEST_ITEMS,
 ) -> V2Request:
     """A V2Request from inputs made with ``make_input`` (for hosts that decode requests themselves)."""
     if not inputs:
         raise TensorRequestError("an infer request needs at least one input")
+    check_items(len(inputs), max_inputs, "v2 inputs")
     names = [i.name for i in inputs]
     if len(set(names)) != len(names):
         raise TensorRequestError(f"input names must be unique, got {names}")
@@ -159,12 +162,16 @@ def make_request(
 # ---- parsing an HTTP v2 request ------------------------------------------------------------------
 
 
-def parse_infer_request(body: bytes, header_length: int | str | None = None) -> V2Request:
+def parse_infer_request(
+    body: bytes, header_length: int | str | None = None, max_inputs: int = DEFAULT_MAX_REQUEST_ITEMS
+) -> V2Request:
     """Parse and validate a v2 infer request body (JSON, or JSON plus binary tensor data).
 
     Every problem is a TensorRequestError (HTTP 400) with a message that names the input and the fault:
     a shape that disagrees with the data, an unknown datatype, a binary size past the body's end, a
-    wrong ``Inference-Header-Content-Length``, an input with no data, JSON nested too deep.
+    wrong ``Inference-Header-Content-Length``, an input with no data, JSON nested too deep. More than
+    ``max_inputs`` inputs is a RequestTooLargeError (413), before any input is looked at; a shape
+    that declares more elements than the body could hold is a 400 before its data is unpacked.
     """
     cached = _from_template(body, header_length)
     if cached is not None:
@@ -175,6 +182,7 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
     raw_inputs = head.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise TensorRequestError("an infer request needs 'inputs': a non-empty list of tensors")
+    check_items(len(raw_inputs), max_inputs, "v2 inputs")
     request_id = head.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise TensorRequestError(f"'id' must be a string, got {request_id!r:.40}")
@@ -210,6 +218,10 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
         elif "data" in spec:
             data = spec["data"]
             all_binary = False
+            if math.prod(shape) > len(body):  # each element of JSON data takes a byte of the body at least
+                raise TensorRequestError(
+                    f"{what}: shape {shape} declares more elements than a body of {len(body)} bytes holds"
+                )
         else:
             raise TensorRequestError(f"{what} has no data: give 'data' or parameters.binary_data_size")
         inputs.append(_checked_input(name, datatype, shape, data, params))

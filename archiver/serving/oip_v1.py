@@ -11,16 +11,20 @@ from typing import Any
 from archiver.errors import TensorRequestError
 from archiver.serving.oip_values import PROTOCOL_HEADER, load_json
 from archiver.serving.protocol import InferenceResponse
+from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items
 from archiver.serving.wire import RawRequest
 
 
-def parse_v1_request(body: bytes) -> list[Any]:
-    """The ``instances`` of a v1 ``:predict`` body; TensorRequestError (400) for anything else."""
+def parse_v1_request(body: bytes, max_instances: int = DEFAULT_MAX_REQUEST_ITEMS) -> list[Any]:
+    """The ``instances`` of a v1 ``:predict`` body; TensorRequestError (400) for anything else, and
+    RequestTooLargeError (413) for more than ``max_instances``, before any instance is looked at
+    (each becomes a request of its own in the model's queue)."""
     head = load_json(body)
     if not isinstance(head, dict) or not isinstance(head.get("instances"), list):
         raise TensorRequestError('a v1 predict body must be a JSON object {"instances": [...]}')
     if not head["instances"]:
         raise TensorRequestError("'instances' is empty: send at least one instance")
+    check_items(len(head["instances"]), max_instances, "v1 instances")
     return head["instances"]
 
 

@@ -19,12 +19,13 @@ from archiver.serving.http_codec import mime_type
 DEFAULT_MAX_REQUEST_ITEMS = 1024
 
 
-def check_items(count: int, limit: int, what: str) -> None:
-    """413 when a request carries more than ``limit`` items (``what``: "v1 instances", …)."""
+def check_items(count: int, limit: int, what: str, *, exact: bool = True) -> None:
+    """413 when a request carries more than ``limit`` items (``what``: "v1 instances", …); ``exact``
+    False when ``count`` is a bound or a running count rather than the request's own figure."""
     if count > limit:
+        has = f"{count} {what}, more than" if exact else f"more {what} than"
         raise RequestTooLargeError(
-            f"the request has {count if count < 10**9 else 'over a billion'} {what}, more than the "
-            f"server's limit of {limit} per request (--max-request-items)"
+            f"the request has {has} the server's limit of {limit} per request (--max-request-items)"
         )
 
 
