@@ -32,6 +32,8 @@ from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving import openapi, page_routes
 from archiver.serving.http_codec import form_parts, last_wins, mime_type, response_headers
 from archiver.serving.metrics import ServerMetrics
+from archiver.serving.oip_records import BODY_HEADER_LENGTH
+from archiver.serving.oip_values import PROTOCOL_HEADER
 from archiver.serving.protocol import error_response, new_request_id, response_for_exception
 from archiver.serving.registry import ModelRegistry
 from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items, form_fields_at_most
@@ -44,9 +46,9 @@ REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 LIMITS_KEY = web.AppKey("limits", object)
 T = TypeVar("T")
-# Request headers the front sets for the worker (the v2 marker, ...): a client's own are dropped, so a
-# client cannot pose as the front and switch how the worker reads its body.
-INTERNAL_HEADER_PREFIX = "x-archiver-"
+# Request headers the front sets for the worker (the v2 marker and its header length): a client's own
+# are dropped, so a client cannot pose as the front and switch how the worker reads its body.
+INTERNAL_HEADERS = (PROTOCOL_HEADER, BODY_HEADER_LENGTH)
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,9 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
             parts.append(("body", body, content_type or ""))
     # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
     request_id = request_id or request.headers.get("x-request-id") or new_request_id()
-    headers = {k: v for k, v in request.headers.items() if not k.lower().startswith(INTERNAL_HEADER_PREFIX)}
+    headers = dict(request.headers)
+    if any(name in request.headers for name in INTERNAL_HEADERS):  # (case-insensitive look-ups)
+        headers = {k: v for k, v in headers.items() if k.lower() not in INTERNAL_HEADERS}
     return RawRequest(request_id=request_id, headers=headers, parts=last_wins(parts))
 
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from archiver.errors import CrossSiteRequestError, UsageError
 
@@ -38,6 +39,7 @@ _WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::"})
 _HOST = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]{2,45})\]|(?P<name>[A-Za-z0-9._-]{1,253})")
 _PORT = re.compile(r"[0-9]{1,5}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_CACHE_SIZE = 1024  # header values remembered per kind
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,12 @@ class SiteRules:
     bound_host: str = "127.0.0.1"
     allowed_hosts: frozenset[str] = frozenset()
     allowed_origins: frozenset[str] = frozenset()
+    # Verdicts by header value: clients send the same few Host and Origin values again and again, and
+    # reading one (ipaddress) costs about ten times the look-up. Not part of the rules' identity.
+    _hosts: dict[str, tuple[bool, int | None]] = field(default_factory=dict, compare=False, repr=False)
+    _origins: dict[tuple[str, int | None, int | None], bool] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def build(
@@ -164,21 +172,17 @@ class SiteRules:
         host_header = headers.get("Host")
         host_port: int | None = None
         if host_header is not None:  # every browser sends one; a bare HTTP/1.0 client may not
-            split = split_host_port(host_header)
-            if split is None or not self.host_allowed(split[0]):
+            allowed, host_port = self._host_verdict(host_header)
+            if not allowed:
                 raise CrossSiteRequestError(
                     f"Host {host_header[:100]!r} is not a name of this server: without a token it answers "
                     "only its own address and loopback names (add names with --allowed-hosts)"
                 )
-            host_port = split[1]
         origin_header = headers.get("Origin")
         if origin_header is not None:
             if ANY in self.allowed_origins:
                 return
-            origin = parse_origin(origin_header)
-            if origin is None or not (
-                str(origin) in self.allowed_origins or self._own(origin, arrival_port, host_port)
-            ):
+            if not self._origin_verdict(origin_header, arrival_port, host_port):
                 raise CrossSiteRequestError(
                     f"requests from the web origin {origin_header[:100]!r} are refused: without a token "
                     "this server answers only its own pages (add origins with --allowed-origins)"
@@ -191,10 +195,38 @@ class SiteRules:
                 "its own pages"
             )
 
+    def _host_verdict(self, host_header: str) -> tuple[bool, int | None]:
+        """(whether the Host header names this server, the port it names)."""
+        verdict = self._hosts.get(host_header)
+        if verdict is None:
+            split = split_host_port(host_header)
+            verdict = (split is not None and self.host_allowed(split[0]), split[1] if split else None)
+            _remember(self._hosts, host_header, verdict)
+        return verdict
+
+    def _origin_verdict(self, origin_header: str, arrival_port: int | None, host_port: int | None) -> bool:
+        """Whether the Origin header is this server's own or an allowed one."""
+        key = (origin_header, arrival_port, host_port)
+        verdict = self._origins.get(key)
+        if verdict is None:
+            origin = parse_origin(origin_header)
+            verdict = origin is not None and (
+                str(origin) in self.allowed_origins or self._own(origin, arrival_port, host_port)
+            )
+            _remember(self._origins, key, verdict)
+        return verdict
+
     def _own(self, origin: Origin, arrival_port: int | None, host_port: int | None) -> bool:
         """Whether ``origin`` is this server: http, a host it answers to, and the port it was reached on."""
         ports = {arrival_port, host_port} - {None}
         return origin.scheme == "http" and self.host_allowed(origin.host) and origin.port in ports
+
+
+def _remember(cache: dict[Any, Any], key: Any, verdict: Any) -> None:
+    """Keep a verdict; a client cycling through new header values only empties the cache now and then."""
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = verdict
 
 
 def _entries(values: Iterable[str]) -> list[str]:
