@@ -244,3 +244,65 @@ def test_sign_and_verify_through_the_console_script(mar, keys):
     )
     assert proc.returncode == 1
     assert proc.stderr.startswith("model-archiver: error: tiny.mar was changed after it was signed")
+
+
+def write_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """(leaf private key, leaf certificate, CA certificate): a CA of our own that issued a signing cert."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    unused = ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement", "crl_sign")
+    usage = {k: False for k in (*unused, "encipher_only", "decipher_only")}
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, key_cert_sign=True, **usage), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "builder")]))
+        .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(2)
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, **usage), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key_path, leaf_path, ca_path = folder / "leaf.pem", folder / "leaf.crt", folder / "ca.crt"
+    key_path.write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    leaf_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return key_path, leaf_path, ca_path
+
+
+def test_certificate_mode_signs_and_verifies_offline(mar, capsys, tmp_path):
+    key, leaf, ca = write_certificates(tmp_path)
+    args = [
+        "sign",
+        str(mar),
+        "--private-key",
+        str(key),
+        "--certificate",
+        str(leaf),
+        "--certificate-chain",
+        str(ca),
+    ]
+    code, _, err = run_main(args, capsys)
+    assert (code, err) == (0, "")
+    code, out, err = run_main(["verify", str(mar), "--certificate-chain", str(ca)], capsys)
+    assert (code, err) == (0, "") and "signed by a certificate of the given chain" in out
+    flip_byte(mar, 100)
+    assert "tiny.mar: the signature does not verify" in refusal(
+        ["verify", str(mar), "--certificate-chain", str(ca)], capsys
+    )
