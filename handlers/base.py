@@ -17,6 +17,7 @@ import torch
 
 from archiver.errors import ArchiverError, HandlerError, HandlerInputError
 from handlers.context import Context
+from handlers.input_dtypes import input_dtypes, is_input_fault, json_tensor
 from handlers.labels import LABEL_FILE, load_label_mapping
 from handlers.model_loading import (
     AotiModel,
@@ -52,6 +53,7 @@ class BaseHandler:
         self._rejected: dict[int, ArchiverError] = {}
         # Rows each v2 request brought to the current batch (None: not a batch of tensor requests).
         self._tensor_counts: list[int] | None = None
+        self._input_dtypes: list[torch.dtype | None] | None = None  # learned at the first batch
 
     def initialize(self, context: Context) -> None:
         """Find the serialized file from the manifest, load it on the right device, read the labels."""
@@ -95,15 +97,40 @@ class BaseHandler:
             error = HandlerInputError(str(error))
         self._rejected[index] = error
 
+    def input_dtypes(self) -> list[torch.dtype | None]:
+        """The dtype each of the model's inputs expects, where known (``handlers.input_dtypes``)."""
+        known = getattr(self, "_input_dtypes", None)
+        if known is None:
+            config = self.context.model_yaml_config if self.context is not None else None
+            known = self._input_dtypes = input_dtypes(self.model, config)
+        return known
+
     def preprocess(self, data: list[dict[str, Any]]) -> Any:
-        """Each request's payload (JSON numbers) as one row of a tensor; the tensors of Open Inference
-        Protocol requests joined on their first dimension (a [2, 4] input is two rows of the batch)."""
+        """Each request's payload (JSON numbers) as one row of a tensor, in the model's input dtype
+        (whole numbers to a float model become floats); the tensors of Open Inference Protocol requests
+        joined on their first dimension (a [2, 4] input is two rows of the batch). A request whose
+        numbers do not fit, or whose shape differs from the batch's first, is rejected alone (400)."""
+        dtypes = self.input_dtypes()
         if data and all(isinstance(row, TensorRow) for row in data):
-            joined, self._tensor_counts, refused = join_tensor_rows(data, self.device)
+            joined, self._tensor_counts, refused = join_tensor_rows(data, self.device, dtypes)
             for index, reason in refused.items():
                 self.reject(index, reason)
             return joined
-        return torch.as_tensor([payload_of(row) for row in data], device=self.device)
+        dtype = dtypes[0] if len(dtypes) == 1 else None  # one tensor: for a model of one input
+        rows: list[torch.Tensor] = []
+        for index, row in enumerate(data):
+            try:
+                tensor = json_tensor(payload_of(row), dtype, "the request's data")
+            except ArchiverError as exc:
+                self.reject(index, exc)
+                continue
+            if rows and (tensor.shape != rows[0].shape or tensor.dtype != rows[0].dtype):
+                self.reject(index, HandlerInputError(_unlike(tensor, rows[0])))
+                continue
+            rows.append(tensor)
+        if not rows:
+            return None
+        return torch.stack(rows).to(self.device) if self.device is not None else torch.stack(rows)
 
     def inference(self, data: Any, *args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():
@@ -146,10 +173,16 @@ class BaseHandler:
         kept = [i for i in range(len(data)) if i not in self._rejected]
         answers: list[Any] = []
         if kept:
-            if isinstance(model_input, tuple) and self._tensor_counts is not None:
-                output = self.inference(*model_input)  # a model with several inputs, in the request's order
-            else:
-                output = self.inference(model_input)
+            try:
+                if isinstance(model_input, tuple) and self._tensor_counts is not None:
+                    output = self.inference(*model_input)  # several inputs, in the request's order
+                else:
+                    output = self.inference(model_input)
+            except Exception as exc:
+                error = self._model_call_error(exc)
+                if error is exc:
+                    raise
+                raise error from exc
             answers = self.postprocess(output)
         if self._rejected:
             if not isinstance(answers, list) or len(answers) != len(kept):
@@ -161,6 +194,25 @@ class BaseHandler:
                 merged[index] = answer
             answers = merged
         return answers
+
+    def _model_call_error(self, exc: Exception) -> Exception:
+        """A model call that failed on the request's own tensors (the default preprocess made them
+        from its numbers as they came) is the client's 400, in one line; anything else stays as it is."""
+        if type(self).preprocess is not BaseHandler.preprocess or not is_input_fault(exc):
+            return exc
+        from archiver.serving.tracebacks import public_message
+
+        dtypes = [str(d).removeprefix("torch.") for d in self.input_dtypes() if d is not None]
+        takes = f" (it takes {', '.join(dtypes)})" if dtypes else ""
+        return HandlerInputError(f"the model cannot take this input{takes}: {public_message(exc)}")
+
+
+def _unlike(tensor: torch.Tensor, first: torch.Tensor) -> str:
+    return (
+        f"the request's data has shape {list(tensor.shape)} ({str(tensor.dtype).removeprefix('torch.')}), "
+        f"unlike the batch's {list(first.shape)} ({str(first.dtype).removeprefix('torch.')}): "
+        "send it alone, or shaped like the others"
+    )
 
 
 def _count(answers: Any) -> str:

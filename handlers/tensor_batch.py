@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from archiver.errors import HandlerError
+from handlers.input_dtypes import as_dtype
 from handlers.tensors import TensorAnswer, TensorRow, datatype_of, torch_dtype
 
 
@@ -34,9 +35,15 @@ def tensor_groups(data: list[Any]) -> list[list[int]]:
     return list(groups.values())
 
 
-def join_tensor_rows(rows: list[TensorRow], device: Any) -> tuple[Any, list[int], dict[int, str]]:
+def join_tensor_rows(
+    rows: list[TensorRow], device: Any, dtypes: list[Any] | None = None
+) -> tuple[Any, list[int], dict[int, str]]:
     """(the model's input: one tensor, or a tuple with one per input; rows each kept request brings;
-    {index: why} for requests with a BYTES input, which this path cannot feed to a model)."""
+    {index: why} for requests with a BYTES input, which this path cannot feed to a model).
+
+    ``dtypes``, one per model input where known (``handlers.input_dtypes``), converts each joined
+    input to what the model takes when the requests bring that many inputs (an INT64 input to a float
+    model becomes float; values that do not fit raise HandlerInputError, 400, for the group)."""
     torch = sys.modules["torch"]
     refused: dict[int, str] = {}
     kept: list[TensorRow] = []
@@ -54,13 +61,16 @@ def join_tensor_rows(rows: list[TensorRow], device: Any) -> tuple[Any, list[int]
     counts = [(row.tensor_inputs[0].shape or [1])[0] for row in kept]
     total = sum(counts)
     joined = []
-    for position, first in enumerate(kept[0].tensor_inputs):
+    inputs = kept[0].tensor_inputs
+    wanted = dtypes if dtypes and len(dtypes) == len(inputs) else [None] * len(inputs)
+    for position, first in enumerate(inputs):
         datatype, shape = first.datatype, first.shape
         dims = [total, *shape[1:]]
         dtype = torch_dtype(datatype)
         data = b"".join([row.tensor_inputs[position].data for row in kept])
         tensor = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
         tensor = tensor.reshape(dims if shape else [total])
+        tensor = as_dtype(tensor, wanted[position], f"input {first.name!r}")
         joined.append(tensor.to(device) if device is not None else tensor)
     return (joined[0] if len(joined) == 1 else tuple(joined)), counts, refused
 
