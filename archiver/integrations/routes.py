@@ -214,7 +214,8 @@ async def _open_inference(
         # Sent whole, as the bundled server does: the replica parses it and answers the finished v2
         # response (its 400 for a malformed request included), so this loop only moves bytes.
         header_length = lowered.get(oip.HEADER_LENGTH.lower())
-        answer = await _call(route, oip.body_raw_request(body, header_length, request_id, headers))
+        raw = oip.body_raw_request(body, header_length, request_id, headers, max_request_items)
+        answer = await _call(route, raw)
         if not answer.ok:
             return answer.status, {"Content-Type": _JSON}, oip.error_body(answer.message or "request failed")
         return 200, response_headers(answer, request_id), answer.body

@@ -71,10 +71,17 @@ _FLAG_OPTIONS = {"--pre", "--prefer-binary", "--require-hashes"}
 _VALUE_OPTIONS = {"--only-binary", "--no-binary"}
 _URL_SCHEMES = ("https://", "git+https://")
 _ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz", ".tar")
+# A plain named requirement (PEP 508 without URLs), and nothing after it: pip reads a line that ends
+# in an archive's suffix as a file of the server's machine (``x~=1 .tar.gz``), so every character of
+# the line must be accounted for. Versions take no spaces or slashes; markers no paths or URLs.
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_VERSION = r"(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9_.*+!-]+"
+_VERSIONS = rf"{_VERSION}(?:\s*,\s*{_VERSION})*"
 _NAME_REQUIREMENT = re.compile(
-    r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"  # the project name
-    r"\s*(?:\[[A-Za-z0-9._,\s-]*\])?"  # extras
-    r"\s*(?:[<>=!~(;].*)?"  # version specifiers, then environment markers
+    rf"{_NAME}"  # the project name
+    rf"\s*(?:\[\s*(?:{_NAME}(?:\s*,\s*{_NAME})*)?\s*\])?"  # extras
+    rf"\s*(?:{_VERSIONS}|\(\s*{_VERSIONS}\s*\))?"  # version specifiers
+    r"\s*(?:;[\w\s.'\"<>=!~(),*+-]*)?"  # environment markers
 )
 _URL_REQUIREMENT = re.compile(
     r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*\s*(?:\[[^\]]*\])?)\s*@\s*(?P<url>\S+)(?P<rest>.*)"
@@ -240,7 +247,9 @@ def _requirement_refusal(requirement: str) -> str | None:
     if "/" in requirement or "\\" in requirement or requirement.startswith((".", "~")) or "@" in requirement:
         return "local paths are refused (they name files of the server's machine, not of the archive)"
     name = re.split(r"[\s\[<>=!~(;]", requirement, maxsplit=1)[0]
-    if name.lower().endswith(_ARCHIVE_SUFFIXES):
+    # pip looks at the text before the markers, less trailing extras, as a file name: "x==1.tar.gz"
+    head = re.sub(r"\[[^\]]*\]$", "", requirement.split(";", 1)[0].strip())
+    if name.lower().endswith(_ARCHIVE_SUFFIXES) or head.lower().endswith(_ARCHIVE_SUFFIXES):
         return "local archive files are refused (they name files of the server's machine)"
     if not _NAME_REQUIREMENT.fullmatch(requirement):
         return "not a requirement specifier (name, extras, versions, markers)"

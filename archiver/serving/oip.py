@@ -55,6 +55,7 @@ from archiver.serving.oip_answer import (  # noqa: F401 - re-exported: hosts use
 from archiver.serving.oip_records import (  # noqa: F401 - re-exported: hosts use oip.<name>
     _OUTPUTS_HEAD,
     BODY_HEADER_LENGTH,
+    BODY_MAX_INPUTS,
     BODY_PART,
     DEFAULT_OUTPUT,
     HEADER_LENGTH,
@@ -160,6 +161,10 @@ def make_request(
 
 
 # ---- parsing an HTTP v2 request ------------------------------------------------------------------
+def max_inputs_of(headers: Mapping[str, str]) -> int:
+    """The inputs a v2 body sent whole may have, as ``body_raw_request`` wrote it (else the default)."""
+    given = headers.get(BODY_MAX_INPUTS, "")
+    return int(given) if given.isdigit() and len(given) < 10 else DEFAULT_MAX_REQUEST_ITEMS
 
 
 def parse_infer_request(
@@ -364,19 +369,27 @@ def to_raw_request(request: V2Request, request_id: str, headers: dict[str, str] 
 
 
 def body_raw_request(
-    body: bytes, header_length: str | None, request_id: str, headers: Mapping[str, str] | None = None
+    body: bytes,
+    header_length: str | None,
+    request_id: str,
+    headers: Mapping[str, str] | None = None,
+    max_inputs: int = DEFAULT_MAX_REQUEST_ITEMS,
 ) -> RawRequest:
     """A v2 infer request's HTTP body, unparsed, as one element of a handler batch.
 
     The worker parses and checks it and answers the finished v2 response (a TensorRequestError there
     is that request's 400), so a host's event loop spends nothing on tensors. ``header_length`` is the
-    ``Inference-Header-Content-Length`` header, if any.
+    ``Inference-Header-Content-Length`` header, if any; ``max_inputs`` the inputs the worker accepts
+    (``max_inputs_of`` reads it back there).
     """
     kept = dict(headers or {})
     kept[PROTOCOL_HEADER] = V2_BODY
     kept.pop(BODY_HEADER_LENGTH, None)
+    kept.pop(BODY_MAX_INPUTS, None)
     if header_length is not None:
         kept[BODY_HEADER_LENGTH] = str(header_length)
+    if max_inputs != DEFAULT_MAX_REQUEST_ITEMS:
+        kept[BODY_MAX_INPUTS] = str(max_inputs)
     return RawRequest(
         request_id=request_id, headers=kept, parts=[(BODY_PART, body, "application/octet-stream")]
     )

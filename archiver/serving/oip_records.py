@@ -19,6 +19,8 @@ INPUT_PART_PREFIX = "oip.input."
 BODY_PART = "oip.body"
 V2_BODY = "v2-body"
 BODY_HEADER_LENGTH = "x-archiver-inference-header-length"
+# ... and the server's --max-request-items when it is not the default (the worker checks the inputs).
+BODY_MAX_INPUTS = "x-archiver-max-inputs"
 # What a worker answers a v2 request with: a binary-extension body, every output binary.
 TENSORS_CONTENT_TYPE = "application/vnd.model-archiver.tensors"
 DEFAULT_OUTPUT = "output-0"

@@ -155,7 +155,8 @@ async def infer(request: web.Request) -> web.Response:
         body, request_id = await _read(request)
         header_length = request.headers.get(oip.HEADER_LENGTH)
         # the headers copied once, there (the same work as /predictions does per request)
-        raw = oip.body_raw_request(body, header_length, request_id, request.headers)
+        max_inputs = request.app[LIMITS_KEY].max_request_items  # type: ignore[attr-defined]
+        raw = oip.body_raw_request(body, header_length, request_id, request.headers, max_inputs)
         answer = await registry.predict(entry.name, request.match_info.get("version"), raw)
         if not answer.ok:
             raise _failure(answer)

@@ -26,7 +26,8 @@ def _parse(request: InferenceRequest) -> oip.V2Request:
     if not isinstance(body, (bytes, bytearray)):
         raise oip.TensorRequestError("the v2 request has no body")
     # a bytearray as it is: parsing copies each tensor's bytes out of it, so a whole copy is waste
-    return oip.parse_infer_request(body, request.headers.get(oip.BODY_HEADER_LENGTH))
+    headers = request.headers
+    return oip.parse_infer_request(body, headers.get(oip.BODY_HEADER_LENGTH), oip.max_inputs_of(headers))
 
 
 def _error(exc: ArchiverError) -> InferenceResponse:
