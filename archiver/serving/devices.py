@@ -233,9 +233,10 @@ def worker_gpu_env(env: dict[str, str]) -> dict[str, str]:
 
 # ---- use, sampled when asked -----------------------------------------------------------------------
 class GpuMonitor:
-    """The latest ``GpuUsage`` of the server's GPUs, sampled when someone asks and the last sample is
-    older than ``max_age_s``; the sample runs on a thread, so no reader (the event loop) ever waits
-    for the driver, except the very first, which has nothing older to read."""
+    """The latest ``GpuUsage`` of the server's GPUs. Asking the driver takes from milliseconds (NVML)
+    to a second (``nvidia-smi``), so it is never asked on the reader's thread (the event loop): a
+    read returns the last sample and, when that is older than ``max_age_s``, starts a new one on a
+    thread. The first sample starts when the monitor is made, before any worker exists."""
 
     def __init__(self, gpus: list[Gpu], max_age_s: float = USAGE_MAX_AGE_S) -> None:
         self.gpus = list(gpus)
@@ -243,18 +244,19 @@ class GpuMonitor:
         self._latest: GpuUsage | None = None
         self._lock = threading.Lock()
         self._sampling = False
+        self._refresh()
 
     def usage(self) -> GpuUsage:
         latest = self._latest
-        if latest is None:
-            self._sample()
-            return self._latest or GpuUsage()
-        if time.monotonic() - latest.sampled_at > self.max_age_s:
-            with self._lock:
-                start, self._sampling = not self._sampling, True
-            if start:
-                threading.Thread(target=self._sample, name="gpu-usage", daemon=True).start()
-        return latest
+        if latest is None or time.monotonic() - latest.sampled_at > self.max_age_s:
+            self._refresh()
+        return latest or GpuUsage()
+
+    def _refresh(self) -> None:
+        with self._lock:
+            start, self._sampling = not self._sampling, True
+        if start:
+            threading.Thread(target=self._sample, name="gpu-usage", daemon=True).start()
 
     def process_memory_mb(self, pid: int | None) -> float | None:
         """What ``pid`` holds on all GPUs, in MB (None when it holds nothing the driver reports)."""
@@ -266,10 +268,9 @@ class GpuMonitor:
     def _sample(self) -> None:
         try:
             self._latest = sample_usage(self.gpus)
-        except Exception as exc:  # noqa: BLE001 - a failed sample keeps the last one
+        except Exception as exc:  # noqa: BLE001 - a failed sample reads as unknown, never as stale figures
             log.debug("GPU usage could not be read: %s", exc)
-            if self._latest is None:
-                self._latest = GpuUsage(sampled_at=time.monotonic())
+            self._latest = GpuUsage(sampled_at=time.monotonic())
         finally:
             with self._lock:
                 self._sampling = False
