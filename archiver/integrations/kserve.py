@@ -25,6 +25,7 @@ from archiver.integrations import log_handler_errors, require_extra
 from archiver.integrations.routes import model_signature
 from archiver.serving import oip
 from archiver.serving.protocol import InferenceResponse
+from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items
 from archiver.serving.wire import RawRequest, to_inference_request
 
 require_extra("kserve")
@@ -90,6 +91,7 @@ class ArchiveModel(kserve.Model):
             raise TensorRequestError('a v1 predict body must be a JSON object {"instances": [...]}')
         if not payload["instances"]:
             raise TensorRequestError("'instances' is empty: send at least one instance")
+        check_items(len(payload["instances"]), DEFAULT_MAX_REQUEST_ITEMS, "v1 instances")  # 413
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
         raws = [
             oip.v1_raw_request(instance, f"{request_id}-{i}", headers)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from archiver import settings_bounds
+
 INFERENCE, MANAGEMENT, METRICS = "inference", "management", "metrics"
 
 ERROR = {"$ref": "#/components/responses/Error"}
@@ -27,6 +29,19 @@ def param(
         "schema": schema,
         "description": description,
     }
+
+
+def bounded(setting: str, high: float | None = None) -> dict[str, Any]:
+    """The schema of a setting with its range (``settings_bounds``): a value outside it is a 400."""
+    bound = settings_bounds.BOUNDS[setting]
+    top = bound.high if high is None else high
+    schema: dict[str, Any] = {"type": "integer" if bound.integer else "number"}
+    schema.update(minimum=bound.low, maximum=top)
+    if bound.low_open:
+        schema["exclusiveMinimum"] = True
+    if bound.off:  # 0 turns it off; otherwise from low
+        return {"oneOf": [{"type": schema["type"], "enum": [0]}, schema]}
+    return schema
 
 
 MODEL = param("model", "path", {"type": "string"}, "The model's name.")
@@ -140,7 +155,10 @@ def inference_ops() -> dict[str, Any]:
 
 def management_ops() -> dict[str, Any]:
     ports = (MANAGEMENT,)
-    integer, number = {"type": "integer"}, {"type": "number"}
+    integer = {"type": "integer"}
+    # The server's --max-workers-per-model may differ from this default; a value past it is a 400 too.
+    workers = bounded("workers", settings_bounds.default_max_workers_per_model())
+    at_most = " (at most the server's --max-workers-per-model, by default 4 per core: the maximum here)."
     describe = ok(
         "One entry per version.",
         json_media({"type": "array", "items": {"$ref": "#/components/schemas/ModelDescription"}}),
@@ -153,15 +171,22 @@ def management_ops() -> dict[str, Any]:
             "An archive's file name in the model store (required here or in the JSON body).",
         ),
         param("model_name", "query", {"type": "string"}, "Serve it under this name."),
-        param("batch_size", "query", integer, "Most requests per batch."),
-        param("max_batch_delay", "query", number, "Milliseconds to wait to fill a batch."),
-        param("initial_workers", "query", integer, "Worker processes."),
-        param("response_timeout", "query", number, "Seconds a batch may take."),
-        param("worker_memory_limit", "query", number, "Megabytes a worker may use."),
+        param("batch_size", "query", bounded("batch_size"), "Most requests per batch."),
+        param(
+            "max_batch_delay", "query", bounded("max_batch_delay_ms"), "Milliseconds to wait to fill a batch."
+        ),
+        param("initial_workers", "query", workers, "Worker processes" + at_most),
+        param("response_timeout", "query", bounded("response_timeout_s"), "Seconds a batch may take."),
+        param(
+            "worker_memory_limit",
+            "query",
+            bounded("worker_memory_limit_mb"),
+            "Megabytes a worker may use (0: no limit).",
+        ),
     ]
     scale_params = [
-        param("min_worker", "query", integer, "Worker processes to run."),
-        param("max_worker", "query", integer, "Accepted for TorchServe clients; must be >= min_worker."),
+        param("min_worker", "query", workers, "Worker processes to run" + at_most),
+        param("max_worker", "query", workers, "Accepted for TorchServe clients; must be >= min_worker."),
     ]
     one = {"200": describe, "401": ERROR, "404": ERROR}
     scaled = {"200": ok("Scaled.", status_media()), "400": ERROR, "401": ERROR, "404": ERROR}

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from archiver import settings_bounds
 from tests.serving.ping_watch import PingWatch
 
 # A server whose models may run at most two workers each, so the ranges below are this test's own.
@@ -146,3 +147,27 @@ def test_an_archive_whose_model_config_is_out_of_range_is_refused_on_register_an
     assert reply.status == 400 and "--max-workers-per-model is 2" in reply.json()["message"]
     reply = call("POST", mgmt + "/models?url=many&model_name=many3&initial_workers=1")
     assert reply.status == 200  # the register call's own value is the operator's: it wins
+
+
+def test_the_openapi_document_gives_each_management_parameter_its_range(serve, store, call):
+    server = serve(model_store=store)
+    document = call("GET", server.url("management") + "/openapi.json").json()
+
+    def schemas(path: str, method: str) -> dict:
+        return {p["name"]: p["schema"] for p in document["paths"][path][method]["parameters"]}
+
+    top = settings_bounds.default_max_workers_per_model()  # this server's: it was not given another
+    register = schemas("/models", "post")
+    assert register["initial_workers"] == {"type": "integer", "minimum": 0, "maximum": top}
+    assert register["batch_size"] == {"type": "integer", "minimum": 1, "maximum": 1024}
+    assert register["response_timeout"] == {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 86400,
+        "exclusiveMinimum": True,
+    }
+    assert register["worker_memory_limit"]["oneOf"][0] == {"type": "number", "enum": [0]}
+    scale = schemas("/models/{model}", "put")
+    assert scale["min_worker"]["maximum"] == scale["max_worker"]["maximum"] == top
+    assert "400" in document["paths"]["/models"]["post"]["responses"]
+    assert "400" in document["paths"]["/models/{model}"]["put"]["responses"]
