@@ -287,3 +287,24 @@ def test_without_gpus_the_describe_api_says_cpu_and_metrics_have_no_gpu_series(
     assert described["deviceType"] == "cpu" and described["deviceIds"] == []
     assert described["workers"][0]["device"] == "cpu" and described["workers"][0]["gpuId"] is None
     assert "model_archiver_gpu" not in http("GET", server.url("metrics") + "/metrics").body.decode()
+
+
+def test_gpus_in_the_config_file_name_gpus_by_the_same_rule(tmp_path, echo_model, fake_gpus):
+    fake_gpus.write([gpu(0), gpu(1)])
+    config = tmp_path / "server.yaml"
+    config.write_text("gpus: 5\n")
+    env = {**os.environ, "PATH": fake_gpus.path_env()}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "archiver", "serve", str(echo_model), "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--gpus 5: GPU 5 is not there; this machine's GPUs are 0, 1")
+    )
