@@ -31,6 +31,10 @@ FRAMING_HEADERS = frozenset(
 # Answers to these carry no body (RFC 9110 15.3.5, 15.4.5); one that came with a body is sent without.
 _NO_BODY = frozenset({204, 304})
 MAX_HEADER_BYTES = 64 * 1024  # all of a handler's headers together; clients refuse far less
+# Header names seen to be tokens (handlers set the same few on every answer), so most answers cost
+# a set look-up per header rather than a regular expression.
+_GOOD_NAMES: set[str] = set()
+_MAX_GOOD_NAMES = 1024
 _SCALAR_VALUES = (str, int, float)
 
 
@@ -47,7 +51,9 @@ def checked(answer: InferenceResponse) -> InferenceResponse:
     try:
         if type(status) is not int or not 200 <= status <= 599:
             raise _Refused(f"its status {status!r:.40} is not an HTTP status an answer can have (200-599)")
-        if content_type is not None and (type(content_type) is not str or _CONTROL.search(content_type)):
+        if content_type is not None and (
+            type(content_type) is not str or not content_type.isprintable() and _CONTROL.search(content_type)
+        ):
             raise _Refused(f"its content type {content_type!r:.80} is not a single-line string")
         if headers:
             headers = _checked_headers(headers)
@@ -75,13 +81,16 @@ def _checked_headers(headers: object) -> dict[str, str]:
     size = 0
     changed = False
     for name, value in headers.items():
-        if type(name) is not str or not _TOKEN.fullmatch(name):
-            raise _Refused(f"its header name {name!r:.80} is not an HTTP token")
+        if name not in _GOOD_NAMES:
+            if type(name) is not str or not _TOKEN.fullmatch(name):
+                raise _Refused(f"its header name {name!r:.80} is not an HTTP token")
+            if len(_GOOD_NAMES) < _MAX_GOOD_NAMES:
+                _GOOD_NAMES.add(name)
         if not isinstance(value, _SCALAR_VALUES):
             raise _Refused(f"its header {name!r} holds a {type(value).__name__}, not text")
         text = value if type(value) is str else str(value)
         changed = changed or text is not value
-        if _CONTROL.search(text):
+        if not text.isprintable() and _CONTROL.search(text):  # isprintable: the usual, fast answer
             raise _Refused(f"its header {name!r} holds a line break or control character")
         if name.lower() in FRAMING_HEADERS:
             changed = True  # the server frames the answer; the handler's word would contradict it
