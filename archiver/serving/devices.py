@@ -218,9 +218,13 @@ def server_gpus(
     found, why_none = discover_gpus(env)
     if number_of_gpu is not None:
         found = first_gpus(number_of_gpu, found)
+        why_none = why_none or (f"number_of_gpu: {number_of_gpu}" if not found else None)
     chosen = select_gpus(spec, found, why_none)
     if chosen:
         log.info("GPUs: %s", ", ".join(f"cuda:{g.index} {g.name}" for g in chosen))
+    elif why_none and why_none.startswith("nvidia-smi") and "not on PATH" not in why_none:
+        # The tool is there and failed: a driver problem the operator wants to hear of, not a CPU box.
+        log.warning("no GPU will be used: %s", why_none)
     return chosen
 
 

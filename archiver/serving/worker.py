@@ -59,7 +59,7 @@ def _device_of(model: Any) -> str | None:
     """Where the handler put its model (``BaseHandler.device``: ``cuda:0``, ``cpu``), for the describe
     API; None for a handler that keeps no ``device``."""
     device = getattr(getattr(model, "handler", None), "device", None)
-    return str(device) if device is not None else None
+    return str(device)[:64] if device is not None else None  # the handler's value: bounded
 
 
 def _log_block(title: str, trace: Any) -> None:
