@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from archiver import settings_bounds
 from archiver.errors import (
@@ -196,8 +197,10 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
                 value = await _read_capped(part.read_chunk, limit, total)
                 total += len(value)
                 parts.append((part.name or "data", value, part.headers.get("Content-Type") or ""))
+        except HttpProcessingError:  # aiohttp's parser on a part's headers: not UTF-8, a bad line
+            raise UsageError("malformed multipart body: a part's headers cannot be read") from None
         except (ValueError, AssertionError, RuntimeError) as exc:
-            raise UsageError(f"malformed multipart body: {exc}") from exc
+            raise UsageError(f"malformed multipart body: {' '.join(str(exc).split())[:200]}") from exc
         if not parts:
             raise UsageError("multipart body has no parts")
     else:

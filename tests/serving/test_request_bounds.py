@@ -115,3 +115,12 @@ def test_the_engine_hosts_routes_take_the_same_limits(table):
     assert call("/v1/models/echo:predict", json.dumps({"instances": [0] * 4}).encode(), JSON)[0] == 200
     body, headers = multipart(4)
     assert call("/predictions/echo", body, headers)[0] == 200
+
+
+def test_a_multipart_part_whose_headers_cannot_be_read_is_a_400_in_one_line(serve, echo_model, call):
+    server = serve([echo_model])
+    body = b'--B\r\nContent-Disposition: form-data; name="\xf1\x15 b:T"\r\n\r\nx\r\n--B--\r\n'
+    reply = call("POST", server.url() + "/predictions/echo", body, multipart(0)[1])
+    assert reply.status == 400  # was a 500 quoting aiohttp's parser, over two lines
+    assert reply.json()["message"] == "malformed multipart body: a part's headers cannot be read"
+    assert call("POST", server.url() + "/predictions/echo", b"hi").status == 200
