@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/soak.py --requests 2000 --concurrency 32
     .venv/bin/python benchmarks/soak.py --crash               # then the crash phase (benchmarks/_crash.py)
     .venv/bin/python benchmarks/soak.py --crash-only          # the crash phase alone
+    .venv/bin/python benchmarks/soak.py --hostile-only        # good requests with attacks mixed in
 
 One ``model-archiver serve`` process (started once, never restarted) holds two models: a small CNN
 behind the built-in image_classifier handler, and an echo handler that returns each request's own
@@ -16,7 +17,11 @@ less than 10% between the end of a warm-up (10,000 requests of the same mix, che
 end of the run.
 
 The crash phase (``--crash``) starts a fresh server and SIGKILLs one model's worker every few seconds
-during 10,000 more requests: see benchmarks/_crash.py for what it checks. Exit 1 if either phase fails.
+during 10,000 more requests: see benchmarks/_crash.py for what it checks. The hostile phase
+(``--hostile``) starts another fresh server and sends 6,000 good requests while every attack of issue 19
+(deep JSON, 300k v1 instances, huge and NaN register/scale values, CR/LF and 100 KB headers, a forged
+Host, foreign Origin POSTs, a poison request every 2 s) is mixed in: see benchmarks/_hostile.py. Exit 1
+if any phase fails.
 """
 
 from __future__ import annotations
@@ -221,11 +226,16 @@ def main() -> None:
     crash.add_argument("--kill-every", type=float, default=3.0, help="seconds between kills (at least)")
     crash.add_argument("--death-window", type=float, default=10.0, help="server's worker_death_window, s")
     crash.add_argument("--crash-timeout", type=float, default=30.0, help="client timeout per request, s")
+    hostile = parser.add_argument_group("hostile phase (benchmarks/_hostile.py)")
+    hostile.add_argument("--hostile", action="store_true", help="then the hostile phase")
+    hostile.add_argument("--hostile-only", action="store_true", help="run the hostile phase alone")
+    hostile.add_argument("--hostile-requests", type=int, default=6000, help="good requests sent meanwhile")
+    hostile.add_argument("--poison-every", type=float, default=2.0, help="seconds between poison requests")
     args = parser.parse_args()
     store = build(args.out)
     images = photos()
     ok = True
-    if not args.crash_only:
+    if not (args.crash_only or args.hostile_only):
         ok = soak_phase(args, store, images)
     if args.crash or args.crash_only:
         from _crash import run_crash_phase
@@ -234,6 +244,13 @@ def main() -> None:
             return lambda req, status, rid, body: check(req, status, rid, body, expected)
 
         ok = run_crash_phase(args, store, images, _expected_answers, judge_for) and ok
+    if args.hostile or args.hostile_only:
+        from _hostile import run_hostile_phase
+
+        def judge_for_hostile(expected: list):
+            return lambda req, status, rid, body: check(req, status, rid, body, expected)
+
+        ok = run_hostile_phase(args, store, images, _expected_answers, judge_for_hostile) and ok
     sys.exit(0 if ok else 1)
 
 
@@ -307,7 +324,7 @@ def soak_phase(args, store: Path, images: list[bytes]) -> bool:
 async def _expected_answers(base: str, images: list[bytes]) -> list:
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as s:
         answers = []
         for image in images:
             async with s.post(f"{base}/predictions/cnn", data=image) as resp:
