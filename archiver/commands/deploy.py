@@ -43,6 +43,19 @@ def _yaml(document: object) -> str:
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
 
 
+def _verified_keys(archives: list[str], key_paths: tuple[str, ...]) -> list[str] | None:
+    """The trusted keys as PEM text, after checking every archive verifies against them now (a config
+    that could only fail on the cluster is not written); None without keys."""
+    if not key_paths:
+        return None
+    from archiver.integrations import signatures
+
+    keys = signatures.trusted_keys(key_paths)
+    for archive in archives:
+        signatures.check_archive(Path(archive), keys)
+    return signatures.pem_texts(keys)
+
+
 @click.group(context_settings=_SETTINGS)
 def deploy() -> None:
     """Write the files that serve archives on Ray Serve or KServe."""
@@ -62,6 +75,13 @@ def deploy() -> None:
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Replicas load only archives this EC public key signed (embedded in the config; repeatable).",
+)
 def deploy_ray(
     archives: tuple[str, ...],
     output: str,
@@ -72,6 +92,7 @@ def deploy_ray(
     host: str,
     port: int,
     force: bool,
+    trusted_keys: tuple[str, ...],
 ) -> None:
     """Write a Ray Serve config that serves ARCHIVES (one deployment per model).
 
@@ -97,12 +118,14 @@ def deploy_ray(
             "deploy ray reads each archive's settings: give local paths (then edit the config to name "
             "the path where the replicas mount them)"
         )
+    pems = _verified_keys(list(archives), trusted_keys)
     plans = [
         plan_archive(a, batch_size=batch_size, max_batch_delay_ms=max_batch_delay, replicas=replicas)
         for a in archives
     ]
     names = [deployment_name(p, plans) for p in plans]
     overrides = {"batch_size": batch_size, "max_batch_delay_ms": max_batch_delay, "num_replicas": replicas}
+    overrides["trusted_keys"] = pems
     config = ray_serve_config(
         list(archives), plans, names, app_name=app_name, host=host, port=port, overrides=overrides
     )
@@ -128,8 +151,21 @@ def deploy_ray(
 @click.option("--name", help="The InferenceService's name.  [the archive's model name]")
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder to write into.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing files in the folder.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The runtime loads only archives this EC public key signed (a ConfigMap; repeatable).",
+)
 def deploy_kserve(
-    archive: str, storage_uri: str, image: str | None, name: str | None, output: str, force: bool
+    archive: str,
+    storage_uri: str,
+    image: str | None,
+    name: str | None,
+    output: str,
+    force: bool,
+    trusted_keys: tuple[str, ...],
 ) -> None:
     """Write a ServingRuntime, an InferenceService and a Dockerfile that serve ARCHIVE on KServe.
 
@@ -149,24 +185,31 @@ def deploy_kserve(
         kserve_dockerfile,
         kserve_inference_service,
         kserve_runtime,
+        kserve_trusted_keys,
         package_spec,
         to_document,
     )
 
     check_storage_uri(storage_uri)
+    pems = _verified_keys([archive], trusted_keys)
     plan = plan_archive(archive)
     folder = Path(output)
+    runtime = kserve_runtime(image or DEFAULT_IMAGE, trusted_keys=pems)
     files = {
-        "00-servingruntime.yaml": _yaml(to_document(kserve_runtime(image or DEFAULT_IMAGE))),
+        "00-servingruntime.yaml": _yaml(to_document(runtime)),
         "10-inferenceservice.yaml": _yaml(
             to_document(kserve_inference_service(k8s_name(name or plan.name), storage_uri, gpus=plan.gpus))
         ),
-        "Dockerfile": kserve_dockerfile(package_spec(), gpu=plan.gpus > 0),
+        "Dockerfile": kserve_dockerfile(package_spec(signed=bool(pems)), gpu=plan.gpus > 0),
     }
+    if pems:
+        files["05-trusted-keys.yaml"] = _yaml(to_document(kserve_trusted_keys(pems)))
     _refuse_existing([folder / f for f in files], force)
     for filename, text in files.items():
         _write_atomic(folder / filename, text)
     click.echo(
         f"wrote {', '.join(files)} into {folder} for model {plan.name} (checked by the kserve SDK's models)"
     )
+    if pems:
+        click.echo(f"the runtime verifies the signature: put {Path(archive).name}.sig beside the archive")
     click.echo(f"next: docker build -t IMAGE {folder}; push IMAGE; kubectl apply -f {folder}")

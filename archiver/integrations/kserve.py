@@ -8,6 +8,9 @@ routes, probes and metrics; each model loads with ``load_model`` (the safe reade
 and runs batches through ``LoadedModel.handle``, the bundled server's code. KServe's v1 dict and v2
 ``InferRequest`` are mapped to batch elements by ``oip``, as on the bundled server: each v1 instance is
 one element (one call's instances form one batch), each v2 request one.
+
+With ``--trusted_key KEY.pub`` (repeatable) every archive's signature (``ARCHIVE.sig`` beside it) is
+verified before a byte of it is read; one that does not verify stops the runtime with a one-line reason.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from archiver.errors import ArchiverError, InputFileError, TensorRequestError
-from archiver.integrations import log_handler_errors, require_extra
+from archiver.integrations import log_handler_errors, require_extra, signatures
 from archiver.integrations.routes import model_signature
 from archiver.serving import oip
 from archiver.serving.protocol import InferenceResponse
@@ -41,10 +44,13 @@ ARCHIVE_SUFFIXES = (".mar", ".tar.gz", ".tgz")
 class ArchiveModel(kserve.Model):
     """One archive as a KServe model; ``load()`` initializes its handler."""
 
-    def __init__(self, name: str, source: Path, cache_dir: str | None = None) -> None:
+    def __init__(
+        self, name: str, source: Path, cache_dir: str | None = None, signer: str | None = None
+    ) -> None:
         super().__init__(name)
         self.source = source
         self.cache_dir = cache_dir
+        self.signer = signer  # the verified signer's key fingerprint, with --trusted_key
         self.loaded: Any = None
         self.signature: dict[str, Any] = {"inputs": [], "outputs": []}
 
@@ -190,20 +196,27 @@ def find_archives(model_dir: Path) -> list[Path]:
 
 
 def build_models(
-    model_dir: Path, model_name: str | None = None, cache_dir: str | None = None
+    model_dir: Path,
+    model_name: str | None = None,
+    cache_dir: str | None = None,
+    trusted_keys: tuple[Any, ...] = (),
 ) -> list[ArchiveModel]:
     """One model per archive, named by its manifest; ``model_name`` renames a lone archive's model
-    (KServe passes the InferenceService's name, the name its URLs use)."""
+    (KServe passes the InferenceService's name, the name its URLs use). With ``trusted_keys`` each
+    archive's signature is verified first (SignatureError when it does not)."""
     from archiver.reader import open_archive
 
     sources = find_archives(model_dir)
     models = []
     for source in sources:
+        signer = signatures.check_archive(source, trusted_keys)
+        if signer is not None:
+            log.info("%s: signature verified, signed by key %s", source.name, signer)
         with open_archive(source) as reader:
             name = reader.manifest.model_name
         if model_name and len(sources) == 1:
             name = model_name
-        models.append(ArchiveModel(name, source, cache_dir))
+        models.append(ArchiveModel(name, source, cache_dir, signer))
     return models
 
 
@@ -217,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache_dir", default=None, help="The unpack cache (default: $MODEL_ARCHIVER_CACHE)."
     )
+    parser.add_argument(
+        "--trusted_key",
+        action="append",
+        default=[],
+        help="Serve only archives signed by this EC public key (ARCHIVE.sig beside each); repeatable.",
+    )
     args, _ = parser.parse_known_args(argv)
     if args.workers != 1:
         # The handlers are loaded in this one process; KServe's multi-process mode is not supported here.
@@ -229,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # KServe's default --model_name is "model"; only a name someone chose renames an archive's model.
         chosen = args.model_name if args.model_name != "model" else None
-        models = build_models(Path(args.model_dir), chosen, args.cache_dir)
+        keys = signatures.trusted_keys(args.trusted_key)
+        models = build_models(Path(args.model_dir), chosen, args.cache_dir, keys)
         for model in models:
             model.load()
     except ArchiverError as exc:

@@ -21,6 +21,8 @@ KSERVE_RUNTIME = "model-archiver"
 KSERVE_FORMATS = (("mar", True), ("pytorch", False))
 KSERVE_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the storage URI's files
 KSERVE_HTTP_PORT = 8080
+KSERVE_KEYS_DIR = "/etc/model-archiver/trusted-keys"  # the trusted-keys ConfigMap, mounted read-only
+KSERVE_KEYS_CONFIG_MAP = "model-archiver-trusted-keys"
 GPU_RESOURCE = "nvidia.com/gpu"  # the NVIDIA device plugin's resource name
 DEFAULT_IMAGE = f"torchmar-kserve:{__version__}"
 # What the runtime container runs: the command the tests run against KServe's ModelServer.
@@ -91,19 +93,39 @@ def k8s_name(model_name: str) -> str:
     return name[:63].rstrip("-")
 
 
-def kserve_runtime(image: str = DEFAULT_IMAGE, name: str = KSERVE_RUNTIME) -> Any:
-    """The ``ServingRuntime``: KServe's ModelServer running archives from /mnt/models."""
+def kserve_runtime(
+    image: str = DEFAULT_IMAGE, name: str = KSERVE_RUNTIME, trusted_keys: list[str] | None = None
+) -> Any:
+    """The ``ServingRuntime``: KServe's ModelServer running archives from /mnt/models; with
+    ``trusted_keys`` (PEM texts), mounted from the ConfigMap ``kserve_trusted_keys`` writes, it loads
+    only archives they signed."""
     require_extra("kserve")
     from kserve import models as km
-    from kubernetes.client import V1Container, V1ContainerPort, V1ObjectMeta
+    from kubernetes.client import (
+        V1ConfigMapVolumeSource,
+        V1Container,
+        V1ContainerPort,
+        V1ObjectMeta,
+        V1Volume,
+        V1VolumeMount,
+    )
 
+    keys = list(trusted_keys or [])
+    mounts = [V1VolumeMount(name="trusted-keys", mount_path=KSERVE_KEYS_DIR, read_only=True)]
     container = V1Container(
         name="kserve-container",
         image=image,
         # KServe fills {{.Name}} with the InferenceService's name: the name the model answers to.
-        args=["--model_name={{.Name}}", f"--model_dir={KSERVE_MODEL_DIR}", f"--http_port={KSERVE_HTTP_PORT}"],
+        args=[
+            "--model_name={{.Name}}",
+            f"--model_dir={KSERVE_MODEL_DIR}",
+            f"--http_port={KSERVE_HTTP_PORT}",
+            *(f"--trusted_key={KSERVE_KEYS_DIR}/{_key_file(i)}" for i in range(len(keys))),
+        ],
         ports=[V1ContainerPort(container_port=KSERVE_HTTP_PORT, protocol="TCP")],
+        volume_mounts=mounts if keys else None,
     )
+    volumes = [V1Volume(name="trusted-keys", config_map=V1ConfigMapVolumeSource(name=KSERVE_KEYS_CONFIG_MAP))]
     return km.V1alpha1ServingRuntime(
         api_version="serving.kserve.io/v1alpha1",
         kind="ServingRuntime",
@@ -115,8 +137,26 @@ def kserve_runtime(image: str = DEFAULT_IMAGE, name: str = KSERVE_RUNTIME) -> An
             ],
             protocol_versions=["v1", "v2"],
             containers=[container],
+            volumes=volumes if keys else None,
         ),
     )
+
+
+def kserve_trusted_keys(pems: list[str]) -> Any:
+    """The ConfigMap holding the runtime's trusted public keys (public: a ConfigMap, not a Secret)."""
+    require_extra("kserve")
+    from kubernetes.client import V1ConfigMap, V1ObjectMeta
+
+    return V1ConfigMap(
+        api_version="v1",
+        kind="ConfigMap",
+        metadata=V1ObjectMeta(name=KSERVE_KEYS_CONFIG_MAP),
+        data={_key_file(i): pem for i, pem in enumerate(pems)},
+    )
+
+
+def _key_file(index: int) -> str:
+    return f"key-{index + 1}.pub"
 
 
 def kserve_inference_service(
@@ -186,8 +226,9 @@ CMD ["--model_dir={KSERVE_MODEL_DIR}", "--http_port={KSERVE_HTTP_PORT}"]
 """
 
 
-def package_spec() -> str:
-    return f"torchmar[kserve]=={__version__}"
+def package_spec(signed: bool = False) -> str:
+    """The runtime image's pip requirement (with the ``signing`` extra when it verifies signatures)."""
+    return f"torchmar[{'kserve,signing' if signed else 'kserve'}]=={__version__}"
 
 
 def check_storage_uri(uri: str) -> None:

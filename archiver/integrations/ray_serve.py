@@ -8,6 +8,9 @@ unpack cache, as a bundled server's worker does) and runs batches formed by ``@s
 ``http_codec`` (TorchServe's routes) and ``oip`` (the Open Inference Protocol), as in the bundled
 server. With one archive its deployment is the ingress; with several a small router (no torch, no CPU
 reserved) sends each request to its model's deployment. Ray places, restarts and scales the replicas.
+With ``trusted_keys`` (PEM texts or paths) the builder verifies each archive's signature (``ARCHIVE.sig``
+beside it) before reading its settings, and each replica verifies it again before loading it (a replica
+may start much later, on another node), refusing to start otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 from typing import Any
 
 from archiver.errors import UsageError
-from archiver.integrations import log_handler_errors, require_extra
+from archiver.integrations import log_handler_errors, require_extra, signatures
 from archiver.integrations.archive_plan import ServePlan, local_path, parse_archive_list, plan_archive
 from archiver.integrations.routes import Infer, ModelRoute, ModelTable, dispatch
 from archiver.serving.http_codec import DEFAULT_MAX_REQUEST_SIZE
@@ -40,11 +43,21 @@ BATCH_SIZE_HEADER = "x-archiver-batch-size"
 class ArchiveModel:
     """One model's replica: the archive's handler, fed by ``@serve.batch``."""
 
-    def __init__(self, plan: ServePlan, cache_dir: str | None = None, max_request_size: int = 0) -> None:
+    def __init__(
+        self,
+        plan: ServePlan,
+        cache_dir: str | None = None,
+        max_request_size: int = 0,
+        trusted_keys: list[str] | None = None,
+    ) -> None:
         from archiver.serving.loader import load_model
 
         self.plan = plan
         self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
+        # before a byte of the archive is unpacked or run; a refusal fails this replica's start
+        self.signer = signatures.check_archive(local_path(plan.source), signatures.trusted_keys(trusted_keys))
+        if self.signer is not None:
+            log.info("%s: signature verified, signed by key %s", plan.name, self.signer)
         self.model = load_model(
             local_path(plan.source),
             name=plan.name,
@@ -170,15 +183,26 @@ def deployment_name(plan: ServePlan, plans: list[ServePlan]) -> str:
 
 def plans_from_args(args: dict[str, Any]) -> list[ServePlan]:
     """The archives ``args`` names (``archives``: ``a.mar,b.mar`` or a list), with the overrides
-    ``batch_size``, ``max_batch_delay_ms`` and ``num_replicas`` applied to each."""
-    known = {"archives", "batch_size", "max_batch_delay_ms", "num_replicas", "cache_dir", "max_request_size"}
+    ``batch_size``, ``max_batch_delay_ms`` and ``num_replicas`` applied to each. With ``trusted_keys``
+    each archive's signature is verified before its settings are read from it."""
+    known = {
+        "archives",
+        "batch_size",
+        "max_batch_delay_ms",
+        "num_replicas",
+        "cache_dir",
+        "max_request_size",
+        "trusted_keys",
+    }
     unknown = sorted(set(args) - known)
     if unknown:
         raise UsageError(f"unknown argument {unknown[0]!r} (known: {', '.join(sorted(known))})")
     if "archives" not in args:
         raise UsageError("give the archives to serve: archives=a.mar,b.mar")
+    keys = signatures.trusted_keys(args.get("trusted_keys"))
     plans = []
     for source in parse_archive_list(args["archives"]):
+        signatures.check_archive(local_path(source), keys)
         plan = plan_archive(
             source,
             batch_size=_int_arg(args, "batch_size"),
@@ -200,12 +224,13 @@ def build_app(args: dict[str, Any]) -> Application:
     plans = plans_from_args(args)
     cache_dir = args.get("cache_dir") or None
     max_request_size = _int_arg(args, "max_request_size") or 0
+    pems = signatures.pem_texts(signatures.trusted_keys(args.get("trusted_keys"))) or None
     bound = []
     for plan in plans:
         deployment = serve.deployment(ArchiveModel).options(
             name=deployment_name(plan, plans), **plan.deployment_options()
         )
-        bound.append((plan, deployment.bind(plan, cache_dir, max_request_size)))
+        bound.append((plan, deployment.bind(plan, cache_dir, max_request_size, pems)))
     if len(bound) == 1:
         return bound[0][1]
     router = serve.deployment(ArchiveRouter).options(

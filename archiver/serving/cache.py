@@ -29,7 +29,7 @@ from archiver.reader import ArchiveReader
 
 CACHE_ENV = "MODEL_ARCHIVER_CACHE"
 PINNED_SHA256_ENV = "MODEL_ARCHIVER_SIGNED_SHA256"
-_LAYOUT = "v1"  # bump when the cache's folder layout changes, so old entries are simply not found
+_LAYOUT = "v2"  # bump when the cache's folder layout changes, so old entries are simply not found
 _CHUNK = 1 << 20
 # (device, inode, size, mtime) -> (content key, the file's own sha256)
 _KEYS: dict[tuple[int, int, int, int], tuple[str, str | None]] = {}
@@ -83,11 +83,13 @@ def _hash_content(reader: ArchiveReader) -> tuple[str, str | None]:
                     digest.update(chunk)
             digest.update(b"\0")
         return digest.hexdigest(), None
+    # A file's key is derived from its plain sha256, so one hash of the bytes gives both the key and
+    # what a signature pin is checked against.
     plain = hashlib.sha256()
     with open(reader.path, "rb") as stream:
         while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
             plain.update(chunk)
+    digest.update(plain.digest())
     return digest.hexdigest(), plain.hexdigest()
 
 

@@ -277,8 +277,9 @@ def engine_env(tmp: Path, mark: str) -> dict[str, str]:
     return env
 
 
-def start_ray(tmp: Path, config: dict[str, Any], timeout_s: float = 300) -> Engine:
-    """``serve run config.yaml`` (a local Ray of its own), answering once every application is up."""
+def start_ray(tmp: Path, config: dict[str, Any], timeout_s: float = 300, wait: bool = True) -> Engine:
+    """``serve run config.yaml`` (a local Ray of its own), answering once every application is up
+    (``wait=False``: at once, for a test that watches an application fail)."""
     import yaml
 
     port = free_port()
@@ -297,6 +298,8 @@ def start_ray(tmp: Path, config: dict[str, Any], timeout_s: float = 300) -> Engi
             start_new_session=True,
         )
     engine = Engine(proc, f"http://127.0.0.1:{port}", log, mark)
+    if not wait:
+        return engine
     try:
         for app in config["applications"]:
             prefix = app.get("route_prefix", "/").rstrip("/")

@@ -50,7 +50,8 @@ def kit(tmp_path: Path):
     handler.parent.mkdir()
     handler.write_text(HANDLER)
 
-    def build(name: str, *, key: Path | None = ours, folder: Path = store) -> Path:
+    def build(name: str, *, key: Path | None = ours, folder: Path = store, edition: int = 1) -> Path:
+        handler.write_text(HANDLER + f"# edition {edition}\n")  # a new edition: other bytes
         mar = Path(
             build_archive(
                 model_name=name, version="1.0", handler=str(handler), export_path=folder, force=True
@@ -182,7 +183,7 @@ def test_serve_command_fails_a_tampered_archive_at_start_and_reload_keeps_the_si
     assert ready["models"] == {"dev": "READY"}
     mgmt = f"http://127.0.0.1:{ready['management_port']}"
     # a rebuilt archive that nobody signed: the reload is refused, the signed one still serves
-    kit.build("dev", key=None)
+    kit.build("dev", key=None, edition=2)
     poll(
         lambda: (
             (call("GET", mgmt + "/models/dev").json()[0]["reloadError"] or "").find("was changed after") >= 0
