@@ -69,6 +69,7 @@ def child() -> None:
     from PIL import Image
 
     kind, path, duration = sys.argv[2:5]
+    warnings.filterwarnings("ignore", message=r".*torch\.jit", category=FutureWarning)
     device = torch.device("cuda", 0)
     transform = _transform()
     if kind == "aoti":
