@@ -11,6 +11,7 @@ import contextlib
 import json
 import socket
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -103,7 +104,9 @@ def _unchunk(data: bytes) -> bytes:
 
 def run_attacks(server: Any, watch: Any, attacks: list[Attack]) -> list[tuple[Attack, int | None, bytes]]:
     """Send each attack in turn; judge each answer (the watch's rules, then the attack's own statuses)."""
-    ports = {name: int(getattr(server, name).rsplit(":", 1)[1]) for name in ("inference", "management")}
+    ports = {
+        name: int(getattr(server, name).rsplit(":", 1)[1]) for name in ("inference", "management", "metrics")
+    }
     answers = []
     for attack in attacks:
         if watch.server_stuck:
@@ -355,8 +358,43 @@ def test_hostile_bodies_are_refused_and_no_worker_dies(fuzz_server, watch):
     _finish(watch, "hostile bodies", started, len(answers), len(attacks))
 
 
+def every_operation(server: Any) -> list[tuple[str, str, str]]:
+    """(port, method, target) of every operation each port's own /openapi.json lists (the metrics one at
+    the metrics port), its path parameters set to a served model, its version and a listed file."""
+    found = []
+    for port in ("inference", "management"):
+        with urllib.request.urlopen(getattr(server, port) + "/openapi.json", timeout=10) as resp:
+            document = json.loads(resp.read())
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                serve_at = port if port in operation["x-ports"] else operation["x-ports"][0]
+                if serve_at not in (port, "metrics") or (serve_at == "metrics" and port != "inference"):
+                    continue
+                model = "spare" if port == "management" and method in ("put", "delete") else "echo"
+                values = {"model": model, "version": "1.0"}
+                for param in operation.get("parameters", []):
+                    if param["in"] == "path" and "enum" in param["schema"]:
+                        values[param["name"]] = param["schema"]["enum"][0]
+                found.append((serve_at, method.upper(), path.format(**values)))
+    return found
+
+
 def test_cross_site_requests_get_403_and_malformed_http_a_json_refusal(fuzz_server, watch):
-    ports = {name: int(getattr(fuzz_server, name).rsplit(":", 1)[1]) for name in ("inference", "management")}
-    started, attacks = time.perf_counter(), header_attacks(ports)
+    ports = {
+        name: int(getattr(fuzz_server, name).rsplit(":", 1)[1])
+        for name in ("inference", "management", "metrics")
+    }
+    attacks = header_attacks(ports)
+    for port, method, target in every_operation(fuzz_server):  # every route, without a token: 403
+        body = b"x" if method in ("POST", "PUT") else b""
+        attacks.append(
+            Attack(
+                "any route, foreign Origin", port, method, target, body, (("Origin", FOREIGN_ORIGIN),), (403,)
+            )
+        )
+        attacks.append(
+            Attack("any route, forged Host", port, method, target, body, (("Host", FOREIGN_HOST),), (403,))
+        )
+    started = time.perf_counter()
     answers = run_attacks(fuzz_server, watch, attacks)
     _finish(watch, "hostile headers", started, len(answers), len(attacks))
