@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -201,7 +202,9 @@ def test_serve_command_fails_a_tampered_archive_at_start_and_reload_keeps_the_si
 
     bad = kit.build("bad")
     flip_byte(bad)
-    proc2, ready2 = serve_process("--trusted-key", str(pub), str(bad))
+    config = kit.store.parent / "serve.yaml"  # trusted_keys in --config: here the key's PEM text itself
+    config.write_text(yaml.safe_dump({"trusted_keys": [pub.read_text()]}))
+    proc2, ready2 = serve_process("--config", str(config), str(bad))
     assert ready2["models"] == {"bad": "FAILED"}
     log = proc2.log.read_text()
     assert "bad 1.0: FAILED: bad.mar was changed after it was signed" in log and "Traceback" not in log
