@@ -168,10 +168,13 @@ class WorkerPool:
 
         async def start(worker: WorkerProcess) -> None:
             async with gate:
-                await worker.start(self.policy.load_timeout_s)
+                if self._ours(worker) and not self._closing:  # not retired while it waited its turn
+                    await worker.start(self.policy.load_timeout_s)
 
         results = await asyncio.gather(*(start(w) for w in workers), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
+        # One retired while it loaded (a later scale asked for fewer) did not fail to start: it was stopped.
+        paired = zip(workers, results, strict=True)
+        failures = [r for w, r in paired if isinstance(r, BaseException) and self._ours(w)]
         for worker, result in zip(workers, results, strict=True):
             ok = not isinstance(result, BaseException) and not (all_or_nothing and failures)
             if ok and self.workers.get(worker.slot) is worker and not self._closing:

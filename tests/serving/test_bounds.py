@@ -5,10 +5,12 @@ good calls still work afterwards (issue 19, item 4)."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
 from archiver import settings_bounds
+from tests.serving.conftest import wait_until
 from tests.serving.ping_watch import PingWatch
 
 # A server whose models may run at most two workers each, so the ranges below are this test's own.
@@ -171,3 +173,35 @@ def test_the_openapi_document_gives_each_management_parameter_its_range(serve, s
     assert scale["min_worker"]["maximum"] == scale["max_worker"]["maximum"] == top
     assert "400" in document["paths"]["/models"]["post"]["responses"]
     assert "400" in document["paths"]["/models/{model}"]["put"]["responses"]
+
+
+SLOW_START = """
+import time
+
+time.sleep(1.5)  # a model that takes a while to load
+
+
+def handle(data, context):
+    return [{"ok": True} for _ in data] if data else None
+"""
+
+
+def test_a_scale_down_while_a_scale_up_loads_leaves_the_last_count_and_answers_both(serve, make_model, call):
+    slow = make_model("slow", handler_source=SLOW_START)
+    server = serve([slow], max_workers_per_model=MAX_WORKERS)
+    mgmt = server.url("management")
+    answers: dict[str, object] = {}
+    up = threading.Thread(target=lambda: answers.update(up=call("PUT", mgmt + "/models/slow?min_worker=2")))
+    up.start()
+
+    def loading() -> bool:
+        return any(w["status"] == "STARTING" for w in call("GET", mgmt + "/models/slow").json()[0]["workers"])
+
+    wait_until(loading, what="the second worker to start loading")
+    down = call("PUT", mgmt + "/models/slow?min_worker=1")  # retires the one still loading
+    up.join()
+    assert down.status == 200
+    assert answers["up"].status == 200, answers["up"].body  # was a 500: "died while loading"
+    workers = call("GET", mgmt + "/models/slow").json()[0]["workers"]
+    assert [w["status"] for w in workers] == ["READY"]
+    assert call("POST", server.url() + "/predictions/slow", b"x").status == 200
