@@ -82,9 +82,15 @@ def sign(archive: str | Path, private_key: str | Path, signature_path: str | Pat
     from model_signing import signing
 
     config = signing.Config().use_elliptic_key_signer(private_key=key).set_hashing_config(hashing_config())
-    return write_signature(
-        lambda tmp: config.sign(archive, tmp), signature_path or signature_path_for(archive)
-    )
+    target = Path(signature_path) if signature_path else signature_path_for(archive)
+    check_outside(archive, target)
+    return write_signature(lambda tmp: config.sign(archive, tmp), target)
+
+
+def check_outside(archive: Path, target: Path) -> None:
+    """A folder's signature cannot go inside it: the folder is hashed while the signature is written."""
+    if archive.is_dir() and archive.resolve() in target.resolve().parents:
+        raise UsageError(f"put the signature of the folder {archive} outside it, not at {target}")
 
 
 def write_signature(write: Any, target: str | Path) -> Path:
@@ -98,6 +104,7 @@ def write_signature(write: Any, target: str | Path) -> Path:
         write(Path(tmp))
         with open(tmp, "rb+") as stream:
             os.fsync(stream.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the signature from a server run by another user
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from archiver.errors import ArchiverError, InputFileError, MissingSignatureError, SignatureError
-from archiver.signing import hashing_config, signature_path_for, write_signature
+from archiver.signing import check_outside, hashing_config, signature_path_for, write_signature
 from archiver.signing_keys import check_private_key, require_signing_extra
 
 
@@ -51,10 +51,10 @@ def _sign(config: Any, archive: str | Path, signature_path: str | Path | None) -
     if not archive.exists():
         raise InputFileError(f"{archive}: no such file or folder")
     config.set_hashing_config(hashing_config())
+    target = Path(signature_path) if signature_path else signature_path_for(archive)
+    check_outside(archive, target)
     try:
-        return write_signature(
-            lambda tmp: config.sign(archive, tmp), signature_path or signature_path_for(archive)
-        )
+        return write_signature(lambda tmp: config.sign(archive, tmp), target)
     except ArchiverError:
         raise
     except Exception as exc:  # noqa: BLE001 - model-signing and sigstore raise many types; one line each

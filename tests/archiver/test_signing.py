@@ -81,8 +81,9 @@ def test_a_signed_archive_verifies_with_the_signers_fingerprint(mar, keys, capsy
     assert out.strip().endswith(f"all sha256 match; signed by key {fingerprint})")
     code, out, _ = run_main(["verify", str(mar), "--public-key", str(keys["public"]), "--json"], capsys)
     assert code == 0 and json.loads(out)["signedBy"] == f"key {fingerprint}"
-    # no temp file of the atomic write is left beside the archive
+    # no temp file of the atomic write is left beside the archive, and others may read the signature
     assert sorted(p.name for p in mar.parent.iterdir()) == ["tiny.mar", "tiny.mar.sig"]
+    assert mar.with_name("tiny.mar.sig").stat().st_mode & 0o777 == 0o644
 
 
 def test_archive_signs_at_build_time_with_sign_key(model_inputs, keys, capsys):
@@ -208,6 +209,16 @@ def test_each_bad_signature_is_refused_with_its_own_message(mar, keys, model_inp
 def test_a_folder_archive_is_signed_file_by_file_and_a_changed_file_is_named(model_inputs, keys, capsys):
     folder = Path(build_archive(**model_inputs.build_kwargs(archive_format="no-archive")))
     assert folder.is_dir()
+    inside = [
+        "sign",
+        str(folder),
+        "--private-key",
+        str(keys["private"]),
+        "--signature",
+        str(folder / "x.sig"),
+    ]
+    code, _, err = run_main(inside, capsys)
+    assert code == 2 and "outside it" in err and not (folder / "x.sig").exists()
     signed(folder, keys, capsys)
     verify = ["verify", str(folder), "--public-key", str(keys["public"])]
     assert run_main(verify, capsys)[0] == 0
