@@ -193,7 +193,8 @@ def run_ours(
     ports = [free_port() for _ in range(3)]
     ready_file = out / f"ours-{kind}-ready.json"
     ready_file.unlink(missing_ok=True)
-    cmd = [str(REPO / ".venv" / "bin" / "model-archiver"), "serve", "--model-store", str(mar.parent)]
+    # This interpreter's own package: the GPU machine's environment may live anywhere.
+    cmd = [sys.executable, "-m", "archiver", "serve", "--model-store", str(mar.parent)]
     cmd += ["--models", f"resnet34={mar.name}", "--workers", str(workers), "--gpus", gpus]
     cmd += ["--port", str(ports[0]), "--management-port", str(ports[1]), "--metrics-port", str(ports[2])]
     cmd += ["--cache-dir", str(out / "cache"), "--ready-file", str(ready_file)]

@@ -308,3 +308,56 @@ def test_gpus_in_the_config_file_name_gpus_by_the_same_rule(tmp_path, echo_model
         .splitlines()[-1]
         .endswith("--gpus 5: GPU 5 is not there; this machine's GPUs are 0, 1")
     )
+
+
+def test_nvml_is_asked_first_when_nvidia_ml_py_is_installed(monkeypatch, tmp_path):
+    """A stand-in ``pynvml`` (NVML's Python binding) with two GPUs; nvidia-smi is not on PATH at all."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml([("GPU-aaaa", 40960), ("GPU-bbbb", 81920)]))
+    found, why = discover_gpus({"CUDA_VISIBLE_DEVICES": "1"})
+    assert why is None
+    assert [(g.index, g.physical, g.uuid, g.name, g.memory_total_mb) for g in found] == [
+        (0, 1, "GPU-bbbb", "NVIDIA A100", 81920.0)
+    ]
+    from archiver.serving.devices import sample_usage
+
+    usage = sample_usage(found)
+    assert usage.memory_used_mb == {0: 1024.0} and usage.utilization_pct == {0: 55.0}
+    assert usage.process_memory_mb == {4242: {0: 512.0}}
+
+
+class _FakeNvml:
+    """What archiver.serving.devices calls of pynvml, answering for the GPUs given (uuid, MB)."""
+
+    def __init__(self, gpus: list[tuple[str, int]]) -> None:
+        self.gpus = gpus
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetUUID(self, handle: int) -> bytes:
+        return self.gpus[handle][0].encode()  # older bindings answer bytes
+
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        return "NVIDIA A100"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(total=self.gpus[handle][1] * 2**20, used=1024 * 2**20)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(gpu=55, memory=7)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(pid=4242, usedGpuMemory=512 * 2**20)]
