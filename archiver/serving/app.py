@@ -1,8 +1,7 @@
 """The HTTP routes: inference (8080), management (8081) and metrics (8082) as three aiohttp apps.
 
-Every failure leaves as JSON ``{"code", "type", "message"}``. Bodies are read with the size limit
-enforced as they stream (a Content-Length over the limit is refused before a byte is read), so a huge
-upload never sits in memory whole.
+Every failure leaves as JSON ``{"code", "type", "message"}``. Bodies are read by ``request_bodies``,
+bounded in bytes, time and items as they stream, so a huge upload never sits in memory whole.
 """
 
 from __future__ import annotations
@@ -14,42 +13,33 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 
 from archiver import settings_bounds
 from archiver.errors import (
     ArchiverError,
-    BodyTimeoutError,
     CrossSiteRequestError,
     ModelNotFoundError,
-    RequestTooLargeError,
     UnauthorizedError,
     UsageError,
 )
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving import openapi, page_routes
-from archiver.serving.http_codec import form_parts, last_wins, mime_type, response_headers
+from archiver.serving.http_codec import response_headers
 from archiver.serving.metrics import ServerMetrics
-from archiver.serving.oip_records import BODY_HEADER_LENGTH
-from archiver.serving.oip_values import PROTOCOL_HEADER
 from archiver.serving.protocol import error_response, new_request_id, response_for_exception
 from archiver.serving.registry import ModelRegistry
-from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items, form_fields_at_most
+from archiver.serving.request_bodies import in_time, read_capped, read_inference_request
+from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
 from archiver.serving.site_guard import SiteRules
-from archiver.serving.wire import RawRequest
 
 log = logging.getLogger("archiver.serving")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 LIMITS_KEY = web.AppKey("limits", object)
-T = TypeVar("T")
-# Request headers the front sets for the worker (the v2 marker and its header length): a client's own
-# are dropped, so a client cannot pose as the front and switch how the worker reads its body.
-INTERNAL_HEADERS = (PROTOCOL_HEADER, BODY_HEADER_LENGTH)
 
 
 @dataclass(frozen=True)
@@ -137,91 +127,6 @@ def _middlewares(limits: HttpLimits, open_paths: frozenset[str]) -> list[Any]:
             return _error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
 
     return [guard]
-
-
-# ---- request bodies ----------------------------------------------------------------------------
-async def _read_capped(read: Callable[[int], Awaitable[bytes]], limit: int, already: int = 0) -> bytes:
-    """Read a stream to its end, refusing it as soon as it passes ``limit`` bytes."""
-    body = bytearray()
-    while True:
-        chunk = await read(65536)
-        if not chunk:
-            return bytes(body)
-        body += chunk
-        if already + len(body) > limit:
-            raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
-
-
-async def read_inference_request(
-    request: web.Request, limits: HttpLimits, request_id: str | None = None
-) -> RawRequest:
-    """The HTTP request as a handler sees it: one ``body`` param, or one param per form field.
-
-    The whole body must arrive within ``body_read_timeout_s``: a client trickling or stalling its body
-    would otherwise hold its connection (and the memory read so far) for as long as it likes. A body
-    that came whole with the headers (most small ones) is read without arming that timer.
-    """
-    if request.content.is_eof():
-        return await _read_request(request, limits, request_id)
-    return await _in_time(_read_request(request, limits, request_id), limits)
-
-
-async def _in_time(read: Awaitable[T], limits: HttpLimits) -> T:
-    """Await a body read; a client that has not sent its body within body_read_timeout_s gets 408."""
-    try:
-        async with asyncio.timeout(limits.body_read_timeout_s):
-            return await read
-    except TimeoutError as exc:
-        raise BodyTimeoutError(
-            f"request body not received within {limits.body_read_timeout_s:g} seconds"
-        ) from exc
-
-
-async def _read_request(request: web.Request, limits: HttpLimits, request_id: str | None) -> RawRequest:
-    limit = limits.max_request_size
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestTooLargeError(
-            f"request body of {request.content_length} bytes is over the server's limit of {limit} bytes"
-        )
-    content_type = request.headers.get("Content-Type")
-    mime = mime_type(content_type)
-    parts: list[tuple[str, bytes, str]] = []
-    if mime == "multipart/form-data":
-        try:
-            reader = await request.multipart()
-            total = 0
-            while (part := await reader.next()) is not None:
-                if not isinstance(part, BodyPartReader):
-                    raise ValueError("nested multipart bodies are not supported")
-                check_items(len(parts) + 1, limits.max_request_items, "form fields", exact=False)
-                value = await _read_capped(part.read_chunk, limit, total)
-                total += len(value)
-                parts.append((part.name or "data", value, part.headers.get("Content-Type") or ""))
-        except HttpProcessingError:  # aiohttp's parser on a part's headers: not UTF-8, a bad line
-            raise UsageError("malformed multipart body: a part's headers cannot be read") from None
-        except (ValueError, AssertionError, RuntimeError) as exc:
-            raise UsageError(f"malformed multipart body: {' '.join(str(exc).split())[:200]}") from exc
-        if not parts:
-            raise UsageError("multipart body has no parts")
-    else:
-        if request.content.is_eof():  # all of it came with the headers: take it as it is
-            body = request.content.read_nowait()
-            if len(body) > limit:
-                raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
-        else:
-            body = await _read_capped(request.content.read, limit)
-        if mime == "application/x-www-form-urlencoded":
-            fields = form_fields_at_most(body, content_type)
-            check_items(fields, limits.max_request_items, "form fields", exact=False)
-            parts.extend(form_parts(body))
-        else:
-            parts.append(("body", body, content_type or ""))
-    # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
-    request_id = request_id or request.headers.get("x-request-id") or new_request_id()
-    headers = dict(request.headers)
-    if any(name in request.headers for name in INTERNAL_HEADERS):  # (case-insensitive look-ups)
-        headers = {k: v for k, v in headers.items() if k.lower() not in INTERNAL_HEADERS}
-    return RawRequest(request_id=request_id, headers=headers, parts=last_wins(parts))
 
 
 # ---- inference app -----------------------------------------------------------------------------
@@ -326,7 +231,7 @@ async def register_model(request: web.Request) -> web.Response:
     if request.content_type == "application/json" and request.can_read_body:
         try:
             limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
-            body = json.loads(await _in_time(_read_capped(request.content.read, 65536), limits))
+            body = json.loads(await in_time(read_capped(request.content.read, 65536), limits))
         except RecursionError:
             raise UsageError("register body is JSON nested too deep: send one flat object") from None
         except ValueError as exc:

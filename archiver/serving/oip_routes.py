@@ -19,13 +19,14 @@ from archiver import __version__
 from archiver.errors import ArchiverError, ModelNotFoundError, RequestTooLargeError, TensorRequestError
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving import oip
-from archiver.serving.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY, HttpLimits, _in_time, _read_capped
+from archiver.serving.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY, HttpLimits
 from archiver.serving.http_codec import mime_type, response_headers
 from archiver.serving.model_entry import ModelEntry
 from archiver.serving.oip_metadata import platform_of, read_signature
 from archiver.serving.oip_openapi import openapi_paths, openapi_schemas  # noqa: F401 - openapi.py reads them here
 from archiver.serving.pool import PoolState
 from archiver.serving.protocol import InferenceResponse, new_request_id
+from archiver.serving.request_bodies import in_time, read_capped
 from archiver.serving.request_bounds import check_queue_room
 
 # Bodies past this size are parsed off the event loop, so one large JSON tensor does not stall the rest.
@@ -74,7 +75,7 @@ async def _read(request: web.Request) -> tuple[bytes, str]:
         if len(body) > limit:
             raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
     else:
-        body = await _in_time(_read_capped(request.content.read, limit), limits)
+        body = await in_time(read_capped(request.content.read, limit), limits)
     return body, request.headers.get("x-request-id") or new_request_id()
 
 
