@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from archiver import settings_bounds
-from archiver.config import ModelConfig, parse_model_config
 from archiver.errors import (
     ArchiverError,
     ConfigError,
@@ -31,6 +30,7 @@ from archiver.serving.batcher import Batcher
 from archiver.serving.devices import Gpu, GpuMonitor, worker_gpu_env
 from archiver.serving.metrics import ModelSnapshot
 from archiver.serving.model_entry import ModelEntry, ModelSettings, served_settings
+from archiver.serving.model_store import archive_in_store, archive_stem, read_archive_head
 from archiver.serving.placement import SharedGpuCounter
 from archiver.serving.pool import PoolState, WorkerPool
 from archiver.serving.protocol import InferenceResponse
@@ -188,31 +188,7 @@ class ModelRegistry:
     # ---- registration ------------------------------------------------------------------------
     def store_path(self, url: str) -> Path:
         """The archive a management-API ``url`` names: a plain file name inside the model store only."""
-        if self.model_store is None:
-            raise UsageError("this server has no --model-store, so it cannot register models by name")
-        bad = (
-            not url
-            or "/" in url
-            or "\\" in url
-            or ".." in url
-            or ":" in url
-            or url.startswith(".")
-            or "\x00" in url
-        )
-        if bad:
-            raise UsageError(
-                f"url must be the file name of an archive in the model store (no paths, no URLs), got {url!r}"
-            )
-        if len(url.encode("utf-8", "surrogatepass")) > 255:  # no file system has longer file names
-            raise UsageError(f"url must be a file name of at most 255 bytes, got {len(url)} characters")
-        path = self.model_store / url
-        try:
-            found = path.exists()
-        except (OSError, ValueError):  # never an answer that shows where the store is
-            raise UsageError(f"url {url[:80]!r} cannot name a file in the model store") from None
-        if not found:
-            raise ModelNotFoundError(f"no archive named {url[:80]!r} in the model store")
-        return path
+        return archive_in_store(self.model_store, url)
 
     async def register(self, source: Path, **options: Any) -> ModelEntry:
         """Open, configure and start one archive; return its entry (READY, or FAILED at startup).
@@ -242,14 +218,14 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         try:
             signature = await self.signatures.check(source)  # before a byte of the archive is read
-            manifest, config = await loop.run_in_executor(None, _read_archive_head, source)
+            manifest, config = await loop.run_in_executor(None, read_archive_head, source)
         except ArchiverError as exc:
             if not startup:
                 # an archive whose model-config.yaml is wrong: the request named it, so it is a 400
                 if isinstance(exc, ConfigError):
                     raise UsageError(exc.message) from None
                 raise
-            return self._add_failed(name or _stem(source), url or source.name, source, exc)
+            return self._add_failed(name or archive_stem(source), url or source.name, source, exc)
         model_name = name or manifest.model_name
         if not MODEL_NAME_PATTERN.match(model_name):
             raise UsageError(f"invalid model name {model_name!r}")
@@ -347,7 +323,7 @@ class ModelRegistry:
         started = loop.time()
         try:
             signature = await self.signatures.check(source)
-            manifest, config = await loop.run_in_executor(None, _read_archive_head, source)
+            manifest, config = await loop.run_in_executor(None, read_archive_head, source)
             limit = self.max_workers_per_model
             settings = served_settings(self.defaults, config, self.operator, max_workers=limit)
             candidate = replace(
@@ -434,23 +410,3 @@ class ModelRegistry:
         """Finish every queued request, then stop all workers (the server's shutdown)."""
         pools = [e.pool for e in self.entries() if e.pool is not None]
         await asyncio.gather(*(p.close(timeout_s) for p in pools), return_exceptions=True)
-
-
-def _read_archive_head(source: Path) -> tuple[Any, ModelConfig]:
-    """The manifest and model-config of an archive, read without unpacking it."""
-    from archiver.reader import open_archive
-
-    with open_archive(source) as reader:
-        manifest = reader.manifest
-        config = ModelConfig()
-        if manifest.config_file:
-            config = parse_model_config(reader.read(manifest.config_file), source=manifest.config_file)
-    return manifest, config
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".mar", ".tar.gz", ".tgz"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)] or name
-    return name
