@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from archiver.serving.tracebacks import UserTrace
+    from archiver.serving.worker.tracebacks import UserTrace
 
 
 class ArchiverError(Exception):

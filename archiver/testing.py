@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from archiver.serving.loader import LoadedModel
-    from archiver.serving.server import ServerThread
+    from archiver.serving.front.server import ServerThread
+    from archiver.serving.worker.loader import LoadedModel
 
 __all__ = ["LiveServer", "build", "start_server"]
 
-CACHE_ENV = "MODEL_ARCHIVER_CACHE"  # archiver.serving.cache.CACHE_ENV, without importing it here
+CACHE_ENV = "MODEL_ARCHIVER_CACHE"  # archiver.unpack_cache.CACHE_ENV, without importing it here
 
 
 def build(export_path: str | os.PathLike[str], /, **flags: Any) -> Path:
@@ -66,7 +66,7 @@ def build(export_path: str | os.PathLike[str], /, **flags: Any) -> Path:
 
 
 class LiveServer:
-    """A running in-process server (``archiver.serving.server.ServerThread``) and its addresses."""
+    """A running in-process server (``archiver.serving.front.server.ServerThread``) and its addresses."""
 
     def __init__(self, thread: ServerThread) -> None:
         self.thread = thread
@@ -146,8 +146,8 @@ def start_server(
     to 0 (free ones). With ``check_loaded``, a model that failed to load stops the server and raises
     ``pytest.fail`` with each failed model's reason.
     """
-    from archiver.serving.registry import ModelSettings
-    from archiver.serving.server import ServerSettings, ServerThread
+    from archiver.serving.front.server import ServerSettings, ServerThread
+    from archiver.serving.supervisor.registry import ModelSettings
 
     server_fields = {f.name for f in dataclasses.fields(ServerSettings)}
     model_fields = {f.name for f in dataclasses.fields(ModelSettings)}
@@ -224,7 +224,7 @@ def mar_model(mar_archive: Any, mar_cache_dir: Path) -> Iterator[Any]:
         limit_max_image_pixels: bool = True,
         **flags: Any,
     ) -> LoadedModel:
-        from archiver.serving.loader import load_model
+        from archiver.serving.worker.loader import load_model
 
         if (source is None) == (not flags):
             raise TypeError("mar_model() takes an archive path or archiver flags (model_name=..., ...)")

@@ -183,7 +183,7 @@ def tree_roles(root: psutil.Process, root_role: str, child_role: Callable[[psuti
 
 
 def our_child_role(proc: psutil.Process) -> str:
-    return "worker" if "archiver.serving.worker" in " ".join(proc.cmdline()) else proc.name()
+    return "worker" if "archiver.serving.worker.main" in " ".join(proc.cmdline()) else proc.name()
 
 
 # ---- teardown ---------------------------------------------------------------------------------------

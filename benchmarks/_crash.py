@@ -83,7 +83,9 @@ class Killer:
     def _ours(self, pid: int) -> bool:
         try:
             proc = psutil.Process(pid)
-            return proc.ppid() == self.server_pid and "archiver.serving.worker" in " ".join(proc.cmdline())
+            return proc.ppid() == self.server_pid and "archiver.serving.worker.main" in " ".join(
+                proc.cmdline()
+            )
         except psutil.Error:
             return False
 

@@ -200,7 +200,7 @@ class BaseHandler:
         from its numbers as they came) is the client's 400, in one line; anything else stays as it is."""
         if type(self).preprocess is not BaseHandler.preprocess or not is_input_fault(exc):
             return exc
-        from archiver.serving.tracebacks import public_message
+        from archiver.serving.protocols.redaction import public_message
 
         dtypes = [str(d).removeprefix("torch.") for d in self.input_dtypes() if d is not None]
         takes = f" (it takes {', '.join(dtypes)})" if dtypes else ""

@@ -208,7 +208,7 @@ def compile_if_configured(model: Any, yaml_config: dict[str, Any] | None) -> Any
 
 def build_eager_model(model_dir: Path, model_file: str) -> torch.nn.Module:
     """Import the model file (isolated) and instantiate the one nn.Module subclass it defines."""
-    from archiver.serving.isolation import import_file_module
+    from archiver.serving.worker.isolation import import_file_module
 
     try:
         module = import_file_module(model_dir, model_file)

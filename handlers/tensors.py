@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from archiver.errors import ArchiverError, HandlerError
-from archiver.serving import oip
+from archiver.serving.protocols import oip
 
 # v2 datatype <-> torch dtype name (names, so this module imports torch only when the handler did).
 TORCH_DTYPES = {

@@ -130,8 +130,8 @@ def test_the_plugin_is_registered_under_pytest11(pytestconfig: pytest.Config):
     entry_points = importlib.metadata.entry_points(group="pytest11")
     assert {ep.name: ep.value for ep in entry_points}.get("model_archiver") == "archiver.testing"
     assert pytestconfig.pluginmanager.has_plugin("model_archiver")
-    from archiver.serving.cache import CACHE_ENV
     from archiver.testing import CACHE_ENV as PLUGIN_CACHE_ENV
+    from archiver.unpack_cache import CACHE_ENV
 
     assert PLUGIN_CACHE_ENV == CACHE_ENV
 
@@ -155,7 +155,9 @@ def test_loading_the_plugin_imports_neither_torch_nor_the_server(pytester: pytes
 
             def test_nothing_heavy_was_imported(request):
                 assert request.config.pluginmanager.has_plugin("model_archiver")
-                heavy = {"torch", "torchvision", "aiohttp", "archiver.serving.loader", "archiver.build"}
+                heavy = {
+                    "torch", "torchvision", "aiohttp", "archiver.serving.worker.loader", "archiver.build"
+                }
                 assert not heavy & set(sys.modules)
             """
         )

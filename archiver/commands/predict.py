@@ -68,8 +68,8 @@ def predict(
             raise UsageError(f"--json value is not valid JSON: {exc}") from exc
     if not payloads:
         raise UsageError("give at least one input file (or --json PAYLOAD)")
-    from archiver.serving.loader import load_model
-    from archiver.serving.tracebacks import error_block, user_trace
+    from archiver.serving.worker.loader import load_model
+    from archiver.serving.worker.tracebacks import error_block, user_trace
 
     model = load_model(archive, cache_dir=cache_dir, batch_size=len(payloads))
     failures: list[BaseException] = []

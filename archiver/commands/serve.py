@@ -235,13 +235,13 @@ def serve(
         raise UsageError("--handler serves unsigned files: with --trusted-key, serve signed archives")
     staged, flag_model = _stage_archive_flags(archive_flags, flags.get("cache_dir"))
     settings = build_settings(archives + staged, model_specs, config_path, flags)
-    from archiver.serving.server import check_exposure
+    from archiver.serving.front.server import check_exposure
 
     check_exposure(settings)  # refuse an exposed bind before starting anything
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     watched = _watch_list(settings.models, flag_model, bool(settings.trusted_keys)) if reload else []
-    from archiver.serving.memory import HeapTrimmer
-    from archiver.serving.server import run
+    from archiver.heap_trim import HeapTrimmer
+    from archiver.serving.front.server import run
 
     trimmer = HeapTrimmer().start()
     try:
@@ -249,7 +249,7 @@ def serve(
     finally:
         trimmer.stop()
         if flag_model is not None:
-            from archiver.serving.reload import drop_staged
+            from archiver.serving.supervisor.reload import drop_staged
 
             drop_staged(flag_model, None)
     sys.exit(code)
@@ -266,8 +266,8 @@ def _stage_archive_flags(archive_flags: dict[str, Any], cache_dir: str | None) -
         return (), None
     if not archive_flags.get("model_name"):
         raise UsageError("--handler serves the archive flags themselves: add --model-name")
-    from archiver.serving.cache import cache_subfolder
-    from archiver.serving.reload import watch_flags
+    from archiver.serving.supervisor.reload import watch_flags
+    from archiver.unpack_cache import cache_subfolder
 
     model = watch_flags(archive_flags, cache_subfolder(cache_dir, "staging"))
     return (str(model.stage()),), model
@@ -276,7 +276,7 @@ def _stage_archive_flags(archive_flags: dict[str, Any], cache_dir: str | None) -
 def _watch_list(models: list[tuple[str | None, Path]], flag_model: Any, signed: bool = False) -> list[Any]:
     """What --reload watches, one entry per startup model, in the same order (with trusted keys, each
     archive's signature file too: a new signature written after its archive reloads it)."""
-    from archiver.serving.reload import watch_archive
+    from archiver.serving.supervisor.reload import watch_archive
 
     staged = flag_model.staged[-1] if flag_model is not None else None
     return [
@@ -289,11 +289,11 @@ def build_settings(
     archives: tuple[str, ...], model_specs: tuple[str, ...], config_path: str | None, flags: dict[str, Any]
 ) -> Any:
     """ServerSettings from the flags (None where not given) over the --config file over the defaults."""
-    from archiver.serving.registry import ModelSettings
-    from archiver.serving.server import ServerSettings
+    from archiver.serving.front.server import ServerSettings
+    from archiver.serving.supervisor.registry import ModelSettings
 
     file_cfg = read_server_config(Path(config_path)) if config_path else {}
-    from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
+    from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
     from archiver.settings_bounds import check_serve_settings
 
     max_workers = check_serve_settings(flags, file_cfg, config_path)  # every range, named as given
@@ -359,7 +359,7 @@ def build_settings(
         gpus=pick("gpus"),
         number_of_gpu=file_cfg.get("number_of_gpu"),
     )
-    from archiver.serving.site_guard import SiteRules
+    from archiver.serving.front.site_guard import SiteRules
 
     SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins)  # a bad entry: exit 2
     return settings
@@ -385,7 +385,7 @@ def _as_list(value: Any) -> list[str]:
 
 
 async def _run(settings: Any, ready_file: Path | None, watched: list[Any]) -> int:
-    from archiver.serving.server import Server, check_exposure
+    from archiver.serving.front.server import Server, check_exposure
 
     warning = check_exposure(settings)
     if warning:
@@ -420,7 +420,7 @@ async def _run(settings: Any, ready_file: Path | None, watched: list[Any]) -> in
             os.replace(tmp, ready_file)
         sys.stdout.flush()
         if watched:
-            from archiver.serving.reload import Reloader
+            from archiver.serving.supervisor.reload import Reloader
 
             for model, entry in zip(watched, listed, strict=True):
                 model.name = entry.name

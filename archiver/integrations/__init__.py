@@ -1,6 +1,6 @@
 """Thin hosts for archives on existing engines: Ray Serve (``ray_serve``) and KServe (``kserve``).
 
-They hold no request logic of their own: archives load through ``archiver.serving.loader`` and requests
+They hold no request logic of their own: archives load through ``archiver.serving.worker.loader`` and requests
 cross HTTP through the bundled server's codecs. Each engine is an optional extra; a missing one is a
 one-line error naming the extra to install.
 """
@@ -34,7 +34,7 @@ def require_extra(extra: str, module: str | None = None) -> None:
 def log_handler_errors(model: Any, log: logging.Logger) -> None:
     """Log each batch the handler fails with the frames in the archive's own files, as a bundled
     server's worker does (each request of that batch is already answered with a 500)."""
-    from archiver.serving.tracebacks import error_block, user_trace
+    from archiver.serving.worker.tracebacks import error_block, user_trace
 
     def report(exc: BaseException) -> None:
         log.error(

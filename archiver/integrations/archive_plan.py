@@ -15,7 +15,7 @@ from typing import Any
 from archiver.config import ModelConfig, parse_model_config
 from archiver.errors import ConfigError, IntegrityError, UsageError
 from archiver.reader import open_archive
-from archiver.serving.placement import gpus_per_replica
+from archiver.serving.supervisor.placement import gpus_per_replica
 
 _REMOTE_SCHEMES = ("s3://", "gs://", "http://", "https://", "hdfs://", "pvc://", "az://")
 # Keys a model-config.yaml `ray:` section may give a replica's actor (Ray's own option names).

@@ -26,10 +26,10 @@ from typing import Any
 from archiver.errors import ArchiverError, InputFileError, TensorRequestError
 from archiver.integrations import log_handler_errors, require_extra, signatures
 from archiver.integrations.routes import model_signature
-from archiver.serving import oip
-from archiver.serving.protocol import InferenceResponse
-from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items
-from archiver.serving.wire import RawRequest, to_inference_request
+from archiver.serving.protocols import oip
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items
+from archiver.serving.protocols.wire import RawRequest, to_inference_request
 
 require_extra("kserve")
 
@@ -55,7 +55,7 @@ class ArchiveModel(kserve.Model):
         self.signature: dict[str, Any] = {"inputs": [], "outputs": []}
 
     def load(self) -> bool:
-        from archiver.serving.loader import load_model
+        from archiver.serving.worker.loader import load_model
 
         self.loaded = load_model(
             self.source, name=self.name, cache_dir=self.cache_dir, gpu_id=pod_gpu_id(self.source)
@@ -132,7 +132,7 @@ def pod_gpu_id(source: Path) -> int | None:
     import torch
 
     from archiver.integrations.archive_plan import plan_archive
-    from archiver.serving.placement import replica_gpu_id
+    from archiver.serving.supervisor.placement import replica_gpu_id
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return replica_gpu_id(plan_archive(source).device_type, visible, "this KServe pod")

@@ -23,9 +23,9 @@ from archiver.errors import UsageError
 from archiver.integrations import log_handler_errors, require_extra, signatures
 from archiver.integrations.archive_plan import ServePlan, local_path, parse_archive_list, plan_archive
 from archiver.integrations.routes import Infer, ModelRoute, ModelTable, dispatch
-from archiver.serving.http_codec import DEFAULT_MAX_REQUEST_SIZE
-from archiver.serving.protocol import InferenceResponse
-from archiver.serving.wire import RawRequest, to_inference_request
+from archiver.serving.protocols.http_codec import DEFAULT_MAX_REQUEST_SIZE
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.wire import RawRequest, to_inference_request
 
 require_extra("ray", "ray.serve")
 
@@ -50,7 +50,7 @@ class ArchiveModel:
         max_request_size: int = 0,
         trusted_keys: list[str] | None = None,
     ) -> None:
-        from archiver.serving.loader import load_model
+        from archiver.serving.worker.loader import load_model
 
         self.plan = plan
         self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
@@ -93,7 +93,7 @@ def _ray_gpu_id(plan: ServePlan) -> int | None:
     ``ray.get_gpu_ids()`` it assigned, so the first is ``cuda:0`` (``placement.replica_gpu_id``)."""
     import ray
 
-    from archiver.serving.placement import replica_gpu_id
+    from archiver.serving.supervisor.placement import replica_gpu_id
 
     return replica_gpu_id(plan.device_type, len(ray.get_gpu_ids()), "this Ray replica (ray.get_gpu_ids())")
 

@@ -26,12 +26,21 @@ from archiver.errors import (
     ServiceUnavailableError,
     TensorRequestError,
 )
-from archiver.serving import oip
-from archiver.serving.http_codec import error_http_response, http_response, raw_request, response_headers
-from archiver.serving.oip_metadata import platform_of, read_signature
-from archiver.serving.protocol import InferenceResponse, error_response
-from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items, form_fields_at_most
-from archiver.serving.wire import RawRequest
+from archiver.serving.protocols import oip
+from archiver.serving.protocols.http_codec import (
+    error_http_response,
+    http_response,
+    raw_request,
+    response_headers,
+)
+from archiver.serving.protocols.oip_metadata import platform_of, read_signature
+from archiver.serving.protocols.records import InferenceResponse, error_response
+from archiver.serving.protocols.request_bounds import (
+    DEFAULT_MAX_REQUEST_ITEMS,
+    check_items,
+    form_fields_at_most,
+)
+from archiver.serving.protocols.wire import RawRequest
 
 log = logging.getLogger("archiver.integrations")
 Infer = Callable[[RawRequest], Awaitable[InferenceResponse]]

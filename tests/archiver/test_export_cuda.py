@@ -129,7 +129,7 @@ def test_a_torch_export_program_saved_on_cuda_is_refused_at_load_on_the_cpu(tiny
 
 def test_a_server_lists_an_archive_of_a_cuda_package_as_failed_with_the_reason(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # its workers see no GPU, whatever the machine has
-    from archiver.serving.server import ServerSettings, ServerThread
+    from archiver.serving.front.server import ServerSettings, ServerThread
     from tests.serving.conftest import http, write_model
 
     work, aoti, _ = tiny

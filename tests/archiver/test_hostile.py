@@ -396,7 +396,7 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 def test_serve_keeps_every_hostile_archive_out_and_answers_503_with_the_reason(cases, model_inputs, tmp_path):
     """A server started with every hostile archive beside a good one: each answers 503 at once with its
     reason, nothing is written outside the cache, and the good model and /ping keep answering."""
-    from archiver.serving.server import ServerSettings, ServerThread
+    from archiver.serving.front.server import ServerSettings, ServerThread
 
     good = archiver.build_archive(**model_inputs.build_kwargs())
     tampered = tmp_path / "tampered.mar"

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Request, expect, sync_playwright
 
-from archiver.serving.registry import ModelSettings
-from archiver.serving.server import ServerSettings, ServerThread
+from archiver.serving.front.server import ServerSettings, ServerThread
+from archiver.serving.supervisor.registry import ModelSettings
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[2]

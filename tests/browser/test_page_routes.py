@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from archiver.serving.page_routes import PAGE_ASSETS
+from archiver.serving.front.page_routes import PAGE_ASSETS
 
 pytestmark = pytest.mark.slow  # the shared server loads torch models
 

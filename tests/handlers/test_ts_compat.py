@@ -11,7 +11,7 @@ import pytest
 
 from archiver.errors import HandlerError, HandlerInputError
 from archiver.serving import load_model
-from archiver.serving.protocol import make_request
+from archiver.serving.protocols.records import make_request
 
 TS_CLASSIFIER = """
     from ts.torch_handler.image_classifier import ImageClassifier

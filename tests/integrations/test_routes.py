@@ -12,10 +12,10 @@ import pytest
 
 from archiver.errors import RequestTooLargeError, UsageError
 from archiver.integrations.routes import ModelRoute, ModelTable, dispatch
-from archiver.serving.http_codec import multipart_parts, raw_request, response_headers
-from archiver.serving.loader import load_model
-from archiver.serving.protocol import InferenceResponse
-from archiver.serving.wire import to_inference_request
+from archiver.serving.protocols.http_codec import multipart_parts, raw_request, response_headers
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.wire import to_inference_request
+from archiver.serving.worker.loader import load_model
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from archiver.serving.registry import ModelSettings
-from archiver.serving.server import ServerSettings, ServerThread
+from archiver.serving.front.server import ServerSettings, ServerThread
+from archiver.serving.supervisor.registry import ModelSettings
 
 # A pure-Python handler whose behaviour the request body chooses, so one model can play every role:
 # "raise" fails the batch, "hang" never answers, "wrong" returns no answers, "sleep:S" works S seconds,

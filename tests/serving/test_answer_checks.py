@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from archiver.serving.answer_checks import checked
-from archiver.serving.protocol import InferenceResponse
-from archiver.serving.tracebacks import public_message, redact_paths
+from archiver.serving.protocols.answer_checks import checked
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.redaction import public_message, redact_paths
 
 
 def refused(answer: InferenceResponse) -> str:

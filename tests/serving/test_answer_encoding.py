@@ -9,7 +9,7 @@ import random
 import pytest
 
 from archiver.errors import ArchiverError
-from archiver.serving.protocol import encode_answer
+from archiver.serving.protocols.records import encode_answer
 
 
 def _answers() -> list[object]:

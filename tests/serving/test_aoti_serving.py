@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import archiver
-from archiver.serving.registry import ModelSettings
+from archiver.serving.supervisor.registry import ModelSettings
 from handlers.vision import imagenet_tensor
 
 pytestmark = pytest.mark.slow

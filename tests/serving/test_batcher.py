@@ -13,9 +13,9 @@ import contextlib
 import pytest
 
 from archiver.errors import RequestTimeoutError, ServiceUnavailableError
-from archiver.serving.batcher import Batcher, Job
-from archiver.serving.protocol import InferenceResponse
-from archiver.serving.wire import RawRequest
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.supervisor.batcher import Batcher, Job
 
 LONG_DELAY_MS = 60_000  # longer than the guard: a batch that waits it out fails the test
 

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 from archiver.errors import RequestTimeoutError
-from archiver.serving.batcher import Batcher
-from archiver.serving.protocol import InferenceResponse
-from archiver.serving.wire import RawRequest
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.supervisor.batcher import Batcher
 
 
 def _request(request_id: str) -> RawRequest:

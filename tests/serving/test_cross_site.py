@@ -15,7 +15,7 @@ import pytest
 from archiver.cli import main
 from archiver.commands.serve import build_settings
 from archiver.errors import CrossSiteRequestError, UsageError
-from archiver.serving.site_guard import SiteRules, parse_origin, split_host_port
+from archiver.serving.front.site_guard import SiteRules, parse_origin, split_host_port
 
 EVIL = "http://evil.example"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from archiver.serving.registry import ModelSettings
+from archiver.serving.supervisor.registry import ModelSettings
 
 pytestmark = pytest.mark.slow
 

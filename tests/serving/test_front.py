@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from archiver.serving.registry import ModelSettings
+from archiver.serving.supervisor.registry import ModelSettings
 
 # Reports the torch threads its worker runs with; loading takes LOAD_S seconds (a big model, say).
 THREADS_HANDLER = """

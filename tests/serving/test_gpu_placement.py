@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from archiver.errors import UsageError
-from archiver.serving.devices import discover_gpus, select_gpus, server_gpus
-from archiver.serving.placement import SharedGpuCounter, gpus_per_replica, replica_gpu_id
-from archiver.serving.registry import ModelSettings
+from archiver.serving.supervisor.devices import discover_gpus, select_gpus, server_gpus
+from archiver.serving.supervisor.placement import SharedGpuCounter, gpus_per_replica, replica_gpu_id
+from archiver.serving.supervisor.registry import ModelSettings
 from tests.serving.conftest import http, wait_until
 from tests.serving.gpu_fakes import gpu, install_fake_nvidia_smi
 
@@ -319,7 +319,7 @@ def test_nvml_is_asked_first_when_nvidia_ml_py_is_installed(monkeypatch, tmp_pat
     assert [(g.index, g.physical, g.uuid, g.name, g.memory_total_mb) for g in found] == [
         (0, 1, "GPU-bbbb", "NVIDIA A100", 81920.0)
     ]
-    from archiver.serving.devices import sample_usage
+    from archiver.serving.supervisor.devices import sample_usage
 
     usage = sample_usage(found)
     assert usage.memory_used_mb == {0: 1024.0} and usage.utilization_pct == {0: 55.0}
@@ -327,7 +327,7 @@ def test_nvml_is_asked_first_when_nvidia_ml_py_is_installed(monkeypatch, tmp_pat
 
 
 class _FakeNvml:
-    """What archiver.serving.devices calls of pynvml, answering for the GPUs given (uuid, MB)."""
+    """What archiver.serving.supervisor.devices calls of pynvml, answering for the GPUs given (uuid, MB)."""
 
     def __init__(self, gpus: list[tuple[str, int]]) -> None:
         self.gpus = gpus

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from archiver.serving.loader import load_model
-from archiver.serving.metrics import HANDLER_SERIES_PER_MODEL, ServerMetrics
+from archiver.serving.front.metrics import HANDLER_SERIES_PER_MODEL, ServerMetrics
+from archiver.serving.worker.loader import load_model
 from handlers.context import MAX_BATCH_RECORDS, Dimension, Metrics, MetricTypes
 
 # Every call of TorchServe's metrics API, with its positional arguments, as a TorchServe handler makes them.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from archiver.serving.registry import ModelSettings
+from archiver.serving.supervisor.registry import ModelSettings
 
 
 def _healthy(server, call) -> None:

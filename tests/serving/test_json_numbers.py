@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from archiver.serving.server import ServerSettings, ServerThread
+from archiver.serving.front.server import ServerSettings, ServerThread
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from archiver import build_archive
 from archiver.errors import ArchiverError, HandlerInputError, UnsafeArchiveError
 from archiver.reader import open_archive
 from archiver.serving import load_model
-from archiver.serving.cache import unpack_cached
+from archiver.unpack_cache import unpack_cached
 
 # TorchServe archives are TorchScript, so these tests make and load it; torch's deprecation notice is noise.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")

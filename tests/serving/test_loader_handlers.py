@@ -13,7 +13,7 @@ from archiver import build_archive
 from archiver.errors import ArchiverError, HandlerError, HandlerInputError, IntegrityError
 from archiver.reader import open_archive
 from archiver.serving import load_model
-from archiver.serving.protocol import make_request
+from archiver.serving.protocols.records import make_request
 
 
 def write(folder: Path, name: str, text: str) -> Path:

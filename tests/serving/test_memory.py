@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from archiver.serving.memory import HeapTrimmer
+from archiver.heap_trim import HeapTrimmer
 
 
 def _rss_kb() -> int:

@@ -19,8 +19,8 @@ import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from archiver.serving.registry import ModelSettings
-from archiver.serving.server import ServerSettings, ServerThread
+from archiver.serving.front.server import ServerSettings, ServerThread
+from archiver.serving.supervisor.registry import ModelSettings
 
 QUIET = {"action": "ignore", "category": FutureWarning}
 WEIGHT = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]])

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from archiver.serving.server import ServerSettings, ServerThread
+from archiver.serving.front.server import ServerSettings, ServerThread
 
 HEADER = "Inference-Header-Content-Length"
 GOOD = {"id": "g", "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}]}

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from archiver.serving import oip
-from archiver.serving.loader import LoadedModel, load_model
-from archiver.serving.protocol import InferenceResponse
-from archiver.serving.wire import RawRequest, to_inference_request
+from archiver.serving.protocols import oip
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.wire import RawRequest, to_inference_request
+from archiver.serving.worker.loader import LoadedModel, load_model
 
 BARE = "from handlers import BaseHandler\n\n\nclass H(BaseHandler):\n    pass\n"
 

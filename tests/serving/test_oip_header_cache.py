@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from archiver.errors import TensorRequestError
-from archiver.serving import oip
+from archiver.serving.protocols import oip
 
 
 def binary_request(inputs: list[tuple[str, str, list[int], bytes]], **head: object) -> tuple[bytes, int]:
@@ -114,9 +114,9 @@ def test_a_header_with_an_id_is_not_kept() -> None:
 
 
 def test_a_batch_with_a_request_that_does_not_parse_runs_the_others_in_order() -> None:
-    from archiver.serving.oip_worker import answer_v2_bodies
-    from archiver.serving.protocol import InferenceRequest, InferenceResponse
-    from archiver.serving.wire import to_inference_request
+    from archiver.serving.protocols.records import InferenceRequest, InferenceResponse
+    from archiver.serving.protocols.wire import to_inference_request
+    from archiver.serving.worker.oip_worker import answer_v2_bodies
 
     good, length = binary_request([("x", "FP32", [1], struct.pack("<f", 1))])
     bad = good[:length] + b"xx"  # two bytes where four are declared

@@ -112,7 +112,7 @@ def test_readiness_is_false_until_every_startup_model_has_loaded(
 def test_a_pt2_inside_a_mar_is_read_too(make_model: Any, tmp_path: Path) -> None:
     import zipfile
 
-    from archiver.serving.oip_metadata import read_signature
+    from archiver.serving.protocols.oip_metadata import read_signature
 
     folder = with_pt2(make_model("zipped", handler_source=BARE))
     mar = tmp_path / "zipped.mar"

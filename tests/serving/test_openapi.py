@@ -10,7 +10,7 @@ from pathlib import Path
 from openapi_spec_validator import validate
 from swagger_ui_bundle import swagger_ui_path
 
-from archiver.serving.openapi import openapi_document
+from archiver.serving.front.openapi import openapi_document
 
 TOKEN = "s3cret-token"
 

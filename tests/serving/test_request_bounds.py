@@ -11,8 +11,8 @@ import resource
 import pytest
 
 from archiver.integrations.routes import ModelRoute, ModelTable, dispatch
-from archiver.serving.protocol import InferenceResponse
-from archiver.serving.registry import ModelSettings
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.supervisor.registry import ModelSettings
 from tests.serving.ping_watch import PingWatch
 
 JSON = {"Content-Type": "application/json"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from archiver.serving.metrics import _LATENCY_BUCKETS_S, ServerMetrics
+from archiver.serving.front.metrics import _LATENCY_BUCKETS_S, ServerMetrics
 
 
 def _request_lines(text: str) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from archiver.serving.openapi import openapi_document
+from archiver.serving.front.openapi import openapi_document
 
 SECURITY_MD = Path(__file__).resolve().parents[2] / "SECURITY.md"
 

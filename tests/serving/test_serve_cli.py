@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from archiver.commands.serve import build_settings
-from archiver.serving.server import ServerThread
+from archiver.serving.front.server import ServerThread
 
 CLI = [sys.executable, "-m", "archiver"]
 

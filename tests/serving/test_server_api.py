@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from archiver.serving.registry import ModelSettings
+from archiver.serving.supervisor.registry import ModelSettings
 
 REPO = Path(__file__).resolve().parents[2]
 

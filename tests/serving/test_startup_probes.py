@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from archiver.serving.server import ServerSettings, ServerThread
+from archiver.serving.front.server import ServerSettings, ServerThread
 
 
 def test_probes_say_not_ready_until_the_startup_models_are_listed(

@@ -11,8 +11,8 @@ import textwrap
 import pytest
 
 from archiver.errors import HandlerError
-from archiver.serving.loader import load_model
-from archiver.serving.tracebacks import UserFrame, UserTrace, error_block, user_trace
+from archiver.serving.worker.loader import load_model
+from archiver.serving.worker.tracebacks import UserFrame, UserTrace, error_block, user_trace
 
 CLI = [sys.executable, "-m", "archiver"]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from archiver.serving.registry import ModelSettings
-from archiver.serving.server import ServerSettings, ServerThread
+from archiver.serving.front.server import ServerSettings, ServerThread
+from archiver.serving.supervisor.registry import ModelSettings
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from archiver.serving.registry import ModelSettings
-from archiver.serving.server import ServerSettings, ServerThread
+from archiver.serving.front.server import ServerSettings, ServerThread
+from archiver.serving.supervisor.registry import ModelSettings
 
 pytestmark = pytest.mark.slow
 

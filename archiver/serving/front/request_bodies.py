@@ -1,0 +1,115 @@
+"""Reading a request's body in the front, bounded before anything is made of it: in bytes (the size
+limit, enforced as the body streams in: a Content-Length over it is refused before a byte is read), in
+time (the whole body within ``body_read_timeout_s``) and in items (form fields, ``request_bounds``).
+
+The handler decodes what is read in its worker (JSON parsed, text as str): here only bytes move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from archiver.errors import BodyTimeoutError, RequestTooLargeError, UsageError
+from archiver.serving.protocols.http_codec import form_parts, last_wins, mime_type
+from archiver.serving.protocols.oip_records import BODY_HEADER_LENGTH
+from archiver.serving.protocols.oip_values import PROTOCOL_HEADER
+from archiver.serving.protocols.records import new_request_id
+from archiver.serving.protocols.request_bounds import check_items, form_fields_at_most
+from archiver.serving.protocols.wire import RawRequest
+
+if TYPE_CHECKING:
+    from archiver.serving.front.app import HttpLimits
+
+T = TypeVar("T")
+# Request headers the front sets for the worker (the v2 marker and its header length): a client's own
+# are dropped, so a client cannot pose as the front and switch how the worker reads its body.
+INTERNAL_HEADERS = (PROTOCOL_HEADER, BODY_HEADER_LENGTH)
+
+
+async def read_capped(read: Callable[[int], Awaitable[bytes]], limit: int, already: int = 0) -> bytes:
+    """Read a stream to its end, refusing it as soon as it passes ``limit`` bytes."""
+    body = bytearray()
+    while True:
+        chunk = await read(65536)
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if already + len(body) > limit:
+            raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
+
+
+async def read_inference_request(
+    request: web.Request, limits: HttpLimits, request_id: str | None = None
+) -> RawRequest:
+    """The HTTP request as a handler sees it: one ``body`` param, or one param per form field.
+
+    The whole body must arrive within ``body_read_timeout_s``: a client trickling or stalling its body
+    would otherwise hold its connection (and the memory read so far) for as long as it likes. A body
+    that came whole with the headers (most small ones) is read without arming that timer.
+    """
+    if request.content.is_eof():
+        return await _read_request(request, limits, request_id)
+    return await in_time(_read_request(request, limits, request_id), limits)
+
+
+async def in_time(read: Awaitable[T], limits: HttpLimits) -> T:
+    """Await a body read; a client that has not sent its body within body_read_timeout_s gets 408."""
+    try:
+        async with asyncio.timeout(limits.body_read_timeout_s):
+            return await read
+    except TimeoutError as exc:
+        raise BodyTimeoutError(
+            f"request body not received within {limits.body_read_timeout_s:g} seconds"
+        ) from exc
+
+
+async def _read_request(request: web.Request, limits: HttpLimits, request_id: str | None) -> RawRequest:
+    limit = limits.max_request_size
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLargeError(
+            f"request body of {request.content_length} bytes is over the server's limit of {limit} bytes"
+        )
+    content_type = request.headers.get("Content-Type")
+    mime = mime_type(content_type)
+    parts: list[tuple[str, bytes, str]] = []
+    if mime == "multipart/form-data":
+        try:
+            reader = await request.multipart()
+            total = 0
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise ValueError("nested multipart bodies are not supported")
+                check_items(len(parts) + 1, limits.max_request_items, "form fields", exact=False)
+                value = await read_capped(part.read_chunk, limit, total)
+                total += len(value)
+                parts.append((part.name or "data", value, part.headers.get("Content-Type") or ""))
+        except HttpProcessingError:  # aiohttp's parser on a part's headers: not UTF-8, a bad line
+            raise UsageError("malformed multipart body: a part's headers cannot be read") from None
+        except (ValueError, AssertionError, RuntimeError) as exc:
+            raise UsageError(f"malformed multipart body: {' '.join(str(exc).split())[:200]}") from exc
+        if not parts:
+            raise UsageError("multipart body has no parts")
+    else:
+        if request.content.is_eof():  # all of it came with the headers: take it as it is
+            body = request.content.read_nowait()
+            if len(body) > limit:
+                raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
+        else:
+            body = await read_capped(request.content.read, limit)
+        if mime == "application/x-www-form-urlencoded":
+            fields = form_fields_at_most(body, content_type)
+            check_items(fields, limits.max_request_items, "form fields", exact=False)
+            parts.extend(form_parts(body))
+        else:
+            parts.append(("body", body, content_type or ""))
+    # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
+    request_id = request_id or request.headers.get("x-request-id") or new_request_id()
+    headers = dict(request.headers)
+    if any(name in request.headers for name in INTERNAL_HEADERS):  # (case-insensitive look-ups)
+        headers = {k: v for k, v in headers.items() if k.lower() not in INTERNAL_HEADERS}
+    return RawRequest(request_id=request_id, headers=headers, parts=last_wins(parts))

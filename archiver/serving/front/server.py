@@ -1,0 +1,266 @@
+"""The front process: binds the three ports, starts each model's workers, drains in-flight work on stop.
+
+``Server`` is the asyncio object (start, stop); ``ServerThread`` runs one on its own event loop in a
+background thread, for tests and build scripts that want a live server inside the current process. In
+both, handlers run in worker processes (``pool.py``); this process never imports torch or a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from archiver.errors import UsageError
+from archiver.serving.front.app import HttpLimits, inference_app, management_app, metrics_app
+from archiver.serving.front.metrics import ServerMetrics
+from archiver.serving.front.parse_errors import JsonErrorRunner
+from archiver.serving.front.site_guard import SiteRules
+from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
+from archiver.serving.supervisor.devices import server_gpus
+from archiver.serving.supervisor.registry import ModelEntry, ModelRegistry, ModelSettings
+from archiver.serving.supervisor.signature_gate import SignatureGate
+
+DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (it is a dependency), else asyncio's.
+
+    uvloop runs the sockets, timers and callbacks in C: on the tiny model it cuts the front's own
+    cost per request by about a fifth (docs/performance.md). ``MODEL_ARCHIVER_EVENT_LOOP=asyncio``
+    picks asyncio's loop anyway, to tell a uvloop problem from ours.
+    """
+    if os.environ.get("MODEL_ARCHIVER_EVENT_LOOP", "").lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on the server's event loop (``new_event_loop``)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
+
+
+@dataclass
+class ServerSettings:
+    """Everything one server needs; ``operator`` holds the per-model settings the operator set."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    model_store: Path | None = None
+    # (name or None, archive path) for each model to load at start.
+    models: list[tuple[str | None, Path]] = field(default_factory=list)
+    defaults: ModelSettings = field(default_factory=ModelSettings)
+    operator: dict[str, Any] = field(default_factory=dict)
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
+    token: str | None = None
+    no_auth: bool = False
+    # Without a token: host names (Host header) and web origins (Origin header) answered besides the
+    # server's own; "*" turns that check off (site_guard.py).
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+    cache_dir: Path | None = None
+    # A connection that has not sent a complete request line and headers by then is closed.
+    idle_timeout_s: float = 15.0
+    body_read_timeout_s: float = 60.0
+    drain_timeout_s: float = 30.0
+    # torch intra-op threads per worker; None: the cores divided by all workers of all models.
+    torch_threads: int | None = None
+    # Install each archive's requirementsFile into a cached virtual environment for its workers.
+    install_model_deps: bool = False
+    # The most workers one model may run (register, scale, model-config.yaml); None: 4 per core.
+    max_workers_per_model: int | None = None
+    # v1 instances, v2 input tensors or form fields one request may carry (request_bounds.py).
+    max_request_items: int = DEFAULT_MAX_REQUEST_ITEMS
+    # Public keys (signing_keys.read_trusted_keys): when set, only archives one of them signed load.
+    trusted_keys: tuple[Any, ...] = ()
+    # The GPUs workers are placed on: None or "all" (every one found), "none", or indices "0,2";
+    # number_of_gpu (TorchServe's key) keeps the first N found (devices.py, placement.py).
+    gpus: str | int | list[int] | None = None
+    number_of_gpu: int | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: ServerSettings) -> str | None:
+    """Refuse a non-loopback bind without a token or --no-auth; return a warning to print, if any."""
+    if settings.token or is_loopback(settings.host):
+        return None
+    if settings.no_auth:
+        return (
+            f"WARNING: serving on {settings.host} without authentication (--no-auth): anyone who can reach "
+            "this address can run predictions and register or remove models"
+        )
+    raise UsageError(
+        f"binding {settings.host} exposes the server beyond this machine: set --token (or "
+        "MODEL_ARCHIVER_TOKEN) so requests must carry 'Authorization: Bearer <token>', or pass --no-auth"
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """The three HTTP apps over one model registry."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        check_exposure(settings)
+        self.settings = settings
+        gpus = server_gpus(settings.gpus, settings.number_of_gpu)
+        self.metrics = ServerMetrics(lambda: self.registry.snapshot())
+        self.registry = ModelRegistry(
+            model_store=settings.model_store,
+            defaults=settings.defaults,
+            operator=settings.operator,
+            cache_dir=settings.cache_dir,
+            batch_observer=self.metrics.batch_observer,
+            death_counter=self.metrics.count_worker_death,
+            torch_threads=settings.torch_threads,
+            install_model_deps=settings.install_model_deps,
+            max_workers_per_model=settings.max_workers_per_model,
+            handler_metrics=self.metrics.observe_handler_metrics,
+            signatures=SignatureGate(settings.trusted_keys, self.metrics.count_signature_refusal),
+            gpus=gpus,
+        )
+        if self.registry.gpu_monitor is not None:
+            self.metrics.watch_gpus(self.registry.gpu_monitor, self.registry.gpu_workers)
+        self.limits = HttpLimits(
+            max_request_size=settings.max_request_size,
+            body_read_timeout_s=settings.body_read_timeout_s,
+            max_request_items=settings.max_request_items,
+            token=settings.token or None,
+            site=SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins),
+        )
+        self.ports: dict[str, int] = {}
+        self._runners: list[web.AppRunner] = []
+
+    def url(self, which: str = "inference") -> str:
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.ports[which]}"
+
+    async def start(self, load_models: bool = True) -> None:
+        """Bind every port (0 picks a free one), then load the startup models."""
+        apps = {
+            "inference": (inference_app, self.settings.port),
+            "management": (management_app, self.settings.management_port),
+            "metrics": (metrics_app, self.settings.metrics_port),
+        }
+        self.registry.listing_startup_models = bool(self.settings.models)
+        socks = {which: _bind(self.settings.host, port) for which, (_, port) in apps.items()}
+        for which, (factory, _) in apps.items():
+            app = factory(self.registry, self.metrics, self.limits)
+            runner = JsonErrorRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                keepalive_timeout=self.settings.idle_timeout_s,
+                shutdown_timeout=self.settings.drain_timeout_s,
+            )
+            await runner.setup()
+            await web.SockSite(runner, socks[which]).start()
+            self._runners.append(runner)
+            self.ports[which] = socks[which].getsockname()[1]
+        if load_models:
+            await self.load_startup_models()
+
+    async def load_startup_models(self) -> list[ModelEntry]:
+        """List every startup model (LOADING), then start all their workers at once."""
+        return await self.start_models(await self.list_startup_models())
+
+    async def list_startup_models(self) -> list[ModelEntry]:
+        """Read each startup archive's head and list it as LOADING (cheap: no process starts yet), so
+        the management API shows every model from the first moment, and each worker's thread count
+        knows all the workers to come."""
+        try:
+            return [
+                await self.registry.prepare(path, name=name, startup=True)
+                for name, path in self.settings.models
+            ]
+        finally:
+            self.registry.listing_startup_models = False
+
+    async def start_models(self, entries: list[ModelEntry]) -> list[ModelEntry]:
+        await asyncio.gather(*(self.registry.start(e) for e in entries if e.pool is not None))
+        return entries
+
+    async def stop(self) -> None:
+        """Stop listening, let in-flight requests finish (up to drain_timeout_s), then end the workers."""
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        await self.registry.close(self.settings.drain_timeout_s)
+
+
+class ServerThread:
+    """A live server on a private event loop in a background thread; ``with`` starts and stops it."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.server = Server(settings)
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="model-archiver-server", daemon=True
+        )
+
+    def start(self, load_models: bool = True) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(load_models), self._loop).result()
+        return self
+
+    def call(self, coro: Any, timeout_s: float = 120.0) -> Any:
+        """Run a coroutine on the server's loop (e.g. ``registry.register``) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def stop(self) -> None:
+        if not self._loop.is_running():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(120)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+    def url(self, which: str = "inference") -> str:
+        return self.server.url(which)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

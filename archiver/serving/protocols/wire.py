@@ -1,0 +1,219 @@
+"""The messages between the front process and a worker process: framed JSON headers with raw bodies.
+
+One frame is an 8-byte prefix (header length, payload length), a JSON header and the payload: the
+request or answer bodies back to back, their sizes listed in the header. Bodies travel as bytes, never
+re-encoded (a 6 MB photo is copied into the socket once), and nothing is pickled: the front never
+unpickles what a worker (the user's code) sent it. Both sides use the same encoders; the front reads
+frames with asyncio, the worker with a blocking socket.
+
+Message kinds: front → worker ``init`` (what to load), ``batch``; worker → front ``ready``,
+``load_failed``, ``taken`` (the batch reached the worker, its handler starts now), ``answers`` (with
+``metrics``, the records the handler reported through ``context.metrics``, when there are any).
+Closing the socket asks a worker to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from archiver.serving.protocols.answer_checks import checked
+from archiver.serving.protocols.records import InferenceRequest, InferenceResponse, decode_param
+
+_PREFIX = struct.Struct("!II")
+# A header is small (ids, headers, content types); a bigger one means a confused or hostile peer.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_PAYLOAD_BYTES = 2**32 - 1
+
+
+class WireError(Exception):
+    """The peer sent something that is not a frame (it is broken or not one of ours)."""
+
+
+@dataclass
+class Frame:
+    kind: str
+    header: dict[str, Any]
+    payload: memoryview | bytes = b""
+
+
+@dataclass
+class RawRequest:
+    """A request as the front read it: its parts still bytes, decoded only in the worker.
+
+    ``parts`` holds (name, body, content type): one part named ``body`` for a plain upload, one per
+    form field for multipart and urlencoded bodies.
+    """
+
+    request_id: str
+    headers: dict[str, str]
+    parts: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+
+def to_inference_request(raw: RawRequest) -> InferenceRequest:
+    """What a handler sees: TorchServe's decoding of each part (JSON parsed, text as str, else bytes)."""
+    return InferenceRequest(
+        request_id=raw.request_id,
+        params={name: decode_param(body, ctype) for name, body, ctype in raw.parts},
+        headers=raw.headers,
+        param_content_types={name: ctype for name, _, ctype in raw.parts},
+    )
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+def frame_chunks(kind: str, header: dict[str, Any], blobs: list[bytes] | None = None) -> list[bytes]:
+    """The buffers of one frame, for ``sendmsg``/``writelines`` (no concatenation of big bodies)."""
+    blobs = blobs or []
+    head = json.dumps({"kind": kind, **header}, separators=(",", ":")).encode("utf-8")
+    size = sum(len(b) for b in blobs)
+    if size > MAX_PAYLOAD_BYTES:
+        raise WireError(f"a frame of {size} bytes is too large to send")
+    return [_PREFIX.pack(len(head), size), head, *blobs]
+
+
+# A batch's and an answers' rows are positional lists, not objects: a batch of 32 is encoded and
+# decoded on every trip, and JSON without repeated keys is a good third cheaper both ways.
+def batch_frame(batch_id: int, requests: list[RawRequest]) -> list[bytes]:
+    """A batch: each request as ``[id, headers, [[name, content type, size], …]]``, bodies after."""
+    blobs: list[bytes] = []
+    rows = []
+    for r in requests:
+        parts = []
+        for name, body, ctype in r.parts:
+            parts.append([name, ctype, len(body)])
+            blobs.append(body)
+        rows.append([r.request_id, r.headers, parts])
+    return frame_chunks("batch", {"batch": batch_id, "requests": rows}, blobs)
+
+
+def read_batch(frame: Frame) -> tuple[int, list[RawRequest]]:
+    view = memoryview(frame.payload)
+    offset = 0
+    requests = []
+    for request_id, headers, row_parts in frame.header["requests"]:
+        parts = []
+        for name, ctype, size in row_parts:
+            parts.append((name, bytes(view[offset : offset + size]), ctype))
+            offset += size
+        requests.append(RawRequest(request_id=request_id, headers=headers, parts=parts))
+    return frame.header["batch"], requests
+
+
+def answers_frame(
+    batch_id: int, responses: list[InferenceResponse], metrics: list[dict[str, Any]] | None = None
+) -> list[bytes]:
+    """The answers of one batch, each ``[status, content type, headers, error type, message, size]``,
+    bodies after, with what its handler reported through ``context.metrics`` if anything."""
+    rows = [[r.status, r.content_type, r.headers, r.error_type, r.message, len(r.body)] for r in responses]
+    header: dict[str, Any] = {"batch": batch_id, "responses": rows}
+    if metrics:
+        header["metrics"] = metrics
+    return frame_chunks("answers", header, [r.body for r in responses])
+
+
+def read_answers(frame: Frame) -> tuple[int, list[InferenceResponse]]:
+    """The answers of one batch; a header that does not have their shape raises WireError.
+
+    Each answer is ``answer_checks.checked`` here, where the front takes it from the worker: a status,
+    header or content type no HTTP response can carry is that request's 500, however it got past the
+    worker's own check.
+    """
+    view = memoryview(frame.payload)
+    offset = 0
+    responses = []
+    try:
+        for status, content_type, headers, error_type, message, size in frame.header["responses"]:
+            size = int(size)
+            responses.append(
+                checked(
+                    InferenceResponse(
+                        status=status,
+                        body=bytes(view[offset : offset + size]),
+                        content_type=content_type,
+                        headers=headers if headers else {},
+                        error_type=error_type,
+                        message=message,
+                    )
+                )
+            )
+            offset += size
+        return int(frame.header["batch"]), responses
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise WireError(f"malformed answers from the worker: {exc!r}") from exc
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def _parse(prefix: bytes) -> tuple[int, int]:
+    head_len, payload_len = _PREFIX.unpack(prefix)
+    if head_len > MAX_HEADER_BYTES:
+        raise WireError(f"frame header of {head_len} bytes is over the limit")
+    return head_len, payload_len
+
+
+def _frame(head: bytes, payload: memoryview | bytes) -> Frame:
+    try:
+        header = json.loads(str(head, "utf-8"))  # a str skips json's guess at the encoding of bytes
+        kind = header.pop("kind")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WireError(f"frame header is not a JSON object with a kind: {exc}") from exc
+    return Frame(kind=str(kind), header=header, payload=payload)
+
+
+async def read_frame_async(reader: asyncio.StreamReader) -> Frame | None:
+    """The next frame, or None at a clean end of stream (the peer closed or died between frames)."""
+    try:
+        prefix = await reader.readexactly(_PREFIX.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise WireError("the stream ended inside a frame") from exc
+        return None
+    head_len, payload_len = _parse(prefix)
+    try:
+        head = await reader.readexactly(head_len)
+        payload = await reader.readexactly(payload_len) if payload_len else b""
+    except asyncio.IncompleteReadError:
+        return None  # the peer died mid-frame: the same as dying between frames for the caller
+    return _frame(head, payload)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> memoryview | None:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    return view
+
+
+def read_frame(sock: socket.socket) -> Frame | None:
+    """Blocking read of the next frame; None when the peer closed the stream."""
+    prefix = _recv_exactly(sock, _PREFIX.size)
+    if prefix is None:
+        return None
+    head_len, payload_len = _parse(bytes(prefix))
+    head = _recv_exactly(sock, head_len)
+    payload = _recv_exactly(sock, payload_len) if payload_len else memoryview(b"")
+    if head is None or payload is None:
+        return None
+    return _frame(bytes(head), payload)
+
+
+def send_frame(sock: socket.socket, chunks: list[bytes]) -> None:
+    """Blocking write of one frame's buffers, gathered without joining them."""
+    views = [memoryview(c) for c in chunks if len(c)]
+    while views:
+        sent = sock.sendmsg(views[:512])
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0

@@ -1,0 +1,246 @@
+"""Dynamic batching for one model: a bounded queue on the event loop, from which workers take batches.
+
+Everything here runs on the front's event loop; no thread and no handler code is involved. Requests
+wait in the queue; each worker of the model (``pool.py``) takes a whole batch when it is free, so a
+batch goes to a worker process in one message.
+
+Batching is adaptive: a worker takes everything queued (up to ``batch_size``), and waits up to
+``max_batch_delay_ms`` for more only until the batch is as large as the previous one: the load the
+model is actually seeing. A lone request on an idle model goes at once, and 8 clients are not kept
+waiting for a batch of 32 that will never fill; TorchServe waits out the delay in both cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from archiver.errors import RequestTimeoutError, ServiceUnavailableError
+from archiver.serving.protocols.records import InferenceResponse, response_for_exception
+from archiver.serving.protocols.wire import RawRequest
+
+BatchObserver = Callable[[int], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """One queued request; ``dispatched`` once a worker holds it (its batch's timer then governs).
+
+    ``deadline`` (event-loop time) is when it gets 504 if no worker has taken it by then."""
+
+    request: RawRequest
+    future: asyncio.Future
+    dispatched: bool = False
+    deadline: float | None = None
+    timeout_s: float = 0.0
+
+
+class Batcher:
+    """The request queue of one model version.
+
+    ``submit`` answers one request (503 when the queue is full, 504 when no worker took it within its
+    timeout); ``take`` gives a free worker its next batch; ``deliver`` hands answers back;
+    ``fail_queued`` answers everything waiting with one error (the model failed or is going away).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        batch_size: int = 1,
+        max_batch_delay_ms: float = 0.0,
+        queue_size: int = 100,
+        adaptive: bool = True,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.name = name
+        self.batch_size = batch_size
+        self.max_batch_delay_ms = max(0.0, float(max_batch_delay_ms))
+        self.queue_size = queue_size
+        self.adaptive = adaptive
+        self.on_batch = on_batch
+        self._queue: deque[Job] = deque()
+        self._waiters: deque[asyncio.Future] = deque()
+        self._last_batch_size = 0
+        # One timer for the whole queue, at its earliest deadline, instead of one per request.
+        self._expiry: asyncio.TimerHandle | None = None
+        # Batches workers are filling, not yet dispatched, by id (lists compare by content).
+        self._gathering: dict[int, list[Job]] = {}
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        """Requests queued and not yet taken by a worker."""
+        return sum(1 for job in self._queue if not job.future.done())
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def submit(self, request: RawRequest, timeout_s: float | None = None) -> InferenceResponse:
+        """Queue one request and wait for its answer.
+
+        ``timeout_s`` bounds the wait in the queue: a request no worker took by then gets 504. Once a
+        worker holds it, the batch's own timer decides (responseTimeout: the supervisor answers 504
+        and replaces a worker that overruns).
+        """
+        if self.closed:
+            raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
+        if len(self._queue) >= self.queue_size:
+            self._drop_done()
+            if len(self._queue) >= self.queue_size:
+                raise ServiceUnavailableError(
+                    f'model "{self.name}" is overloaded: its queue of {self.queue_size} requests is full'
+                )
+        loop = asyncio.get_running_loop()
+        job = Job(request=request, future=loop.create_future())
+        if timeout_s is not None:
+            job.deadline, job.timeout_s = loop.time() + timeout_s, timeout_s
+            self._arm(job.deadline)
+        self._queue.append(job)
+        self._wake_one()
+        return await job.future
+
+    def _arm(self, deadline: float) -> None:
+        """Make sure the expiry timer fires by ``deadline``. Requests share one timeout, so a new one's
+        deadline is later than the armed one's and this costs a comparison, not a timer per request."""
+        if self._expiry is None or deadline < self._expiry.when():
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self._expiry = asyncio.get_running_loop().call_at(deadline, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Answer 504 to every waiting request past its deadline (queued, or in a batch still filling),
+        then re-arm for the earliest deadline left."""
+        self._expiry = None
+        now = asyncio.get_running_loop().time()
+        earliest: float | None = None
+        for job in itertools.chain(self._queue, *self._gathering.values()):
+            if job.deadline is None or job.dispatched or job.future.done():
+                continue
+            if job.deadline <= now:
+                job.future.set_exception(
+                    RequestTimeoutError(
+                        f'model "{self.name}" had no worker free for this request within '
+                        f"{job.timeout_s:g} s: its workers were busy or restarting"
+                    )
+                )
+            elif earliest is None or job.deadline < earliest:
+                earliest = job.deadline
+        if earliest is not None:
+            self._arm(earliest)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # ---- workers -------------------------------------------------------------------------------
+    async def take(self) -> list[Job]:
+        """Wait for the next batch (cancellable: a cancelled take puts back what it held)."""
+        while True:
+            batch = await self._gather()
+            # A request whose client left, or that timed out, while its batch gathered is not run.
+            batch = [job for job in batch if not job.future.done()]
+            if batch:
+                break
+        self._last_batch_size = len(batch)
+        for job in batch:
+            job.dispatched = True
+        if self._queue:
+            self._wake_one()  # more work is waiting: wake another idle worker
+        return batch
+
+    async def _gather(self) -> list[Job]:
+        batch: list[Job] = []
+        self._gathering[id(batch)] = batch  # its jobs still time out while it waits to fill
+        try:
+            while not self._pop_into(batch, 1):
+                await self._arrival(None)
+            target = self.batch_size if not self.adaptive else min(self.batch_size, self._last_batch_size)
+            deadline = time.monotonic() + self.max_batch_delay_ms / 1000.0
+            while len(batch) < self.batch_size:
+                if self._pop_into(batch, self.batch_size - len(batch)):
+                    continue
+                remaining = deadline - time.monotonic()
+                if len(batch) >= target or remaining <= 0:
+                    break
+                await self._arrival(remaining)
+        except BaseException:
+            self._queue.extendleft(reversed(batch))  # nothing taken is lost...
+            if self._queue:
+                self._wake_one()  # ...and another idle worker gets it (this one's wake-up may be spent)
+            raise
+        finally:
+            del self._gathering[id(batch)]
+        return batch
+
+    def _pop_into(self, batch: list[Job], count: int) -> bool:
+        """Move up to ``count`` live jobs from the queue into ``batch``; whether any moved."""
+        moved = False
+        while count > 0 and self._queue:
+            job = self._queue.popleft()
+            if job.future.done():  # timed out or its client went away: never run it
+                continue
+            batch.append(job)
+            count -= 1
+            moved = True
+        return moved
+
+    async def _arrival(self, timeout_s: float | None) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            if timeout_s is None:
+                await waiter
+            else:
+                await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def deliver(self, jobs: Sequence[Job], responses: Sequence[InferenceResponse]) -> None:
+        """Answer each job (a job whose client has gone is skipped)."""
+        for job, response in zip(jobs, responses, strict=True):
+            if not job.future.done():
+                job.future.set_result(response)
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))
+
+    def deliver_error(self, jobs: Sequence[Job], exc: BaseException) -> None:
+        response = response_for_exception(exc)
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(response)
+
+    def fail_queued(self, exc: BaseException) -> None:
+        """Answer every queued request with ``exc``'s error response."""
+        jobs = list(self._queue)
+        self._queue.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self.deliver_error(jobs, exc)
+
+    def _drop_done(self) -> None:
+        live = [job for job in self._queue if not job.future.done()]
+        if len(live) != len(self._queue):
+            self._queue = deque(live)
+
+    def requeue(self, jobs: Sequence[Job]) -> None:
+        """Put jobs a worker took but never ran back at the front of the queue."""
+        for job in reversed(jobs):
+            job.dispatched = False
+            if not job.future.done():
+                self._queue.appendleft(job)
+                if job.deadline is not None:
+                    self._arm(job.deadline)  # its deadline still holds: it is back in the queue
+        if self._queue:
+            self._wake_one()

@@ -1,0 +1,393 @@
+"""The supervisor of one model version's workers: the one place that owns every worker's life.
+
+It starts the worker processes, gives each free worker its next batch from the model's queue, and
+decides what an ending means: a worker that dies (signal, exit, the OOM killer), overruns
+``responseTimeout`` or grows past its memory limit costs its own batch (500, or 504 for a timeout)
+and is restarted after a backoff (1, 1, 2, 3, 5, 8 … times ``restart_backoff_s``, as TorchServe
+does), while requests still queued wait for it. Other models never notice any of this: each has its
+own pool.
+
+How an ending counts (``restart_policy``): one while its worker held a batch may be a request's
+doing, so it costs that batch and a restart with backoff but never the model; endings while idle or
+starting are the model's own crash loop, and ``max_worker_deaths`` of them within
+``worker_death_window_s`` make the model FAILED with the reason: its requests get 503 at once until
+it is scaled or registered again. ``GET /models/{m}`` lists every ending with its ``during``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from archiver.errors import (
+    RequestTimeoutError,
+    ServiceUnavailableError,
+    WorkerDiedError,
+    WorkerGoneError,
+    WorkerStartError,
+)
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.supervisor.batcher import Batcher, Job
+from archiver.serving.supervisor.restart_policy import Death, DeathLog, PoolState, RestartPolicy
+from archiver.serving.supervisor.worker_handle import WorkerExit, WorkerProcess, WorkerSpec, WorkerState
+
+if TYPE_CHECKING:
+    from archiver.serving.supervisor.devices import GpuMonitor
+    from archiver.serving.supervisor.placement import ModelPlacement
+
+log = logging.getLogger("archiver.serving")
+
+MEMORY_CHECK_INTERVAL_S = 0.2
+STARTS_AT_ONCE = max(4, os.cpu_count() or 1)  # workers loading at the same time, in one scale or start
+
+
+DeathObserver = Callable[[str, bool], None]  # (cause, restarted)
+
+
+class WorkerPool:
+    """The workers of one model version, the batches they run, and their restarts."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        batcher: Batcher,
+        *,
+        response_timeout_s: float,
+        memory_limit_mb: float | None = None,
+        policy: RestartPolicy | None = None,
+        env_for: Callable[[], dict[str, str]] | None = None,
+        on_death: DeathObserver | None = None,
+        on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
+        placement: ModelPlacement | None = None,
+        gpu_monitor: GpuMonitor | None = None,
+    ) -> None:
+        self.spec = spec
+        self.placement = placement  # which GPU each slot's worker gets (placement.py); None: the CPU
+        self.gpu_monitor = gpu_monitor  # what each worker holds on its GPU; None on a server without
+        self.batcher = batcher
+        self.response_timeout_s = response_timeout_s
+        self.memory_limit_mb = memory_limit_mb
+        self.policy = policy or RestartPolicy()
+        self._env_for = env_for
+        self._on_death = on_death
+        self._on_metrics = on_metrics
+        self.state = PoolState.LOADING
+        self.error: str | None = None
+        self.target = 0
+        self.workers: dict[int, WorkerProcess] = {}  # by slot: starting, serving or finishing a batch
+        self.death_log = DeathLog(self.policy)
+        self._restarts: dict[int, asyncio.Task] = {}  # slots waiting out their backoff
+        self._loops: dict[int, asyncio.Task] = {}
+        self._closing = False
+        self._memory_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def submit(self, request: RawRequest) -> InferenceResponse:
+        """Answer one request through the queue (503 at once when the model cannot answer)."""
+        if self.state == PoolState.FAILED:
+            raise ServiceUnavailableError(f'model "{self.spec.model}" failed: {self.error}')
+        if self._closing or self.batcher.closed:
+            raise ServiceUnavailableError(f'model "{self.spec.model}" is shutting down')
+        if self.target == 0:
+            raise ServiceUnavailableError(f'model "{self.spec.model}" has no workers; scale it up first')
+        return await self.batcher.submit(request, self.queue_limit_s)
+
+    @property
+    def queue_limit_s(self) -> float:
+        """How long a request may wait for a worker: long enough to outlast a restart (the longest
+        backoff, then a load), so a crash costs only the batch it hit; never forever."""
+        policy = self.policy
+        return self.response_timeout_s + policy.delay_s(policy.max_deaths) + policy.load_timeout_s
+
+    # ---- starting and scaling ------------------------------------------------------------------
+    async def start(self, count: int) -> None:
+        """Start ``count`` workers and wait for all of them; if any cannot load, stop them all and
+        raise WorkerStartError: a model that cannot load is FAILED, not half-served."""
+        self.state, self.error = PoolState.LOADING, None
+        self.death_log.restart_counting()  # a FAILED model scaled again starts its count afresh
+        self.target = count
+        try:
+            if self.placement is not None and self.placement.problem:
+                raise WorkerStartError(f'model "{self.spec.model}" cannot run here: {self.placement.problem}')
+            await self._start_workers(count, all_or_nothing=True)
+        except WorkerStartError as exc:
+            self.target = 0
+            self.state, self.error = PoolState.FAILED, exc.message
+            raise
+        self.state = PoolState.READY
+        if self.memory_limit_mb and self._memory_task is None:
+            self._memory_task = asyncio.get_running_loop().create_task(self._watch_memory())
+
+    async def scale(self, count: int) -> None:
+        """Run ``count`` workers: start the missing ones (and wait for them), retire the extra ones.
+
+        A FAILED model starts afresh, as re-registering it would.
+        """
+        if self.state == PoolState.FAILED:
+            await self.start(count)
+            return
+        self.target = count
+        for slot in sorted(self._occupied(), reverse=True)[: max(0, len(self._occupied()) - count)]:
+            self._retire(slot)
+        missing = count - len(self._occupied())
+        if missing > 0:
+            await self._start_workers(missing, all_or_nothing=False)
+
+    def _occupied(self) -> set[int]:
+        return set(self.workers) | set(self._restarts)
+
+    def _free_slots(self, count: int) -> list[int]:
+        taken, slots, slot = self._occupied(), [], 1
+        while len(slots) < count:
+            if slot not in taken:
+                slots.append(slot)
+            slot += 1
+        return slots
+
+    def _new_worker(self, slot: int) -> WorkerProcess:
+        env = self._env_for() if self._env_for is not None else None
+        gpu_id = self.placement.gpu_for(slot) if self.placement is not None else None
+        spec = self.spec if gpu_id is None else replace(self.spec, gpu_id=gpu_id)
+        worker = WorkerProcess(spec, slot, env=env, on_metrics=self._on_metrics)
+        self.workers[slot] = worker
+        return worker
+
+    async def _start_workers(self, count: int, *, all_or_nothing: bool) -> None:
+        workers = [self._new_worker(slot) for slot in self._free_slots(count)]
+        # A few at a time: each new worker imports torch and loads its model, so scaling to many at
+        # once would fork them all together and have every one of them compete for the same cores.
+        gate = asyncio.Semaphore(STARTS_AT_ONCE)
+
+        async def start(worker: WorkerProcess) -> None:
+            async with gate:
+                if self._ours(worker) and not self._closing:  # not retired while it waited its turn
+                    await worker.start(self.policy.load_timeout_s)
+
+        results = await asyncio.gather(*(start(w) for w in workers), return_exceptions=True)
+        # One retired while it loaded (a later scale asked for fewer) did not fail to start: it was stopped.
+        paired = zip(workers, results, strict=True)
+        failures = [r for w, r in paired if isinstance(r, BaseException) and self._ours(w)]
+        for worker, result in zip(workers, results, strict=True):
+            ok = not isinstance(result, BaseException) and not (all_or_nothing and failures)
+            if ok and self.workers.get(worker.slot) is worker and not self._closing:
+                self._serve(worker)
+            else:
+                if self.workers.get(worker.slot) is worker:
+                    del self.workers[worker.slot]
+                await worker.stop(grace_s=2.0)
+        if failures:
+            self.target = len(self._occupied())
+            first = failures[0]
+            if isinstance(first, WorkerStartError):
+                raise first
+            raise WorkerStartError(f'model "{self.spec.model}" could not start a worker: {first!r}')
+
+    def _retire(self, slot: int) -> None:
+        """Stop one worker after its current batch (one waiting for work stops at once)."""
+        restart = self._restarts.pop(slot, None)
+        if restart is not None:
+            restart.cancel()
+        if self.placement is not None:
+            self.placement.release(slot)
+        worker = self.workers.pop(slot, None)
+        if worker is None:
+            return
+        loop_task = self._loops.get(slot)
+        if worker.state == WorkerState.BUSY and loop_task is not None:
+            return  # its loop sees it is no longer ours after this batch, and stops it
+        if loop_task is not None:
+            loop_task.cancel()
+        self._in_background(worker.stop())
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` without waiting for it, holding its task until it ends (the event loop keeps
+        only weak references to tasks)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- the work loop of one worker ---------------------------------------------------------
+    def _serve(self, worker: WorkerProcess) -> None:
+        self._loops[worker.slot] = asyncio.get_running_loop().create_task(self._work(worker))
+        worker.exited.add_done_callback(lambda ended, w=worker: self._on_exit(w, ended))
+
+    def _ours(self, worker: WorkerProcess) -> bool:
+        return self.workers.get(worker.slot) is worker
+
+    async def _work(self, worker: WorkerProcess) -> None:
+        try:
+            while self._ours(worker) and worker.state == WorkerState.READY:
+                jobs = await self.batcher.take()
+                if not self._ours(worker) or worker.state != WorkerState.READY:
+                    self.batcher.requeue(jobs)  # it died or was retired while waiting for work
+                    break
+                await self._run(worker, jobs)
+        finally:
+            if self._loops.get(worker.slot) is asyncio.current_task():
+                del self._loops[worker.slot]
+            if not self._ours(worker) and worker.state != WorkerState.DEAD:
+                self._in_background(worker.stop())  # retired: end it now
+
+    async def _run(self, worker: WorkerProcess, jobs: list[Job]) -> None:
+        try:
+            responses = await worker.run([job.request for job in jobs], self.response_timeout_s)
+        except TimeoutError:
+            limit = f"{self.response_timeout_s:g} s"
+            worker.kill("timeout", f"its batch of {len(jobs)} ran past responseTimeout ({limit})")
+            self.batcher.deliver_error(
+                jobs,
+                RequestTimeoutError(
+                    f'model "{self.spec.model}" did not answer within {limit} (responseTimeout); '
+                    f"worker {worker.slot} was stopped and is being replaced"
+                ),
+            )
+            return
+        except WorkerGoneError:
+            self.batcher.requeue(jobs)  # it died before taking them: they never ran, another worker will
+            return
+        except WorkerDiedError as exc:
+            self.batcher.deliver_error(jobs, exc)
+            return
+        except asyncio.CancelledError:
+            self.batcher.requeue(jobs)
+            raise
+        self.death_log.answered(worker.slot)
+        self.batcher.deliver(jobs, responses)
+
+    def _on_exit(self, worker: WorkerProcess, ended: asyncio.Future[WorkerExit]) -> None:
+        """A serving worker's process ended: count it, then restart it or fail the model."""
+        if not self._ours(worker) or self._closing or ended.cancelled():
+            return  # retired or shutting down: an ending we asked for
+        loop_task = self._loops.get(worker.slot)
+        if loop_task is not None and worker.state != WorkerState.BUSY:
+            loop_task.cancel()  # waiting for work: it holds no batch, nobody is left without an answer
+        during = "batch" if worker.holding else "idle"  # set from "taken" until the answers are in
+        self._record_death(worker, ended.result().cause, worker.death_message(ended.result()), during)
+
+    def _record_death(self, worker: WorkerProcess, cause: str, message: str, during: str) -> None:
+        del self.workers[worker.slot]
+        death = Death(time.time(), time.monotonic(), worker.slot, worker.pid, cause, message, during)
+        verdict = self.death_log.record(death)
+        if verdict.fail:
+            window = self.policy.window_s
+            log.error(
+                "%s; %d endings while idle or starting within %g s: model FAILED",
+                message,
+                verdict.counted,
+                window,
+            )
+            self._fail(
+                f"its workers ended {verdict.counted} times within {window:g} s while idle or starting "
+                f"(a crash loop); the last: {message}"
+            )
+            if self._on_death is not None:
+                self._on_death(cause, False)
+            return
+        slot, delay = worker.slot, verdict.delay_s
+        log.warning("%s; restarting it in %g s", message, delay)
+        if self._on_death is not None:
+            self._on_death(cause, True)
+        task = asyncio.get_running_loop().create_task(self._restart(slot, delay))
+        self._restarts[slot] = task
+
+    async def _restart(self, slot: int, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        if self._restarts.get(slot) is not asyncio.current_task() or self._closing:
+            return
+        del self._restarts[slot]
+        worker = self._new_worker(slot)
+        try:
+            await worker.start(self.policy.load_timeout_s)
+        except WorkerStartError as exc:
+            if self._ours(worker) and not self._closing:
+                self._record_death(worker, exc.cause, exc.message, "start")
+            return
+        if not self._ours(worker) or self._closing:
+            await worker.stop(grace_s=2.0)
+            return
+        log.info("%s restarted (pid %s, load %.2f s)", worker.name, worker.pid, worker.load_time_s or 0.0)
+        self._serve(worker)
+
+    def _fail(self, reason: str) -> None:
+        self.state, self.error = PoolState.FAILED, reason
+        self.target = 0
+        for slot in sorted(self._occupied()):
+            self._retire(slot)
+        self.batcher.fail_queued(ServiceUnavailableError(f'model "{self.spec.model}" failed: {reason}'))
+
+    # ---- memory --------------------------------------------------------------------------------
+    async def _watch_memory(self) -> None:
+        """Stop any worker whose resident memory passes the limit (checked every 0.2 s)."""
+        assert self.memory_limit_mb is not None
+        limit = int(self.memory_limit_mb * 2**20)
+        while not self._closing:
+            await asyncio.sleep(MEMORY_CHECK_INTERVAL_S)
+            for worker in list(self.workers.values()):
+                if worker.state not in (WorkerState.READY, WorkerState.BUSY):
+                    continue
+                rss = worker.rss_bytes()
+                # GPU memory counts too: one limit on all a worker holds (docs/serving.md, "GPUs").
+                gpu_mb = self.gpu_monitor.process_memory_mb(worker.pid) if self.gpu_monitor else None
+                held = (rss or 0) + int((gpu_mb or 0) * 2**20)
+                if rss is not None and held > limit:
+                    parts = f"{rss / 2**20:.0f} MB RSS" + (f" + {gpu_mb:.0f} MB GPU" if gpu_mb else "")
+                    worker.kill(
+                        "memory",
+                        f"memory {parts} over its limit of {self.memory_limit_mb:g} MB",
+                    )
+
+    # ---- shutdown ------------------------------------------------------------------------------
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Let queued and running batches finish (up to ``timeout_s``), then end every worker."""
+        deadline = time.monotonic() + timeout_s
+        self.batcher.closed = True
+        while self.live_workers() and (self.batcher.pending or self._busy()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._closing = True
+        for task in [*self._restarts.values(), *self._loops.values()]:
+            task.cancel()
+        if self._memory_task is not None:
+            self._memory_task.cancel()
+        workers = list(self.workers.values())
+        self.workers.clear()
+        self._restarts.clear()
+        grace = max(1.0, deadline - time.monotonic())
+        await asyncio.gather(*(w.stop(grace_s=grace) for w in workers), return_exceptions=True)
+        # Workers retired earlier may still be finishing their last batch: none outlives the pool.
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self.batcher.fail_queued(ServiceUnavailableError("server is shutting down"))
+
+    def _busy(self) -> bool:
+        return any(w.state == WorkerState.BUSY for w in self.workers.values())
+
+    # ---- reporting -----------------------------------------------------------------------------
+    @property
+    def deaths(self) -> deque[Death]:
+        """The workers' recent endings, oldest first (``GET /models/{m}`` lists them)."""
+        return self.death_log.deaths
+
+    def describe_workers(self) -> list[dict[str, Any]]:
+        from archiver.serving.supervisor.devices import describe_device
+
+        described = []
+        for slot in sorted(self.workers):
+            worker = self.workers[slot]
+            entry = {**worker.describe(), **describe_device(worker.spec.gpu_id, worker.pid, self.gpu_monitor)}
+            if worker.device:  # what the handler did, over what it was given (no CUDA: the CPU)
+                entry["device"] = worker.device
+            described.append(entry)
+        return described
+
+    def live_workers(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state in (WorkerState.READY, WorkerState.BUSY))
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers.values() if w.pid is not None]

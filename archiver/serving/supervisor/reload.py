@@ -1,0 +1,178 @@
+"""``serve --reload``: watch what each model is made of, and on a change serve the new files.
+
+A watched model is either an archive (a ``.mar``, ``.tar.gz`` or folder archive: the path itself is
+watched) or the archive flags themselves (``--handler h.py --serialized-file m.pt …``: every file they
+name is watched). Flags are staged as a folder archive in the cache, exactly as ``--archive-format
+no-archive`` would lay them out, with the same checks (a handler that does not parse is refused
+before anything loads); nothing is written beside the user's files. On a change the registry loads the
+new files in new workers and switches only once they are ready (``ModelRegistry.reload``); a change that
+does not load leaves the previous version serving and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from archiver.errors import ArchiverError
+
+if TYPE_CHECKING:
+    from archiver.serving.supervisor.registry import ModelRegistry
+
+log = logging.getLogger("archiver.serving")
+
+# The archive flags a model can be served from, as ``build_archive`` names them.
+ARCHIVE_FLAG_NAMES = (
+    "model_name",
+    "version",
+    "handler",
+    "serialized_file",
+    "model_file",
+    "extra_files",
+    "runtime",
+    "requirements_file",
+    "config_file",
+)
+
+
+@dataclass
+class WatchedModel:
+    """One model under --reload: the paths whose changes matter and how to get a loadable source."""
+
+    paths: list[Path]
+    stage: Callable[[], Path]  # the source to load now (raises ArchiverError if the files are broken)
+    name: str | None = None  # its name in the registry, once registered
+    staged: list[Path] = field(default_factory=list)  # folders staged for it, newest last
+
+    def touched_by(self, changed: set[Path]) -> bool:
+        for path in changed:
+            for watched in self.paths:
+                if path == watched or watched in path.parents:
+                    return True
+        return False
+
+
+def watch_archive(path: Path, signed: bool = False) -> WatchedModel:
+    """An archive file or folder: reloading it means loading it again. ``signed`` (serve --trusted-key)
+    watches its ``ARCHIVE.sig`` too, so a signature written after its archive brings the new one in."""
+    path = path.resolve()
+    paths = [path, path.with_name(path.name + ".sig")] if signed else [path]
+    return WatchedModel(paths=paths, stage=lambda: path)
+
+
+def watch_flags(flags: dict[str, Any], staging_root: Path) -> WatchedModel:
+    """The archive flags: their files, staged as a folder archive on every change."""
+    paths = []
+    for key in ("serialized_file", "model_file", "requirements_file", "config_file"):
+        if flags.get(key):
+            paths.append(Path(flags[key]).resolve())
+    handler_file = str(flags["handler"]).split(":", 1)[0]
+    for candidate in (handler_file, handler_file + ".py"):
+        if Path(candidate).is_file():
+            paths.append(Path(candidate).resolve())
+            break
+    for item in (flags.get("extra_files") or "").split(","):
+        if item.strip():
+            paths.append(Path(item.strip()).resolve())
+    watched = WatchedModel(paths=paths, stage=lambda: Path())
+
+    def stage() -> Path:
+        from archiver.build import build_archive
+
+        folder = staging_root / f"{flags['model_name']}-{uuid.uuid4().hex[:12]}"
+        built = build_archive(
+            **{k: v for k, v in flags.items() if k in ARCHIVE_FLAG_NAMES and v is not None},
+            export_path=folder,
+            archive_format="no-archive",
+        )
+        watched.staged.append(folder)
+        return built
+
+    watched.stage = stage
+    return watched
+
+
+def drop_staged(model: WatchedModel, keep: Path | None) -> None:
+    """Remove the staged folders a model no longer serves from (all but ``keep``'s)."""
+    for folder in list(model.staged):
+        if keep is not None and (folder == keep or folder in keep.parents):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        model.staged.remove(folder)
+
+
+class Reloader:
+    """Watches every model's paths and reloads the models a change touches, one at a time each."""
+
+    def __init__(self, registry: ModelRegistry, models: list[WatchedModel], debounce_ms: int = 200) -> None:
+        self.registry = registry
+        self.models = models
+        self.debounce_ms = debounce_ms
+        self._locks = {id(m): asyncio.Lock() for m in models}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch until ``stop`` is set."""
+        from watchfiles import awatch
+
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch of changes
+        paths = [p for m in self.models for p in m.paths]
+        # Each path is watched through its parent folder: a watch on the path itself would be lost
+        # when a rebuild replaces it (an archive or a folder archive is renamed into place whole).
+        roots = sorted({p.parent for p in paths})
+        if not roots:
+            return
+        # A folder named as an input is watched whole; otherwise only the parents' top level (one may
+        # hold the cache, or a project's worth of unrelated files).
+        recursive = any(p.is_dir() for p in paths)
+        async for changes in awatch(*roots, stop_event=stop, debounce=self.debounce_ms, recursive=recursive):
+            changed = {Path(path).resolve() for _, path in changes}
+            for model in self.models:
+                if model.touched_by(changed):
+                    await self.reload(model, changed)
+
+    async def reload(self, model: WatchedModel, changed: set[Path] | None = None) -> bool:
+        """Stage and load the model's files anew; True when the new version now serves."""
+        async with self._locks[id(model)]:
+            names = ", ".join(sorted(p.name for p in (changed or set()) if model.touched_by({p})))
+            log.info("reload: %s changed (%s); loading it anew", model.name, names or "files")
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            entry = self.registry.get(model.name) if model.name else None
+            try:
+                source = await loop.run_in_executor(None, model.stage)
+            except ArchiverError as exc:
+                if entry is not None:
+                    entry.reload_error = exc.message
+                log.error(
+                    "reload: %s: the change does not load, the previous version still serves: %s",
+                    model.name,
+                    exc.message,
+                )
+                return False
+            if entry is None:
+                return False
+            ok = await self.registry.reload(entry, source)
+            if not ok:
+                log.error(
+                    "reload: %s: the change does not load, the previous version still serves: %s",
+                    model.name,
+                    entry.reload_error,
+                )
+                await loop.run_in_executor(None, drop_staged, model, entry.source)
+                return False
+            pids = ", ".join(str(p) for p in entry.pool.pids()) if entry.pool else "-"
+            log.info(
+                "reload: %s now serves the new files (%.2f s; workers pid %s)",
+                model.name,
+                time.perf_counter() - started,
+                pids,
+            )
+            await loop.run_in_executor(None, drop_staged, model, entry.source)
+            return True
