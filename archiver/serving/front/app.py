@@ -1,18 +1,14 @@
 """The HTTP routes: inference (8080), management (8081) and metrics (8082) as three aiohttp apps.
 
-Every failure leaves as JSON ``{"code", "type", "message"}``. Bodies are read by ``request_bodies``,
+Every failure leaves as JSON ``{"code", "type", "message"}`` (``middlewares.py``, which checks the token
+or the site first). Bodies are read by ``request_bodies``,
 bounded in bytes, time and items as they stream, so a huge upload never sits in memory whole.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import json
-import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -20,113 +16,28 @@ from aiohttp import web
 from archiver import settings_bounds
 from archiver.errors import (
     ArchiverError,
-    CrossSiteRequestError,
     ModelNotFoundError,
-    UnauthorizedError,
     UsageError,
 )
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.front import openapi, page_routes
+from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
+from archiver.serving.front.middlewares import exception_response, middlewares
 from archiver.serving.front.request_bodies import in_time, read_capped, read_inference_request
-from archiver.serving.front.site_guard import SiteRules
 from archiver.serving.protocols.http_codec import response_headers
-from archiver.serving.protocols.records import error_response, new_request_id, response_for_exception
-from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
+from archiver.serving.protocols.records import new_request_id
 from archiver.serving.supervisor.registry import ModelRegistry
 
-log = logging.getLogger("archiver.serving")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 LIMITS_KEY = web.AppKey("limits", object)
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """Request limits shared by the apps."""
-
-    max_request_size: int = 6553500
-    body_read_timeout_s: float = 60.0
-    # v1 instances, v2 input tensors or form fields one request may carry (request_bounds.py)
-    max_request_items: int = DEFAULT_MAX_REQUEST_ITEMS
-    token: str | None = None
-    # The host names and origins answered when there is no token (site_guard.py); None: every one.
-    site: SiteRules | None = None
 
 
 def _json(status: int, payload: Any) -> web.Response:
     return web.Response(
         status=status, body=json.dumps(payload, indent=2).encode(), content_type="application/json"
     )
-
-
-def _error(status: int, error_type: str, message: str) -> web.Response:
-    r = error_response(status, error_type, message)
-    resp = web.Response(status=status, body=r.body, content_type="application/json")
-    if status in (408, 413):
-        resp.force_close()  # the rest of the body is never read, so the connection cannot be reused
-    return resp
-
-
-def _exception_response(exc: BaseException) -> web.Response:
-    r = response_for_exception(exc)
-    return _error(r.status, r.error_type or "ServerError", r.message or "")
-
-
-def _arrival_port(request: web.Request) -> int | None:
-    """The local port the request came in on (the app's own port, even when it was 0 in the settings)."""
-    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
-    return sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
-
-
-def _refusal(request: web.Request, limits: HttpLimits, open_paths: frozenset[str]) -> web.Response | None:
-    """With a token: 401 unless the request carries it (open paths aside). Without one: 403 for another
-    host name or web origin (site_guard.py), on every path. None lets the request through."""
-    if limits.token is not None:
-        if request.path in open_paths:
-            return None
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), limits.token.encode()):
-            return None
-        resp = _exception_response(UnauthorizedError("missing or wrong 'Authorization: Bearer <token>'"))
-        resp.headers["WWW-Authenticate"] = "Bearer"
-        return resp
-    if limits.site is not None:
-        try:
-            limits.site.check(request.method, request.headers, _arrival_port(request))
-        except CrossSiteRequestError as exc:
-            return _exception_response(exc)
-    return None
-
-
-def _middlewares(limits: HttpLimits, open_paths: frozenset[str]) -> list[Any]:
-    """Token or site check (``_refusal``) and JSON errors for everything, including 404/405."""
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        refused = _refusal(request, limits, open_paths)
-        if refused is not None:
-            return refused
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status == 404:
-                return _error(
-                    404, "ResourceNotFound", "Requested resource is not found, please refer to API document."
-                )
-            if exc.status == 405:
-                return _error(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path}")
-            return _error(exc.status, type(exc).__name__, exc.reason)
-        except ArchiverError as exc:
-            return _exception_response(exc)
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the HTTP edge: a bug answers 500 JSON, never a traceback
-            log.exception("internal error on %s %s", request.method, request.path)
-            return _error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
-
-    return [guard]
 
 
 # ---- inference app -----------------------------------------------------------------------------
@@ -159,7 +70,7 @@ async def predictions(request: web.Request) -> web.StreamResponse:
             status=answer.status, body=answer.body, headers=response_headers(answer, request_id)
         )
     except ArchiverError as exc:
-        resp = _exception_response(exc)
+        resp = exception_response(exc)
         resp.headers["x-request-id"] = request_id
     metrics.observe_request(label, resp.status, time.perf_counter() - started)
     return resp
@@ -169,7 +80,7 @@ def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpL
     # Health probes come from kubelets and load balancers, which hold no token.
     probes = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
     open_paths = probes | page_routes.OPEN_PATHS | openapi.OPEN_PATHS
-    app = web.Application(middlewares=_middlewares(limits, open_paths))
+    app = web.Application(middlewares=middlewares(limits, open_paths))
     app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
     page_routes.add_page_routes(app, registry)  # GET /, its files and /page/models
     openapi.add_openapi_routes(app, "inference")  # OPTIONS /, /openapi.json, /docs
@@ -291,7 +202,7 @@ async def set_default(request: web.Request) -> web.Response:
 
 
 def management_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
-    app = web.Application(middlewares=_middlewares(limits, openapi.OPEN_PATHS))
+    app = web.Application(middlewares=middlewares(limits, openapi.OPEN_PATHS))
     app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
     openapi.add_openapi_routes(app, "management")  # OPTIONS /, /openapi.json, /docs
     r = app.router
@@ -314,7 +225,7 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 def metrics_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
-    app = web.Application(middlewares=_middlewares(limits, frozenset()))
+    app = web.Application(middlewares=middlewares(limits, frozenset()))
     app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
     app.router.add_get("/metrics", metrics_page)
     return app

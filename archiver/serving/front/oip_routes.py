@@ -18,7 +18,8 @@ from aiohttp import web
 from archiver import __version__
 from archiver.errors import ArchiverError, ModelNotFoundError, RequestTooLargeError, TensorRequestError
 from archiver.manifest import MODEL_NAME_PATTERN
-from archiver.serving.front.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY, HttpLimits
+from archiver.serving.front.app import LIMITS_KEY, METRICS_KEY, REGISTRY_KEY
+from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.oip_openapi import openapi_paths, openapi_schemas  # noqa: F401 - openapi.py reads them here
 from archiver.serving.front.request_bodies import in_time, read_capped
 from archiver.serving.protocols import oip

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from archiver.errors import BodyTimeoutError, RequestTooLargeError, UsageError
+from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.protocols.http_codec import form_parts, last_wins, mime_type
 from archiver.serving.protocols.oip_records import BODY_HEADER_LENGTH
 from archiver.serving.protocols.oip_values import PROTOCOL_HEADER
 from archiver.serving.protocols.records import new_request_id
 from archiver.serving.protocols.request_bounds import check_items, form_fields_at_most
 from archiver.serving.protocols.wire import RawRequest
-
-if TYPE_CHECKING:
-    from archiver.serving.front.app import HttpLimits
 
 T = TypeVar("T")
 # Request headers the front sets for the worker (the v2 marker and its header length): a client's own

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from archiver.errors import UsageError
-from archiver.serving.front.app import HttpLimits, inference_app, management_app, metrics_app
+from archiver.serving.front.app import inference_app, management_app, metrics_app
+from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.parse_errors import JsonErrorRunner
 from archiver.serving.front.site_guard import SiteRules
