@@ -4,7 +4,8 @@ breaking it, sent to a live server: no 5xx, JSON errors, no worker death, /ping 
 Each port hands out its own document; every operation it lists for itself is fuzzed at that port (the
 metrics operation at the metrics port). Path parameters are generated, and also set to the served
 models (``echo``, ``linear``; destructive operations only ever name ``spare``) so the requests reach
-the handlers. Generation is derandomized: the same requests every run.
+the handlers. Generation is derandomized: the same requests every run (their order at the server
+varies with the four sending threads).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
 
-EXAMPLES = 20  # per operation, mode and path-parameter variant: about 3,000 requests in all
-CONCURRENCY = 4
+EXAMPLES = 20  # per operation and mode, each sent again for every served model: about 2,800 requests
+CONCURRENCY = 4  # threads sending: the server sees requests in flight together, as it does in use
 DESTRUCTIVE = {"DELETE", "PUT"}  # on the management port: scale, unregister, set-default
 
 
