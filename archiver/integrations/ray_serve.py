@@ -55,7 +55,8 @@ class ArchiveModel:
         self.plan = plan
         self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
         # before a byte of the archive is unpacked or run; a refusal fails this replica's start
-        self.signer = signatures.check_archive(local_path(plan.source), signatures.trusted_keys(trusted_keys))
+        check = signatures.check_archive(local_path(plan.source), signatures.trusted_keys(trusted_keys))
+        self.signer = check.fingerprint if check is not None else None
         if self.signer is not None:
             log.info("%s: signature verified, signed by key %s", plan.name, self.signer)
         self.model = load_model(
@@ -64,6 +65,7 @@ class ArchiveModel:
             cache_dir=cache_dir,
             batch_size=plan.batch_size,
             gpu_id=_ray_gpu_id(plan),
+            signed_sha256=signatures.signed_sha256(check),  # the bytes checked above, or none
         )
         log_handler_errors(self.model, log)
         _pin_torch_threads()
