@@ -283,7 +283,8 @@ def _actual_manifest(archive: Path, expected: Any) -> Any:
         "allow_symlinks": bool(args.get("allow_symlinks", False)),
     }
     if args["method"] == "shards":
-        config = hashing.Config().use_shard_serialization(shard_size=args["shard_size"], **common)
+        shard_size = int(args["shard_size"])  # a float once read back from the signed JSON payload
+        config = hashing.Config().use_shard_serialization(shard_size=shard_size, **common)
     else:
         config = hashing.Config().use_file_serialization(**common)
     ignored = [p for p in args.get("ignore_paths", ()) if archive.is_dir()]
