@@ -34,6 +34,7 @@ from archiver.serving.registry import ModelRegistry
 from archiver.serving.request_bodies import in_time, read_capped, read_inference_request
 from archiver.serving.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
 from archiver.serving.site_guard import SiteRules
+from archiver.serving.tracebacks import public_message
 
 log = logging.getLogger("archiver.serving")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -124,7 +125,10 @@ def _middlewares(limits: HttpLimits, open_paths: frozenset[str]) -> list[Any]:
             raise
         except Exception as exc:  # noqa: BLE001 - the HTTP edge: a bug answers 500 JSON, never a traceback
             log.exception("internal error on %s %s", request.method, request.path)
-            return _error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
+            # One line with the paths shortened (public_message): an OSError names the server's files.
+            said = public_message(exc)
+            name = type(exc).__name__
+            return _error(500, "InternalServerError", said if said == name else f"{name}: {said}")
 
     return [guard]
 
