@@ -79,6 +79,8 @@ def test_a_client_cannot_pose_as_the_front_with_its_internal_headers(serve, raw,
         (b"x-archiver-protocol", b"v2-body"),
         (b"X-Archiver-Protocol", b"v2"),
         (b"x-archiver-inference-header-length", b"3"),
+        (b"x-archiver-max-inputs", b"1000000000"),
+        (b"X-ARCHIVER-Anything-Else", b"1"),  # the whole prefix is the front's, today's names or not
     ):
         request = (
             b"POST /predictions/heads HTTP/1.1\r\nHost: 127.0.0.1\r\n" + name + b": " + value + b"\r\n"
@@ -90,6 +92,17 @@ def test_a_client_cannot_pose_as_the_front_with_its_internal_headers(serve, raw,
         assert answer["body"] == "hello", name
         assert "x-mine" in answer["headers"], answer
         assert not [h for h in answer["headers"] if h.startswith("x-archiver-")], answer
+        # KServe v1: each instance is a request of its own, with the HTTP request's headers, less those.
+        request = (
+            b"POST /v1/models/heads:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n" + name + b": " + value + b"\r\n"
+            b"X-Mine: kept\r\nContent-Type: application/json\r\nContent-Length: 22\r\n"
+            b'Connection: close\r\n\r\n{"instances": ["hey"]}'
+        )
+        status, _, body = parse(raw(port, request))
+        assert status.split()[1] == "200", (name, status, body)
+        (answer,) = json.loads(body)["predictions"]
+        assert answer["body"] == "hey" and "x-mine" in answer["headers"], answer
+        assert not [h for h in answer["headers"] if h.startswith("x-archiver-")], (name, answer)
 
 
 def test_a_model_name_ending_in_a_newline_is_refused(serve, call, make_model, tmp_path):
