@@ -245,6 +245,20 @@ def test_choosing_another_model_or_cancel_stops_the_wait(page_kit, visit, tmp_pa
         expect(slow.locator(".wait-ended")).to_have_text(
             "Stopped waiting for slow (a file was chosen for quick): note.txt was not sent."
         )
+        slow.locator("input[type=file]").set_input_files(str(note))
+        quick.locator("textarea").fill("typed for quick")
+        quick.locator("button.send").click()
+        expect(slow.locator(".wait-ended")).to_have_text(
+            "Stopped waiting for slow (text was sent to quick): note.txt was not sent."
+        )
+        slow.locator("input[type=file]").set_input_files(str(note))
+        slow.locator("textarea").fill("typed instead")
+        expect(slow.locator(".wait-ended")).to_have_text(
+            "Stopped waiting for slow (text was typed instead): note.txt was not sent."
+        )
+        slow.locator("input[type=file]").set_input_files(str(note))  # chosen again, then moved away from
+        quick.locator("input[type=file]").set_input_files(str(other))
+        expect(slow.locator(".wait-ended")).to_contain_text("(a file was chosen for quick)")
 
         marker.touch()
         expect(slow).to_have_attribute("data-status", "READY")
