@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,15 +182,15 @@ class SiteRules:
                     f"Host {host_header[:100]!r} is not a name of this server: without a token it answers "
                     "only its own address and loopback names (add names with --allowed-hosts)"
                 )
-        origins = _all(headers, "Origin")
-        if origins and ANY in self.allowed_origins:
-            return
-        if len(origins) > 1:
-            raise CrossSiteRequestError(
-                f"a request with {len(origins)} Origin headers is refused: a browser sends one"
-            )
-        if origins:
-            origin_header = origins[0]
+        origin_header = headers.get("Origin")
+        if origin_header is not None:
+            if ANY in self.allowed_origins:
+                return
+            count = len(_all(headers, "Origin"))
+            if count > 1:  # the first one would be judged, and who added the others cannot be told
+                raise CrossSiteRequestError(
+                    f"a request with {count} Origin headers is refused: a browser sends one"
+                )
             if not self._origin_verdict(origin_header, arrival_port, host_header, host_port):
                 raise CrossSiteRequestError(
                     f"requests from the web origin {origin_header[:100]!r} are refused: without a token "
@@ -239,13 +239,13 @@ def _own(origin: Origin, arrival_port: int | None, host_header: str | None, host
     return origin.port in (arrival_port, host_port if host_port is not None else _DEFAULT_PORTS["http"])
 
 
-def _all(headers: Mapping[str, str], name: str) -> list[str]:
+def _all(headers: Mapping[str, str], name: str) -> Sequence[str]:
     """Every value of a header: aiohttp's headers keep repeats (``getall``), a plain dict has one."""
-    getall = getattr(headers, "getall", None)
-    if getall is not None:
-        return list(getall(name, ()))
-    value = headers.get(name)
-    return [] if value is None else [value]
+    try:
+        return headers.getall(name, ())  # type: ignore[attr-defined]
+    except AttributeError:
+        value = headers.get(name)
+        return () if value is None else (value,)
 
 
 def _remember(cache: dict[Any, Any], key: Any, verdict: Any) -> None:
