@@ -257,3 +257,32 @@ def test_a_signature_hashed_in_shards_is_refused_for_serving_with_its_reason(kit
     assert "sharded.mar.sig hashes sharded.mar in shards" in described["loadError"], described["loadError"]
     metrics = call("GET", server.url("metrics") + "/metrics").body.decode()
     assert 'model_archiver_signature_refusals_total{reason="unpinnable"} 1.0' in metrics
+
+
+def test_handler_flags_are_a_usage_error_with_trusted_keys_from_the_config_too(kit, tmp_path):
+    # --handler stages its flags as a folder, which trusted keys refuse: say so at once, whether the
+    # keys came from --trusted-key or from --config's trusted_keys, instead of starting a server that
+    # can only list the model FAILED.
+    import subprocess
+    import sys
+
+    handler = tmp_path / "src" / "echo_handler.py"
+    pub = kit.store.parent / "keys" / "ours.pub"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"trusted_keys": [str(pub)]}))
+    base = [sys.executable, "-m", "archiver", "serve", "--model-name", "m", "--handler", str(handler)]
+    base += [
+        "--port",
+        "0",
+        "--management-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    for keys in (["--trusted-key", str(pub)], ["--config", str(config)]):
+        proc = subprocess.run([*base, *keys], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (keys, proc.stderr)
+        assert "--handler serves unsigned files" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any((tmp_path / "c").rglob("echo_handler.py"))  # nothing staged is left behind
