@@ -20,8 +20,15 @@ def parse_v1_request(body: bytes, max_instances: int = DEFAULT_MAX_REQUEST_ITEMS
     """The ``instances`` of a v1 ``:predict`` body; TensorRequestError (400) for anything else, and
     RequestTooLargeError (413) for more than ``max_instances``, counted from the bytes before any
     instance is parsed (each becomes a request of its own in the model's queue)."""
-    start, end = _instances_span(bytes(body), max_instances)
-    instances = load_json(body[start:end])
+    try:
+        start, end = _instances_span(bytes(body), max_instances)
+        instances = load_json(body[start:end])
+    except _OverBudget:  # a body of many small containers: the parser counts them (front: one at a time)
+        head = load_json(body)
+        if not isinstance(head, dict) or not isinstance(head.get("instances"), list):
+            raise TensorRequestError(_SHAPE) from None
+        instances = head["instances"]
+        check_items(len(instances), max_instances, "v1 instances")
     if not instances:
         raise TensorRequestError("'instances' is empty: send at least one instance")
     return instances
@@ -31,7 +38,16 @@ def parse_v1_request(body: bytes, max_instances: int = DEFAULT_MAX_REQUEST_ITEMS
 # json.loads would build every value first: 6.5 MB of "{}," is 2 million dicts (120 MB) and half a
 # second holding the GIL, for a body refused anyway. In a container, everything between strings and
 # non-empty brackets (numbers, commas, "{}", "[]") is one token, so a run of flat or empty instances
-# is counted in C (its commas), and the walk stops as soon as the count passes the limit.
+# is counted in C (its commas), and the walk stops as soon as the count passes the limit. A walk of
+# more than _TOKEN_BUDGET tokens (about 0.1 s: a body of many small non-empty containers) stops, and
+# the whole body is parsed instead, as before; the front parses one large body at a time.
+_TOKEN_BUDGET = 100_000
+
+
+class _OverBudget(Exception):
+    pass
+
+
 _WS = re.compile(rb"[ \t\n\r]*+")
 _STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 _SCALAR = re.compile(rb'[^,:\[\]{}" \t\n\r]++')
@@ -51,6 +67,7 @@ def _instances_span(body: bytes, limit: int) -> tuple[int, int]:
     if body[i : i + 1] != b"{":
         raise TensorRequestError(_SHAPE)
     span: tuple[int, int] | None = None
+    budget = [_TOKEN_BUDGET]  # tokens left for the whole body's walk
     i = _skip_ws(body, i + 1)
     while body[i : i + 1] != b"}":
         key = _STRING.match(body, i)
@@ -63,10 +80,10 @@ def _instances_span(body: bytes, limit: int) -> tuple[int, int]:
         if load_json(key.group()) == "instances":  # type: ignore[union-attr]
             if body[i : i + 1] != b"[":
                 raise TensorRequestError(_SHAPE)
-            span = (i, _walk(body, i, limit))
+            span = (i, _walk(body, i, limit, budget))
             i = span[1]
         else:
-            i = _skip_value(body, i)
+            i = _skip_value(body, i, budget)
         i = _skip_ws(body, i)
         if body[i : i + 1] == b",":
             i = _skip_ws(body, i + 1)
@@ -85,21 +102,22 @@ def _skip_ws(body: bytes, i: int) -> int:
     return _WS.match(body, i).end()  # type: ignore[union-attr] - it matches the empty string
 
 
-def _skip_value(body: bytes, i: int) -> int:
+def _skip_value(body: bytes, i: int, budget: list[int]) -> int:
     if body[i : i + 1] in (b"[", b"{"):
-        return _walk(body, i, None)
+        return _walk(body, i, None, budget)
     found = (_STRING if body[i : i + 1] == b'"' else _SCALAR).match(body, i)
     if found is None:
         _invalid("a value")
     return found.end()  # type: ignore[union-attr]
 
 
-def _walk(body: bytes, i: int, limit: int | None) -> int:
+def _walk(body: bytes, i: int, limit: int | None, budget: list[int]) -> int:
     """The end of the array or object opening at ``i``; with ``limit``, 413 once it has more elements
     than that (its commas at depth 1, plus one). Brackets are only counted: the parser checks the
     instances, and the other keys' values are never read."""
     depth, commas, i = 1, 0, i + 1  # the opening bracket taken here: a run never starts at depth 0
-    while True:
+    while budget[0] > 0:
+        budget[0] -= 1
         token = _TOKEN.match(body, i)
         if token is None:
             return _invalid("the end of an array or object")  # a string that never ends, or no more
@@ -115,6 +133,7 @@ def _walk(body: bytes, i: int, limit: int | None) -> int:
             if commas >= limit:  # commas + 1 elements
                 check_items(commas + 1, limit, "v1 instances", exact=False)
         i = token.end()
+    raise _OverBudget
 
 
 def _invalid(expected: str) -> Any:
