@@ -278,7 +278,8 @@ function waitForReady(card) {
   card.waiting = { file, timer: setTimeout(giveUp, WAIT_LIMIT_MS) };
   const cancel = h("button", { type: "button", class: "cancel", onclick: () => stopWaiting(card) }, "Cancel");
   card.result.append(
-    h("p", { class: "waiting", role: "status" }, `Waiting for ${name} to load… ${file.name} is sent once it is READY. `, cancel),
+    h("p", { class: "waiting", role: "status" },
+      `Waiting for ${name} to load… ${file.name} is sent once it is READY. `, cancel),
   );
   waitPollMs = 0;
   schedulePoll(WAIT_FIRST_MS);
@@ -294,7 +295,8 @@ function settleWait(card) {
     return;
   }
   clearResult(card); // FAILED: the card shows why
-  showError(card, `${card.model.name} failed to load, so ${waiting.file.name} was not sent. Why is shown above.`, "wait");
+  const failed = `${card.model.name} failed to load, so ${waiting.file.name} was not sent. Why is shown above.`;
+  showError(card, failed, "wait");
 }
 
 function endWait(card) {
@@ -311,7 +313,8 @@ function stopWaiting(card, why) {
   clearResult(card);
   const reason = why ? ` (${why})` : "";
   card.result.append(
-    h("p", { class: "wait-ended" }, `Stopped waiting for ${card.model.name}${reason}: ${waiting.file.name} was not sent.`),
+    h("p", { class: "wait-ended" },
+      `Stopped waiting for ${card.model.name}${reason}: ${waiting.file.name} was not sent.`),
   );
 }
 
