@@ -250,3 +250,10 @@ class UnsignableSourceError(SignatureError):
     whose files may change between the check and a worker's load."""
 
     reason = "folder"
+
+
+class UnpinnableSignatureError(SignatureError):
+    """Trusted keys are set and the signature hashes a file archive in shards or with another algorithm
+    than sha256: its check gives no sha256 of the whole file to hold a load to."""
+
+    reason = "unpinnable"

@@ -17,7 +17,6 @@ is made or checked: ``import archiver`` and a server without trusted keys never 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +31,7 @@ from archiver.errors import (
     MissingSignatureError,
     SignatureError,
     TamperedArchiveError,
+    UnpinnableSignatureError,
     UnsignableSourceError,
     UntrustedSignerError,
     UsageError,
@@ -50,7 +50,9 @@ class SignatureCheck:
     archive: Path
     signature: Path
     fingerprint: str  # the signer's key
-    sha256: str | None  # a file archive's sha256, as signed (what a server's workers are held to)
+    # A file archive's sha256, from the same read that verified it (None for a folder, or a signature
+    # hashed another way): what a loader is held to (``load_model(signed_sha256=…)``).
+    sha256: str | None
 
 
 def signature_path_for(archive: str | Path) -> Path:
@@ -84,7 +86,15 @@ def sign(archive: str | Path, private_key: str | Path, signature_path: str | Pat
     config = signing.Config().use_elliptic_key_signer(private_key=key).set_hashing_config(hashing_config())
     target = Path(signature_path) if signature_path else signature_path_for(archive)
     check_outside(archive, target)
-    return write_signature(lambda tmp: config.sign(archive, tmp), target)
+    hashed = hashed_path(archive)
+    return write_signature(lambda tmp: config.sign(hashed, tmp), target)
+
+
+def hashed_path(archive: Path) -> Path:
+    """The path model-signing hashes: a file archive reached through a symlink (the link itself, or a
+    linked folder above it) resolved, since model-signing refuses any symlink in a path; a folder
+    archive as given, so that a link inside it is still refused."""
+    return archive.resolve() if archive.is_file() else archive
 
 
 def check_outside(archive: Path, target: Path) -> None:
@@ -114,7 +124,8 @@ def write_signature(write: Any, target: str | Path) -> Path:
 
 def _check_exists(archive: Path) -> None:
     if not archive.exists():
-        raise InputFileError(f"{archive}: no such file or folder")
+        # the name only: this can reach a register call's answer, which must not show the store's path
+        raise InputFileError(f"{archive.name}: no such file or folder")
 
 
 # ---- verifying ----------------------------------------------------------------------------------------
@@ -127,8 +138,10 @@ def verify(
 ) -> SignatureCheck:
     """Check that ``archive`` is, byte for byte, what one of ``trusted_keys`` signed.
 
-    Raises a ``SignatureError`` subclass naming what failed. ``allow_folder=False`` (a server) refuses
-    a folder archive before reading anything: its files could change between this check and a load.
+    Raises a ``SignatureError`` subclass naming what failed. ``allow_folder=False`` (a server, a
+    replica: whatever loads the archive next) refuses a folder archive before reading anything, and a
+    signature that does not give the file's plain sha256: either way there would be nothing to hold
+    the load to, and the files could change between this check and the load.
     """
     archive = Path(archive)
     keys = tuple(trusted_keys)
@@ -144,9 +157,9 @@ def verify(
     sig = Path(signature_path) if signature_path is not None else signature_path_for(archive)
     bundle = _read_bundle(archive, sig, beside=signature_path is None)
     key, manifest = _verify_bundle(archive, sig, bundle, keys)
+    if not allow_folder:
+        _require_plain_sha256(archive, sig, manifest)
     sha256 = _compare(archive, sig, manifest)
-    if sha256 is None and archive.is_file():
-        sha256 = _file_sha256(archive)
     return SignatureCheck(archive=archive, signature=sig, fingerprint=key.fingerprint, sha256=sha256)
 
 
@@ -160,8 +173,8 @@ def _read_bundle(archive: Path, sig: Path, *, beside: bool) -> Any:
         )
     try:
         bundle = sign_sigstore_pb.Signature.read(sig).bundle
-    except OSError as exc:
-        raise InputFileError(f"cannot read the signature {sig}: {exc.strerror}") from None
+    except OSError as exc:  # the name only: this can reach a register call's answer
+        raise InputFileError(f"cannot read the signature {sig.name}: {exc.strerror}") from None
     except Exception as exc:  # noqa: BLE001 - json, pydantic, KeyError: any of them means "not a bundle"
         raise MalformedSignatureError(
             f"{sig.name} is not an OpenSSF model-signing bundle ({_why(exc)})"
@@ -246,6 +259,20 @@ def _manifest(sig: Path, envelope: Any) -> Any:
         ) from None
 
 
+def _require_plain_sha256(archive: Path, sig: Path, expected: Any) -> None:
+    """Refuse, before hashing, a signature whose digest is not one sha256 of the whole file (shards,
+    another algorithm): its check would not give the sha256 a load is held to, and hashing the file
+    again afterwards would pin whatever bytes are there by then."""
+    args = expected.serialization_type
+    if args.get("method") == "files" and args.get("hash_type") == "sha256":
+        return
+    how = "in shards" if args.get("method") == "shards" else f"with {args.get('hash_type')!r}"
+    raise UnpinnableSignatureError(
+        f"{sig.name} hashes {archive.name} {how}, not as one sha256 of the whole file: a server loads only "
+        "an archive it can hold to the signed sha256 (sign it with 'model-archiver sign')"
+    )
+
+
 def _actual_manifest(archive: Path, expected: Any) -> Any:
     """The archive hashed the way the signature says it was (file by file or in shards)."""
     from model_signing import hashing
@@ -256,11 +283,12 @@ def _actual_manifest(archive: Path, expected: Any) -> Any:
         "allow_symlinks": bool(args.get("allow_symlinks", False)),
     }
     if args["method"] == "shards":
-        config = hashing.Config().use_shard_serialization(shard_size=args["shard_size"], **common)
+        shard_size = int(args["shard_size"])  # a float once read back from the signed JSON payload
+        config = hashing.Config().use_shard_serialization(shard_size=shard_size, **common)
     else:
         config = hashing.Config().use_file_serialization(**common)
     ignored = [p for p in args.get("ignore_paths", ()) if archive.is_dir()]
-    return config.set_ignored_paths(paths=ignored, ignore_git_paths=False).hash(archive)
+    return config.set_ignored_paths(paths=ignored, ignore_git_paths=False).hash(hashed_path(archive))
 
 
 def _compare(archive: Path, sig: Path, expected: Any) -> str | None:
@@ -284,11 +312,9 @@ def _compare(archive: Path, sig: Path, expected: Any) -> str | None:
             f"{sig.name} names a hashing model-signing cannot redo ({_why(exc)})"
         ) from None
     if got == want:
-        return (
-            want["."]
-            if is_file and expected.serialization_type.get("hash_type") == "sha256" and "." in want
-            else None
-        )
+        # the digest of this one read, when it is the file's plain sha256; never a second read
+        plain = is_file and expected.serialization_type.get("method") == "files" and "." in want
+        return got["."] if plain and expected.serialization_type.get("hash_type") == "sha256" else None
     other_name = expected.model_name != archive.name
     same = [name for name in want if got.get(name) == want[name]]
     if other_name and not same:
@@ -313,11 +339,3 @@ def _compare(archive: Path, sig: Path, expected: Any) -> str | None:
         detail = f"{missing[0]} was signed but is missing"
     more = len(changed) + len(added) + len(missing) - 1
     raise TamperedArchiveError(f"{archive.name}: {detail}" + (f" (and {more} more)" if more > 0 else ""))
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -7,11 +7,12 @@ private temp folder and renames it into place only when every file passed its ha
 that exists under its hash is complete; two processes racing to unpack the same archive both end up
 using the one that won the rename.
 
-A server with trusted keys verifies an archive's signature before any worker starts, and starts its
-workers with ``PINNED_SHA256_ENV`` set to the sha256 that was signed: a worker then unpacks (or reuses
-the folder of) only those bytes, so an archive replaced after its check, then loaded by a restarted
-worker, is refused instead of run. The pin costs no extra read: the hashing pass that names the
-folder computes it too.
+Whoever verified an archive's signature (the server before any worker starts, a Ray replica, the
+KServe runtime) passes the signed sha256 down as ``unpack_cached(signed_sha256=…)`` (through
+``load_model``, and a worker's start message): the archive is then unpacked (or its folder reused) only
+if its bytes are those, so an archive replaced after its check is refused instead of run. The pin is
+an argument, never an environment variable, so no operator's shell can set it for every model. It
+costs no extra read: the hashing pass that names the folder computes it too.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from archiver.manifest import MANIFEST_PATH
 from archiver.reader import ArchiveReader
 
 CACHE_ENV = "MODEL_ARCHIVER_CACHE"
-PINNED_SHA256_ENV = "MODEL_ARCHIVER_SIGNED_SHA256"
 _LAYOUT = "v2"  # bump when the cache's folder layout changes, so old entries are simply not found
 _CHUNK = 1 << 20
 # (device, inode, size, mtime) -> (content key, the file's own sha256)
@@ -93,9 +93,8 @@ def _hash_content(reader: ArchiveReader) -> tuple[str, str | None]:
     return digest.hexdigest(), plain.hexdigest()
 
 
-def _check_pin(reader: ArchiveReader, sha256: str | None) -> None:
-    """Refuse bytes other than those whose signature the server verified (``PINNED_SHA256_ENV``)."""
-    pinned = os.environ.get(PINNED_SHA256_ENV)
+def _check_pin(reader: ArchiveReader, sha256: str | None, pinned: str | None) -> None:
+    """Refuse bytes other than those whose signature was verified (``pinned``, their sha256)."""
     if not pinned:
         return
     if sha256 is None:
@@ -118,11 +117,16 @@ def cache_subfolder(cache_dir: str | Path | None, name: str) -> Path:
     return folder
 
 
-def unpack_cached(reader: ArchiveReader, cache_dir: str | Path | None = None) -> tuple[Path, bool]:
-    """The folder holding ``reader``'s files, unpacking it first if needed; and whether it unpacked."""
+def unpack_cached(
+    reader: ArchiveReader, cache_dir: str | Path | None = None, *, signed_sha256: str | None = None
+) -> tuple[Path, bool]:
+    """The folder holding ``reader``'s files, unpacking it first if needed; and whether it unpacked.
+
+    ``signed_sha256``: the sha256 a signature check verified; other bytes raise TamperedArchiveError.
+    """
     models = cache_subfolder(cache_dir, "models")
     key, sha256 = _digests(reader)
-    _check_pin(reader, sha256)
+    _check_pin(reader, sha256, signed_sha256)
     target = models / key
     with _lock_for(key):  # workers of one process unpack one at a time; other processes may race
         if _intact(target, reader):

@@ -17,6 +17,8 @@ import yaml
 from archiver.errors import OutputExistsError, UsageError
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# plan_archive's overrides as deploy ray's flags name them in a refusal
+_FLAGS = {"batch_size": "--batch-size", "max_batch_delay_ms": "--max-batch-delay", "replicas": "--replicas"}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -67,9 +69,10 @@ def deploy() -> None:
     "-o", "--output", type=click.Path(dir_okay=False), default="serve_config.yaml", show_default=True
 )
 @click.option("--app-name", default="archives", show_default=True, help="The Ray Serve application's name.")
-@click.option("--replicas", type=click.IntRange(min=1), help="Replicas per model (default: the archive's).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (default: the archive's, else 1).")
-@click.option("--max-batch-delay", type=click.FloatRange(min=0), help="Batch delay in ms (default: 5).")
+# Ranges checked by plan_archive with the server's bounds (settings_bounds): FloatRange lets NaN by.
+@click.option("--replicas", type=int, help="Replicas per model (default: the archive's).")
+@click.option("--batch-size", type=int, help="Batch size (default: the archive's, else 1).")
+@click.option("--max-batch-delay", type=float, help="Batch delay in ms (default: 5).")
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Ray's HTTP proxy address (0.0.0.0 on a cluster)."
 )
@@ -120,7 +123,9 @@ def deploy_ray(
         )
     pems = _verified_keys(list(archives), trusted_keys)
     plans = [
-        plan_archive(a, batch_size=batch_size, max_batch_delay_ms=max_batch_delay, replicas=replicas)
+        plan_archive(
+            a, batch_size=batch_size, max_batch_delay_ms=max_batch_delay, replicas=replicas, names=_FLAGS
+        )
         for a in archives
     ]
     names = [deployment_name(p, plans) for p in plans]

@@ -235,6 +235,13 @@ def serve(
         raise UsageError("--handler serves unsigned files: with --trusted-key, serve signed archives")
     staged, flag_model = _stage_archive_flags(archive_flags, flags.get("cache_dir"))
     settings = build_settings(archives + staged, model_specs, config_path, flags)
+    if flag_model is not None and settings.trusted_keys:  # trusted_keys came from --config
+        from archiver.serving.supervisor.reload import drop_staged
+
+        drop_staged(flag_model, None)
+        raise UsageError(
+            "--handler serves unsigned files: with trusted_keys in --config, serve signed archives"
+        )
     from archiver.serving.front.server import check_exposure
 
     check_exposure(settings)  # refuse an exposed bind before starting anything

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archiver import settings_bounds
 from archiver.config import ModelConfig, parse_model_config
 from archiver.errors import ConfigError, IntegrityError, UsageError
 from archiver.reader import open_archive
@@ -89,8 +90,16 @@ def plan_archive(
     batch_size: int | None = None,
     max_batch_delay_ms: float | None = None,
     replicas: int | None = None,
+    names: dict[str, str] | None = None,
 ) -> ServePlan:
-    """Read ``source``'s manifest and model-config.yaml and say how it is served (overrides win)."""
+    """Read ``source``'s manifest and model-config.yaml and say how it is served (overrides win).
+
+    The overrides are checked with the bundled server's ranges (``settings_bounds``), each refusal a
+    UsageError naming it as ``names`` spells it (``{"batch_size": "--batch-size"}``; else its own name).
+    """
+    batch_size, max_batch_delay_ms, replicas = _checked_overrides(
+        batch_size, max_batch_delay_ms, replicas, names or {}
+    )
     with open_archive(local_path(source)) as reader:
         manifest = reader.manifest
         config = _config(reader, manifest.config_file)
@@ -147,6 +156,20 @@ def _config(reader: Any, config_file: str | None) -> ModelConfig:
     if config_file not in reader.files():
         raise IntegrityError(f"the manifest names {config_file!r}, which is not in the archive")
     return parse_model_config(reader.read(config_file), source=config_file)
+
+
+def _checked_overrides(
+    batch_size: Any, max_batch_delay_ms: Any, replicas: Any, names: dict[str, str]
+) -> tuple[int | None, float | None, int | None]:
+    def checked(setting: str, key: str, value: Any) -> Any:
+        return None if value is None else settings_bounds.check(setting, value, names.get(key, key))
+
+    return (
+        checked("batch_size", "batch_size", batch_size),
+        checked("max_batch_delay_ms", "max_batch_delay_ms", max_batch_delay_ms),
+        # replicas per model: the range of the server's workers per model (at least one, at most 4096)
+        checked("max_workers_per_model", "replicas", replicas),
+    )
 
 
 def _positive(override: int | None, configured: int | None, default: int, what: str) -> int:

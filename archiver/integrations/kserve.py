@@ -45,12 +45,18 @@ class ArchiveModel(kserve.Model):
     """One archive as a KServe model; ``load()`` initializes its handler."""
 
     def __init__(
-        self, name: str, source: Path, cache_dir: str | None = None, signer: str | None = None
+        self,
+        name: str,
+        source: Path,
+        cache_dir: str | None = None,
+        signer: str | None = None,
+        signed_sha256: str | None = None,
     ) -> None:
         super().__init__(name)
         self.source = source
         self.cache_dir = cache_dir
         self.signer = signer  # the verified signer's key fingerprint, with --trusted_key
+        self.signed_sha256 = signed_sha256  # the sha256 that verified: load() loads those bytes or none
         self.loaded: Any = None
         self.signature: dict[str, Any] = {"inputs": [], "outputs": []}
 
@@ -58,7 +64,11 @@ class ArchiveModel(kserve.Model):
         from archiver.serving.worker.loader import load_model
 
         self.loaded = load_model(
-            self.source, name=self.name, cache_dir=self.cache_dir, gpu_id=pod_gpu_id(self.source)
+            self.source,
+            name=self.name,
+            cache_dir=self.cache_dir,
+            gpu_id=pod_gpu_id(self.source),
+            signed_sha256=self.signed_sha256,
         )
         log_handler_errors(self.loaded, log)
         self.signature = model_signature(str(self.source))
@@ -209,14 +219,15 @@ def build_models(
     sources = find_archives(model_dir)
     models = []
     for source in sources:
-        signer = signatures.check_archive(source, trusted_keys)
+        check = signatures.check_archive(source, trusted_keys)
+        signer = check.fingerprint if check is not None else None
         if signer is not None:
             log.info("%s: signature verified, signed by key %s", source.name, signer)
         with open_archive(source) as reader:
             name = reader.manifest.model_name
         if model_name and len(sources) == 1:
             name = model_name
-        models.append(ArchiveModel(name, source, cache_dir, signer))
+        models.append(ArchiveModel(name, source, cache_dir, signer, signatures.signed_sha256(check)))
     return models
 
 

@@ -19,6 +19,7 @@ import asyncio
 import logging
 from typing import Any
 
+from archiver import settings_bounds
 from archiver.errors import UsageError
 from archiver.integrations import log_handler_errors, require_extra, signatures
 from archiver.integrations.archive_plan import ServePlan, local_path, parse_archive_list, plan_archive
@@ -55,7 +56,8 @@ class ArchiveModel:
         self.plan = plan
         self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
         # before a byte of the archive is unpacked or run; a refusal fails this replica's start
-        self.signer = signatures.check_archive(local_path(plan.source), signatures.trusted_keys(trusted_keys))
+        check = signatures.check_archive(local_path(plan.source), signatures.trusted_keys(trusted_keys))
+        self.signer = check.fingerprint if check is not None else None
         if self.signer is not None:
             log.info("%s: signature verified, signed by key %s", plan.name, self.signer)
         self.model = load_model(
@@ -64,6 +66,7 @@ class ArchiveModel:
             cache_dir=cache_dir,
             batch_size=plan.batch_size,
             gpu_id=_ray_gpu_id(plan),
+            signed_sha256=signatures.signed_sha256(check),  # the bytes checked above, or none
         )
         log_handler_errors(self.model, log)
         _pin_torch_threads()
@@ -154,24 +157,23 @@ async def answer_http(request: Request, table: ModelTable, max_request_size: int
 
 
 # ---- the application builder ---------------------------------------------------------------------
-def _int_arg(args: dict[str, Any], key: str) -> int | None:
+def _int_arg(args: dict[str, Any], key: str, setting: str | None = None) -> int | None:
+    return _checked_arg(args, key, setting or key)
+
+
+def _float_arg(args: dict[str, Any], key: str, setting: str | None = None) -> float | None:
+    return _checked_arg(args, key, setting or key)
+
+
+def _checked_arg(args: dict[str, Any], key: str, setting: str) -> Any:
+    """``args[key]`` in ``setting``'s range (settings_bounds), as text (``serve run ... key=8``) or as
+    YAML typed it; UsageError naming ``key`` and the range, as the bundled server's refusals do."""
     value = args.get(key)
     if value in (None, ""):
         return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{key} must be an integer, got {value!r}") from None
-
-
-def _float_arg(args: dict[str, Any], key: str) -> float | None:
-    value = args.get(key)
-    if value in (None, ""):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{key} must be a number, got {value!r}") from None
+    if isinstance(value, str):
+        return settings_bounds.parse(setting, value, key)
+    return settings_bounds.check(setting, value, key)
 
 
 def deployment_name(plan: ServePlan, plans: list[ServePlan]) -> str:
@@ -207,7 +209,7 @@ def plans_from_args(args: dict[str, Any]) -> list[ServePlan]:
             source,
             batch_size=_int_arg(args, "batch_size"),
             max_batch_delay_ms=_float_arg(args, "max_batch_delay_ms"),
-            replicas=_int_arg(args, "num_replicas"),
+            replicas=_int_arg(args, "num_replicas", "max_workers_per_model"),
         )
         # Replicas may start in another folder (or on another machine with the same mount).
         plans.append(ServePlan(**{**plan.__dict__, "source": str(local_path(source))}))
@@ -223,7 +225,7 @@ def build_app(args: dict[str, Any]) -> Application:
     """The Ray Serve application for the archives ``args`` names (Ray's application-builder protocol)."""
     plans = plans_from_args(args)
     cache_dir = args.get("cache_dir") or None
-    max_request_size = _int_arg(args, "max_request_size") or 0
+    max_request_size = _int_arg(args, "max_request_size") or 0  # 0: the server's default
     pems = signatures.pem_texts(signatures.trusted_keys(args.get("trusted_keys"))) or None
     bound = []
     for plan in plans:

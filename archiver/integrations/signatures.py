@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from archiver.signing import SignatureCheck
     from archiver.signing_keys import TrustedKey
 
 
@@ -25,14 +26,22 @@ def trusted_keys(items: Iterable[str] | str | None) -> tuple[TrustedKey, ...]:
     return read_trusted_keys([items] if isinstance(items, str) else list(items))
 
 
-def check_archive(source: Path, keys: tuple[TrustedKey, ...]) -> str | None:
-    """The signer's fingerprint once ``source`` verifies (None without keys); a SignatureError, saying
-    what failed, before a byte of the archive is read otherwise. Folder archives are refused."""
+def check_archive(source: Path, keys: tuple[TrustedKey, ...]) -> SignatureCheck | None:
+    """The verified signature of ``source`` (None without keys); a SignatureError, saying what failed,
+    before a byte of the archive is read otherwise. Folder archives are refused.
+
+    Pass its ``sha256`` to ``load_model(signed_sha256=…)``: the load then refuses an archive swapped
+    after this check, instead of running it."""
     if not keys:
         return None
     from archiver.signing import verify
 
-    return verify(source, keys, allow_folder=False).fingerprint
+    return verify(source, keys, allow_folder=False)
+
+
+def signed_sha256(check: SignatureCheck | None) -> str | None:
+    """The sha256 a load is held to: the checked one, None when nothing was checked (no keys)."""
+    return check.sha256 if check is not None else None
 
 
 def pem_texts(keys: tuple[TrustedKey, ...]) -> list[str]:

@@ -317,3 +317,55 @@ def test_certificate_mode_signs_and_verifies_offline(mar, capsys, tmp_path):
     assert "tiny.mar: the signature does not verify" in refusal(
         ["verify", str(mar), "--certificate-chain", str(ca)], capsys
     )
+
+
+def test_an_archive_reached_through_a_symlink_verifies_under_the_name_it_was_given(
+    mar, keys, capsys, tmp_path
+):
+    signed(mar, keys, capsys)
+    (tmp_path / "link").symlink_to(mar.parent, target_is_directory=True)
+    linked = tmp_path / "link" / mar.name
+    code, out, err = run_main(["verify", str(linked), "--public-key", str(keys["public"])], capsys)
+    assert (code, err) == (0, ""), err
+    assert out.startswith(f"OK: {linked} ")
+    (tmp_path / "alias.mar").symlink_to(mar)  # the archive itself a link; its signature given
+    sig = str(mar) + ".sig"
+    args = ["verify", str(tmp_path / "alias.mar"), "--public-key", str(keys["public"]), "--signature", sig]
+    code, out, err = run_main(args, capsys)
+    assert (code, err) == (0, ""), err
+    flip_byte(mar, mar.stat().st_size // 2)  # and a change behind the link is still found
+    line = refusal(["verify", str(linked), "--public-key", str(keys["public"])], capsys)
+    assert f"{mar.name} was changed after it was signed" in line
+
+
+def test_a_signature_hashed_in_shards_verifies_but_is_not_accepted_for_loading(mar, keys):
+    # model-signing can hash a file in shards: verify says whether it holds, but whatever loads the
+    # archive next needs the whole file's sha256 from the same read, and refuses such a signature.
+    from model_signing import hashing, signing
+
+    from archiver.errors import UnpinnableSignatureError
+    from archiver.signing import verify
+    from archiver.signing_keys import read_trusted_keys
+
+    config = signing.Config().use_elliptic_key_signer(private_key=keys["private"])
+    config.set_hashing_config(hashing.Config().use_shard_serialization(shard_size=1024))
+    config.sign(mar, mar.with_name("tiny.mar.sig"))
+    trusted = read_trusted_keys([keys["public"]])
+    assert verify(mar, trusted).sha256 is None  # checked, but nothing to pin a load to
+    with pytest.raises(UnpinnableSignatureError, match="tiny.mar.sig hashes tiny.mar in shards, not as one"):
+        verify(mar, trusted, allow_folder=False)
+    signed_whole = signing.Config().use_elliptic_key_signer(private_key=keys["private"])
+    signed_whole.sign(mar, mar.with_name("tiny.mar.sig"))  # model-signing's default: one sha256
+    assert verify(mar, trusted, allow_folder=False).sha256 == hashlib.sha256(mar.read_bytes()).hexdigest()
+
+
+def test_a_vanished_archive_is_named_without_its_folder(mar, keys, tmp_path):
+    # this message can reach a register call's answer, which must not show where the store is
+    from archiver.errors import InputFileError
+    from archiver.signing import verify
+    from archiver.signing_keys import read_trusted_keys
+
+    gone = tmp_path / "store-path-secret" / "gone.mar"
+    with pytest.raises(InputFileError) as caught:
+        verify(gone, read_trusted_keys([keys["public"]]), allow_folder=False)
+    assert caught.value.message == "gone.mar: no such file or folder"

@@ -218,7 +218,10 @@ def page_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def start_server(cache: Path, models: list[Path] = (), **settings: Any) -> ServerThread:
+def start_server(
+    cache: Path, models: list[Path] = (), load_models: bool = True, **settings: Any
+) -> ServerThread:
+    """A live server; with ``load_models=False`` it listens before its startup models are even listed."""
     server_settings = ServerSettings(
         port=0,
         management_port=0,
@@ -229,7 +232,7 @@ def start_server(cache: Path, models: list[Path] = (), **settings: Any) -> Serve
         torch_threads=1,
         **settings,
     )
-    return ServerThread(server_settings).start()
+    return ServerThread(server_settings).start(load_models)
 
 
 @pytest.fixture(scope="session")

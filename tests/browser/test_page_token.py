@@ -47,7 +47,8 @@ def test_the_page_asks_for_the_token_and_keeps_it_in_the_tab(page_kit, page_mode
         for request in tab.requests:
             path = request.url[len(origin) :]
             sent.setdefault(path, []).append(request.all_headers().get("authorization"))
-        for path in ("/", "/page/app.js", "/page/dom.js", "/page/draw.js", "/page/page.css"):
+        files = ("/page/app.js", "/page/dom.js", "/page/draw.js", "/page/inputs.js", "/page/page.css")
+        for path in ("/", *files):
             assert sent[path] == [None], path
         assert sent["/predictions/echo/1.0"] == [f"Bearer {TOKEN}"]
         assert sent["/page/models"][0] is None and sent["/page/models"][-1] == f"Bearer {TOKEN}"

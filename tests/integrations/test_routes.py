@@ -136,3 +136,19 @@ def test_response_headers_keep_one_content_type_and_request_id():
         headers={"content-type": "text/html", "X-Request-Id": "h", "k": "v"},
     )
     assert response_headers(answer, "r") == {"k": "v", "x-request-id": "r", "Content-Type": "text/csv"}
+
+
+def test_a_client_cannot_pose_as_the_host_with_its_internal_headers(table):
+    # The x-archiver- headers are the host's notes to the handler's process: a client's own are
+    # dropped, so a /predictions body is never read as a v2 request (nor a v1 instance's head length).
+    for name, value in (
+        ("x-archiver-protocol", "v2-body"),
+        ("X-Archiver-Protocol", "v2"),
+        ("x-archiver-max-inputs", "1000000000"),
+    ):
+        headers = {name: value, "Content-Type": "text/plain"}
+        status, _, body = call(table, "POST", "/predictions/echo", b"hi", headers)
+        assert status == 200 and json.loads(body)["echo"] == "hi", (name, body)
+    headers = {"x-archiver-inference-header-length": "3", "Content-Type": "application/json"}
+    status, _, body = call(table, "POST", "/v1/models/echo:predict", b'{"instances": ["a"]}', headers)
+    assert status == 200, body

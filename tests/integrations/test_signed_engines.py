@@ -155,6 +155,55 @@ def test_a_ray_replica_refuses_a_tampered_archive_before_loading_it(signed_kit):
         ArchiveModel(plan, None, 0, [signed_kit.public.read_text()])
 
 
+def _unsigned_twin(signed_kit, name: str) -> Path:
+    """Another, unsigned archive of model ``name``: what someone with write access swaps in."""
+    evil = signed_kit.tmp / "evil"
+    evil.mkdir(exist_ok=True)
+    (evil / "echo_handler.py").write_text(ECHO.replace('"signed": True', '"signed": "pwned"'))
+    return Path(
+        build_archive(model_name=name, version="1.0", handler=str(evil / "echo_handler.py"), export_path=evil)
+    )
+
+
+def test_a_ray_replica_loads_only_the_bytes_it_verified(signed_kit, monkeypatch):
+    # The replica checks the signature, then loads: an archive swapped in between (its old signature
+    # beside it) must be refused by the load, not run.
+    from archiver.errors import TamperedArchiveError
+    from archiver.integrations import ray_serve, signatures
+    from archiver.integrations.archive_plan import plan_archive
+
+    mar = signed_kit.build("echo")
+    twin = _unsigned_twin(signed_kit, "echo")
+    check = signatures.check_archive
+
+    def check_then_swap(source, keys):
+        verified = check(source, keys)  # the real check, on the signed bytes
+        mar.write_bytes(twin.read_bytes())  # the race: the store changes before the load
+        return verified
+
+    monkeypatch.setattr(ray_serve.signatures, "check_archive", check_then_swap)
+    # Outside a replica, ray.get_gpu_ids() would start a whole local Ray instance to say "none".
+    monkeypatch.setattr(ray_serve, "_ray_gpu_id", lambda plan: None)
+    with pytest.raises(TamperedArchiveError, match="echo.mar changed after its signature was verified"):
+        ray_serve.ArchiveModel(
+            plan_archive(mar), str(signed_kit.tmp / "cache"), 0, [signed_kit.public.read_text()]
+        )
+
+
+def test_the_kserve_runtime_loads_only_the_bytes_it_verified(signed_kit):
+    # KServe checks every archive (build_models) before loading any (load()): a swap in between is refused.
+    from archiver.errors import TamperedArchiveError
+    from archiver.integrations import kserve, signatures
+
+    mar = signed_kit.build("echo")
+    keys = signatures.trusted_keys([str(signed_kit.public)])
+    [model] = kserve.build_models(mar.parent, None, str(signed_kit.tmp / "cache"), keys)
+    mar.write_bytes(_unsigned_twin(signed_kit, "echo").read_bytes())
+    with pytest.raises(TamperedArchiveError, match="echo.mar changed after its signature was verified"):
+        model.load()
+    assert model.loaded is None and not model.ready
+
+
 @pytest.mark.slow
 def test_ray_refuses_a_tampered_archive_and_serves_a_signed_one(signed_kit, kit):
     good = signed_kit.build("echo", folder="good")

@@ -117,6 +117,56 @@ def test_a_request_from_another_origin_acts_on_nothing(serve, call, make_model, 
     assert model_names(call, server) == ["echo", "mine"]
 
 
+def test_on_every_address_a_page_from_another_address_is_not_the_servers_own(
+    serve, call, make_model, tmp_path
+):
+    make_model("victim")
+    server = serve(model_store=tmp_path / "models", host="0.0.0.0", no_auth=True)
+    port = server.server.ports["management"]
+    url = f"http://127.0.0.1:{port}/models?url=victim&model_name=stolen&initial_workers=1"
+    # Bound to every address, any address names this server; a page served from another machine's
+    # address on the same port number is still another site, whatever address it sends its request to.
+    for host, origin in (
+        (f"192.0.2.2:{port}", f"http://203.0.113.9:{port}"),
+        (f"127.0.0.1:{port}", f"http://192.0.2.2:{port}"),
+        (f"127.0.0.1:{port}", f"http://127.0.0.2:{port}"),
+        (f"[::1]:{port}", f"http://localhost:{port}"),
+    ):
+        reply = call("POST", url, headers={"Host": host, "Origin": origin})
+        assert refused(reply), (host, origin, reply.status, reply.body[:200])
+    assert model_names(call, server) == []
+    # The server's own page, by whichever address the browser reached it, is answered.
+    own = {"Host": f"192.0.2.2:{port}", "Origin": f"http://192.0.2.2:{port}"}
+    assert call("POST", url, headers=own).status == 200
+    assert model_names(call, server) == ["stolen"]
+
+
+def test_a_page_on_another_loopback_address_is_another_site(serve, call, echo_model):
+    server = serve([echo_model])
+    port = server.server.ports["inference"]
+    url = server.url() + "/predictions/echo"
+    # 127.0.0.2:PORT can be another program's server (each loopback address has its own ports).
+    for origin in (f"http://127.0.0.2:{port}", f"http://localhost:{port}", f"http://[::1]:{port}"):
+        assert refused(call("POST", url, "hi", headers={"Origin": origin})), origin
+    assert call("POST", url, "hi", headers={"Origin": f"http://127.0.0.1:{port}"}).json()["echo"] == "hi"
+
+
+def test_two_origin_headers_are_refused_whichever_comes_first(serve, raw, echo_model):
+    server = serve([echo_model])
+    port = server.server.ports["inference"]
+    own, evil = f"http://127.0.0.1:{port}".encode(), EVIL.encode()
+    for first, second in ((own, evil), (evil, own), (own, own)):
+        answer = raw(
+            port,
+            b"POST /predictions/echo HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nOrigin: %s\r\nOrigin: %s\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+            % (port, first, second),
+        )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"403", (first, second, answer[:300])
+        assert json.loads(body)["type"] == "CrossSiteRequestError"
+
+
 def test_allowed_hosts_and_origins_add_to_the_servers_own(serve, call, echo_model):
     server = serve(
         [echo_model],

@@ -42,8 +42,7 @@ def test_300k_v1_instances_are_a_413_at_once_and_the_front_stays_small(serve, ec
         reply = call("POST", server.url() + "/v1/models/echo:predict", body, JSON)
     assert reply.status == 413
     assert reply.json()["error"] == (
-        "the request has 300000 v1 instances, more than the server's limit of 1024 per request "
-        "(--max-request-items)"
+        "the request has more v1 instances than the server's limit of 1024 per request (--max-request-items)"
     )
     assert ping.slowest < 1.0, ping.times
     assert rss_peak_mb() - before < 100
@@ -108,7 +107,7 @@ def test_the_engine_hosts_routes_take_the_same_limits(table):
         return status, json.loads(answer)
 
     status, answer = call("/v1/models/echo:predict", json.dumps({"instances": [0] * 300_000}).encode(), JSON)
-    assert status == 413 and "300000 v1 instances" in answer["error"]
+    assert status == 413 and "more v1 instances than" in answer["error"]
     body, headers = multipart(5)
     status, answer = call("/predictions/echo", body, headers)
     assert status == 413 and "--max-request-items" in answer["message"]

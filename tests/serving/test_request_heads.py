@@ -28,7 +28,12 @@ def parse(answer: bytes) -> tuple[str, dict[str, str], bytes]:
 
 
 def test_requests_aiohttp_cannot_read_get_a_json_400_without_their_bytes(serve, call, raw, echo_model):
+    # The JSON answers come from aiohttp's private hooks (parse_errors.py; pyproject.toml bounds the
+    # version): an aiohttp that changed them answers text/plain here, or fails the server's start.
     server = serve([echo_model])
+    for which in ("management", "metrics"):  # every port's connections are made by the same runner
+        status, headers, _ = parse(raw(server.server.ports[which], b"QQQQ\r\n\r\n"))
+        assert status.split()[1] == "400" and headers["content-type"].startswith("application/json"), which
     port = server.server.ports["inference"]
     cases = {
         "an oversize header": b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"Q" * 9000 + b"\r\n\r\n",
@@ -47,6 +52,24 @@ def test_requests_aiohttp_cannot_read_get_a_json_400_without_their_bytes(serve, 
         assert call("GET", server.url() + "/ping").status == 200, what
 
 
+def test_aiohttps_reason_is_kept_whole_with_only_the_clients_bytes_left_out(serve, raw, echo_model):
+    server = serve([echo_model])
+    port = server.server.ports["inference"]
+    cases = {
+        # aiohttp quotes a header's name: the reason around it is what tells the client what was wrong.
+        b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: QQ\r\n\r\n": "Duplicate … header found",
+        # An apostrophe is no quote: the message is not cut at "can".
+        b"POST /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 2\r\n\r\n": "can't be present with",
+        b"QQQQ /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n": "Invalid method encountered",
+    }
+    for payload, said in cases.items():
+        status, headers, body = parse(raw(port, payload))
+        assert status.split()[1] == "400", (payload, status)
+        message = json.loads(body)["message"]
+        assert said in message and "QQ" not in message, (payload, message)
+
+
 def test_a_client_cannot_pose_as_the_front_with_its_internal_headers(serve, raw, make_model):
     server = serve([make_model("heads", handler_source=HEADERS_HANDLER)])
     port = server.server.ports["inference"]
@@ -56,6 +79,8 @@ def test_a_client_cannot_pose_as_the_front_with_its_internal_headers(serve, raw,
         (b"x-archiver-protocol", b"v2-body"),
         (b"X-Archiver-Protocol", b"v2"),
         (b"x-archiver-inference-header-length", b"3"),
+        (b"x-archiver-max-inputs", b"1000000000"),
+        (b"X-ARCHIVER-Anything-Else", b"1"),  # the whole prefix is the front's, today's names or not
     ):
         request = (
             b"POST /predictions/heads HTTP/1.1\r\nHost: 127.0.0.1\r\n" + name + b": " + value + b"\r\n"
@@ -67,6 +92,17 @@ def test_a_client_cannot_pose_as_the_front_with_its_internal_headers(serve, raw,
         assert answer["body"] == "hello", name
         assert "x-mine" in answer["headers"], answer
         assert not [h for h in answer["headers"] if h.startswith("x-archiver-")], answer
+        # KServe v1: each instance is a request of its own, with the HTTP request's headers, less those.
+        request = (
+            b"POST /v1/models/heads:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n" + name + b": " + value + b"\r\n"
+            b"X-Mine: kept\r\nContent-Type: application/json\r\nContent-Length: 22\r\n"
+            b'Connection: close\r\n\r\n{"instances": ["hey"]}'
+        )
+        status, _, body = parse(raw(port, request))
+        assert status.split()[1] == "200", (name, status, body)
+        (answer,) = json.loads(body)["predictions"]
+        assert answer["body"] == "hey" and "x-mine" in answer["headers"], answer
+        assert not [h for h in answer["headers"] if h.startswith("x-archiver-")], (name, answer)
 
 
 def test_a_model_name_ending_in_a_newline_is_refused(serve, call, make_model, tmp_path):

@@ -208,3 +208,81 @@ def test_serve_command_fails_a_tampered_archive_at_start_and_reload_keeps_the_si
     assert ready2["models"] == {"bad": "FAILED"}
     log = proc2.log.read_text()
     assert "bad 1.0: FAILED: bad.mar was changed after it was signed" in log and "Traceback" not in log
+
+
+def test_a_signed_sha256_in_the_operators_shell_does_not_reach_an_unsigned_server(
+    kit, serve, call, monkeypatch
+):
+    # The pin once travelled as MODEL_ARCHIVER_SIGNED_SHA256 in the workers' environment: set in the
+    # operator's shell, every worker of every model inherited it and refused its archive.
+    monkeypatch.setenv("MODEL_ARCHIVER_SIGNED_SHA256", "0" * 64)
+    mar = kit.build("plain", key=None)
+    server = serve([mar])
+    described = call("GET", server.url("management") + "/models/plain").json()[0]
+    assert described["status"] == "READY", described.get("loadError")
+    assert call("POST", server.url() + "/predictions/plain", b"hi").json()["echo"] == "hi"
+
+
+def test_a_signed_archive_reached_through_a_symlink_is_served(kit, serve, call, tmp_path):
+    kit.build("echo")
+    (tmp_path / "link").symlink_to(kit.store, target_is_directory=True)  # a linked folder above it
+    links = tmp_path / "links"  # a model store whose archive (and signature) are links themselves
+    links.mkdir()
+    other = kit.build("other")
+    (links / "other.mar").symlink_to(other)
+    (links / "other.mar.sig").symlink_to(other.with_name("other.mar.sig"))
+    server = serve([tmp_path / "link" / "echo.mar"], trusted_keys=kit.trusted, model_store=links)
+    mgmt = server.url("management")
+    described = call("GET", mgmt + "/models/echo").json()[0]
+    assert described["status"] == "READY", described.get("loadError")
+    assert described["signedBy"] == kit.fingerprint
+    assert call("POST", server.url() + "/predictions/echo", b"hi").json()["echo"] == "hi"
+    reply = call("POST", mgmt + "/models?url=other.mar")
+    assert reply.status == 200, reply.body
+    assert call("POST", server.url() + "/predictions/other", b"yo").json() == {"echo": "yo", "model": "other"}
+
+
+def test_a_signature_hashed_in_shards_is_refused_for_serving_with_its_reason(kit, serve, call):
+    # model-signing can hash a file in shards: the check then gives no sha256 of the whole file to
+    # hold the workers to, so the server refuses it rather than re-reading the file afterwards.
+    from model_signing import hashing, signing
+
+    mar = kit.build("sharded", key=None)
+    config = signing.Config().use_elliptic_key_signer(private_key=kit.ours)
+    config.set_hashing_config(hashing.Config().use_shard_serialization(shard_size=1024))
+    config.sign(mar, mar.with_name("sharded.mar.sig"))
+    server = serve([mar], trusted_keys=kit.trusted)
+    described = call("GET", server.url("management") + "/models/sharded").json()[0]
+    assert described["status"] == "FAILED"
+    assert "sharded.mar.sig hashes sharded.mar in shards" in described["loadError"], described["loadError"]
+    metrics = call("GET", server.url("metrics") + "/metrics").body.decode()
+    assert 'model_archiver_signature_refusals_total{reason="unpinnable"} 1.0' in metrics
+
+
+def test_handler_flags_are_a_usage_error_with_trusted_keys_from_the_config_too(kit, tmp_path):
+    # --handler stages its flags as a folder, which trusted keys refuse: say so at once, whether the
+    # keys came from --trusted-key or from --config's trusted_keys, instead of starting a server that
+    # can only list the model FAILED.
+    import subprocess
+    import sys
+
+    handler = tmp_path / "src" / "echo_handler.py"
+    pub = kit.store.parent / "keys" / "ours.pub"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"trusted_keys": [str(pub)]}))
+    base = [sys.executable, "-m", "archiver", "serve", "--model-name", "m", "--handler", str(handler)]
+    base += [
+        "--port",
+        "0",
+        "--management-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    for keys in (["--trusted-key", str(pub)], ["--config", str(config)]):
+        proc = subprocess.run([*base, *keys], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (keys, proc.stderr)
+        assert "--handler serves unsigned files" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any((tmp_path / "c").rglob("echo_handler.py"))  # nothing staged is left behind

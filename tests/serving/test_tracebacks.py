@@ -248,3 +248,25 @@ def test_a_very_long_line_is_cut_and_a_deep_recursion_stays_a_few_lines(tmp_path
         "deep.py:5 in up",
     ]
     assert len(trace.frames[-1].code) == 200 and trace.frames[-1].code.endswith("…")
+
+
+def test_a_bug_in_the_front_answers_500_without_the_servers_paths(serve, call, echo_model, monkeypatch):
+    """A route that fails with no ArchiverError of its own (a bug, a file gone) answers one JSON line;
+    the paths the exception names are shortened as a handler's are, never the interpreter's folders."""
+    from archiver.serving.supervisor.registry import ModelRegistry
+
+    server = serve([echo_model])
+    gone = f"{sys.prefix}/lib/python3.12/site-packages/somepkg/data/table.bin"
+
+    def missing(self):  # the fault injected: a file the route reads has gone
+        raise FileNotFoundError(2, "No such file or directory", gone)
+
+    monkeypatch.setattr(ModelRegistry, "names", missing)
+    reply = call("GET", server.url("management") + "/models")
+    error = reply.json()
+    assert reply.status == 500 and error["type"] == "InternalServerError", error
+    assert error["message"].startswith("FileNotFoundError: [Errno 2] No such file or directory"), error
+    assert "somepkg/data/table.bin" in error["message"], error  # what is missing, from its package on
+    assert sys.prefix not in error["message"] and "site-packages" not in error["message"], error
+    monkeypatch.undo()
+    assert call("GET", server.url("management") + "/models").status == 200

@@ -18,6 +18,7 @@ from aiohttp import web
 from archiver.errors import ArchiverError, CrossSiteRequestError, UnauthorizedError
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.protocols.records import error_response, response_for_exception
+from archiver.serving.protocols.redaction import public_message
 
 log = logging.getLogger("archiver.serving")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -90,6 +91,9 @@ def middlewares(limits: HttpLimits, open_paths: frozenset[str]) -> list[Any]:
             raise
         except Exception as exc:  # noqa: BLE001 - the HTTP edge: a bug answers 500 JSON, never a traceback
             log.exception("internal error on %s %s", request.method, request.path)
-            return json_error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
+            # One line with the paths shortened (public_message): an OSError names the server's files.
+            said = public_message(exc)
+            name = type(exc).__name__
+            return json_error(500, "InternalServerError", said if said == name else f"{name}: {said}")
 
     return [guard]

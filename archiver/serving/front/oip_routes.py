@@ -32,6 +32,13 @@ from archiver.serving.supervisor.pool import PoolState
 
 # Bodies past this size are parsed off the event loop, so one large JSON tensor does not stall the rest.
 _PARSE_INLINE_BYTES = 256 * 1024
+# ...and one at a time: json.loads holds the GIL throughout, so two parses in threads are no faster than
+# one after the other, and each can build ~20 times its body in objects (the v1 pre-scan counts the
+# instances first, but a body of many small containers is still parsed whole).
+_LARGE_PARSES_AT_ONCE = 1
+_parsing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 _EXTENSIONS = ["binary_tensor_data", "model_repository_health", "kserve_v1"]
 # entry -> ((source, reloads), (inputs, outputs)): read once per files served.
 _signatures: weakref.WeakKeyDictionary[ModelEntry, tuple[Any, Any]] = weakref.WeakKeyDictionary()
@@ -83,7 +90,12 @@ async def _read(request: web.Request) -> tuple[bytes, str]:
 async def _off_loop(body: bytes, parse: Any, *args: Any) -> Any:
     if len(body) <= _PARSE_INLINE_BYTES:
         return parse(body, *args)
-    return await asyncio.get_running_loop().run_in_executor(None, parse, body, *args)
+    loop = asyncio.get_running_loop()
+    gate = _parsing.get(loop)
+    if gate is None:
+        gate = _parsing[loop] = asyncio.Semaphore(_LARGE_PARSES_AT_ONCE)
+    async with gate:
+        return await loop.run_in_executor(None, parse, body, *args)
 
 
 # ---- server and model metadata -------------------------------------------------------------------

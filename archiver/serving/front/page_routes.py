@@ -1,9 +1,10 @@
 """The page on the inference port: ``GET /`` lets a person try each served model in a browser.
 
-Three static files (``archiver/serving/front/page/``) and one JSON listing of the models, all on the inference
-port, so the page never calls another origin. The files hold nothing secret and load without the token;
-the listing and ``/predictions`` still need it when the server has one, and the page asks the person for
-it and keeps it in the browser tab only. Every response forbids the page to reach anywhere else (CSP).
+The page's static files (``archiver/serving/front/page/``) and one JSON listing of the models, all on
+the inference port, so the page never calls another origin. The files hold nothing secret and load
+without the token; the listing and ``/predictions`` still need it when the server has one, and the page
+asks the person for it and keeps it in the browser tab only. Every response forbids the page to reach
+anywhere else (CSP).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PAGE_ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
     "dom.js": "text/javascript; charset=utf-8",
     "draw.js": "text/javascript; charset=utf-8",
+    "inputs.js": "text/javascript; charset=utf-8",
     "page.css": "text/css; charset=utf-8",
 }
 MODELS_PATH = "/page/models"

@@ -4,7 +4,8 @@ A request aiohttp cannot parse never reaches an app's middleware: its connection
 itself, in ``RequestHandler.handle_error``, as text/plain quoting the bytes it choked on. Every other
 answer of the server is ``{"code", "type", "message"}``, so ``JsonErrorRunner`` makes each connection a
 ``JsonErrorProtocol``, whose ``handle_error`` answers the same status as JSON: the first line of
-aiohttp's reason, less the bytes it quotes. A client's junk is logged in one line, not a traceback.
+aiohttp's reason, each piece of the client's bytes it quotes replaced by "…". A client's junk is
+logged in one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from aiohttp.web_request import BaseRequest
 from archiver.serving.protocols.records import error_response
 
 log = logging.getLogger("archiver.serving")
-# From the first quote on, aiohttp's reasons quote the client's bytes (b'...', bytearray(b'...'), "...").
-_QUOTED = re.compile(r"""(?:bytearray\(b|\bb)?['"].*""")
+# aiohttp's reasons quote the client's bytes (b'...', bytearray(b'...'), '...', "..."): each quoted
+# piece, to its closing quote or the line's end, becomes "…", and the words around it stay. A quote
+# after a letter is an apostrophe ("can't"), not the start of a quote.
+_QUOTED = re.compile(r"""(?:\b(bytearray\()b|\bb|(?<!\w))(['"])(?:\\.|(?!\2).)*(?:\2(?(1)\)?)|$)""")
 _TYPES = {400: "BadRequest", 413: "RequestTooLarge", 431: "RequestHeaderFieldsTooLarge", 504: "Timeout"}
 
 
 def parse_error_message(status: int, reason: str | None) -> str:
-    """One line for the client: aiohttp's reason without the bytes it quotes, or the status's phrase."""
+    """One line for the client: aiohttp's reason, the bytes it quotes as "…", or the status's phrase."""
     lines = (reason or "").strip().splitlines()
-    said = _QUOTED.sub("", lines[0]).strip().rstrip(":").strip() if lines else ""
+    said = _QUOTED.sub("…", lines[0]).strip().rstrip(":").strip() if lines else ""
     if status >= 500 or not said:  # a server-side failure says nothing of its cause to the client
         try:
             return HTTPStatus(status).phrase
@@ -64,6 +67,14 @@ class JsonErrorProtocol(RequestHandler):
         return resp
 
 
+# aiohttp offers no public hook for its per-connection protocol: these classes lean on its private
+# names (AppRunner._make_server, Server._loop and ._kwargs), which is why pyproject.toml bounds
+# aiohttp's version. Should a release rename them, ``JsonErrorRunner.setup`` fails the server's start
+# with a message saying so, rather than it quietly answering text/plain again
+# (tests/serving/test_request_heads.py starts a server and reads the JSON answers).
+_PRIVATE_SERVER_NAMES = ("_loop", "_kwargs")
+
+
 class JsonErrorServer(web.Server):
     """aiohttp's low-level server, making a ``JsonErrorProtocol`` for each connection."""
 
@@ -76,6 +87,14 @@ class JsonErrorRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        missing = [name for name in _PRIVATE_SERVER_NAMES if not hasattr(server, name)]
+        if missing:
+            raise RuntimeError(f"this aiohttp's web.Server has no {', '.join(missing)}: see parse_errors.py")
         # The server aiohttp built, with every setting it was given; only its connection class changes.
         server.__class__ = JsonErrorServer
         return server
+
+    async def setup(self) -> None:
+        await super().setup()
+        if not isinstance(self.server, JsonErrorServer):
+            raise RuntimeError("this aiohttp no longer calls AppRunner._make_server: see parse_errors.py")

@@ -17,16 +17,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archiver.errors import BodyTimeoutError, RequestTooLargeError, UsageError
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.protocols.http_codec import form_parts, last_wins, mime_type
-from archiver.serving.protocols.oip_records import BODY_HEADER_LENGTH
-from archiver.serving.protocols.oip_values import PROTOCOL_HEADER
 from archiver.serving.protocols.records import new_request_id
 from archiver.serving.protocols.request_bounds import check_items, form_fields_at_most
-from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.protocols.wire import RawRequest, client_headers
 
 T = TypeVar("T")
-# Request headers the front sets for the worker (the v2 marker and its header length): a client's own
-# are dropped, so a client cannot pose as the front and switch how the worker reads its body.
-INTERNAL_HEADERS = (PROTOCOL_HEADER, BODY_HEADER_LENGTH)
 
 
 async def read_capped(read: Callable[[int], Awaitable[bytes]], limit: int, already: int = 0) -> bytes:
@@ -107,7 +102,6 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
             parts.append(("body", body, content_type or ""))
     # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
     request_id = request_id or request.headers.get("x-request-id") or new_request_id()
-    headers = dict(request.headers)
-    if any(name in request.headers for name in INTERNAL_HEADERS):  # (case-insensitive look-ups)
-        headers = {k: v for k, v in headers.items() if k.lower() not in INTERNAL_HEADERS}
+    # A client's x-archiver- headers dropped: only the front tells the worker how to read a body.
+    headers = client_headers(request.headers)
     return RawRequest(request_id=request_id, headers=headers, parts=last_wins(parts))

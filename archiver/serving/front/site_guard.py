@@ -9,9 +9,13 @@ even read the answers, as same-origin. Jupyter protects its loopback server the 
 - the ``Host`` header must name this server: a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``),
   the address it is bound to (any IP address when bound to ``0.0.0.0`` or ``::``: a rebinding always
   carries a DNS name), or one of ``--allowed-hosts``; the port is not compared (port forwards);
-- an ``Origin`` header, on any method, must be the server's own (``http://`` an accepted host, with the
-  port the request arrived on or the one its ``Host`` names) or one of ``--allowed-origins``; ``null``
-  (sandboxed frames, ``file:`` pages) is foreign;
+- an ``Origin`` header, on any method, must be the server's own or one of ``--allowed-origins``; ``null``
+  (sandboxed frames, ``file:`` pages) is foreign. The server's own is the origin the browser sent the
+  request to: ``http://`` and exactly the host its ``Host`` names (any name the server answers to is not
+  enough: on a ``0.0.0.0`` bind every address is one, and a page at ``http://<another machine>:<this
+  port>`` is another site; so is ``127.0.0.2`` on the same port, which can be another program's),
+  with the port the request arrived on or the one ``Host`` names (80 when it names none). More than
+  one ``Origin`` header is refused (which one a browser sent cannot be told);
 - a request that changes or computes anything (every method but GET and HEAD) with no ``Origin`` but
   ``Sec-Fetch-Site: cross-site`` or ``same-site`` is refused too.
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,7 +186,12 @@ class SiteRules:
         if origin_header is not None:
             if ANY in self.allowed_origins:
                 return
-            if not self._origin_verdict(origin_header, arrival_port, host_port):
+            count = len(_all(headers, "Origin"))
+            if count > 1:  # the first one would be judged, and who added the others cannot be told
+                raise CrossSiteRequestError(
+                    f"a request with {count} Origin headers is refused: a browser sends one"
+                )
+            if not self._origin_verdict(origin_header, arrival_port, host_header, host_port):
                 raise CrossSiteRequestError(
                     f"requests from the web origin {origin_header[:100]!r} are refused: without a token "
                     "this server answers only its own pages (add origins with --allowed-origins)"
@@ -204,22 +213,39 @@ class SiteRules:
             _remember(self._hosts, host_header, verdict)
         return verdict
 
-    def _origin_verdict(self, origin_header: str, arrival_port: int | None, host_port: int | None) -> bool:
+    def _origin_verdict(
+        self, origin_header: str, arrival_port: int | None, host_header: str | None, host_port: int | None
+    ) -> bool:
         """Whether the Origin header is this server's own or an allowed one."""
-        key = (origin_header, arrival_port, host_port)
+        key = (origin_header, arrival_port, host_header)
         verdict = self._origins.get(key)
         if verdict is None:
             origin = parse_origin(origin_header)
             verdict = origin is not None and (
-                str(origin) in self.allowed_origins or self._own(origin, arrival_port, host_port)
+                str(origin) in self.allowed_origins or _own(origin, arrival_port, host_header, host_port)
             )
             _remember(self._origins, key, verdict)
         return verdict
 
-    def _own(self, origin: Origin, arrival_port: int | None, host_port: int | None) -> bool:
-        """Whether ``origin`` is this server: http, a host it answers to, and the port it was reached on."""
-        ports = {arrival_port, host_port} - {None}
-        return origin.scheme == "http" and self.host_allowed(origin.host) and origin.port in ports
+
+def _own(origin: Origin, arrival_port: int | None, host_header: str | None, host_port: int | None) -> bool:
+    """Whether ``origin`` is the one the browser sent this request to: http, the very host ``Host``
+    names (already checked to be one of ours), and the port the request arrived on or ``Host`` names."""
+    if origin.scheme != "http" or host_header is None:  # no Host: no browser, and nothing to compare
+        return False
+    if origin.host != normal_host(host_header):
+        return False
+    # A Host without a port names http's default one; a port forward makes it differ from the arrival's.
+    return origin.port in (arrival_port, host_port if host_port is not None else _DEFAULT_PORTS["http"])
+
+
+def _all(headers: Mapping[str, str], name: str) -> Sequence[str]:
+    """Every value of a header: aiohttp's headers keep repeats (``getall``), a plain dict has one."""
+    try:
+        return headers.getall(name, ())  # type: ignore[attr-defined]
+    except AttributeError:
+        value = headers.get(name)
+        return () if value is None else (value,)
 
 
 def _remember(cache: dict[Any, Any], key: Any, verdict: Any) -> None:

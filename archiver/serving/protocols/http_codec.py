@@ -17,7 +17,7 @@ from email.parser import BytesHeaderParser
 from archiver.errors import RequestTooLargeError, UsageError
 from archiver.serving.protocols.answer_checks import checked
 from archiver.serving.protocols.records import InferenceResponse, response_for_exception
-from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.protocols.wire import RawRequest, client_headers
 
 # TorchServe's default max_request_size.
 DEFAULT_MAX_REQUEST_SIZE = 6553500
@@ -84,8 +84,8 @@ def raw_request(
 ) -> RawRequest:
     """The request as a handler will see it: one ``body`` part, or one part per form field.
 
-    ``headers`` are passed to the handler as they came; ``x-request-id`` names the request when no
-    ``request_id`` is given.
+    ``headers`` are passed to the handler as they came, less any ``x-archiver-`` one (``client_headers``);
+    ``x-request-id`` names the request when no ``request_id`` is given.
     """
     if len(body) > max_request_size:
         raise RequestTooLargeError(f"request body is over the server's limit of {max_request_size} bytes")
@@ -98,7 +98,7 @@ def raw_request(
         parts = [("body", body, content_type or "")]
     lowered = {k.lower(): v for k, v in headers.items()}
     request_id = request_id or lowered.get("x-request-id") or uuid.uuid4().hex
-    return RawRequest(request_id=request_id, headers=dict(headers), parts=last_wins(parts))
+    return RawRequest(request_id=request_id, headers=client_headers(headers), parts=last_wins(parts))
 
 
 def response_headers(answer: InferenceResponse, request_id: str) -> dict[str, str]:

@@ -90,7 +90,7 @@ from archiver.serving.protocols.oip_values import (  # noqa: F401 - re-exported:
     unpack_values,
 )
 from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items
-from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.protocols.wire import RawRequest, client_headers
 
 
 def make_input(
@@ -363,8 +363,8 @@ def to_raw_request(request: V2Request, request_id: str, headers: dict[str, str] 
     parts = [(REQUEST_PART, head, "application/json")]
     for index, tensor in enumerate(request.inputs):
         parts.append((f"{INPUT_PART_PREFIX}{index}", tensor.data, "application/octet-stream"))
-    kept = dict(headers or {})
-    kept[PROTOCOL_HEADER] = "v2"  # the worker reads this exact key, whatever a client sent
+    kept = client_headers(headers)  # a client's x-archiver- headers dropped: the front's are set here
+    kept[PROTOCOL_HEADER] = "v2"  # the worker reads this exact key
     return RawRequest(request_id=request_id, headers=kept, parts=parts)
 
 
@@ -382,10 +382,8 @@ def body_raw_request(
     ``Inference-Header-Content-Length`` header, if any; ``max_inputs`` the inputs the worker accepts
     (``max_inputs_of`` reads it back there).
     """
-    kept = dict(headers or {})
+    kept = client_headers(headers)  # a client's x-archiver- headers dropped: the front's are set here
     kept[PROTOCOL_HEADER] = V2_BODY
-    kept.pop(BODY_HEADER_LENGTH, None)
-    kept.pop(BODY_MAX_INPUTS, None)
     if header_length is not None:
         kept[BODY_HEADER_LENGTH] = str(header_length)
     if max_inputs != DEFAULT_MAX_REQUEST_ITEMS:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ _PREFIX = struct.Struct("!II")
 # A header is small (ids, headers, content types); a bigger one means a confused or hostile peer.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 2**32 - 1
+# Request headers with this prefix are a host's notes to the worker (which protocol a body is in, its v2
+# head's length, the inputs it may hold): the front and the engine hosts set them, clients never do.
+INTERNAL_HEADER_PREFIX = "x-archiver-"
 
 
 class WireError(Exception):
@@ -52,6 +56,16 @@ class RawRequest:
     request_id: str
     headers: dict[str, str]
     parts: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+
+def client_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """A client's request headers as the worker gets them: every ``x-archiver-`` one dropped, in any
+    case, so a client cannot pose as the front and change how the worker reads its body."""
+    kept = dict(headers or {})
+    size = len(INTERNAL_HEADER_PREFIX)
+    if any(name[:size].lower() == INTERNAL_HEADER_PREFIX for name in kept):
+        kept = {k: v for k, v in kept.items() if k[:size].lower() != INTERNAL_HEADER_PREFIX}
+    return kept
 
 
 def to_inference_request(raw: RawRequest) -> InferenceRequest:

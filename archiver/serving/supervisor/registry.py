@@ -170,6 +170,7 @@ class ModelRegistry:
             batch_size=entry.settings.batch_size,
             threads=self.torch_threads,
             python=sys.executable,
+            signed_sha256=entry.signature.sha256 if entry.signature is not None else None,
         )
 
     def _metrics_for(self, model: str) -> Callable[[list[dict[str, Any]]], None] | None:
@@ -272,7 +273,7 @@ class ModelRegistry:
             response_timeout_s=settings.response_timeout_s,
             memory_limit_mb=settings.worker_memory_limit_mb,
             policy=settings.restart_policy(),
-            env_for=self.signatures.env_for(self.worker_env, entry.signature),
+            env_for=self.worker_env,
             on_death=self._on_death(entry.name),
             on_metrics=self._metrics_for(entry.name),
             placement=self.gpu_counter.for_model(settings.device_type, settings.device_ids),

@@ -1,8 +1,9 @@
 """The server's signature check: with trusted keys, no archive loads unless a trusted key signed it.
 
 The registry asks ``SignatureGate.check`` before it reads a byte of an archive (at start, on a
-register call, on a ``--reload``), and starts the archive's workers with the signed sha256 pinned
-(``cache.PINNED_SHA256_ENV``), so a worker restarted later loads the bytes that were checked or none.
+register call, on a ``--reload``), and puts the signed sha256 in the archive's ``WorkerSpec``
+(``signed_sha256``, sent in each worker's start message), so a worker started later loads the bytes
+that were checked or none.
 Refusals are counted by reason for ``/metrics``. Without trusted keys the gate lets everything through
 and ``model_signing`` is never imported.
 """
@@ -15,13 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from archiver.errors import SignatureError
-from archiver.unpack_cache import PINNED_SHA256_ENV
 
 if TYPE_CHECKING:
     from archiver.signing import SignatureCheck
     from archiver.signing_keys import TrustedKey
-
-EnvFor = Callable[[], dict[str, str]]
 
 
 class SignatureGate:
@@ -56,11 +54,3 @@ class SignatureGate:
             if self._on_refusal is not None:
                 self._on_refusal(exc.reason)
             raise
-
-    @staticmethod
-    def env_for(base: EnvFor, check: SignatureCheck | None) -> EnvFor:
-        """``base``'s worker environment, plus the signed sha256 the worker must find (if any)."""
-        if check is None or check.sha256 is None:
-            return base
-        sha256 = check.sha256
-        return lambda: {**base(), PINNED_SHA256_ENV: sha256}

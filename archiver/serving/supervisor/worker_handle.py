@@ -54,6 +54,9 @@ class WorkerSpec:
     threads: int | None = None  # torch threads the operator pinned (--torch-threads); None: the env's
     gpu_id: int | None = None
     python: str = sys.executable
+    # the sha256 the server's signature check verified (serve --trusted-key): the worker loads those
+    # bytes or none. Sent in the start message, never inherited from an environment.
+    signed_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,7 @@ class WorkerProcess:
             "batch_size": self.spec.batch_size,
             "threads": self.spec.threads,
             "gpu_id": self.spec.gpu_id,
+            "signed_sha256": self.spec.signed_sha256,
         }
         started = time.perf_counter()
         try:

@@ -52,8 +52,12 @@ def load_model(
     gpu_id: int | None = None,
     batch_size: int = 1,
     limit_max_image_pixels: bool = True,
+    signed_sha256: str | None = None,
 ) -> LoadedModel:
     """Open ``source`` (.mar, .tar.gz or folder), unpack it into the cache and initialize its handler.
+
+    ``signed_sha256`` is the sha256 a signature check verified (``SignatureCheck.sha256``): an archive
+    whose bytes are not those by now is refused before a byte of it is unpacked or run.
 
     Each call returns an independent handler instance (its own copy of the handler's modules), so a
     server calls it once per worker. Raises ArchiverError subclasses with the reason.
@@ -65,7 +69,7 @@ def load_model(
             raise HandlerError(
                 f"{manifest.model_name} is a C++ (runtime LSP) archive; only Python handlers are served here"
             )
-        model_dir, _ = unpack_cached(reader, cache_dir)
+        model_dir, _ = unpack_cached(reader, cache_dir, signed_sha256=signed_sha256)
     config = _read_config(model_dir, manifest)
     from handlers._ts_compat import ts_compat_aliases
     from handlers.context import Context

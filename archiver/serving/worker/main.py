@@ -52,6 +52,7 @@ def _load(init: dict[str, Any]) -> Any:
         cache_dir=init.get("cache_dir"),
         gpu_id=init.get("gpu_id"),
         batch_size=int(init.get("batch_size") or 1),
+        signed_sha256=init.get("signed_sha256"),  # the sha256 the server verified; None: unsigned
     )
 
 

@@ -4,16 +4,20 @@
 
 import { clearResult, h, showError } from "/page/dom.js";
 import { drawAnswer } from "/page/draw.js";
+import { fileKind, inputKinds, requestBody, unsupportedMessage } from "/page/inputs.js";
 
 const TOKEN_KEY = "model-archiver-token";
 const POLL_LOADING_MS = 1500; // while a model loads, so READY shows soon after it is
 const POLL_IDLE_MS = 5000; // otherwise: models registered, removed or failed since are seen too
-const IMAGE_KINDS = new Set(["image_classifier", "object_detector", "image_segmenter"]);
-const TEXT_EXTENSIONS = /\.(txt|text|csv|tsv|md|json|jsonl)$/i;
-const IMAGE_EXTENSIONS = /\.(jpe?g|png|gif|webp|bmp)$/i;
+// While a chosen file waits for its model: look soon, then less often, and give up past any load timeout
+// a server would allow (120 s by default, with restarts), so a tab left open does not send hours later.
+const WAIT_FIRST_MS = 300;
+const WAIT_MAX_MS = 2000;
+const WAIT_LIMIT_MS = 10 * 60 * 1000;
 
 const cards = new Map(); // "name@version" -> card state
 let pollTimer = null;
+let waitPollMs = 0; // the backoff's current step while a card waits; 0 when none does
 
 // ---- small helpers -------------------------------------------------------------------------------
 function token() {
@@ -90,7 +94,16 @@ async function loadModels() {
     ? `${models.length} model version${models.length === 1 ? "" : "s"} served.`
     : "No models are served. Start the server with archives, or register one through the management API.";
   renderModels(models);
-  schedulePoll(models.some((m) => m.status === "LOADING") ? POLL_LOADING_MS : POLL_IDLE_MS);
+  schedulePoll(nextPollMs(models));
+}
+
+function nextPollMs(models) {
+  if (![...cards.values()].some((card) => card.waiting)) {
+    waitPollMs = 0;
+    return models.some((m) => m.status === "LOADING") ? POLL_LOADING_MS : POLL_IDLE_MS;
+  }
+  waitPollMs = Math.min(waitPollMs ? waitPollMs * 1.5 : WAIT_FIRST_MS, WAIT_MAX_MS);
+  return waitPollMs;
 }
 
 function schedulePoll(delayMs) {
@@ -114,23 +127,28 @@ function renderModels(models) {
   }
   for (const [key, card] of cards) {
     if (!seen.has(key)) {
+      if (card.waiting) {
+        sayGone(`${card.model.name} is no longer served (its registration failed, or it was unregistered), ` +
+          `so ${card.waiting.file.name} was not sent.`);
+      }
+      endWait(card);
       card.root.remove();
       cards.delete(key);
     }
   }
 }
 
+function sayGone(message) {
+  // A card that vanished cannot hold the news that its file was not sent: the page says it instead.
+  const gone = document.getElementById("gone");
+  gone.textContent = message || "";
+  gone.hidden = !message;
+}
+
 function statusText(model) {
   if (model.status === "LOADING") return "LOADING: its workers are starting; this page updates when it is ready.";
   if (model.status === "FAILED") return "FAILED: it cannot answer until it is registered again.";
   return null;
-}
-
-function inputKinds(model) {
-  // What the model's handler reads, to guide the file picker (a person may still choose anything).
-  if (IMAGE_KINDS.has(model.kind)) return { accept: "image/*", hint: "an image: JPEG, PNG, WebP, GIF, BMP" };
-  if (model.kind === "text_classifier") return { accept: "text/*,.txt", hint: "a text file, or type below" };
-  return { accept: "image/*,text/*,.txt,.json,application/json", hint: "an image, a text file or JSON" };
 }
 
 function makeCard(model) {
@@ -167,12 +185,19 @@ function makeCard(model) {
     rows: 3,
     placeholder: "…or type text (text that parses as a JSON object or list is sent as JSON)",
     oninput: () => {
-      if (card.text.value.trim()) card.chosen = null;
+      if (card.text.value.trim()) {
+        card.chosen = null;
+        stopWaiting(card, "text was typed instead");
+      }
       refreshChoice(card);
     },
   });
   card.choice = h("p", { class: "choice" });
-  card.send = h("button", { type: "button", class: "send", onclick: () => send(card) }, "Send");
+  const sendNow = () => {
+    stopOtherWaits(card, `text was sent to ${card.model.name}`);
+    send(card);
+  };
+  card.send = h("button", { type: "button", class: "send", onclick: sendNow }, "Send");
   card.title = h("h2", {}, model.name, " ", h("span", { class: "version" }, `v${model.version}`));
   card.status = h("span", { class: "status" });
   card.meta = h("p", { class: "meta" });
@@ -214,34 +239,17 @@ function updateCard(card, model) {
   card.failure.hidden = !problem;
   card.form.hidden = model.status === "FAILED";
   refreshChoice(card);
+  settleWait(card);
 }
 
 // ---- choosing the input --------------------------------------------------------------------------
-function fileKind(file) {
-  const type = (file.type || "").toLowerCase();
-  if (type.startsWith("image/") || (!type && IMAGE_EXTENSIONS.test(file.name))) return "image";
-  if (type === "application/json" || /\.jsonl?$/i.test(file.name)) return "json";
-  if (type.startsWith("text/") || (!type && TEXT_EXTENSIONS.test(file.name))) return "text";
-  return null;
-}
-
-function unsupportedMessage(card, file, kind) {
-  // A built-in handler reads one kind of input: say so before sending it something else. A handler of
-  // the archive's own is sent any file, and answers for itself.
-  const model = card.model;
-  const reads = IMAGE_KINDS.has(model.kind) ? ["image", "json"] : model.kind === "text_classifier" ? ["text"] : null;
-  if (!reads || reads.includes(kind)) return null;
-  const what = { image: "an image", text: "text", json: "JSON" }[kind] ||
-    (file.type ? `a file of type ${file.type}` : "a file of unknown type");
-  const wants = reads[0] === "image" ? "images" : "text";
-  return `${model.name} (${model.kind.replace("_", " ")}) reads ${wants}; ${file.name} is ${what}. ` +
-    `Send other files with curl -T FILE ${location.origin}/predictions/${model.name}`;
-}
-
 function chooseFile(card, file) {
   card.fileInput.value = "";
+  stopOtherWaits(card, `a file was chosen for ${card.model.name}`);
+  endWait(card);
+  sayGone(null); // a newer choice replaces the file that waited
   const kind = fileKind(file);
-  const problem = unsupportedMessage(card, file, kind);
+  const problem = unsupportedMessage(card.model, file, kind);
   clearResult(card);
   if (problem) {
     card.chosen = null;
@@ -253,6 +261,67 @@ function chooseFile(card, file) {
   card.text.value = "";
   refreshChoice(card);
   if (card.model.status === "READY") send(card);
+  else if (card.model.status === "LOADING") waitForReady(card);
+}
+
+// ---- a file chosen while its model loads: sent once the model is READY, exactly once ----------------
+function waitForReady(card) {
+  const { name } = card.model;
+  const file = card.chosen.file;
+  const giveUp = () => {
+    endWait(card);
+    clearResult(card);
+    const minutes = WAIT_LIMIT_MS / 60000;
+    showError(card, `${name} is still LOADING after ${minutes} minutes, so ${file.name} was not sent. ` +
+      "Choose it again to wait longer.", "wait");
+  };
+  card.waiting = { file, timer: setTimeout(giveUp, WAIT_LIMIT_MS) };
+  const cancel = h("button", { type: "button", class: "cancel", onclick: () => stopWaiting(card) }, "Cancel");
+  card.result.append(
+    h("p", { class: "waiting", role: "status" },
+      `Waiting for ${name} to load… ${file.name} is sent once it is READY. `, cancel),
+  );
+  waitPollMs = 0;
+  schedulePoll(WAIT_FIRST_MS);
+}
+
+function settleWait(card) {
+  // Called with each new reading of the list; the wait ends before anything is sent, so only once.
+  const waiting = card.waiting;
+  if (!waiting || card.model.status === "LOADING") return;
+  endWait(card);
+  if (card.model.status === "READY") {
+    send(card);
+    return;
+  }
+  clearResult(card); // FAILED: the card shows why
+  const failed = `${card.model.name} failed to load, so ${waiting.file.name} was not sent. Why is shown above.`;
+  showError(card, failed, "wait");
+}
+
+function endWait(card) {
+  if (!card.waiting) return;
+  clearTimeout(card.waiting.timer);
+  card.waiting = null;
+}
+
+function stopWaiting(card, why) {
+  // The person moved on: say that nothing was sent, and leave the file chosen for a press of Send.
+  const waiting = card.waiting;
+  if (!waiting) return;
+  endWait(card);
+  clearResult(card);
+  const reason = why ? ` (${why})` : "";
+  card.result.append(
+    h("p", { class: "wait-ended" },
+      `Stopped waiting for ${card.model.name}${reason}: ${waiting.file.name} was not sent.`),
+  );
+}
+
+function stopOtherWaits(card, why) {
+  for (const other of cards.values()) {
+    if (other !== card) stopWaiting(other, why);
+  }
 }
 
 function refreshChoice(card) {
@@ -266,30 +335,11 @@ function refreshChoice(card) {
   card.send.disabled = card.model.status !== "READY" || (!chosen && !typed);
 }
 
-function requestBody(card) {
-  if (card.chosen) {
-    const { file, kind } = card.chosen;
-    const type = file.type || (kind === "json" ? "application/json" : kind === "text" ? "text/plain" : "application/octet-stream");
-    return { body: file, type, image: kind === "image" ? file : null };
-  }
-  const text = card.text.value;
-  const trimmed = text.trim();
-  if (trimmed.startsWith("{") || trimmed.startsWith("[")) {
-    try {
-      JSON.parse(trimmed);
-      return { body: text, type: "application/json", image: null };
-    } catch (_) {
-      // not JSON: send as text
-    }
-  }
-  return { body: text, type: "text/plain; charset=utf-8", image: null };
-}
-
 // ---- sending -------------------------------------------------------------------------------------
 async function send(card) {
   const model = card.model;
   if (model.status !== "READY") return;
-  const { body, type, image } = requestBody(card);
+  const { body, type, image } = requestBody(card.chosen, card.text.value);
   const headers = { "Content-Type": type, ...authHeaders() };
   if (model.kind === "image_segmenter") headers.Accept = "image/png, application/json;q=0.5";
   const url = `/predictions/${encodeURIComponent(model.name)}/${encodeURIComponent(model.version)}`;

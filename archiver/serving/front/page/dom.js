@@ -1,4 +1,4 @@
-// Small DOM helpers the page's two scripts share: elements made from text (never from HTML, so a model
+// Small DOM helpers the page's scripts share: elements made from text (never from HTML, so a model
 // name or a label cannot inject markup), and the parts of a card's result area.
 
 export function h(tag, attrs = {}, ...children) {
