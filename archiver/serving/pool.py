@@ -92,13 +92,21 @@ class WorkerPool:
     # ---- requests ------------------------------------------------------------------------------
     async def submit(self, request: RawRequest) -> InferenceResponse:
         """Answer one request through the queue (503 at once when the model cannot answer)."""
+        self._check_answering()
+        return await self.batcher.submit(request, self.queue_limit_s)
+
+    async def submit_all(self, requests: list[RawRequest]) -> list[InferenceResponse]:
+        """Answer the requests of one call (v1 instances), all queued together or none (503)."""
+        self._check_answering()
+        return await self.batcher.submit_all(requests, self.queue_limit_s)
+
+    def _check_answering(self) -> None:
         if self.state == PoolState.FAILED:
             raise ServiceUnavailableError(f'model "{self.spec.model}" failed: {self.error}')
         if self._closing or self.batcher.closed:
             raise ServiceUnavailableError(f'model "{self.spec.model}" is shutting down')
         if self.target == 0:
             raise ServiceUnavailableError(f'model "{self.spec.model}" has no workers; scale it up first')
-        return await self.batcher.submit(request, self.queue_limit_s)
 
     @property
     def queue_limit_s(self) -> float:
