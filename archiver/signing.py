@@ -273,6 +273,15 @@ def _require_plain_sha256(archive: Path, sig: Path, expected: Any) -> None:
     )
 
 
+def _names_only(text: str, archive: Path) -> str:
+    """``text`` with the archive's paths cut to its name: a refusal can reach a register call's answer."""
+    for path in sorted(
+        {str(hashed_path(archive)), str(archive), str(archive.absolute())}, key=len, reverse=True
+    ):
+        text = text.replace(path, archive.name)
+    return text
+
+
 def _actual_manifest(archive: Path, expected: Any) -> Any:
     """The archive hashed the way the signature says it was (file by file or in shards)."""
     from model_signing import hashing
@@ -309,13 +318,13 @@ def _compare(archive: Path, sig: Path, expected: Any) -> str | None:
         }
     except (ValueError, KeyError) as exc:
         raise MalformedSignatureError(
-            f"{sig.name} names a hashing model-signing cannot redo ({_why(exc)})"
+            f"{sig.name} names a hashing model-signing cannot redo ({_names_only(_why(exc), archive)})"
         ) from None
     if got == want:
         # the digest of this one read, when it is the file's plain sha256; never a second read
         plain = is_file and expected.serialization_type.get("method") == "files" and "." in want
         return got["."] if plain and expected.serialization_type.get("hash_type") == "sha256" else None
-    other_name = expected.model_name != archive.name
+    other_name = expected.model_name not in (archive.name, hashed_path(archive).name)  # a link's, its file's
     same = [name for name in want if got.get(name) == want[name]]
     if other_name and not same:
         raise WrongArchiveSignatureError(

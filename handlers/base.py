@@ -61,7 +61,8 @@ class BaseHandler:
         properties = context.system_properties
         self.model_dir = Path(properties["model_dir"])
         self.manifest = context.manifest or {}
-        self.device = select_device(properties.get("gpu_id"))
+        config = context.model_yaml_config or {}
+        self.device = select_device(properties.get("gpu_id"), config.get("deviceType"))
         model_info = self.manifest.get("model", {})
         model = load_serialized_model(
             self.model_dir, model_info.get("serializedFile"), model_info.get("modelFile"), self.device

@@ -27,10 +27,21 @@ from archiver.pt2 import AOTI, Pt2Info, read_pt2_info
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
 
 
-def select_device(gpu_id: int | None) -> torch.device:
-    """CUDA device ``gpu_id`` when one is asked for and present, else the CPU."""
-    if gpu_id is not None and gpu_id >= 0 and torch.cuda.is_available():
-        return torch.device(f"cuda:{gpu_id}")
+def select_device(gpu_id: int | None, device_type: Any = None) -> torch.device:
+    """CUDA device ``gpu_id`` when one is asked for and present, else the CPU.
+
+    Given a GPU without CUDA in this torch, TorchServe falls back to the CPU; so does this, unless
+    the model's config says ``deviceType: gpu`` (``device_type``): then it is HandlerError, and the
+    model FAILED with the reason, rather than served on the CPU while the operator pays for a GPU.
+    """
+    if gpu_id is not None and gpu_id >= 0:
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{gpu_id}")
+        if str(device_type).strip().lower() == "gpu":
+            raise HandlerError(
+                f"model-config.yaml says deviceType: gpu and this worker was given GPU {gpu_id}, but its "
+                f"torch {torch.__version__} has no CUDA; install torch with CUDA, or set deviceType: cpu"
+            )
     return torch.device("cpu")
 
 

@@ -227,6 +227,10 @@ def test_a_folder_archive_is_signed_file_by_file_and_a_changed_file_is_named(mod
     (folder / "index_to_name.json").write_text('{"0": "cat", "1": "dog"}\n')
     (folder / "extra.py").write_text("import os\n")
     assert "extra.py is not covered by the signature" in refusal(verify, capsys)
+    (folder / "extra.py").unlink()
+    (folder / "linked.py").symlink_to(folder / "index_to_name.json")  # model-signing cannot hash a link
+    line = refusal(verify, capsys)
+    assert "Cannot use 'tiny/linked.py'" in line and str(folder.parent) not in line
 
 
 def test_keys_that_cannot_sign_or_verify_are_usage_errors(mar, keys, capsys, tmp_path):
@@ -336,6 +340,7 @@ def test_an_archive_reached_through_a_symlink_verifies_under_the_name_it_was_giv
     flip_byte(mar, mar.stat().st_size // 2)  # and a change behind the link is still found
     line = refusal(["verify", str(linked), "--public-key", str(keys["public"])], capsys)
     assert f"{mar.name} was changed after it was signed" in line
+    assert "alias.mar was changed after it was signed" in refusal(args, capsys)  # the name given
 
 
 def test_a_signature_hashed_in_shards_verifies_but_is_not_accepted_for_loading(mar, keys):

@@ -297,18 +297,18 @@ def header_attacks(ports: dict[str, int]) -> list[Attack]:
     for port, method, target in routes:
         here, other = f"127.0.0.1:{ports[port]}", ports["management" if port == "inference" else "inference"]
         cross_site = {
-            "a foreign Origin": ("Origin", FOREIGN_ORIGIN),
-            "Origin null": ("Origin", "null"),
-            "the other port's Origin": ("Origin", f"http://127.0.0.1:{other}"),
-            "a forged Host": ("Host", FOREIGN_HOST),
-            "a DNS-rebinding Host": ("Host", f"{FOREIGN_HOST}:{ports[port]}"),
+            "a foreign Origin": (("Origin", FOREIGN_ORIGIN),),
+            "Origin null": (("Origin", "null"),),
+            "the other port's Origin": (("Origin", f"http://127.0.0.1:{other}"),),
+            "its own Origin, then a foreign one": (("Origin", f"http://{here}"), ("Origin", FOREIGN_ORIGIN)),
+            "a forged Host": (("Host", FOREIGN_HOST),),
+            "a DNS-rebinding Host": (("Host", f"{FOREIGN_HOST}:{ports[port]}"),),
         }
         if method != "GET":
-            cross_site["Sec-Fetch-Site: cross-site"] = ("Sec-Fetch-Site", "cross-site")
-        for label, header in cross_site.items():
-            attacks.append(
-                Attack(label, port, method, target, b"x" if method == "POST" else b"", (header,), (403,))
-            )
+            cross_site["Sec-Fetch-Site: cross-site"] = (("Sec-Fetch-Site", "cross-site"),)
+        for label, headers in cross_site.items():
+            body = b"x" if method == "POST" else b""
+            attacks.append(Attack(label, port, method, target, body, headers, (403,)))
         line = f"{method} {target} HTTP/1.1\r\nHost: {here}\r\n".encode()
         long_line = f"{method} {target}?{'a' * 100_000} HTTP/1.1\r\nHost: {here}\r\n".encode()
         close = b"Connection: close\r\n\r\n"

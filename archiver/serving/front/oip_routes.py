@@ -26,7 +26,6 @@ from archiver.serving.protocols import oip
 from archiver.serving.protocols.http_codec import mime_type, response_headers
 from archiver.serving.protocols.oip_metadata import platform_of, read_signature
 from archiver.serving.protocols.records import InferenceResponse, new_request_id
-from archiver.serving.protocols.request_bounds import check_queue_room
 from archiver.serving.supervisor.model_entry import ModelEntry
 from archiver.serving.supervisor.pool import PoolState
 
@@ -205,12 +204,12 @@ async def v1_predict(request: web.Request) -> web.Response:
         body, request_id = await _read(request)
         limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
         instances = await _off_loop(body, oip.parse_v1_request, limits.max_request_items)
-        if entry.pool is not None:  # all of them fit in the queue, or none is queued (503)
-            batcher = entry.pool.batcher
-            check_queue_room(len(instances), batcher.queue_size - batcher.pending, entry.name)
         headers = dict(request.headers)
         raws = [oip.v1_raw_request(x, f"{request_id}-{i}", headers) for i, x in enumerate(instances)]
-        answers = await asyncio.gather(*(registry.predict(entry.name, None, raw) for raw in raws))
+        if entry.state == PoolState.READY and entry.pool is not None:
+            answers = await entry.pool.submit_all(raws)  # all of them queued together, or none (503)
+        else:
+            answers = [await registry.predict(entry.name, None, raws[0])]  # its 503: not ready, failed
         failed = next((a for a in answers if not a.ok), None)
         if failed is not None:
             raise _failure(failed)

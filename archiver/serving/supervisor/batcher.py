@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from archiver.errors import RequestTimeoutError, ServiceUnavailableError
 from archiver.serving.protocols.records import InferenceResponse, response_for_exception
+from archiver.serving.protocols.request_bounds import check_queue_room
 from archiver.serving.protocols.wire import RawRequest
 
 BatchObserver = Callable[[int], None]
@@ -87,14 +88,36 @@ class Batcher:
         worker holds it, the batch's own timer decides (responseTimeout: the supervisor answers 504
         and replaces a worker that overruns).
         """
-        if self.closed:
-            raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
+        self._check_open()
         if len(self._queue) >= self.queue_size:
             self._drop_done()
             if len(self._queue) >= self.queue_size:
                 raise ServiceUnavailableError(
                     f'model "{self.name}" is overloaded: its queue of {self.queue_size} requests is full'
                 )
+        return await self._enqueue(request, timeout_s)
+
+    async def submit_all(
+        self, requests: Sequence[RawRequest], timeout_s: float | None = None
+    ) -> list[InferenceResponse]:
+        """Queue all of ``requests`` (one v1 call's instances) or none, and wait for their answers.
+
+        503 when the queue's free room is short of them. The room is checked and taken with no await
+        in between, so two calls arriving together cannot both pass the check and then be queued in
+        part.
+        """
+        self._check_open()
+        if len(self._queue) + len(requests) > self.queue_size:
+            self._drop_done()
+        check_queue_room(len(requests), self.queue_size - len(self._queue), self.name)
+        futures = [self._enqueue(request, timeout_s) for request in requests]
+        return list(await asyncio.gather(*futures))
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
+
+    def _enqueue(self, request: RawRequest, timeout_s: float | None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         job = Job(request=request, future=loop.create_future())
         if timeout_s is not None:
@@ -102,7 +125,7 @@ class Batcher:
             self._arm(job.deadline)
         self._queue.append(job)
         self._wake_one()
-        return await job.future
+        return job.future
 
     def _arm(self, deadline: float) -> None:
         """Make sure the expiry timer fires by ``deadline``. Requests share one timeout, so a new one's

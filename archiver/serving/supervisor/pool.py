@@ -8,10 +8,13 @@ does), while requests still queued wait for it. Other models never notice any of
 own pool.
 
 How an ending counts (``restart_policy``): one while its worker held a batch may be a request's
-doing, so it costs that batch and a restart with backoff but never the model; endings while idle or
-starting are the model's own crash loop, and ``max_worker_deaths`` of them within
-``worker_death_window_s`` make the model FAILED with the reason: its requests get 503 at once until
-it is scaled or registered again. ``GET /models/{m}`` lists every ending with its ``during``.
+doing, so it costs that batch and a restart with backoff but never the model. So does a stop for
+memory when the worker answered a batch since the memory watcher's previous look (0.2 s): a request
+that makes a handler allocate and keep memory is answered, and its worker is stopped a moment later,
+idle but grown by that request. Other endings while idle or starting are the model's own crash
+loop, and ``max_worker_deaths`` of them within ``worker_death_window_s`` make the model FAILED with
+the reason: its requests get 503 at once until it is scaled or registered again. ``GET /models/{m}``
+lists every ending with its ``during``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
@@ -87,18 +91,30 @@ class WorkerPool:
         self._loops: dict[int, asyncio.Task] = {}
         self._closing = False
         self._memory_task: asyncio.Task | None = None
+        # Workers that answered a batch since the memory watcher last looked at them, and those it
+        # stopped right after one: a request made them grow, so their ending counts as a batch's.
+        self._answered_since_check: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
+        self._stopped_after_batch: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
         self._background: set[asyncio.Task] = set()
 
     # ---- requests ------------------------------------------------------------------------------
     async def submit(self, request: RawRequest) -> InferenceResponse:
         """Answer one request through the queue (503 at once when the model cannot answer)."""
+        self._check_answering()
+        return await self.batcher.submit(request, self.queue_limit_s)
+
+    async def submit_all(self, requests: list[RawRequest]) -> list[InferenceResponse]:
+        """Answer the requests of one call (v1 instances), all queued together or none (503)."""
+        self._check_answering()
+        return await self.batcher.submit_all(requests, self.queue_limit_s)
+
+    def _check_answering(self) -> None:
         if self.state == PoolState.FAILED:
             raise ServiceUnavailableError(f'model "{self.spec.model}" failed: {self.error}')
         if self._closing or self.batcher.closed:
             raise ServiceUnavailableError(f'model "{self.spec.model}" is shutting down')
         if self.target == 0:
             raise ServiceUnavailableError(f'model "{self.spec.model}" has no workers; scale it up first')
-        return await self.batcher.submit(request, self.queue_limit_s)
 
     @property
     def queue_limit_s(self) -> float:
@@ -259,7 +275,10 @@ class WorkerPool:
         except asyncio.CancelledError:
             self.batcher.requeue(jobs)
             raise
-        self.death_log.answered(worker.slot)
+        if self._memory_task is not None:
+            self._answered_since_check.add(worker)  # its streak ends once the watcher finds it in bounds
+        else:
+            self.death_log.answered(worker.slot)
         self.batcher.deliver(jobs, responses)
 
     def _on_exit(self, worker: WorkerProcess, ended: asyncio.Future[WorkerExit]) -> None:
@@ -269,7 +288,9 @@ class WorkerPool:
         loop_task = self._loops.get(worker.slot)
         if loop_task is not None and worker.state != WorkerState.BUSY:
             loop_task.cancel()  # waiting for work: it holds no batch, nobody is left without an answer
-        during = "batch" if worker.holding else "idle"  # set from "taken" until the answers are in
+        # "batch" while it holds one (from "taken" until the answers are in), or when the memory watcher
+        # stopped it for growing in a batch it had just answered
+        during = "batch" if worker.holding or worker in self._stopped_after_batch else "idle"
         self._record_death(worker, ended.result().cause, worker.death_message(ended.result()), during)
 
     def _record_death(self, worker: WorkerProcess, cause: str, message: str, during: str) -> None:
@@ -333,16 +354,22 @@ class WorkerPool:
             for worker in list(self.workers.values()):
                 if worker.state not in (WorkerState.READY, WorkerState.BUSY):
                     continue
+                after_batch = worker in self._answered_since_check
+                self._answered_since_check.discard(worker)
                 rss = worker.rss_bytes()
                 # GPU memory counts too: one limit on all a worker holds (docs/serving.md, "GPUs").
                 gpu_mb = self.gpu_monitor.process_memory_mb(worker.pid) if self.gpu_monitor else None
                 held = (rss or 0) + int((gpu_mb or 0) * 2**20)
                 if rss is not None and held > limit:
                     parts = f"{rss / 2**20:.0f} MB RSS" + (f" + {gpu_mb:.0f} MB GPU" if gpu_mb else "")
+                    if after_batch:
+                        self._stopped_after_batch.add(worker)
                     worker.kill(
                         "memory",
                         f"memory {parts} over its limit of {self.memory_limit_mb:g} MB",
                     )
+                elif after_batch:
+                    self.death_log.answered(worker.slot)  # in bounds after its batch: a clean answer
 
     # ---- shutdown ------------------------------------------------------------------------------
     async def close(self, timeout_s: float = 30.0) -> None:

@@ -8,7 +8,8 @@ An ending counts by what the worker was doing (``Death.during``):
   its batch, and the slot's restart backs off with its streak of such endings (1, 1, 2, 3, 5, 8 times
   ``backoff_s``, then no longer, so a model with one worker is back within 8 backoffs and the
   requests of everyone else queued behind the poison are answered); the streak ends with the slot's
-  next answered batch.
+  next answered batch (with a memory limit, once the worker is found within it after that batch). A
+  stop for memory right after an answered batch is counted here too (``pool.py`` says when).
 - ``idle`` (it held no batch) and ``start`` (it could not load when restarted): no request did this;
   it is the model's own crash loop. After ``max_deaths`` of these within ``window_s`` the model is
   FAILED; before that the restart waits 1, 1, 2, 3, 5 … times ``backoff_s`` by their count.
