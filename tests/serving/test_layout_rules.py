@@ -30,6 +30,7 @@ LONG_MODULES = {
     "handlers.tensors",  # step 4 of issue 20 removes this
     "archiver.serving.front.metrics",  # step 4 of issue 20 removes this
     "archiver.serving.supervisor.model_venvs",  # step 4 of issue 20 removes this
+    "archiver.serving.supervisor.pool",  # step 4 of issue 20 removes this
     "archiver.serving.supervisor.registry",  # step 4 of issue 20 removes this
 }
 # (importer, imported module, private name) imported today.
