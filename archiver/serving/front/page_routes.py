@@ -16,8 +16,8 @@ from aiohttp import web
 
 from archiver.handler_spec import parse_handler
 from archiver.serving.supervisor.model_entry import ModelEntry
-from archiver.serving.supervisor.pool import PoolState
 from archiver.serving.supervisor.registry import ModelRegistry
+from archiver.serving.supervisor.states import ModelState
 
 # The page's files, by the name they are served under, with their content types.
 PAGE_ASSETS = {
@@ -83,7 +83,7 @@ def page_model(entry: ModelEntry, is_default: bool) -> dict[str, Any]:
         "version": entry.version,
         "isDefault": is_default,
         "status": entry.state.value,
-        "loadError": entry.reason if entry.state == PoolState.FAILED else None,
+        "loadError": entry.reason if entry.state == ModelState.FAILED else None,
         "reloadError": entry.reload_error,
         "handler": ((entry.manifest or {}).get("model") or {}).get("handler"),
         "kind": handler_kind(entry),

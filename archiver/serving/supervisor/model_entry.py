@@ -2,7 +2,7 @@
 
 Settings come, most specific first, from the operator (command line, --config, a register call), the
 archive's model-config.yaml, then the defaults; ``ModelEntry`` holds the settings, the manifest and the
-model's ``WorkerPool``, whose state is the model's state.
+model's ``WorkerPool``, which owns the model's state (``states.ModelState``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from archiver import settings_bounds
 from archiver.config import ModelConfig
 from archiver.errors import UsageError
-from archiver.serving.supervisor.pool import PoolState, RestartPolicy, WorkerPool
+from archiver.serving.supervisor.pool import RestartPolicy, WorkerPool
+from archiver.serving.supervisor.states import ModelState, unavailable
 
 if TYPE_CHECKING:
     from archiver.signing import SignatureCheck
@@ -123,17 +124,23 @@ class ModelEntry:
     manifest: dict[str, Any] | None = None
     load_time_s: float | None = None
     loaded_at_startup: bool = False
-    pool: WorkerPool | None = None
-    failed_before_start: bool = False
+    pool: WorkerPool | None = None  # None: its archive could not be read, so it has no workers (FAILED)
     reloads: int = 0  # times --reload switched it to new files
     reload_error: str | None = None  # why the newest files do not load (the previous ones still serve)
     signature: SignatureCheck | None = None  # the verified signature it loaded under (serve --trusted-key)
 
     @property
-    def state(self) -> PoolState:
-        if self.failed_before_start:
-            return PoolState.FAILED
-        return self.pool.state if self.pool is not None else PoolState.LOADING
+    def state(self) -> ModelState:
+        """Its pool's state; with no pool, FAILED (the archive could not be read) or still LOADING."""
+        if self.pool is None:
+            return ModelState.FAILED if self.error else ModelState.LOADING
+        return self.pool.state
+
+    def answering_pool(self) -> WorkerPool:
+        """The pool that answers its requests (503 at once, from the pool, when it cannot)."""
+        if self.pool is None:
+            raise unavailable(self.name, self.state, self.reason)
+        return self.pool
 
     @property
     def reason(self) -> str | None:
@@ -167,7 +174,7 @@ class ModelEntry:
             **self._devices(),
             "loadedAtStartup": self.loaded_at_startup,
             "status": self.state.value,
-            "loadError": self.reason if self.state == PoolState.FAILED else None,
+            "loadError": self.reason if self.state is ModelState.FAILED else None,
             "loadTimeSeconds": self.load_time_s,
             "workers": pool.describe_workers() if pool is not None else [],
             "deaths": [d.describe() for d in pool.deaths] if pool is not None else [],

@@ -39,8 +39,9 @@ from archiver.errors import (
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor.batcher import Batcher, Job
-from archiver.serving.supervisor.restart_policy import Death, DeathLog, PoolState, RestartPolicy
-from archiver.serving.supervisor.worker_handle import WorkerExit, WorkerProcess, WorkerSpec, WorkerState
+from archiver.serving.supervisor.restart_policy import Death, DeathLog, RestartPolicy
+from archiver.serving.supervisor.states import ModelState, WorkerState, unavailable
+from archiver.serving.supervisor.worker_handle import WorkerExit, WorkerProcess, WorkerSpec
 
 if TYPE_CHECKING:
     from archiver.serving.supervisor.devices import GpuMonitor
@@ -82,7 +83,7 @@ class WorkerPool:
         self._env_for = env_for
         self._on_death = on_death
         self._on_metrics = on_metrics
-        self.state = PoolState.LOADING
+        self.state = ModelState.LOADING  # the model's state: written here only, read by everyone
         self.error: str | None = None
         self.target = 0
         self.workers: dict[int, WorkerProcess] = {}  # by slot: starting, serving or finishing a batch
@@ -109,10 +110,8 @@ class WorkerPool:
         return await self.batcher.submit_all(requests, self.queue_limit_s)
 
     def _check_answering(self) -> None:
-        if self.state == PoolState.FAILED:
-            raise ServiceUnavailableError(f'model "{self.spec.model}" failed: {self.error}')
-        if self._closing or self.batcher.closed:
-            raise ServiceUnavailableError(f'model "{self.spec.model}" is shutting down')
+        if self.state is not ModelState.READY:
+            raise unavailable(self.spec.model, self.state, self.error)
         if self.target == 0:
             raise ServiceUnavailableError(f'model "{self.spec.model}" has no workers; scale it up first')
 
@@ -127,7 +126,7 @@ class WorkerPool:
     async def start(self, count: int) -> None:
         """Start ``count`` workers and wait for all of them; if any cannot load, stop them all and
         raise WorkerStartError: a model that cannot load is FAILED, not half-served."""
-        self.state, self.error = PoolState.LOADING, None
+        self.state, self.error = ModelState.LOADING, None
         self.death_log.restart_counting()  # a FAILED model scaled again starts its count afresh
         self.target = count
         try:
@@ -136,9 +135,12 @@ class WorkerPool:
             await self._start_workers(count, all_or_nothing=True)
         except WorkerStartError as exc:
             self.target = 0
-            self.state, self.error = PoolState.FAILED, exc.message
+            if self.state is not ModelState.STOPPED:
+                self.state, self.error = ModelState.FAILED, exc.message
             raise
-        self.state = PoolState.READY
+        if self.state is ModelState.STOPPED:
+            return  # closed while it loaded: its workers were stopped, not served
+        self.state = ModelState.READY
         if self.memory_limit_mb and self._memory_task is None:
             self._memory_task = asyncio.get_running_loop().create_task(self._watch_memory())
 
@@ -147,7 +149,7 @@ class WorkerPool:
 
         A FAILED model starts afresh, as re-registering it would.
         """
-        if self.state == PoolState.FAILED:
+        if self.state is ModelState.FAILED:
             await self.start(count)
             return
         self.target = count
@@ -240,9 +242,9 @@ class WorkerPool:
 
     async def _work(self, worker: WorkerProcess) -> None:
         try:
-            while self._ours(worker) and worker.state == WorkerState.READY:
+            while self._ours(worker) and worker.state == WorkerState.IDLE:
                 jobs = await self.batcher.take()
-                if not self._ours(worker) or worker.state != WorkerState.READY:
+                if not self._ours(worker) or worker.state != WorkerState.IDLE:
                     self.batcher.requeue(jobs)  # it died or was retired while waiting for work
                     break
                 await self._run(worker, jobs)
@@ -305,7 +307,7 @@ class WorkerPool:
                 verdict.counted,
                 window,
             )
-            self._fail(
+            self.fail(
                 f"its workers ended {verdict.counted} times within {window:g} s while idle or starting "
                 f"(a crash loop); the last: {message}"
             )
@@ -337,12 +339,13 @@ class WorkerPool:
         log.info("%s restarted (pid %s, load %.2f s)", worker.name, worker.pid, worker.load_time_s or 0.0)
         self._serve(worker)
 
-    def _fail(self, reason: str) -> None:
-        self.state, self.error = PoolState.FAILED, reason
+    def fail(self, reason: str) -> None:
+        """Make the model FAILED with ``reason``: its workers end, its queued requests get 503."""
+        self.state, self.error = ModelState.FAILED, reason
         self.target = 0
         for slot in sorted(self._occupied()):
             self._retire(slot)
-        self.batcher.fail_queued(ServiceUnavailableError(f'model "{self.spec.model}" failed: {reason}'))
+        self.batcher.fail_queued(unavailable(self.spec.model, self.state, reason))
 
     # ---- memory --------------------------------------------------------------------------------
     async def _watch_memory(self) -> None:
@@ -352,7 +355,7 @@ class WorkerPool:
         while not self._closing:
             await asyncio.sleep(MEMORY_CHECK_INTERVAL_S)
             for worker in list(self.workers.values()):
-                if worker.state not in (WorkerState.READY, WorkerState.BUSY):
+                if worker.state not in (WorkerState.IDLE, WorkerState.BUSY):
                     continue
                 after_batch = worker in self._answered_since_check
                 self._answered_since_check.discard(worker)
@@ -375,6 +378,7 @@ class WorkerPool:
     async def close(self, timeout_s: float = 30.0) -> None:
         """Let queued and running batches finish (up to ``timeout_s``), then end every worker."""
         deadline = time.monotonic() + timeout_s
+        self.state = ModelState.STOPPED  # new requests get 503 at once; queued ones are still answered
         self.batcher.closed = True
         while self.live_workers() and (self.batcher.pending or self._busy()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -414,7 +418,7 @@ class WorkerPool:
         return described
 
     def live_workers(self) -> int:
-        return sum(1 for w in self.workers.values() if w.state in (WorkerState.READY, WorkerState.BUSY))
+        return sum(1 for w in self.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY))
 
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers.values() if w.pid is not None]

@@ -34,12 +34,13 @@ from archiver.serving.supervisor.devices import Gpu, GpuMonitor, worker_gpu_env
 from archiver.serving.supervisor.model_entry import ModelEntry, ModelSettings, served_settings
 from archiver.serving.supervisor.model_store import archive_in_store, archive_stem, read_archive_head
 from archiver.serving.supervisor.placement import SharedGpuCounter
-from archiver.serving.supervisor.pool import PoolState, WorkerPool
+from archiver.serving.supervisor.pool import WorkerPool
 from archiver.serving.supervisor.signature_gate import SignatureGate
+from archiver.serving.supervisor.states import ModelState
 from archiver.serving.supervisor.worker_env import torch_threads_for, worker_environment
 from archiver.serving.supervisor.worker_handle import WorkerSpec
 
-READY, LOADING, FAILED = PoolState.READY, PoolState.LOADING, PoolState.FAILED
+LOADING, FAILED = ModelState.LOADING, ModelState.FAILED
 
 
 DeathCounter = Callable[[str, str, bool], None]  # (model, cause, restarted)
@@ -141,13 +142,7 @@ class ModelRegistry:
     # ---- inference ---------------------------------------------------------------------------
     async def predict(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
         """Answer one request through the model's workers (404, 503, 504 and 500 raised as errors)."""
-        entry = self.get(name, version)
-        if entry.state != READY or entry.pool is None:
-            if entry.state == FAILED:
-                raise ServiceUnavailableError(f'model "{entry.name}" failed: {entry.reason}')
-            state = entry.state.value
-            raise ServiceUnavailableError(f'model "{entry.name}" is not ready yet (state {state})')
-        return await entry.pool.submit(request)
+        return await self.get(name, version).answering_pool().submit(request)
 
     # ---- workers -----------------------------------------------------------------------------
     def threads_per_worker(self) -> int:
@@ -309,7 +304,7 @@ class ModelRegistry:
                 None, model_python, entry.source, requirements, self.cache_dir
             )
         except ArchiverError as exc:
-            pool.state, pool.error = PoolState.FAILED, exc.message  # 503 with pip's reason
+            pool.fail(exc.message)  # 503 with pip's reason
             raise
         pool.spec = replace(pool.spec, python=python)
 
@@ -345,7 +340,6 @@ class ModelRegistry:
         entry.pool, entry.source, entry.settings = pool, source, settings
         entry.manifest, entry.error, entry.reload_error = candidate.manifest, None, None
         entry.signature = candidate.signature
-        entry.failed_before_start = False
         entry.load_time_s = loop.time() - started
         entry.reloads += 1
         if old is not None:
@@ -365,7 +359,6 @@ class ModelRegistry:
             settings=self.defaults,
             loaded_at_startup=True,
             error=exc.message,
-            failed_before_start=True,
         )
         if "1.0" not in self._models.get(name, {}):
             self._add(entry)

@@ -17,7 +17,6 @@ An ending counts by what the worker was doing (``Death.during``):
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,14 +28,6 @@ _FIBONACCI = (1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
 # requests, queued behind them, are still answered.
 BATCH_DEATH_MAX_STEP = 6
 DURING = ("batch", "idle", "start")
-
-
-class PoolState(str, enum.Enum):
-    """A model's serving state, as the APIs report it."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    FAILED = "FAILED"
 
 
 @dataclass(frozen=True)

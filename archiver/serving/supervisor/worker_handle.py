@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import signal
@@ -27,20 +26,11 @@ from archiver.errors import WorkerDiedError, WorkerGoneError, WorkerStartError
 from archiver.serving.protocols import wire
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.redaction import redact_paths
+from archiver.serving.supervisor.states import WorkerState
 from archiver.serving.supervisor.worker_output import WorkerOutput, crash_lines
 
 log = logging.getLogger("archiver.worker")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-class WorkerState(str, enum.Enum):
-    """A worker's life: STARTING → READY ⇄ BUSY → STOPPING → DEAD (or STARTING → DEAD)."""
-
-    STARTING = "STARTING"
-    READY = "READY"
-    BUSY = "BUSY"
-    STOPPING = "STOPPING"
-    DEAD = "DEAD"
 
 
 @dataclass(frozen=True)
@@ -193,7 +183,7 @@ class WorkerProcess:
             raise WorkerStartError(f"{self.name} answered its start with {frame.kind!r}", cause="exit")
         self.load_time_s = time.perf_counter() - started
         self.device = frame.header.get("device") if isinstance(frame.header.get("device"), str) else None
-        self.state = WorkerState.READY
+        self.state = WorkerState.IDLE
 
     async def _watch(self) -> None:
         """Wait for the process to end, then record how (the one place that sets ``exited``)."""
@@ -298,7 +288,7 @@ class WorkerProcess:
             self.kill("exit", f"broke the protocol ({exc})")
             raise WorkerDiedError(self.death_message(await self._ended())) from None
         if self.state == WorkerState.BUSY:
-            self.state = WorkerState.READY
+            self.state = WorkerState.IDLE
         self.holding = 0
         records = frame.header.get("metrics")
         if records and self.on_metrics is not None:
