@@ -29,9 +29,6 @@ LONG_MODULES = {
     "archiver.commands.serve",  # step 4 of issue 20 removes this
     "handlers.tensors",  # step 4 of issue 20 removes this
     "archiver.serving.front.metrics",  # step 4 of issue 20 removes this
-    "archiver.serving.supervisor.model_venvs",  # step 4 of issue 20 removes this
-    "archiver.serving.supervisor.pool",  # step 4 of issue 20 removes this
-    "archiver.serving.supervisor.registry",  # step 4 of issue 20 removes this
 }
 # (importer, imported module, private name) imported today.
 PRIVATE_IMPORTS = {

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from archiver.errors import DependencyError
-from archiver.serving.supervisor.model_venvs import MARKER, check_requirements, env_key, model_python
+from archiver.serving.supervisor.model_venvs import MARKER, env_key, model_python
+from archiver.serving.supervisor.requirements_check import check_requirements
 
 TINY = "mad_tiny_dep"  # the wheel below; nothing of that name exists on PyPI
 # small, pure Python, no dependencies, and installed by none of our extras (kserve pulls tabulate in)

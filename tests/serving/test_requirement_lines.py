@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from archiver.errors import DependencyError
-from archiver.serving.supervisor.model_venvs import check_requirements
+from archiver.serving.supervisor.requirements_check import check_requirements
 
 HOSTILE = [
     "x~=1 .tar.gz",  # pip: 'x~=1 .tar.gz' ends in .tar.gz, so it installs that file from the cwd

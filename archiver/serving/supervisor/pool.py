@@ -23,7 +23,6 @@ import asyncio
 import logging
 import os
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
@@ -39,6 +38,7 @@ from archiver.errors import (
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor.batcher import Batcher, Job
+from archiver.serving.supervisor.memory_watch import MemoryWatcher
 from archiver.serving.supervisor.restart_policy import Death, DeathLog, RestartPolicy
 from archiver.serving.supervisor.states import ModelState, WorkerState, unavailable
 from archiver.serving.supervisor.worker_handle import WorkerExit, WorkerProcess, WorkerSpec
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("archiver.serving")
 
-MEMORY_CHECK_INTERVAL_S = 0.2
 STARTS_AT_ONCE = max(4, os.cpu_count() or 1)  # workers loading at the same time, in one scale or start
 
 
@@ -91,11 +90,7 @@ class WorkerPool:
         self._restarts: dict[int, asyncio.Task] = {}  # slots waiting out their backoff
         self._loops: dict[int, asyncio.Task] = {}
         self._closing = False
-        self._memory_task: asyncio.Task | None = None
-        # Workers that answered a batch since the memory watcher last looked at them, and those it
-        # stopped right after one: a request made them grow, so their ending counts as a batch's.
-        self._answered_since_check: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
-        self._stopped_after_batch: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
+        self._memory: MemoryWatcher | None = None  # with a memory limit, from the first start
         self._background: set[asyncio.Task] = set()
 
     # ---- requests ------------------------------------------------------------------------------
@@ -141,8 +136,9 @@ class WorkerPool:
         if self.state is ModelState.STOPPED:
             return  # closed while it loaded: its workers were stopped, not served
         self.state = ModelState.READY
-        if self.memory_limit_mb and self._memory_task is None:
-            self._memory_task = asyncio.get_running_loop().create_task(self._watch_memory())
+        if self.memory_limit_mb and self._memory is None:
+            workers, clean = self.workers.values, self.death_log.answered
+            self._memory = MemoryWatcher(self.memory_limit_mb, workers, clean, self.gpu_monitor)
 
     async def scale(self, count: int) -> None:
         """Run ``count`` workers: start the missing ones (and wait for them), retire the extra ones.
@@ -277,8 +273,8 @@ class WorkerPool:
         except asyncio.CancelledError:
             self.batcher.requeue(jobs)
             raise
-        if self._memory_task is not None:
-            self._answered_since_check.add(worker)  # its streak ends once the watcher finds it in bounds
+        if self._memory is not None:
+            self._memory.answered(worker)  # its streak ends once the watcher finds it in bounds
         else:
             self.death_log.answered(worker.slot)
         self.batcher.deliver(jobs, responses)
@@ -292,7 +288,8 @@ class WorkerPool:
             loop_task.cancel()  # waiting for work: it holds no batch, nobody is left without an answer
         # "batch" while it holds one (from "taken" until the answers are in), or when the memory watcher
         # stopped it for growing in a batch it had just answered
-        during = "batch" if worker.holding or worker in self._stopped_after_batch else "idle"
+        after_batch = self._memory is not None and self._memory.stopped_after_batch(worker)
+        during = "batch" if worker.holding or after_batch else "idle"
         self._record_death(worker, ended.result().cause, worker.death_message(ended.result()), during)
 
     def _record_death(self, worker: WorkerProcess, cause: str, message: str, during: str) -> None:
@@ -347,33 +344,6 @@ class WorkerPool:
             self._retire(slot)
         self.batcher.fail_queued(unavailable(self.spec.model, self.state, reason))
 
-    # ---- memory --------------------------------------------------------------------------------
-    async def _watch_memory(self) -> None:
-        """Stop any worker whose resident memory passes the limit (checked every 0.2 s)."""
-        assert self.memory_limit_mb is not None
-        limit = int(self.memory_limit_mb * 2**20)
-        while not self._closing:
-            await asyncio.sleep(MEMORY_CHECK_INTERVAL_S)
-            for worker in list(self.workers.values()):
-                if worker.state not in (WorkerState.IDLE, WorkerState.BUSY):
-                    continue
-                after_batch = worker in self._answered_since_check
-                self._answered_since_check.discard(worker)
-                rss = worker.rss_bytes()
-                # GPU memory counts too: one limit on all a worker holds (docs/serving.md, "GPUs").
-                gpu_mb = self.gpu_monitor.process_memory_mb(worker.pid) if self.gpu_monitor else None
-                held = (rss or 0) + int((gpu_mb or 0) * 2**20)
-                if rss is not None and held > limit:
-                    parts = f"{rss / 2**20:.0f} MB RSS" + (f" + {gpu_mb:.0f} MB GPU" if gpu_mb else "")
-                    if after_batch:
-                        self._stopped_after_batch.add(worker)
-                    worker.kill(
-                        "memory",
-                        f"memory {parts} over its limit of {self.memory_limit_mb:g} MB",
-                    )
-                elif after_batch:
-                    self.death_log.answered(worker.slot)  # in bounds after its batch: a clean answer
-
     # ---- shutdown ------------------------------------------------------------------------------
     async def close(self, timeout_s: float = 30.0) -> None:
         """Let queued and running batches finish (up to ``timeout_s``), then end every worker."""
@@ -385,8 +355,8 @@ class WorkerPool:
         self._closing = True
         for task in [*self._restarts.values(), *self._loops.values()]:
             task.cancel()
-        if self._memory_task is not None:
-            self._memory_task.cancel()
+        if self._memory is not None:
+            self._memory.cancel()
         workers = list(self.workers.values())
         self.workers.clear()
         self._restarts.clear()

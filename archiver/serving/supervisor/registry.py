@@ -249,10 +249,10 @@ class ModelRegistry:
             signature=signature,
         )
         self._add(entry)
-        entry.pool = self._new_pool(entry)
+        entry.pool = self.new_pool(entry)
         return entry
 
-    def _new_pool(self, entry: ModelEntry) -> WorkerPool:
+    def new_pool(self, entry: ModelEntry) -> WorkerPool:
         """A pool (not started) serving ``entry.source`` with ``entry.settings``."""
         settings = entry.settings
         batcher = Batcher(
@@ -280,7 +280,7 @@ class ModelRegistry:
         assert entry.pool is not None
         started = asyncio.get_running_loop().time()
         try:
-            await self._use_model_env(entry)
+            await self.use_model_env(entry)
             await entry.pool.start(entry.settings.workers)
         except ArchiverError as exc:
             entry.error = exc.message
@@ -290,7 +290,7 @@ class ModelRegistry:
             return
         entry.load_time_s = asyncio.get_running_loop().time() - started
 
-    async def _use_model_env(self, entry: ModelEntry, pool: WorkerPool | None = None) -> None:
+    async def use_model_env(self, entry: ModelEntry, pool: WorkerPool | None = None) -> None:
         """With --install-model-deps, run the model's workers on an interpreter that has its
         requirementsFile installed (a cached virtual environment); without it, on ours."""
         pool = pool or entry.pool
@@ -307,44 +307,6 @@ class ModelRegistry:
             pool.fail(exc.message)  # 503 with pip's reason
             raise
         pool.spec = replace(pool.spec, python=python)
-
-    async def reload(self, entry: ModelEntry, source: Path) -> bool:
-        """Serve ``source`` in place of what ``entry`` serves now, with no request failing.
-
-        New workers load the new files beside the old ones; only once all are ready does traffic
-        switch, and the old workers then finish what they hold and what was queued for them. A new
-        version that does not load leaves the old one serving, with the reason in ``reload_error``.
-        """
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            signature = await self.signatures.check(source)
-            manifest, config = await loop.run_in_executor(None, read_archive_head, source)
-            limit = self.max_workers_per_model
-            settings = served_settings(self.defaults, config, self.operator, max_workers=limit)
-            candidate = replace(
-                entry,
-                source=source,
-                settings=settings,
-                manifest=manifest.to_dict(),
-                pool=None,
-                signature=signature,
-            )
-            pool = self._new_pool(candidate)
-            await self._use_model_env(candidate, pool)
-            await pool.start(settings.workers)
-        except ArchiverError as exc:
-            entry.reload_error = exc.message
-            return False
-        old = entry.pool
-        entry.pool, entry.source, entry.settings = pool, source, settings
-        entry.manifest, entry.error, entry.reload_error = candidate.manifest, None, None
-        entry.signature = candidate.signature
-        entry.load_time_s = loop.time() - started
-        entry.reloads += 1
-        if old is not None:
-            await old.close(entry.settings.response_timeout_s)
-        return True
 
     def _add(self, entry: ModelEntry) -> None:
         self._models.setdefault(entry.name, {})[entry.version] = entry
@@ -373,7 +335,7 @@ class ModelRegistry:
             raise ServiceUnavailableError(f'model "{name}" is {entry.state.value}; cannot scale it')
         entry.settings = entry.settings.merged(workers=workers)
         if entry.state == FAILED:
-            await self._use_model_env(entry)  # a failed install is tried again, as a new start would
+            await self.use_model_env(entry)  # a failed install is tried again, as a new start would
         await entry.pool.scale(workers)
         return entry
 

@@ -5,7 +5,7 @@ watched) or the archive flags themselves (``--handler h.py --serialized-file m.p
 name is watched). Flags are staged as a folder archive in the cache, exactly as ``--archive-format
 no-archive`` would lay them out, with the same checks (a handler that does not parse is refused
 before anything loads); nothing is written beside the user's files. On a change the registry loads the
-new files in new workers and switches only once they are ready (``ModelRegistry.reload``); a change that
+new files in new workers and switches only once they are ready (``swap_in``); a change that
 does not load leaves the previous version serving and says why.
 """
 
@@ -17,13 +17,16 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from archiver.errors import ArchiverError
+from archiver.serving.supervisor.model_entry import served_settings
+from archiver.serving.supervisor.model_store import read_archive_head
 
 if TYPE_CHECKING:
+    from archiver.serving.supervisor.model_entry import ModelEntry
     from archiver.serving.supervisor.registry import ModelRegistry
 
 log = logging.getLogger("archiver.serving")
@@ -158,7 +161,7 @@ class Reloader:
                 return False
             if entry is None:
                 return False
-            ok = await self.registry.reload(entry, source)
+            ok = await swap_in(self.registry, entry, source)
             if not ok:
                 log.error(
                     "reload: %s: the change does not load, the previous version still serves: %s",
@@ -176,3 +179,42 @@ class Reloader:
             )
             await loop.run_in_executor(None, drop_staged, model, entry.source)
             return True
+
+
+async def swap_in(registry: ModelRegistry, entry: ModelEntry, source: Path) -> bool:
+    """Serve ``source`` in place of what ``entry`` serves now, with no request failing.
+
+    New workers load the new files beside the old ones; only once all are ready does traffic
+    switch, and the old workers then finish what they hold and what was queued for them. A new
+    version that does not load leaves the old one serving, with the reason in ``reload_error``.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        signature = await registry.signatures.check(source)
+        manifest, config = await loop.run_in_executor(None, read_archive_head, source)
+        limit = registry.max_workers_per_model
+        settings = served_settings(registry.defaults, config, registry.operator, max_workers=limit)
+        candidate = replace(
+            entry,
+            source=source,
+            settings=settings,
+            manifest=manifest.to_dict(),
+            pool=None,
+            signature=signature,
+        )
+        pool = registry.new_pool(candidate)
+        await registry.use_model_env(candidate, pool)
+        await pool.start(settings.workers)
+    except ArchiverError as exc:
+        entry.reload_error = exc.message
+        return False
+    old = entry.pool
+    entry.pool, entry.source, entry.settings = pool, source, settings
+    entry.manifest, entry.error, entry.reload_error = candidate.manifest, None, None
+    entry.signature = candidate.signature
+    entry.load_time_s = loop.time() - started
+    entry.reloads += 1
+    if old is not None:
+        await old.close(entry.settings.response_timeout_s)
+    return True
