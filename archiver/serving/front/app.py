@@ -1,4 +1,7 @@
-"""The HTTP routes: inference (8080), management (8081) and metrics (8082) as three aiohttp apps.
+"""The HTTP apps: inference (8080), management (8081) and metrics (8082), as three aiohttp apps.
+
+The inference routes are the one router's (``protocols/router.py``, through ``inference_routes.py``),
+the same the engine hosts answer; the management and metrics routes are the bundled server's own.
 
 Every failure leaves as JSON ``{"code", "type", "message"}`` (``middlewares.py``, which checks the token
 or the site first). Bodies are read by ``request_bodies``,
@@ -8,25 +11,18 @@ bounded in bytes, time and items as they stream, so a huge upload never sits in 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from aiohttp import web
 
 from archiver import settings_bounds
-from archiver.errors import (
-    ArchiverError,
-    ModelNotFoundError,
-    UsageError,
-)
-from archiver.manifest import MODEL_NAME_PATTERN
+from archiver.errors import UsageError
 from archiver.serving.front import openapi, page_routes
 from archiver.serving.front.http_limits import HttpLimits
+from archiver.serving.front.inference_routes import add_inference_routes
 from archiver.serving.front.metrics import ServerMetrics
-from archiver.serving.front.middlewares import exception_response, middlewares
-from archiver.serving.front.request_bodies import in_time, read_capped, read_inference_request
-from archiver.serving.protocols.http_codec import response_headers
-from archiver.serving.protocols.records import new_request_id
+from archiver.serving.front.middlewares import middlewares
+from archiver.serving.front.request_bodies import in_time, read_capped
 from archiver.serving.supervisor.registry import ModelRegistry
 
 REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
@@ -41,41 +37,6 @@ def _json(status: int, payload: Any) -> web.Response:
 
 
 # ---- inference app -----------------------------------------------------------------------------
-async def ping(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY_KEY]
-    if registry.loading():
-        return _json(503, {"status": "Loading"})
-    return _json(200, {"status": "Healthy"})
-
-
-async def predictions(request: web.Request) -> web.StreamResponse:
-    registry = request.app[REGISTRY_KEY]
-    metrics = request.app[METRICS_KEY]
-    limits: HttpLimits = request.app[LIMITS_KEY]  # type: ignore[assignment]
-    started = time.perf_counter()
-    name = request.match_info["model"]
-    version = request.match_info.get("version")
-    label = "-"  # unknown names share one label, so a scanner cannot grow the metrics without bound
-    request_id = request.headers.get("x-request-id") or new_request_id()
-    try:
-        if not MODEL_NAME_PATTERN.match(name):
-            raise ModelNotFoundError(f"Model not found: {name}")
-        registry.get(name, version)  # 404 before reading a body we would throw away
-        label = name
-        inference = await read_inference_request(request, limits, request_id)
-        if request.path.startswith("/explanations/"):
-            inference.headers["explain"] = "True"
-        answer = await registry.predict(name, version, inference)
-        resp = web.Response(
-            status=answer.status, body=answer.body, headers=response_headers(answer, request_id)
-        )
-    except ArchiverError as exc:
-        resp = exception_response(exc)
-        resp.headers["x-request-id"] = request_id
-    metrics.observe_request(label, resp.status, time.perf_counter() - started)
-    return resp
-
-
 def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
     # Health probes come from kubelets and load balancers, which hold no token.
     probes = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
@@ -84,15 +45,8 @@ def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpL
     app[REGISTRY_KEY], app[METRICS_KEY], app[LIMITS_KEY] = registry, metrics, limits
     page_routes.add_page_routes(app, registry)  # GET /, its files and /page/models
     openapi.add_openapi_routes(app, "inference")  # OPTIONS /, /openapi.json, /docs
-    for prefix in ("/predictions", "/explanations"):
-        app.router.add_route("POST", prefix + "/{model}", predictions)
-        app.router.add_route("PUT", prefix + "/{model}", predictions)
-        app.router.add_route("POST", prefix + "/{model}/{version}", predictions)
-        app.router.add_route("PUT", prefix + "/{model}/{version}", predictions)
-    app.router.add_get("/ping", ping)
-    from archiver.serving.front.oip_routes import add_oip_routes  # it imports this module
-
-    add_oip_routes(app)  # the Open Inference Protocol (v2) and KServe v1 routes
+    # /ping, /predictions, /explanations, v2 and v1: the one router's routes (protocols/router.py)
+    add_inference_routes(app, registry, metrics, limits)
     return app
 
 

@@ -1,4 +1,4 @@
-"""OpenAPI 3 descriptions of the Open Inference Protocol and KServe v1 routes (``oip_routes``), which
+"""OpenAPI 3 descriptions of the Open Inference Protocol and KServe v1 routes (``protocols/router.py``), which
 ``openapi.py`` merges into the server's document."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def openapi_schemas() -> dict[str, Any]:
 
 
 def openapi_paths() -> dict[str, Any]:
-    """OpenAPI 3 path items for every route ``add_oip_routes`` adds (aiohttp's path syntax, with
+    """OpenAPI 3 path items for every v2 and v1 route of ``router.ROUTES`` (aiohttp's path syntax, with
     the v1 routes' ``{model}`` pattern dropped)."""
     tag = ["Open Inference Protocol (v2)"]
 
