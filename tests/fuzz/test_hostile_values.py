@@ -118,8 +118,7 @@ def run_attacks(server: Any, watch: Any, attacks: list[Attack]) -> list[tuple[At
             watch.unexpected(what, status, body)
         if status is not None and status < 300 and attack.undo is not None:
             port = ports[attack.port]
-            method, target = attack.undo
-            exchange(port, Attack("undo", attack.port, method, target).wire(port))
+            exchange(port, Attack("undo", attack.port, *attack.undo).wire(port))
         answers.append((attack, status, body))
     return answers
 
