@@ -28,7 +28,6 @@ MAX_LINES = 400
 LONG_MODULES = {
     "archiver.commands.serve",  # step 4 of issue 20 removes this
     "handlers.tensors",  # step 4 of issue 20 removes this
-    "archiver.serving.front.metrics",  # step 4 of issue 20 removes this
 }
 # (importer, imported module, private name) imported today.
 PRIVATE_IMPORTS = {

@@ -26,7 +26,6 @@ from archiver.errors import (
     UsageError,
 )
 from archiver.manifest import MODEL_NAME_PATTERN
-from archiver.serving.front.metrics import ModelSnapshot
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor.batcher import Batcher
@@ -44,6 +43,9 @@ LOADING, FAILED = ModelState.LOADING, ModelState.FAILED
 
 
 DeathCounter = Callable[[str, str, bool], None]  # (model, cause, restarted)
+# (model, version, queued, live workers, load_time_s or None, {worker id: RSS bytes or None}) per version,
+# read by /metrics at scrape time
+ModelSnapshot = tuple[str, str, int, int, float | None, dict[str, int | None]]
 # (model, the metric records one batch's handler reported through context.metrics)
 HandlerMetricsSink = Callable[[str, list[dict[str, Any]]], None]
 
