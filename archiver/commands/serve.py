@@ -7,11 +7,7 @@ built-in defaults. The operator's choice wins over the archive author's suggesti
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -244,15 +240,18 @@ def serve(
         )
     from archiver.serving.front.server import check_exposure
 
-    check_exposure(settings)  # refuse an exposed bind before starting anything
+    warning = check_exposure(settings)  # refuse an exposed bind before starting anything
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     watched = _watch_list(settings.models, flag_model, bool(settings.trusted_keys)) if reload else []
     from archiver.heap_trim import HeapTrimmer
-    from archiver.serving.front.server import run
+    from archiver.serving.front.server import Server, run
 
     trimmer = HeapTrimmer().start()
     try:
-        code = run(_run(settings, Path(ready_file) if ready_file else None, watched))  # uvloop if installed
+        if warning:
+            click.echo(warning, err=True)
+        ready_path = Path(ready_file) if ready_file else None
+        code = run(Server(settings).serve(ready_path, watched, say=click.echo))  # uvloop if installed
     finally:
         trimmer.stop()
         if flag_model is not None:
@@ -297,7 +296,6 @@ def build_settings(
 ) -> Any:
     """ServerSettings from the flags (None where not given) over the --config file over the defaults."""
     from archiver.serving.front.server import ServerSettings
-    from archiver.serving.supervisor.registry import ModelSettings
 
     file_cfg = read_server_config(Path(config_path)) if config_path else {}
     from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
@@ -306,11 +304,10 @@ def build_settings(
     max_workers = check_serve_settings(flags, file_cfg, config_path)  # every range, named as given
 
     def pick(key: str) -> Any:
-        if flags.get(key) is not None:
-            return flags[key]
-        if key in file_cfg:
-            return file_cfg[key]
-        return DEFAULTS.get(key)
+        return _first(flags.get(key), file_cfg.get(key), DEFAULTS.get(key))
+
+    def listed(key: str) -> list[str]:  # a repeatable flag's values, else --config's (one or a list)
+        return list(flags.get(key) or ()) or _as_list(file_cfg.get(key))
 
     store = pick("model_store")
     store_path = Path(store) if store else None
@@ -320,7 +317,39 @@ def build_settings(
         raise UsageError(
             "nothing to serve: give archive paths, or --model-store (with --models to load some)"
         )
-    operator = {
+    cache_dir = pick("cache_dir")
+    settings = ServerSettings(
+        host=pick("host"),
+        port=pick("port"),
+        management_port=pick("management_port"),
+        metrics_port=pick("metrics_port"),
+        model_store=store_path,
+        models=models,
+        defaults=_model_defaults(),
+        operator=_operator_model_settings(flags, file_cfg),
+        max_request_size=pick("max_request_size"),
+        token=pick("token") or None,
+        no_auth=bool(pick("no_auth")),
+        allowed_hosts=listed("allowed_hosts"),
+        allowed_origins=listed("allowed_origins"),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        torch_threads=pick("torch_threads"),
+        install_model_deps=bool(pick("install_model_deps")),
+        max_workers_per_model=max_workers,
+        max_request_items=pick("max_request_items") or DEFAULT_MAX_REQUEST_ITEMS,
+        trusted_keys=_trusted_keys(listed("trusted_keys")),
+        gpus=pick("gpus"),
+        number_of_gpu=file_cfg.get("number_of_gpu"),
+    )
+    from archiver.serving.front.site_guard import SiteRules
+
+    SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins)  # a bad entry: exit 2
+    return settings
+
+
+def _operator_model_settings(flags: dict[str, Any], file_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The per-model settings the operator set (flags over --config; None where neither did)."""
+    return {
         "batch_size": _first(flags.get("batch_size"), file_cfg.get("batch_size")),
         "max_batch_delay_ms": _first(flags.get("max_batch_delay"), file_cfg.get("max_batch_delay")),
         "workers": _first(flags.get("workers"), file_cfg.get("workers")),
@@ -333,43 +362,19 @@ def build_settings(
         "worker_death_window_s": file_cfg.get("worker_death_window"),
         "restart_backoff_s": file_cfg.get("restart_backoff"),
     }
-    defaults = ModelSettings(
+
+
+def _model_defaults() -> Any:
+    """The built-in per-model settings (``DEFAULTS``)."""
+    from archiver.serving.supervisor.model_entry import ModelSettings
+
+    return ModelSettings(
         batch_size=DEFAULTS["batch_size"],
         max_batch_delay_ms=DEFAULTS["max_batch_delay"],
         workers=DEFAULTS["workers"],
         response_timeout_s=DEFAULTS["response_timeout"],
         queue_size=DEFAULTS["job_queue_size"],
     )
-    cache_dir = pick("cache_dir")
-    settings = ServerSettings(
-        host=pick("host"),
-        port=pick("port"),
-        management_port=pick("management_port"),
-        metrics_port=pick("metrics_port"),
-        model_store=store_path,
-        models=models,
-        defaults=defaults,
-        operator=operator,
-        max_request_size=pick("max_request_size"),
-        token=pick("token") or None,
-        no_auth=bool(pick("no_auth")),
-        allowed_hosts=list(flags.get("allowed_hosts") or ()) or _as_list(file_cfg.get("allowed_hosts")),
-        allowed_origins=list(flags.get("allowed_origins") or ()) or _as_list(file_cfg.get("allowed_origins")),
-        cache_dir=Path(cache_dir) if cache_dir else None,
-        torch_threads=pick("torch_threads"),
-        install_model_deps=bool(pick("install_model_deps")),
-        max_workers_per_model=max_workers,
-        max_request_items=pick("max_request_items") or DEFAULT_MAX_REQUEST_ITEMS,
-        trusted_keys=_trusted_keys(
-            list(flags.get("trusted_keys") or ()) or _as_list(file_cfg.get("trusted_keys"))
-        ),
-        gpus=pick("gpus"),
-        number_of_gpu=file_cfg.get("number_of_gpu"),
-    )
-    from archiver.serving.front.site_guard import SiteRules
-
-    SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins)  # a bad entry: exit 2
-    return settings
 
 
 def _trusted_keys(items: list[str]) -> tuple[Any, ...]:
@@ -389,66 +394,3 @@ def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else [str(v) for v in value]
-
-
-async def _run(settings: Any, ready_file: Path | None, watched: list[Any]) -> int:
-    from archiver.serving.front.server import Server, check_exposure
-
-    warning = check_exposure(settings)
-    if warning:
-        click.echo(warning, err=True)
-    server = Server(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start(load_models=False)
-    listed = await server.list_startup_models()
-    click.echo(
-        f"model-archiver serve: inference {server.url('inference')}  management {server.url('management')}"
-        f"  metrics {server.url('metrics')}" + ("  (token required)" if settings.token else "")
-    )
-    click.echo(
-        f"model-archiver serve: try a model in the browser at {server.url('inference')}/"
-        f" (the API: {server.url('inference')}/docs)"
-    )
-    loading = asyncio.ensure_future(server.start_models(listed))
-    await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if loading.done():
-        for entry in loading.result():
-            click.echo(f"  {_state_line(entry)}")
-        ready = {"pid": os.getpid(), **{f"{k}_port": v for k, v in server.ports.items()}}
-        ready["models"] = {e.name: e.state.value for e in server.registry.entries()}
-        ready["workers"] = {e.name: e.pool.pids() for e in server.registry.entries() if e.pool is not None}
-        click.echo("READY " + json.dumps(ready), nl=True)
-        if ready_file is not None:
-            tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(json.dumps(ready))
-            os.replace(tmp, ready_file)
-        sys.stdout.flush()
-        if watched:
-            from archiver.serving.supervisor.reload import Reloader
-
-            for model, entry in zip(watched, listed, strict=True):
-                model.name = entry.name
-            click.echo(f"model-archiver serve: --reload: watching {sum(len(m.paths) for m in watched)} paths")
-            await Reloader(server.registry, watched).run(stop)
-        await stop.wait()
-    click.echo("model-archiver serve: stopping; finishing requests in flight")
-    loading.cancel()
-    await server.stop()
-    click.echo("model-archiver serve: stopped")
-    return 0
-
-
-def _state_line(entry: Any) -> str:
-    s = entry.settings
-    head = f"{entry.name} {entry.version}: {entry.state.value}"
-    if entry.state.value == "FAILED":
-        return f"{head}: {entry.reason}"
-    load = f", load {entry.load_time_s:.2f} s" if entry.load_time_s is not None else ""
-    pids = ", ".join(str(p) for p in entry.pool.pids()) if entry.pool is not None else ""
-    return (
-        f"{head} (workers {s.workers}: pid {pids or '-'}; batch {s.batch_size}, "
-        f"delay {s.max_batch_delay_ms:g} ms{load})"
-    )

@@ -1,6 +1,7 @@
 """The front process: binds the three ports, starts each model's workers, drains in-flight work on stop.
 
-``Server`` is the asyncio object (start, stop); ``ServerThread`` runs one on its own event loop in a
+``Server`` is the asyncio object (start, stop; ``serve`` is its whole life as ``model-archiver serve``
+runs it, until SIGINT or SIGTERM); ``ServerThread`` runs one on its own event loop in a
 background thread, for tests and build scripts that want a live server inside the current process. In
 both, handlers run in worker processes (``pool.py``); this process never imports torch or a handler.
 """
@@ -10,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
+import signal
 import socket
+import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +34,7 @@ from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
 from archiver.serving.supervisor.devices import server_gpus
 from archiver.serving.supervisor.registry import ModelEntry, ModelRegistry, ModelSettings
 from archiver.serving.supervisor.signature_gate import SignatureGate
+from archiver.serving.supervisor.states import ModelState
 
 DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size
 T = TypeVar("T")
@@ -227,6 +232,94 @@ class Server:
             await runner.cleanup()
         self._runners.clear()
         await self.registry.close(self.settings.drain_timeout_s)
+
+    # ---- the whole life, as ``model-archiver serve`` runs it -----------------------------------
+    async def serve(
+        self,
+        ready_file: Path | None = None,
+        watched: list[Any] | None = None,
+        say: Callable[[str], Any] = print,
+    ) -> int:
+        """Bind, load the startup models, announce READY (and write ``ready_file``), watch ``watched``
+        (--reload) until SIGINT or SIGTERM, then drain and stop. ``say`` prints one line for people."""
+        with self.capture_signals() as stop:
+            await self.start(load_models=False)
+            listed = await self.list_startup_models()
+            token = "  (token required)" if self.settings.token else ""
+            say(
+                f"model-archiver serve: inference {self.url('inference')}  management "
+                f"{self.url('management')}  metrics {self.url('metrics')}{token}"
+            )
+            say(
+                f"model-archiver serve: try a model in the browser at {self.url('inference')}/"
+                f" (the API: {self.url('inference')}/docs)"
+            )
+            loading = asyncio.ensure_future(self.start_models(listed))
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if loading.done():
+                self._announce_ready(loading.result(), ready_file, say)
+                if watched:
+                    await self._watch(watched, listed, stop, say)
+                await stop.wait()
+            say("model-archiver serve: stopping; finishing requests in flight")
+            loading.cancel()
+            stopped.cancel()
+            await self.stop()
+            say("model-archiver serve: stopped")
+        return 0
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[asyncio.Event]:
+        """An event SIGINT and SIGTERM set (for ``serve``), the handlers removed on the way out."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            yield stop
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _announce_ready(self, entries: list[ModelEntry], ready_file: Path | None, say: Callable) -> None:
+        """Each startup model's state, then ``READY {json}`` (ports, models, worker pids) on stdout."""
+        for entry in entries:
+            say(f"  {state_line(entry)}")
+        ready: dict[str, Any] = {"pid": os.getpid(), **{f"{k}_port": v for k, v in self.ports.items()}}
+        ready["models"] = {e.name: e.state.value for e in self.registry.entries()}
+        ready["workers"] = {e.name: e.pool.pids() for e in self.registry.entries() if e.pool is not None}
+        say("READY " + json.dumps(ready))
+        if ready_file is not None:
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(json.dumps(ready))
+            os.replace(tmp, ready_file)
+        sys.stdout.flush()
+
+    async def _watch(
+        self, watched: list[Any], listed: list[ModelEntry], stop: asyncio.Event, say: Callable
+    ) -> None:
+        """--reload: serve each watched model's changes until ``stop``."""
+        from archiver.serving.supervisor.reload import Reloader
+
+        for model, entry in zip(watched, listed, strict=True):
+            model.name = entry.name
+        say(f"model-archiver serve: --reload: watching {sum(len(m.paths) for m in watched)} paths")
+        await Reloader(self.registry, watched).run(stop)
+
+
+def state_line(entry: ModelEntry) -> str:
+    """One startup model as ``serve`` prints it: its state, workers and load time, or why it FAILED."""
+    s = entry.settings
+    head = f"{entry.name} {entry.version}: {entry.state.value}"
+    if entry.state is ModelState.FAILED:
+        return f"{head}: {entry.reason}"
+    load = f", load {entry.load_time_s:.2f} s" if entry.load_time_s is not None else ""
+    pids = ", ".join(str(p) for p in entry.pool.pids()) if entry.pool is not None else ""
+    return (
+        f"{head} (workers {s.workers}: pid {pids or '-'}; batch {s.batch_size}, "
+        f"delay {s.max_batch_delay_ms:g} ms{load})"
+    )
 
 
 class ServerThread:
