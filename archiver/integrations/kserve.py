@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from archiver.errors import ArchiverError, InputFileError, TensorRequestError
 from archiver.integrations import log_handler_errors, require_extra, signatures
 from archiver.integrations.routes import model_signature
 from archiver.serving.protocols import oip
-from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.records import InferenceResponse, new_request_id
 from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items
 from archiver.serving.protocols.wire import RawRequest, to_inference_request
 
@@ -108,7 +107,7 @@ class ArchiveModel(kserve.Model):
         if not payload["instances"]:
             raise TensorRequestError("'instances' is empty: send at least one instance")
         check_items(len(payload["instances"]), DEFAULT_MAX_REQUEST_ITEMS, "v1 instances")  # 413
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = headers.get("x-request-id") or new_request_id()
         raws = [
             oip.v1_raw_request(instance, f"{request_id}-{i}", headers)
             for i, instance in enumerate(payload["instances"])
@@ -119,7 +118,7 @@ class ArchiveModel(kserve.Model):
 
     async def _predict_v2(self, request: InferRequest, headers: dict[str, str]) -> InferResponse:
         v2 = v2_request(request)
-        raw = oip.to_raw_request(v2, request.id or uuid.uuid4().hex, headers)
+        raw = oip.to_raw_request(v2, request.id or new_request_id(), headers)
         answers = await self._handle([raw])
         _raise_failed(answers)
         outputs = [

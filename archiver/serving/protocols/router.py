@@ -99,7 +99,7 @@ class Body(Protocol):
         """The body as a TorchServe handler sees it: one ``body`` part, or one part per form field."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One request as the router sees it. ``headers`` go to the handler as sent; ``lookup`` finds a
     header whatever its case (aiohttp's headers are both; a plain dict host passes a lower-cased copy)."""
@@ -120,7 +120,7 @@ class Call:
         return self.header("x-request-id") or new_request_id()
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """An answer for any host: status, headers, body; ``close`` after a body left unread (408, 413);
     ``label``: the model name for request metrics ("-" for an unknown one, None for a route not counted)."""
