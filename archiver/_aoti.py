@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from archiver.errors import ExportError, UsageError
+from archiver.errors import ExportError, UsageError, reason
 from archiver.pt2 import MAX_BATCH_KEY
 
 Stage = Callable[[str], None]
@@ -68,10 +68,10 @@ def export_program(
         example, dynamic = _dynamic_batch(inputs, None)
         return torch.export.export(model, example, dynamic_shapes=dynamic)
     except UsageError:
-        reason = "the inputs do not share a batch dimension"
+        why = "the inputs do not share a batch dimension"
     except Exception as exc:
-        reason = _first_line(exc).split(" For more information")[0]
-    stage(f"torch.export with the batch fixed at the example's, as the model allows no other ({reason})")
+        why = reason(exc).split(" For more information")[0]
+    stage(f"torch.export with the batch fixed at the example's, as the model allows no other ({why})")
     return torch.export.export(model, inputs)
 
 
@@ -100,7 +100,7 @@ def compile_package(
             if dynamic is not None and _is_constraint_error(exc)
             else ""
         )
-        raise ExportError(f"torch.export failed: {_first_line(exc).rstrip('.')}.{hint}") from exc
+        raise ExportError(f"torch.export failed: {reason(exc).rstrip('.')}.{hint}") from exc
     stage("AOTInductor: generating and compiling C++ (ResNet34 takes about 30 s on 2 cores)")
     # freezing: weights become constants the compiler may fold into the graph (e.g. batch norm into
     # the convolutions before them), which a served model never changes.
@@ -111,7 +111,7 @@ def compile_package(
                 program, package_path=str(temp), inductor_configs=configs
             )
     except Exception as exc:
-        raise ExportError(f"AOTInductor compile failed: {_first_line(exc)}") from exc
+        raise ExportError(f"AOTInductor compile failed: {reason(exc)}") from exc
 
 
 def load_package(path: Path) -> Any:
@@ -151,8 +151,3 @@ def _quiet_cpp_extension() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from archiver.errors import ArchiveFormatError, ArchiverError, UnsafeArchiveError
+from archiver.errors import ArchiveFormatError, ArchiverError, UnsafeArchiveError, reason
 
 if TYPE_CHECKING:
     from archiver._tgz import TgzSource
@@ -248,10 +248,6 @@ def open_source(path: Path, limits: ReadLimits) -> ZipSource | TgzSource | DirSo
     except ArchiverError:
         raise
     except FORMAT_ERRORS as exc:
-        raise ArchiveFormatError(f"{path.name} is not a readable archive: {_reason(exc)}") from exc
+        why = reason(exc, typed=False)
+        raise ArchiveFormatError(f"{path.name} is not a readable archive: {why}") from exc
     raise ArchiveFormatError(f"{path.name} is not a .mar (zip), a .tar.gz or a folder")
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

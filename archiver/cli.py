@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from archiver import __version__
-from archiver.errors import ArchiverError
+from archiver.errors import ArchiverError, one_line
 
 PROG = "model-archiver"
 
@@ -93,10 +93,6 @@ def version() -> None:
     click.echo(f"{PROG} {__version__}")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point: run the CLI and turn every failure into one line and an exit code."""
     debug = os.environ.get("MODEL_ARCHIVER_DEBUG") == "1"
@@ -106,7 +102,7 @@ def main(argv: list[str] | None = None) -> Any:
         hint = f"{PROG} {exc.ctx.info_name} --help" if exc.ctx and exc.ctx.parent else f"{PROG} --help"
         if exc.ctx and exc.ctx.command_path:
             hint = f"{exc.ctx.command_path} --help"
-        message = _one_line(exc.format_message())
+        message = one_line(exc.format_message())
         command = exc.ctx.command if exc.ctx else None
         if isinstance(exc, click.exceptions.NoArgsIsHelpError) and isinstance(command, click.Group):
             # a group called bare (`model-archiver deploy`): click's message is its whole help text
@@ -118,12 +114,12 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo(f"{PROG}: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"{PROG}: error: {_one_line(exc.format_message())}", err=True)
+        click.echo(f"{PROG}: error: {one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except ArchiverError as exc:
         if debug:
             raise
-        click.echo(f"{PROG}: error: {_one_line(exc.message)}", err=True)
+        click.echo(f"{PROG}: error: {one_line(exc.message)}", err=True)
         trace = getattr(exc, "trace", None)  # a handler's failure: its frames in the archive's files
         for line in trace.frame_lines() if trace is not None else ():
             click.echo(line, err=True)
@@ -141,7 +137,7 @@ def main(argv: list[str] | None = None) -> Any:
         if debug:
             raise
         click.echo(
-            f"{PROG}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+            f"{PROG}: internal error: {type(exc).__name__}: {one_line(str(exc))} "
             "(set MODEL_ARCHIVER_DEBUG=1 for the traceback, and please report it)",
             err=True,
         )

@@ -257,3 +257,21 @@ class UnpinnableSignatureError(SignatureError):
     than sha256: its check gives no sha256 of the whole file to hold a load to."""
 
     reason = "unpinnable"
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: each run of whitespace, newlines included, becomes one space."""
+    return " ".join(text.split())
+
+
+def reason(exc: BaseException, *, typed: bool = True) -> str:
+    """Why ``exc`` happened, in one line for a message: the first line of its text (whitespace runs made
+    one space), after its type's name when ``typed``; the type's name alone when the text is empty.
+
+    The one helper every layer uses to quote an exception it wraps in an ArchiverError (answers to
+    clients go through ``redaction.public_message``, which also shortens paths)."""
+    lines = str(exc).strip().splitlines()
+    line = one_line(lines[0]) if lines else ""
+    if not line:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if typed else line

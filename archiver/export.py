@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from archiver import _aoti
-from archiver.errors import ExportError, InputFileError, UsageError
+from archiver.errors import ExportError, InputFileError, UsageError, reason
 
 METHODS = ("trace", "script", "export", "aoti")
 DEVICES = ("cpu", "cuda")
@@ -99,7 +99,7 @@ def export_model(
         try:
             expected = model(*inputs)
         except Exception as exc:
-            raise ExportError(f"the model fails on the example input: {_first_line(exc)}") from exc
+            raise ExportError(f"the model fails on the example input: {reason(exc)}") from exc
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp_name = tempfile.mkstemp(
             # aoti_compile_and_package insists on a .pt2 name, whatever the user calls the file.
@@ -163,7 +163,7 @@ def _save(
         raise
     except Exception as exc:
         api = {"trace": "torch.jit.trace", "script": "torch.jit.script", "export": "torch.export"}[method]
-        raise ExportError(f"{api} failed: {_first_line(exc)}") from exc
+        raise ExportError(f"{api} failed: {reason(exc)}") from exc
 
 
 def _check_package(
@@ -182,14 +182,14 @@ def _check_package(
     try:
         package = _aoti.load_package(temp)
     except Exception as exc:
-        raise ExportError(f"the compiled package does not load: {_first_line(exc)}") from exc
+        raise ExportError(f"the compiled package does not load: {reason(exc)}") from exc
     for size in batches:
         rows = _aoti.resize_batch(inputs, size)
         expected = model(*rows)
         try:
             actual = package(*rows)
         except Exception as exc:
-            raise ExportError(f"the compiled package fails at batch {size}: {_first_line(exc)}") from exc
+            raise ExportError(f"the compiled package fails at batch {size}: {reason(exc)}") from exc
         _compare(expected, actual, rtol=rtol, atol=atol, method=f"aoti at batch {size}")
 
 
@@ -205,7 +205,7 @@ def _load_and_run(temp: Path, inputs: tuple[torch.Tensor, ...], method: str) -> 
             loaded = torch.jit.load(str(temp), map_location="cpu")
         return loaded(*inputs)
     except Exception as exc:
-        raise ExportError(f"the exported model fails on the example input: {_first_line(exc)}") from exc
+        raise ExportError(f"the exported model fails on the example input: {reason(exc)}") from exc
 
 
 def _compare(expected: Any, actual: Any, *, rtol: float, atol: float, method: str) -> None:
@@ -238,11 +238,6 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def parse_example_input(spec: str) -> torch.Tensor:
     """'1,3,224,224' or '1,3,224,224:float32' → a random tensor of that shape (ints: values 0 or 1)."""
     match = re.fullmatch(r"\s*(\d+(?:\s*,\s*\d+)*)\s*(?::\s*(\w+))?\s*", spec)
@@ -273,7 +268,7 @@ def load_model_object(spec: str, weights: str | os.PathLike | None = None) -> to
     try:
         model = factory()
     except Exception as exc:
-        raise ExportError(f"--model {spec!r}: calling {attr}() failed: {_first_line(exc)}") from exc
+        raise ExportError(f"--model {spec!r}: calling {attr}() failed: {reason(exc)}") from exc
     if not isinstance(model, torch.nn.Module):
         raise ExportError(
             f"--model {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module"
@@ -297,7 +292,7 @@ def _import(target: str) -> Any:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise ExportError(f"--model: importing {path} failed: {_first_line(exc)}") from exc
+            raise ExportError(f"--model: importing {path} failed: {reason(exc)}") from exc
         finally:
             sys.path.remove(str(path.parent.resolve()))
         return module
@@ -308,7 +303,7 @@ def _import(target: str) -> Any:
     except ImportError as exc:
         raise UsageError(f"--model: cannot import {target}: {exc}") from exc
     except Exception as exc:
-        raise ExportError(f"--model: importing {target} failed: {_first_line(exc)}") from exc
+        raise ExportError(f"--model: importing {target} failed: {reason(exc)}") from exc
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -318,11 +313,11 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ExportError(
-            f"--weights {path}: not a state_dict loadable with weights_only=True: {_first_line(exc)}"
+            f"--weights {path}: not a state_dict loadable with weights_only=True: {reason(exc)}"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
     except Exception as exc:
-        raise ExportError(f"--weights {path} does not fit the model: {_first_line(exc)}") from exc
+        raise ExportError(f"--weights {path} does not fit the model: {reason(exc)}") from exc

@@ -21,7 +21,6 @@ from archiver._sources import (
     Member,
     Meter,
     ReadLimits,
-    _reason,
     open_source,
 )
 from archiver.config import parse_model_config
@@ -33,6 +32,7 @@ from archiver.errors import (
     ManifestError,
     MemberNotFoundError,
     UsageError,
+    reason,
 )
 from archiver.manifest import MANIFEST_PATH, Manifest
 
@@ -69,7 +69,8 @@ class ArchiveReader:
         except ArchiverError:
             raise
         except FORMAT_ERRORS as exc:
-            raise ArchiveFormatError(f"{path.name} is not a readable archive: {_reason(exc)}") from exc
+            why = reason(exc, typed=False)
+            raise ArchiveFormatError(f"{path.name} is not a readable archive: {why}") from exc
         self.format: str = self._source.format
         try:
             self.manifest: Manifest = self._read_manifest()
@@ -188,7 +189,7 @@ class ArchiveReader:
         except ArchiverError:
             raise
         except FORMAT_ERRORS as exc:
-            raise ArchiveFormatError(f"{self.path.name} is corrupt: {_reason(exc)}") from exc
+            raise ArchiveFormatError(f"{self.path.name} is corrupt: {reason(exc, typed=False)}") from exc
 
     def _read_manifest(self) -> Manifest:
         member = self._source.members.get(MANIFEST_PATH)

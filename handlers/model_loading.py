@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from archiver.errors import ArchiveFormatError, BatchTooLargeError, HandlerError
+from archiver.errors import ArchiveFormatError, BatchTooLargeError, HandlerError, reason
 from archiver.pt2 import AOTI, Pt2Info, read_pt2_info
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
@@ -78,7 +78,7 @@ def load_serialized_model(
             with open(path, "rb") as stream:  # a file object: torch.export.load warns at a name not .pt2
                 program = torch.export.load(stream)
         except Exception as exc:
-            raise HandlerError(f"cannot load the torch.export program {path.name}: {_reason(exc)}") from exc
+            raise HandlerError(f"cannot load the torch.export program {path.name}: {reason(exc)}") from exc
         if device.type != "cpu":
             from torch.export.passes import move_to_device_pass
 
@@ -88,7 +88,7 @@ def load_serialized_model(
         model = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
         raise HandlerError(
-            f"cannot load {path.name} as TorchScript: {_reason(exc)} (an eager state dict needs "
+            f"cannot load {path.name} as TorchScript: {reason(exc)} (an eager state dict needs "
             "--model-file with the model class)"
         ) from exc
     return model.eval()
@@ -128,7 +128,7 @@ class AotiModel:
                 )
         except Exception as exc:
             raise HandlerError(
-                f"cannot load the AOTInductor package {path.name}: {_reason(exc)} (a package runs only "
+                f"cannot load the AOTInductor package {path.name}: {reason(exc)} (a package runs only "
                 "where its platform, CPU features and torch version match the ones it was compiled on)"
             ) from exc
         return cls(package, info, device, path.name)
@@ -184,7 +184,7 @@ def load_state_dict_into(model: torch.nn.Module, path: Path, device: torch.devic
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         raise HandlerError(
-            f"cannot load the state dict {path.name} (weights_only=True): {_reason(exc)}"
+            f"cannot load the state dict {path.name} (weights_only=True): {reason(exc)}"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint
@@ -192,7 +192,7 @@ def load_state_dict_into(model: torch.nn.Module, path: Path, device: torch.devic
         model.load_state_dict(state)
     except Exception as exc:
         raise HandlerError(
-            f"{path.name} does not fit the model {type(model).__name__}: {_reason(exc)}"
+            f"{path.name} does not fit the model {type(model).__name__}: {reason(exc)}"
         ) from exc
 
 
@@ -214,7 +214,7 @@ def compile_if_configured(model: Any, yaml_config: dict[str, Any] | None) -> Any
     try:
         return torch.compile(model, **options)
     except Exception as exc:
-        raise HandlerError(f"pt2.compile options in model-config.yaml are not valid: {_reason(exc)}") from exc
+        raise HandlerError(f"pt2.compile options in model-config.yaml are not valid: {reason(exc)}") from exc
 
 
 def build_eager_model(model_dir: Path, model_file: str) -> torch.nn.Module:
@@ -224,7 +224,7 @@ def build_eager_model(model_dir: Path, model_file: str) -> torch.nn.Module:
     try:
         module = import_file_module(model_dir, model_file)
     except (Exception, SystemExit) as exc:
-        raise HandlerError(f"cannot import the model file {model_file}: {_reason(exc)}") from exc
+        raise HandlerError(f"cannot import the model file {model_file}: {reason(exc)}") from exc
     classes = [
         obj
         for obj in vars(module).values()
@@ -236,11 +236,4 @@ def build_eager_model(model_dir: Path, model_file: str) -> torch.nn.Module:
     try:
         return classes[0]()
     except Exception as exc:
-        raise HandlerError(
-            f"cannot create {classes[0].__name__}() from {model_file}: {_reason(exc)}"
-        ) from exc
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        raise HandlerError(f"cannot create {classes[0].__name__}() from {model_file}: {reason(exc)}") from exc

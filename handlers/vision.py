@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import functional as F
 
-from archiver.errors import HandlerInputError
+from archiver.errors import HandlerInputError, reason
 from handlers.base import BaseHandler, payload_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,9 +82,7 @@ def decode_image(
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright picture
         return _to_rgb(image, keep_grayscale)
     except Exception as exc:
-        raise HandlerInputError(
-            f"image cannot be decoded ({type(exc).__name__}: {_first_line(exc)})"
-        ) from exc
+        raise HandlerInputError(f"image cannot be decoded ({reason(exc)})") from exc
 
 
 def tensor_from_json(payload: list, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -121,11 +119,6 @@ def _to_rgb(image: Image.Image, keep_grayscale: bool = False) -> Image.Image:
         if keep_grayscale:
             return image
     return image.convert("RGB")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def imagenet_tensor(image: Image.Image, resize: int = 256, crop: int = 224) -> torch.Tensor:

@@ -53,7 +53,6 @@ from archiver.serving.protocols.oip_answer import (  # noqa: F401 - re-exported:
     select_outputs,
 )
 from archiver.serving.protocols.oip_records import (  # noqa: F401 - re-exported: hosts use oip.<name>
-    _OUTPUTS_HEAD,
     BODY_HEADER_LENGTH,
     BODY_MAX_INPUTS,
     BODY_PART,
@@ -77,12 +76,11 @@ from archiver.serving.protocols.oip_v1 import (  # noqa: F401 - the v1 codec, re
     v1_raw_request,
 )
 from archiver.serving.protocols.oip_values import (  # noqa: F401 - re-exported: hosts use oip.<name>
-    _LENGTH,
     DATATYPES,
     MAX_JSON_DEPTH,
     PROTOCOL_HEADER,
-    _check_datatype,
-    _check_shape,
+    check_datatype,
+    check_shape,
     flatten,
     load_json,
     pack_values,
@@ -108,8 +106,8 @@ def make_input(
     (400) when the data does not fit the datatype or its count does not match the shape.
     """
     what = f"input {name!r}"
-    datatype = _check_datatype(datatype, what)
-    shape = _check_shape(list(shape) if isinstance(shape, tuple) else shape, what)
+    datatype = check_datatype(datatype, what)
+    shape = check_shape(list(shape) if isinstance(shape, tuple) else shape, what)
     return _checked_input(name, datatype, shape, data, parameters or {})
 
 
@@ -202,8 +200,8 @@ def parse_infer_request(
         if not isinstance(name, str) or not name:
             raise TensorRequestError(f"inputs[{index}] needs a 'name' (a non-empty string)")
         what = f"input {name!r}"
-        datatype = _check_datatype(spec.get("datatype"), what)
-        shape = _check_shape(spec.get("shape"), what)
+        datatype = check_datatype(spec.get("datatype"), what)
+        shape = check_shape(spec.get("shape"), what)
         params = _parameters(spec.get("parameters"), what)
         if params and any(key.startswith("shared_memory") for key in params):
             raise TensorRequestError(f"{what}: the shared-memory extension is not supported")

@@ -10,15 +10,15 @@ from typing import Any
 
 from archiver.errors import ArchiverError, TensorRequestError
 from archiver.serving.protocols.oip_records import (
-    _OUTPUTS_HEAD,
     DEFAULT_OUTPUT,
     HEADER_LENGTH,
+    OUTPUTS_HEAD,
     TENSORS_CONTENT_TYPE,
     OutputTensor,
     V2Request,
     split_binary_body,
 )
-from archiver.serving.protocols.oip_values import _LENGTH
+from archiver.serving.protocols.oip_values import ELEMENT_LENGTH
 from archiver.serving.protocols.records import InferenceResponse
 
 
@@ -71,7 +71,8 @@ def answer_outputs(answer: InferenceResponse) -> list[OutputTensor]:
         return answer.outputs
     mime = (answer.content_type or "").split(";", 1)[0].strip().lower()
     if mime != TENSORS_CONTENT_TYPE:
-        return [OutputTensor(DEFAULT_OUTPUT, "BYTES", [1], _LENGTH.pack(len(answer.body)) + answer.body)]
+        data = ELEMENT_LENGTH.pack(len(answer.body)) + answer.body
+        return [OutputTensor(DEFAULT_OUTPUT, "BYTES", [1], data)]
     length = answer.headers.get(HEADER_LENGTH)
     try:
         head, binary = split_binary_body(answer.body, length)
@@ -199,7 +200,7 @@ def _pass_through(
     except (KeyError, ValueError):
         return None
     body = answer.body
-    if not body.startswith(_OUTPUTS_HEAD) or not 0 < length <= len(body):
+    if not body.startswith(OUTPUTS_HEAD) or not 0 < length <= len(body):
         return None
     prefix = _response_prefix(response["model_name"], response.get("model_version"), response.get("id"))
     head_length = len(prefix) + length - 1

@@ -24,7 +24,7 @@ BODY_MAX_INPUTS = "x-archiver-max-inputs"
 # What a worker answers a v2 request with: a binary-extension body, every output binary.
 TENSORS_CONTENT_TYPE = "application/vnd.model-archiver.tensors"
 DEFAULT_OUTPUT = "output-0"
-_OUTPUTS_HEAD = b'{"outputs":'  # how encode_outputs starts a worker's tensor body
+OUTPUTS_HEAD = b'{"outputs":'  # how encode_outputs starts a worker's tensor body
 
 
 # ---- records -------------------------------------------------------------------------------------

@@ -36,18 +36,20 @@ DATATYPES: dict[str, tuple[str, int]] = {
     "BF16": ("", 2),
     "BYTES": ("", 0),
 }
-_LENGTH = struct.Struct("<I")
-_LENGTH = struct.Struct("<I")
+# The 4-byte little-endian length before each BYTES element (the binary extension's layout).
+ELEMENT_LENGTH = struct.Struct("<I")
 
 
-def _check_datatype(datatype: Any, what: str) -> str:
+def check_datatype(datatype: Any, what: str) -> str:
+    """``datatype`` when it is one of ``DATATYPES``; else TensorRequestError (400) naming ``what``."""
     if not isinstance(datatype, str) or datatype not in DATATYPES:
         known = ", ".join(DATATYPES)
         raise TensorRequestError(f"{what} has unknown datatype {datatype!r} (known: {known})")
     return datatype
 
 
-def _check_shape(shape: Any, what: str) -> list[int]:
+def check_shape(shape: Any, what: str) -> list[int]:
+    """``shape`` when it is a list of integers >= 0, at most MAX_JSON_DEPTH long; else TensorRequestError."""
     ok = type(shape) is list and all(type(d) is int and d >= 0 for d in shape)  # bool is not int here
     if not ok:
         raise TensorRequestError(f"{what} needs a shape that is a list of integers >= 0, got {shape!r}")
@@ -102,7 +104,7 @@ def pack_values(datatype: str, values: list[Any], what: str) -> tuple[bytes, boo
                 v, text = v.encode("utf-8"), True
             elif not isinstance(v, (bytes, bytearray, memoryview)):
                 raise TensorRequestError(f"{what} is BYTES: its elements must be strings, got {v!r:.40}")
-            out += _LENGTH.pack(len(v))
+            out += ELEMENT_LENGTH.pack(len(v))
             out += v
         return bytes(out), text
     if datatype == "BOOL" and not all(isinstance(v, bool) for v in values):
@@ -136,7 +138,7 @@ def split_bytes_elements(data: bytes | bytearray | memoryview, count: int, what:
     while offset < len(view):
         if offset + 4 > len(view):
             raise TensorRequestError(f"{what}: a BYTES element's 4-byte length is cut off")
-        (size,) = _LENGTH.unpack_from(view, offset)
+        (size,) = ELEMENT_LENGTH.unpack_from(view, offset)
         offset += 4
         if offset + size > len(view):
             raise TensorRequestError(f"{what}: a BYTES element of {size} bytes runs past its data")

@@ -20,7 +20,14 @@ from typing import Any
 
 from archiver import __version__
 from archiver.config import ModelConfig, parse_model_config
-from archiver.errors import ArchiverError, ConfigError, HandlerError, HandlerInputError, IntegrityError
+from archiver.errors import (
+    ArchiverError,
+    ConfigError,
+    HandlerError,
+    HandlerInputError,
+    IntegrityError,
+    reason,
+)
 from archiver.handler_spec import BUILTIN_HANDLERS, parse_handler
 from archiver.manifest import Manifest
 from archiver.reader import open_archive
@@ -161,7 +168,7 @@ def _resolve_entry_point(handler: str, model_dir: Path, context: Any) -> tuple[E
     try:
         instance = handler_class()
     except (Exception, SystemExit) as exc:
-        raise HandlerError(f"handler {handler!r}: {handler_class.__name__}() failed: {_reason(exc)}") from exc
+        raise HandlerError(f"handler {handler!r}: {handler_class.__name__}() failed: {reason(exc)}") from exc
     entry = getattr(instance, "handle", None)
     if not callable(entry):
         raise HandlerError(f"handler {handler!r}: class {handler_class.__name__} has no handle method")
@@ -184,7 +191,7 @@ def _import_handler_module(module_name: str, model_dir: Path, handler: str) -> A
     try:
         module = importlib.import_module(target)
     except (Exception, SystemExit) as exc:
-        raise HandlerError(f"handler {handler!r} failed to import: {_reason(exc)}") from exc
+        raise HandlerError(f"handler {handler!r} failed to import: {reason(exc)}") from exc
     origin = Path(getattr(module, "__file__", None) or "/").resolve()
     if target == module_name and model_dir.resolve() not in origin.parents:
         raise HandlerError(
@@ -215,12 +222,7 @@ def _run_init(call: Callable[[], Any], handler: str) -> None:
     except ArchiverError as exc:
         raise HandlerError(f"handler {handler!r} failed to initialize: {exc.message}") from exc
     except (Exception, SystemExit) as exc:
-        raise HandlerError(f"handler {handler!r} failed to initialize: {_reason(exc)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise HandlerError(f"handler {handler!r} failed to initialize: {reason(exc)}") from exc
 
 
 class LoadedModel:
