@@ -24,7 +24,6 @@ from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.protocols import oip
 from archiver.serving.protocols.http_codec import (
     error_http_response,
-    http_response,
     mime_type,
     response_headers,
 )
@@ -185,9 +184,9 @@ async def _predictions(host: ModelHost, call: Call, explain: bool) -> Reply:
         raw = await call.body.inference(request_id)
         if explain:
             raw.headers["explain"] = "True"
-        status, headers, body = http_response(
-            await host.predict(model.name, call.params.get("version"), raw), request_id
-        )
+        # checked once where it was made (worker/handler_answers.py, protocols/wire.py): sent as it is
+        answer = await host.predict(model.name, call.params.get("version"), raw)
+        status, headers, body = answer.status, response_headers(answer, request_id), answer.body
     except ArchiverError as exc:
         status, headers, body = error_http_response(exc, request_id)
     return Reply(status, headers, body, close=status in (408, 413), label=label)
