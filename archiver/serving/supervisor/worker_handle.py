@@ -112,8 +112,17 @@ class WorkerProcess:
     # ---- life ----------------------------------------------------------------------------------
     async def start(self, timeout_s: float) -> None:
         """Spawn the process and wait until its handler is initialized (WorkerStartError if not)."""
-        loop = asyncio.get_running_loop()
-        self._exit = loop.create_future()
+        self._exit = asyncio.get_running_loop().create_future()
+        ours = await self._spawn()
+        await self._attach(ours)
+        started = time.perf_counter()
+        frame = await self._handshake(timeout_s)
+        self.load_time_s = time.perf_counter() - started
+        self.device = frame.header.get("device") if isinstance(frame.header.get("device"), str) else None
+        self.state = WorkerState.IDLE
+
+    async def _spawn(self) -> socket.socket:
+        """Start the process with its end of a socket pair and a lifeline pipe; return our end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         life_read, life_write = os.pipe()
         self._lifeline = life_write
@@ -143,6 +152,12 @@ class WorkerProcess:
             theirs.close()
             os.close(life_read)
         self.pid = self._proc.pid
+        return ours
+
+    async def _attach(self, ours: socket.socket) -> None:
+        """Connect to the spawned process and start reading its output and watching for its end."""
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         self.output = WorkerOutput(f"[{self.spec.model} w{self.slot} pid {self.pid}] ")
         self._pumps = [
@@ -150,6 +165,10 @@ class WorkerProcess:
             loop.create_task(self.output.pump(self._proc.stderr, keep_tail=True)),
         ]
         self._watcher = loop.create_task(self._watch())  # held: the loop keeps only weak references
+
+    async def _handshake(self, timeout_s: float) -> wire.Frame:
+        """Send the init frame and wait for "ready" (WorkerStartError for anything else, or none)."""
+        assert self._reader is not None and self._writer is not None
         init = {
             "source": self.spec.source,
             "name": self.spec.model,
@@ -159,7 +178,6 @@ class WorkerProcess:
             "gpu_id": self.spec.gpu_id,
             "signed_sha256": self.spec.signed_sha256,
         }
-        started = time.perf_counter()
         try:
             self._writer.writelines(wire.frame_chunks("init", init))
             await self._writer.drain()
@@ -181,9 +199,7 @@ class WorkerProcess:
         if frame.kind != "ready":
             self.kill("exit", f"sent {frame.kind!r} instead of ready")
             raise WorkerStartError(f"{self.name} answered its start with {frame.kind!r}", cause="exit")
-        self.load_time_s = time.perf_counter() - started
-        self.device = frame.header.get("device") if isinstance(frame.header.get("device"), str) else None
-        self.state = WorkerState.IDLE
+        return frame
 
     async def _watch(self) -> None:
         """Wait for the process to end, then record how (the one place that sets ``exited``)."""
