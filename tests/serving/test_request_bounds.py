@@ -123,3 +123,28 @@ def test_a_multipart_part_whose_headers_cannot_be_read_is_a_400_in_one_line(serv
     assert reply.status == 400  # was a 500 quoting aiohttp's parser, over two lines
     assert reply.json()["message"] == "malformed multipart body: a part's headers cannot be read"
     assert call("POST", server.url() + "/predictions/echo", b"hi").status == 200
+
+
+def test_a_form_is_counted_and_parsed_on_the_same_boundary(table):
+    """A Content-Type with a look-alike parameter (``xboundary=B; boundary=Z``) once had the field count
+    read boundary Z (no fields: not over the limit) while the parser split the body on B (5 fields past
+    the limit of 4 reached the handler, a 200). Both read one parser's boundary now: Z, not in the body."""
+    body, _ = multipart(5)
+    headers = {"Content-Type": "multipart/form-data; xboundary=B; boundary=Z"}
+    status, _, answer = asyncio.run(dispatch(table, "POST", "/predictions/echo", headers, body, 10**7, 4))
+    assert status == 400
+    assert (
+        json.loads(answer)["message"] == "malformed multipart body: it does not end with the closing boundary"
+    )
+    status, _, _ = asyncio.run(
+        dispatch(
+            table,
+            "POST",
+            "/predictions/echo",
+            {"Content-Type": "multipart/form-data; boundary=B"},
+            body,
+            10**7,
+            4,
+        )
+    )
+    assert status == 413

@@ -8,7 +8,6 @@ headers and body, through the functions here, so a handler answers alike on ever
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 import uuid
 from collections.abc import Mapping
@@ -16,19 +15,14 @@ from email.parser import BytesHeaderParser
 
 from archiver.errors import RequestTooLargeError, UsageError
 from archiver.serving.protocols.answer_checks import checked
+from archiver.serving.protocols.media_types import boundary, mime_type
 from archiver.serving.protocols.records import InferenceResponse, response_for_exception
 from archiver.serving.protocols.wire import RawRequest, client_headers
 
 # TorchServe's default max_request_size.
 DEFAULT_MAX_REQUEST_SIZE = 6553500
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 Part = tuple[str, bytes, str]
-
-
-def mime_type(content_type: str | None) -> str:
-    """``text/plain; charset=utf-8`` → ``text/plain`` (lower case, no parameters)."""
-    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 def last_wins(parts: list[Part]) -> list[Part]:
@@ -48,10 +42,10 @@ def form_parts(body: bytes) -> list[Part]:
 
 def multipart_parts(body: bytes, content_type: str) -> list[Part]:
     """A whole ``multipart/form-data`` body as one part per field; a malformed one is a UsageError."""
-    found = _BOUNDARY.search(content_type)
-    if not found:
+    token = boundary(content_type)
+    if not token:
         raise UsageError("malformed multipart body: the Content-Type has no boundary")
-    delimiter = b"--" + found.group(1).encode("latin-1")
+    delimiter = b"--" + token
     chunks = body.split(delimiter)
     if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
         raise UsageError("malformed multipart body: it does not end with the closing boundary")

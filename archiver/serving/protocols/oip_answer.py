@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archiver.errors import ArchiverError, TensorRequestError
+from archiver.serving.protocols.media_types import mime_type
 from archiver.serving.protocols.oip_records import (
     DEFAULT_OUTPUT,
     HEADER_LENGTH,
@@ -69,7 +70,7 @@ def answer_outputs(answer: InferenceResponse) -> list[OutputTensor]:
     """
     if isinstance(answer, OutputsResponse):
         return answer.outputs
-    mime = (answer.content_type or "").split(";", 1)[0].strip().lower()
+    mime = mime_type(answer.content_type)
     if mime != TENSORS_CONTENT_TYPE:
         data = ELEMENT_LENGTH.pack(len(answer.body)) + answer.body
         return [OutputTensor(DEFAULT_OUTPUT, "BYTES", [1], data)]

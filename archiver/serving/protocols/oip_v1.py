@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from archiver.errors import TensorRequestError
+from archiver.serving.protocols.media_types import mime_type
 from archiver.serving.protocols.oip_values import load_json
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, check_items
@@ -181,7 +182,7 @@ def v1_raw_request(instance: Any, request_id: str, headers: dict[str, str] | Non
 
 def v1_prediction(answer: InferenceResponse) -> Any:
     """One handler answer as a v1 prediction: JSON as parsed, text as str, other bytes as {"b64"}."""
-    mime = (answer.content_type or "").split(";", 1)[0].strip().lower()
+    mime = mime_type(answer.content_type)
     if mime == "application/json":
         try:
             return json.loads(answer.body)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archiver.errors import ArchiverError, HandlerInputError
+from archiver.serving.protocols.media_types import mime_type
 from archiver.serving.protocols.redaction import public_message
 
 
@@ -50,7 +51,7 @@ def decode_param(value: bytes, content_type: str | None) -> Any:
     A JSON body that does not parse is kept as raw bytes, as TorchServe does, so the handler can decide;
     one nested deeper than the parser's recursion limit is a HandlerInputError (400) for its request.
     """
-    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    mime = mime_type(content_type)
     if mime == "application/json":
         try:
             return json.loads(value)

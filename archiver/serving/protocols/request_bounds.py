@@ -12,7 +12,7 @@ part. No aiohttp and no torch: the bundled server, Ray Serve and KServe hosts al
 from __future__ import annotations
 
 from archiver.errors import RequestTooLargeError, ServiceUnavailableError
-from archiver.serving.protocols.http_codec import mime_type
+from archiver.serving.protocols.media_types import boundary, mime_type
 
 # One request never needs more items than the largest batch a model may run (settings_bounds:
 # batch_size <= 1024), and 1024 small items cost the front a few MB at most.
@@ -50,15 +50,7 @@ def form_fields_at_most(body: bytes, content_type: str | None) -> int:
         return body.count(b"&") + 1
     if mime != "multipart/form-data":
         return 0
-    boundary = _boundary(content_type or "")
-    if not boundary:
+    token = boundary(content_type)
+    if not token:
         return 0  # the multipart parser refuses it, with its own message
-    return max(0, body.count(b"--" + boundary) - 1)
-
-
-def _boundary(content_type: str) -> bytes:
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.strip().lower() == "boundary":
-            return value.strip().strip('"').encode("latin-1", "replace")
-    return b""
+    return max(0, body.count(b"--" + token) - 1)

@@ -31,6 +31,7 @@ from archiver.errors import (
 from archiver.handler_spec import BUILTIN_HANDLERS, parse_handler
 from archiver.manifest import Manifest
 from archiver.reader import open_archive
+from archiver.serving.protocols.media_types import mime_type
 from archiver.serving.protocols.oip import PROTOCOL_HEADER, V2_BODY
 from archiver.serving.protocols.records import (
     InferenceRequest,
@@ -343,7 +344,7 @@ def _decode_response(response: InferenceResponse) -> Any:
         error = cls(response.message or f"request failed with {response.status}")
         error.http_status = response.status
         return error
-    mime = (response.content_type or "").split(";", 1)[0].strip().lower()
+    mime = mime_type(response.content_type)
     if mime == "application/json":
         return json.loads(response.body)
     if mime.startswith("text/"):
