@@ -18,9 +18,11 @@ class ArchiverError(Exception):
     exit_code: int = 1
     http_status: int = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, http_status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if http_status is not None:  # this one error's own status (an answer from a worker carried it)
+            self.http_status = http_status
 
     def __str__(self) -> str:
         return self.message
@@ -166,6 +168,11 @@ class WorkerDiedError(ArchiverError):
     """The worker process ended while it held a batch; every request of the batch gets this 500."""
 
     http_status = 500
+
+
+class WireError(ArchiverError):
+    """A peer on the front-worker socket sent something that is not a frame of ours (broken or hostile),
+    or a frame is too large to send."""
 
 
 class WorkerGoneError(ArchiverError):

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from archiver.errors import WireError
 from archiver.serving.protocols.answer_checks import checked
 from archiver.serving.protocols.records import InferenceRequest, InferenceResponse, decode_param
 
@@ -32,10 +33,6 @@ MAX_PAYLOAD_BYTES = 2**32 - 1
 # Request headers with this prefix are a host's notes to the worker (which protocol a body is in, its v2
 # head's length, the inputs it may hold): the front and the engine hosts set them, clients never do.
 INTERNAL_HEADER_PREFIX = "x-archiver-"
-
-
-class WireError(Exception):
-    """The peer sent something that is not a frame (it is broken or not one of ours)."""
 
 
 @dataclass

@@ -341,9 +341,7 @@ def _encode_payload(payload: Any) -> tuple[bytes, str]:
 def _decode_response(response: InferenceResponse) -> Any:
     if not response.ok:
         cls = HandlerInputError if response.status == 400 else ArchiverError
-        error = cls(response.message or f"request failed with {response.status}")
-        error.http_status = response.status
-        return error
+        return cls(response.message or f"request failed with {response.status}", http_status=response.status)
     mime = mime_type(response.content_type)
     if mime == "application/json":
         return json.loads(response.body)

@@ -19,6 +19,7 @@ import threading
 import traceback
 from typing import Any
 
+from archiver.errors import ArchiverError, WireError
 from archiver.serving.protocols import wire
 from archiver.serving.protocols.records import InferenceResponse, error_response
 
@@ -94,7 +95,7 @@ def serve_batches(sock: socket.socket) -> int:
     if init is None:
         return 0
     if init.kind != "init":
-        raise wire.WireError(f"expected an init frame, got {init.kind!r}")
+        raise WireError(f"expected an init frame, got {init.kind!r}")
     try:
         model = _load(init.header)
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, not raised
@@ -125,7 +126,7 @@ def serve_batches(sock: socket.socket) -> int:
         if frame is None:
             return 0
         if frame.kind != "batch":
-            raise wire.WireError(f"unexpected frame {frame.kind!r}")
+            raise WireError(f"unexpected frame {frame.kind!r}")
         batch_id, raw = wire.read_batch(frame)
         # Tell the server the batch is ours before the handler touches it: if this process dies
         # before that, the server knows the batch never ran and gives it to another worker.
@@ -151,7 +152,7 @@ def answer_batch(model: Any, raw: list[wire.RawRequest]) -> list[InferenceRespon
     try:
         answered = model.handle(requests) if requests else []
         if len(answered) != len(requests):
-            raise wire.WireError(f"{len(answered)} answers for {len(requests)} requests")
+            raise WireError(f"{len(answered)} answers for {len(requests)} requests")
     except Exception as exc:  # noqa: BLE001 - the last line of defence: the batch fails, not the worker
         traceback.print_exc()
         answered = [_failure(exc, 500) for _ in requests]
@@ -160,7 +161,6 @@ def answer_batch(model: Any, raw: list[wire.RawRequest]) -> list[InferenceRespon
 
 
 def _failure(exc: BaseException, status: int) -> InferenceResponse:
-    from archiver.errors import ArchiverError
     from archiver.serving.protocols.redaction import public_message
 
     if isinstance(exc, ArchiverError):
@@ -175,12 +175,12 @@ def _answers_frame(
     answers themselves cannot (over the wire's 4 GiB), each request gets a 500 saying so."""
     try:
         return wire.answers_frame(batch_id, responses, metrics)
-    except (TypeError, ValueError, RecursionError, wire.WireError):
+    except (TypeError, ValueError, RecursionError, WireError):
         pass
     try:
         return wire.answers_frame(batch_id, responses)
-    except (TypeError, ValueError, RecursionError, wire.WireError) as exc:
-        failed = _failure(wire.WireError(f"the batch's answers cannot be sent: {exc}"), 500)
+    except (TypeError, ValueError, RecursionError, WireError) as exc:
+        failed = _failure(WireError(f"the batch's answers cannot be sent: {exc}"), 500)
         return wire.answers_frame(batch_id, [failed for _ in responses])
 
 
@@ -196,7 +196,7 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=sock_fd)
     try:
         return serve_batches(sock)
-    except (wire.WireError, BrokenPipeError, ConnectionResetError) as exc:
+    except (WireError, BrokenPipeError, ConnectionResetError) as exc:
         print(f"worker: connection to the server lost: {exc}", file=sys.stderr)
         return 1
     finally:
