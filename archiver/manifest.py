@@ -90,14 +90,6 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     model_extra: dict[str, Any] = field(default_factory=dict)
 
-    def referenced_files(self) -> list[str]:
-        """Archive paths the manifest names and that must therefore be present."""
-        names = [self.serialized_file, self.model_file, self.requirements_file, self.config_file]
-        handler_file = self.handler_file()
-        if handler_file:
-            names.append(handler_file)
-        return [n for n in names if n]
-
     def handler_file(self) -> str | None:
         """The archive path of a custom handler module, or None for a built-in handler."""
         from archiver.handler_spec import handler_file_in_archive

@@ -422,12 +422,6 @@ def _explicit_output(spec: Any) -> oip.OutputTensor:
     return oip.OutputTensor(tensor.name, tensor.datatype, tensor.shape, tensor.data)
 
 
-def encode_answer(answer: Any, names: list[str] | None = None) -> tuple[bytes, str, dict[str, str]]:
-    """(body, content type, headers) of a v2 answer as the worker sends it to the front."""
-    body, length = oip.encode_outputs(answer_outputs(answer, names))
-    return body, oip.TENSORS_CONTENT_TYPE, {oip.HEADER_LENGTH: str(length)}
-
-
 def signature_output_names(model_yaml_config: dict[str, Any] | None) -> list[str]:
     """The output names model-config.yaml declares under ``signature: {outputs: [{name: ...}]}``."""
     signature = (model_yaml_config or {}).get("signature")
