@@ -23,6 +23,7 @@ from archiver.errors import RequestTimeoutError, ServiceUnavailableError
 from archiver.serving.protocols.records import InferenceResponse, response_for_exception
 from archiver.serving.protocols.request_bounds import check_queue_room
 from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.supervisor.states import ModelState, unavailable
 
 BatchObserver = Callable[[int], None]
 
@@ -115,7 +116,7 @@ class Batcher:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise ServiceUnavailableError(f'model "{self.name}" is shutting down')
+            raise unavailable(self.name, ModelState.STOPPED)
 
     def _enqueue(self, request: RawRequest, timeout_s: float | None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
