@@ -14,7 +14,8 @@ from typing import Any
 
 from archiver.errors import HandlerError
 from handlers.input_dtypes import as_dtype
-from handlers.tensors import TensorAnswer, TensorRow, datatype_of, torch_dtype
+from handlers.tensor_answers import TensorAnswer
+from handlers.tensors import TensorRow, datatype_of, torch_dtype
 
 
 def _key(row: TensorRow) -> tuple[Any, ...]:

@@ -27,8 +27,8 @@ How a v2 request reaches the worker without a change to the wire format: the req
 (ids, names, datatypes, shapes, parameters) travels as the part ``REQUEST_PART`` and each input's
 bytes (raw little-endian, or BYTES elements each with a 4-byte little-endian length, as in the binary
 extension) as the part ``INPUT_PART_PREFIX + index``; the header ``PROTOCOL_HEADER`` marks the
-request. The worker (``handlers.tensors``) turns them into the handler's row and encodes its answer
-as a binary-extension body (content type ``TENSORS_CONTENT_TYPE``), which
+request. The worker turns them into the handler's row (``handlers.tensors``) and encodes its answer
+(``handlers.tensor_answers``) as a binary-extension body (content type ``TENSORS_CONTENT_TYPE``), which
 ``build_infer_response`` re-packs as the client asked (JSON or binary, outputs filtered by name).
 The bundled server hands the body over whole instead (``body_raw_request``, answered finished by
 ``oip_worker``). Tensor values and bytes live in ``oip_values``, the records and the binary framing in

@@ -99,13 +99,13 @@ def tensor_rows(requests: list[InferenceRequest], data: list[dict[str, Any]]) ->
 
 
 def output_names(context: Any) -> list[str]:
-    from handlers.tensors import signature_output_names
+    from handlers.tensor_answers import signature_output_names
 
     return signature_output_names(context.model_yaml_config)
 
 
 def _tensor_outputs(answer: Any, names: list[str] | None) -> list[Any]:
-    from handlers.tensors import answer_outputs
+    from handlers.tensor_answers import answer_outputs
 
     try:
         return answer_outputs(answer, names)
