@@ -16,6 +16,7 @@ import click
 import yaml
 
 from archiver.errors import ConfigError, UsageError
+from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_SIZE
 
 # Built-in defaults, chosen by measurement on a 2-core machine (README, "Batching").
 DEFAULTS: dict[str, Any] = {
@@ -23,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "port": 8080,
     "management_port": 8081,
     "metrics_port": 8082,
-    "max_request_size": 6553500,
+    "max_request_size": DEFAULT_MAX_REQUEST_SIZE,
     "workers": 1,
     "batch_size": 1,
     "max_batch_delay": 5.0,
@@ -137,7 +138,9 @@ def _is_archive(path: Path) -> bool:
 @click.option("--max-batch-delay", type=float, help="Ms to wait for a batch to fill. [default: 5]")
 @click.option("--response-timeout", type=float, help="Seconds before 504.  [default: 120]")
 @click.option("--job-queue-size", type=int, help="Queued requests per model before 503. [100]")
-@click.option("--max-request-size", type=int, help="Body limit in bytes.  [default: 6553500]")
+@click.option(
+    "--max-request-size", type=int, help=f"Body limit in bytes.  [default: {DEFAULT_MAX_REQUEST_SIZE}]"
+)
 @click.option(
     "--max-request-items",
     type=int,

@@ -30,13 +30,12 @@ from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.parse_errors import JsonErrorRunner
 from archiver.serving.front.site_guard import SiteRules
-from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS
+from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_ITEMS, DEFAULT_MAX_REQUEST_SIZE
 from archiver.serving.supervisor.devices import server_gpus
 from archiver.serving.supervisor.registry import ModelEntry, ModelRegistry, ModelSettings
 from archiver.serving.supervisor.signature_gate import SignatureGate
 from archiver.serving.supervisor.states import ModelState
 
-DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size
 T = TypeVar("T")
 
 

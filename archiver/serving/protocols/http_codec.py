@@ -17,10 +17,8 @@ from archiver.errors import RequestTooLargeError, UsageError
 from archiver.serving.protocols.answer_checks import checked
 from archiver.serving.protocols.media_types import boundary, mime_type
 from archiver.serving.protocols.records import InferenceResponse, response_for_exception
+from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_SIZE
 from archiver.serving.protocols.wire import RawRequest, client_headers
-
-# TorchServe's default max_request_size.
-DEFAULT_MAX_REQUEST_SIZE = 6553500
 
 Part = tuple[str, bytes, str]
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from archiver.errors import RequestTooLargeError, ServiceUnavailableError
 from archiver.serving.protocols.media_types import boundary, mime_type
 
+# The largest request body in bytes by default (TorchServe's max_request_size); every host's default.
+DEFAULT_MAX_REQUEST_SIZE = 6553500
 # One request never needs more items than the largest batch a model may run (settings_bounds:
 # batch_size <= 1024), and 1024 small items cost the front a few MB at most.
 DEFAULT_MAX_REQUEST_ITEMS = 1024
