@@ -71,6 +71,29 @@ def load_model(
     server calls it once per worker. Raises ArchiverError subclasses with the reason.
     """
     started = time.perf_counter()
+    manifest, model_dir = _unpack(source, cache_dir, signed_sha256)
+    config = _read_config(model_dir, manifest)
+    context = _handler_context(
+        name or manifest.model_name, manifest, model_dir, config, gpu_id, batch_size, limit_max_image_pixels
+    )
+    entry_point, handler = _start_handler(manifest, model_dir, context)
+    return LoadedModel(
+        name=context.model_name,
+        version=manifest.model_version or "1.0",
+        manifest=manifest,
+        model_dir=model_dir,
+        config=config,
+        context=context,
+        entry_point=entry_point,
+        handler=handler,
+        load_time_s=time.perf_counter() - started,
+    )
+
+
+def _unpack(
+    source: str | Path, cache_dir: str | Path | None, signed_sha256: str | None
+) -> tuple[Manifest, Path]:
+    """The archive's manifest and the cache folder it is unpacked in; a C++ (LSP) archive is refused."""
     with open_archive(source) as reader:
         manifest = reader.manifest
         if manifest.runtime == "LSP":
@@ -78,12 +101,23 @@ def load_model(
                 f"{manifest.model_name} is a C++ (runtime LSP) archive; only Python handlers are served here"
             )
         model_dir, _ = unpack_cached(reader, cache_dir, signed_sha256=signed_sha256)
-    config = _read_config(model_dir, manifest)
-    from handlers._ts_compat import ts_compat_aliases
+    return manifest, model_dir
+
+
+def _handler_context(
+    name: str,
+    manifest: Manifest,
+    model_dir: Path,
+    config: ModelConfig,
+    gpu_id: int | None,
+    batch_size: int,
+    limit_max_image_pixels: bool,
+) -> Any:
+    """The ``Context`` a handler's ``initialize`` gets (TorchServe's), with PIL's pixel limit set to match."""
     from handlers.context import Context
 
     context = Context(
-        model_name=name or manifest.model_name,
+        model_name=name,
         model_dir=str(model_dir),
         manifest=manifest.to_dict(),
         batch_size=max(1, int(batch_size)),
@@ -97,9 +131,18 @@ def load_model(
 
         # TorchServe's meaning of limit_max_image_pixels=false; PIL keeps this limit process-wide.
         Image.MAX_IMAGE_PIXELS = None
+    return context
+
+
+def _start_handler(manifest: Manifest, model_dir: Path, context: Any) -> tuple[EntryPoint, Any]:
+    """The handler's entry point and instance, initialized in the archive's own imports; a failure keeps
+    the frames in the archive's files and, when an import failed and the archive lists requirements, says
+    how to install them."""
+    from handlers._ts_compat import ts_compat_aliases
+
     try:
         with isolated_imports(model_dir), ts_compat_aliases():
-            entry_point, handler = _resolve_entry_point(manifest.handler, model_dir, context)
+            return _resolve_entry_point(manifest.handler, model_dir, context)
     except HandlerError as exc:
         exc.trace = user_trace(exc, model_dir)  # the frames in the archive's files, for the caller to show
         if manifest.requirements_file and _caused_by(exc, ImportError):
@@ -111,17 +154,6 @@ def load_model(
             error.trace = exc.trace
             raise error from exc
         raise
-    return LoadedModel(
-        name=context.model_name,
-        version=manifest.model_version or "1.0",
-        manifest=manifest,
-        model_dir=model_dir,
-        config=config,
-        context=context,
-        entry_point=entry_point,
-        handler=handler,
-        load_time_s=time.perf_counter() - started,
-    )
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
