@@ -27,9 +27,9 @@ from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor.model_entry import ModelEntry
 from archiver.serving.supervisor.registry import ModelRegistry
+from archiver.serving.supervisor.states import ModelState
 
-# A model state's value (the state is a str enum): the one that takes requests.
-_READY = "READY"
+_READY = ModelState.READY
 
 
 class RegistryHost:
