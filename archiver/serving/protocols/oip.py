@@ -66,6 +66,9 @@ from archiver.serving.protocols.oip_records import (  # noqa: F401 - re-exported
     OutputTensor,
     RequestedOutput,
     V2Request,
+    input_head,
+    request_head,
+    requested_outputs,
     split_binary_body,
 )
 from archiver.serving.protocols.oip_v1 import (  # noqa: F401 - the v1 codec, re-exported: hosts use oip.<name>
@@ -180,31 +183,12 @@ def parse_infer_request(
     if cached is not None:
         return cached
     head, binary = split_binary_body(body, header_length)
-    if not isinstance(head, dict):
-        raise TensorRequestError("an infer request must be a JSON object with an 'inputs' list")
-    raw_inputs = head.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise TensorRequestError("an infer request needs 'inputs': a non-empty list of tensors")
-    check_items(len(raw_inputs), max_inputs, "v2 inputs")
-    request_id = head.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise TensorRequestError(f"'id' must be a string, got {request_id!r:.40}")
-    parameters = _parameters(head.get("parameters"), "the request")
+    raw_inputs, request_id, parameters = request_head(head, max_inputs)
     offset = 0
     inputs = []
     all_binary = True
     for index, spec in enumerate(raw_inputs):
-        if not isinstance(spec, dict):
-            raise TensorRequestError(f"inputs[{index}] must be a JSON object")
-        name = spec.get("name")
-        if not isinstance(name, str) or not name:
-            raise TensorRequestError(f"inputs[{index}] needs a 'name' (a non-empty string)")
-        what = f"input {name!r}"
-        datatype = check_datatype(spec.get("datatype"), what)
-        shape = check_shape(spec.get("shape"), what)
-        params = _parameters(spec.get("parameters"), what)
-        if params and any(key.startswith("shared_memory") for key in params):
-            raise TensorRequestError(f"{what}: the shared-memory extension is not supported")
+        name, what, datatype, shape, params = input_head(index, spec)
         size = params.pop("binary_data_size", None) if params else None
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -235,7 +219,7 @@ def parse_infer_request(
         )
     if len(inputs) > 1 and len({i.name for i in inputs}) != len(inputs):
         raise TensorRequestError(f"input names must be unique, got {[i.name for i in inputs]}")
-    request = V2Request(inputs, request_id, _requested_outputs(head.get("outputs")), parameters)
+    request = V2Request(inputs, request_id, requested_outputs(head.get("outputs")), parameters)
     if all_binary and request_id is None:  # a header with an id is seldom sent twice
         _remember_template(body, header_length, request)
     return request
@@ -300,37 +284,6 @@ def _from_template(body: bytes, header_length: int | str | None) -> V2Request | 
     if outputs is not None:
         outputs = [RequestedOutput(o.name, o.binary, dict(o.parameters)) for o in outputs]
     return V2Request(inputs, template.id, outputs, dict(template.parameters))
-
-
-def _parameters(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise TensorRequestError(f"the parameters of {what} must be a JSON object")
-    return dict(value)
-
-
-def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise TensorRequestError("'outputs' must be a list of {\"name\": ...} objects")
-    outputs = []
-    for index, spec in enumerate(value):
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise TensorRequestError(f"outputs[{index}] needs a 'name'")
-        params = _parameters(spec.get("parameters"), f"output {spec['name']!r}")
-        if any(key.startswith("shared_memory") for key in params):
-            raise TensorRequestError(f"output {spec['name']!r}: the shared-memory extension is not supported")
-        if "classification" in params:
-            raise TensorRequestError(
-                f"output {spec['name']!r}: the classification extension is not supported"
-            )
-        binary = params.get("binary_data")
-        if binary is not None and not isinstance(binary, bool):
-            raise TensorRequestError(f"output {spec['name']!r}: binary_data must be true or false")
-        outputs.append(RequestedOutput(spec["name"], binary, params))
-    return outputs
 
 
 # ---- to the worker -------------------------------------------------------------------------------

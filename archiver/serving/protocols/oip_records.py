@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archiver.errors import TensorRequestError
-from archiver.serving.protocols.oip_values import load_json, unpack_values
+from archiver.serving.protocols.oip_values import check_datatype, check_shape, load_json, unpack_values
+from archiver.serving.protocols.request_bounds import check_items
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REQUEST_PART = "oip.request"
@@ -108,3 +109,69 @@ def split_binary_body(body: bytes, header_length: int | str | None) -> tuple[Any
         where = f"JSON header (the first {length} bytes, per {HEADER_LENGTH}; is that length right?)"
         raise TensorRequestError(exc.message.replace("request body", where, 1)) from None
     return head, memoryview(body)[length:]
+
+
+# ---- a request's JSON header, checked -------------------------------------------------------------
+def request_head(head: Any, max_inputs: int) -> tuple[list[Any], str | None, dict[str, Any]]:
+    """A v2 request's JSON header checked at its top level: (its inputs, its id, its parameters).
+    More than ``max_inputs`` inputs is a 413 before any input is looked at."""
+    if not isinstance(head, dict):
+        raise TensorRequestError("an infer request must be a JSON object with an 'inputs' list")
+    raw_inputs = head.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise TensorRequestError("an infer request needs 'inputs': a non-empty list of tensors")
+    check_items(len(raw_inputs), max_inputs, "v2 inputs")
+    request_id = head.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise TensorRequestError(f"'id' must be a string, got {request_id!r:.40}")
+    return raw_inputs, request_id, parameters_of(head.get("parameters"), "the request")
+
+
+def input_head(index: int, spec: Any) -> tuple[str, str, str, list[int], dict[str, Any]]:
+    """One input's description checked, its data aside: (name, how messages name it, datatype, shape,
+    parameters)."""
+    if not isinstance(spec, dict):
+        raise TensorRequestError(f"inputs[{index}] must be a JSON object")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise TensorRequestError(f"inputs[{index}] needs a 'name' (a non-empty string)")
+    what = f"input {name!r}"
+    datatype = check_datatype(spec.get("datatype"), what)
+    shape = check_shape(spec.get("shape"), what)
+    params = parameters_of(spec.get("parameters"), what)
+    if params and any(key.startswith("shared_memory") for key in params):
+        raise TensorRequestError(f"{what}: the shared-memory extension is not supported")
+    return name, what, datatype, shape, params
+
+
+def parameters_of(value: Any, what: str) -> dict[str, Any]:
+    """A ``parameters`` object as a fresh dict ({} when absent); anything but an object is a 400."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TensorRequestError(f"the parameters of {what} must be a JSON object")
+    return dict(value)
+
+
+def requested_outputs(value: Any) -> list[RequestedOutput] | None:
+    """A request's ``outputs`` list checked (no shared memory, no classification), or None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise TensorRequestError("'outputs' must be a list of {\"name\": ...} objects")
+    outputs = []
+    for index, spec in enumerate(value):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise TensorRequestError(f"outputs[{index}] needs a 'name'")
+        params = parameters_of(spec.get("parameters"), f"output {spec['name']!r}")
+        if any(key.startswith("shared_memory") for key in params):
+            raise TensorRequestError(f"output {spec['name']!r}: the shared-memory extension is not supported")
+        if "classification" in params:
+            raise TensorRequestError(
+                f"output {spec['name']!r}: the classification extension is not supported"
+            )
+        binary = params.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise TensorRequestError(f"output {spec['name']!r}: binary_data must be true or false")
+        outputs.append(RequestedOutput(spec["name"], binary, params))
+    return outputs
