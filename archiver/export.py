@@ -67,29 +67,13 @@ def export_model(
     AOTInductor package holds CUDA kernels; where torch has no CUDA it is refused before anything
     is written (``check_device``).
     """
-    if method not in METHODS:
-        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    check_device(method, device)
-    if not isinstance(model, torch.nn.Module):
-        raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise UsageError("example_inputs must be a tensor or a tuple of tensors")
-    if max_batch is not None and method != "aoti":
-        raise UsageError("max_batch applies to method 'aoti' only")
+    inputs = _checked_arguments(model, example_inputs, method, device, max_batch)
     stage = on_stage or (lambda text: None)
     loose = 10.0 if method == "aoti" else 1.0
     rtol = 1e-4 * loose if rtol is None else rtol
     atol = 1e-5 * loose if atol is None else atol
     if method == "aoti":
-        _aoti.check_compiler()
-        example_batch = _aoti.batch_size_of(inputs)
-        max_batch = example_batch if max_batch is None else max_batch
-        if max_batch < 1 or example_batch > max_batch:
-            raise UsageError(
-                f"--max-batch {max_batch} is below the example's batch ({example_batch}); the package "
-                "is checked at its example's batch, so the example must fit"
-            )
+        max_batch = _aoti_max_batch(inputs, max_batch)
     path = Path(path)
     model.eval()
     if device != "cpu":
@@ -100,28 +84,79 @@ def export_model(
             expected = model(*inputs)
         except Exception as exc:
             raise ExportError(f"the model fails on the example input: {reason(exc)}") from exc
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(
-            # aoti_compile_and_package insists on a .pt2 name, whatever the user calls the file.
-            prefix=f".{path.name}.{os.getpid()}.",
-            suffix=".pt2" if method == "aoti" else path.suffix,
-            dir=path.parent,
-        )
-        os.close(fd)
-        temp = Path(temp_name)
-        try:
-            if method == "aoti":
-                _aoti.compile_package(model, inputs, temp, max_batch=max_batch, stage=stage)
-                _check_package(model, inputs, temp, max_batch, stage, rtol=rtol, atol=atol)
-            else:
-                _save(model, inputs, temp, method, stage)
-                actual = _load_and_run(temp, inputs, method)
-                _compare(expected, actual, rtol=rtol, atol=atol, method=method)
-            os.chmod(temp, 0o644)
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        _write_checked(model, inputs, expected, path, method, max_batch, stage, rtol=rtol, atol=atol)
     return path
+
+
+def _checked_arguments(
+    model: Any,
+    example_inputs: Any,
+    method: str,
+    device: str,
+    max_batch: int | None,
+) -> tuple[torch.Tensor, ...]:
+    """``export_model``'s arguments checked before any work: the example inputs as a tuple of tensors."""
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_device(method, device)
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise UsageError("example_inputs must be a tensor or a tuple of tensors")
+    if max_batch is not None and method != "aoti":
+        raise UsageError("max_batch applies to method 'aoti' only")
+    return inputs
+
+
+def _aoti_max_batch(inputs: tuple[torch.Tensor, ...], max_batch: int | None) -> int:
+    """The largest batch an AOTInductor package takes (default: the example's), once a compiler is found."""
+    _aoti.check_compiler()
+    example_batch = _aoti.batch_size_of(inputs)
+    max_batch = example_batch if max_batch is None else max_batch
+    if max_batch < 1 or example_batch > max_batch:
+        raise UsageError(
+            f"--max-batch {max_batch} is below the example's batch ({example_batch}); the package "
+            "is checked at its example's batch, so the example must fit"
+        )
+    return max_batch
+
+
+def _write_checked(
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    expected: Any,
+    path: Path,
+    method: str,
+    max_batch: int | None,
+    stage: Callable[[str], None],
+    *,
+    rtol: float,
+    atol: float,
+) -> None:
+    """Export into a temporary file beside ``path``, load it back and compare with ``expected``, and only
+    then move it to ``path``: a failed check leaves no file, and never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(
+        # aoti_compile_and_package insists on a .pt2 name, whatever the user calls the file.
+        prefix=f".{path.name}.{os.getpid()}.",
+        suffix=".pt2" if method == "aoti" else path.suffix,
+        dir=path.parent,
+    )
+    os.close(fd)
+    temp = Path(temp_name)
+    try:
+        if method == "aoti":
+            _aoti.compile_package(model, inputs, temp, max_batch=max_batch, stage=stage)
+            _check_package(model, inputs, temp, max_batch, stage, rtol=rtol, atol=atol)
+        else:
+            _save(model, inputs, temp, method, stage)
+            actual = _load_and_run(temp, inputs, method)
+            _compare(expected, actual, rtol=rtol, atol=atol, method=method)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def check_device(method: str, device: str) -> None:
