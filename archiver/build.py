@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from archiver import __version__
-from archiver._plan import ARCHIVE_FORMATS, check_choices, plan_inputs
+from archiver._plan import ARCHIVE_FORMATS, BuildPlan, check_choices, plan_inputs
 from archiver._writers import Progress, write_folder, write_tgz, write_zip
 from archiver.errors import ArchiverError, OutputExistsError
 from archiver.manifest import Manifest, check_model_name, created_on_now
@@ -67,10 +67,7 @@ def build_archive(
         config_file=config_file,
     )
     export_dir = Path(export_path)
-    if export_dir.exists() and not export_dir.is_dir():
-        raise ArchiverError(f"--export-path {export_dir} exists and is not a folder")
-    target = target_path(export_dir, model_name, archive_format)
-    _check_target(target, archive_format, force)
+    target = _checked_target(export_dir, model_name, archive_format, force)
     manifest = Manifest(
         model_name=model_name,
         handler=plan.handler_value,
@@ -85,16 +82,37 @@ def build_archive(
     )
     export_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
+    _write_archive(target, plan, manifest, archive_format, model_name, on_progress)
+    return target
+
+
+def _checked_target(export_dir: Path, model_name: str, archive_format: str, force: bool) -> Path:
+    """The path the archive will have in ``export_dir``, once it is known that it may be written there."""
+    if export_dir.exists() and not export_dir.is_dir():
+        raise ArchiverError(f"--export-path {export_dir} exists and is not a folder")
+    target = target_path(export_dir, model_name, archive_format)
+    _check_target(target, archive_format, force)
+    return target
+
+
+def _write_archive(
+    target: Path,
+    plan: BuildPlan,
+    manifest: Manifest,
+    archive_format: str,
+    model_name: str,
+    on_progress: Progress | None,
+) -> None:
+    """Write the planned inputs and the manifest to ``target`` in its format, all at once or not at all."""
     if archive_format == "no-archive":
         _write_folder_atomically(target, plan.entries, plan.sizes, manifest, on_progress)
-        return target
+        return
     with _atomic_file(target) as sink:
         if archive_format == "tgz":
             write_tgz(sink, plan.entries, plan.sizes, manifest, top=model_name, on_progress=on_progress)
         else:
             compress = archive_format == "default"
             write_zip(sink, plan.entries, plan.sizes, manifest, compress=compress, on_progress=on_progress)
-    return target
 
 
 def _check_target(target: Path, archive_format: str, force: bool) -> None:
