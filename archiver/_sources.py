@@ -18,12 +18,9 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from archiver.errors import ArchiveFormatError, ArchiverError, UnsafeArchiveError, reason
-
-if TYPE_CHECKING:
-    from archiver._tgz import TgzSource
+from archiver.errors import ArchiveFormatError, UnsafeArchiveError
 
 CHUNK_BYTES = 1 << 20
 # What the zip, tar and gzip modules raise for bytes that are not what they should be.
@@ -230,24 +227,3 @@ class DirSource:
 
     def close(self) -> None:
         pass
-
-
-def open_source(path: Path, limits: ReadLimits) -> ZipSource | TgzSource | DirSource:
-    """Pick the source by content (not by file name): a folder, zip magic, or gzip magic."""
-    from archiver._tgz import TgzSource
-
-    if path.is_dir():
-        return DirSource(path, limits)
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    try:
-        if magic[:2] == b"PK":
-            return ZipSource(path, limits)
-        if magic[:2] == b"\x1f\x8b":
-            return TgzSource(path, limits)
-    except ArchiverError:
-        raise
-    except FORMAT_ERRORS as exc:
-        why = reason(exc, typed=False)
-        raise ArchiveFormatError(f"{path.name} is not a readable archive: {why}") from exc
-    raise ArchiveFormatError(f"{path.name} is not a .mar (zip), a .tar.gz or a folder")

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from archiver._sources import (
     FORMAT_ERRORS,
+    DirSource,
     Member,
     Meter,
     ReadLimits,
-    open_source,
+    ZipSource,
 )
+from archiver._tgz import TgzSource
 from archiver.config import parse_model_config
 from archiver.errors import (
     ArchiveFormatError,
@@ -56,6 +58,20 @@ def open_archive(path: str | Path, *, limits: ReadLimits | None = None) -> Archi
     return ArchiveReader(Path(path), limits or ReadLimits())
 
 
+def _open_source(path: Path, limits: ReadLimits) -> ZipSource | TgzSource | DirSource:
+    """Pick the source by content (not by file name): a folder, zip magic, or gzip magic. What the zip,
+    tar and gzip modules raise (``FORMAT_ERRORS``) is the caller's to turn into an ArchiveFormatError."""
+    if path.is_dir():
+        return DirSource(path, limits)
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] == b"PK":
+        return ZipSource(path, limits)
+    if magic[:2] == b"\x1f\x8b":
+        return TgzSource(path, limits)
+    raise ArchiveFormatError(f"{path.name} is not a .mar (zip), a .tar.gz or a folder")
+
+
 class ArchiveReader:
     """A safe, lazy view of one archive. Use as a context manager, or call ``close()``."""
 
@@ -65,7 +81,7 @@ class ArchiveReader:
         if not path.exists():
             raise InputFileError(f"{path}: no such file or folder")
         try:
-            self._source = open_source(path, limits)
+            self._source = _open_source(path, limits)
         except ArchiverError:
             raise
         except FORMAT_ERRORS as exc:
