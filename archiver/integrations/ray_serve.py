@@ -24,8 +24,8 @@ from archiver.errors import UsageError
 from archiver.integrations import log_handler_errors, require_extra, signatures
 from archiver.integrations.archive_plan import ServePlan, local_path, parse_archive_list, plan_archive
 from archiver.integrations.routes import Infer, ModelRoute, ModelTable, dispatch
-from archiver.serving.protocols.http_codec import DEFAULT_MAX_REQUEST_SIZE
 from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_SIZE
 from archiver.serving.protocols.wire import RawRequest, to_inference_request
 
 require_extra("ray", "ray.serve")

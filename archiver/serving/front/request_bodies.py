@@ -16,7 +16,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from archiver.errors import BodyTimeoutError, RequestTooLargeError, UsageError
 from archiver.serving.front.http_limits import HttpLimits
-from archiver.serving.protocols.http_codec import form_parts, last_wins, mime_type
+from archiver.serving.protocols.http_codec import form_parts, last_wins
+from archiver.serving.protocols.media_types import mime_type
 from archiver.serving.protocols.records import new_request_id
 from archiver.serving.protocols.request_bounds import check_items, form_fields_at_most
 from archiver.serving.protocols.wire import RawRequest, client_headers

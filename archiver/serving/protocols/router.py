@@ -22,11 +22,8 @@ from archiver import __version__
 from archiver.errors import ArchiverError, ModelNotFoundError, TensorRequestError
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.protocols import oip
-from archiver.serving.protocols.http_codec import (
-    error_http_response,
-    mime_type,
-    response_headers,
-)
+from archiver.serving.protocols.http_codec import error_http_response, response_headers
+from archiver.serving.protocols.media_types import mime_type
 from archiver.serving.protocols.records import InferenceResponse, new_request_id
 from archiver.serving.protocols.wire import RawRequest
 
@@ -132,6 +129,8 @@ class Reply:
 
 
 Operation = Callable[[ModelHost, Call], Awaitable[Reply]]
+# what a v2 or v1 request does with its model and body once both are there (``_model_request``)
+_ModelAnswer = Callable[[ModelRef, bytes, str], Awaitable[Reply]]
 
 
 @dataclass(frozen=True)
@@ -210,9 +209,7 @@ def oip_error(status: int, message: str, request_id: str | None = None, label: s
 
 
 def _failure(answer: InferenceResponse) -> ArchiverError:
-    error = ArchiverError(answer.message or f"request failed with {answer.status}")
-    error.http_status = answer.status
-    return error
+    return ArchiverError(answer.message or f"request failed with {answer.status}", http_status=answer.status)
 
 
 async def _protocol_body(call: Call) -> bytes:
@@ -272,24 +269,35 @@ async def model_metadata(host: ModelHost, call: Call) -> Reply:
     return _json(200, payload)
 
 
-async def infer(host: ModelHost, call: Call) -> Reply:
-    """POST .../infer: the body goes to the handler's process whole, which parses it and answers the
-    finished v2 response (``worker/oip_worker.py``, its 400 for a malformed request included); here only
-    bytes move."""
+async def _model_request(host: ModelHost, call: Call, answer: _ModelAnswer) -> Reply:
+    """A v2 or v1 request to one model: the model found and the protocol's body read, then ``answer``
+    makes the reply; an ``ArchiverError`` on the way becomes the protocols' error answer, labelled with
+    the model once it is known."""
     request_id = call.request_id()
     label = "-"
     try:
         model = _model(host, call)
         label = model.name
         body = await _protocol_body(call)
-        header_length = call.header(oip.HEADER_LENGTH)
-        raw = oip.body_raw_request(body, header_length, request_id, call.headers, call.max_request_items)
-        answer = await host.predict(model.name, call.params.get("version"), raw)
-        if not answer.ok:
-            raise _failure(answer)
+        return await answer(model, body, request_id)
     except ArchiverError as exc:
         return oip_error(exc.http_status, exc.message, request_id, label)
-    return Reply(200, response_headers(answer, request_id), answer.body, label=label)
+
+
+async def infer(host: ModelHost, call: Call) -> Reply:
+    """POST .../infer: the body goes to the handler's process whole, which parses it and answers the
+    finished v2 response (``worker/oip_worker.py``, its 400 for a malformed request included); here only
+    bytes move."""
+
+    async def answer(model: ModelRef, body: bytes, request_id: str) -> Reply:
+        header_length = call.header(oip.HEADER_LENGTH)
+        raw = oip.body_raw_request(body, header_length, request_id, call.headers, call.max_request_items)
+        result = await host.predict(model.name, call.params.get("version"), raw)
+        if not result.ok:
+            raise _failure(result)
+        return Reply(200, response_headers(result, request_id), result.body, label=model.name)
+
+    return await _model_request(host, call, answer)
 
 
 async def v1_model(host: ModelHost, call: Call) -> Reply:
@@ -303,12 +311,8 @@ async def v1_model(host: ModelHost, call: Call) -> Reply:
 
 async def v1_predict(host: ModelHost, call: Call) -> Reply:
     """POST /v1/models/{model}:predict: each instance one element of the handler's batch."""
-    request_id = call.request_id()
-    label = "-"
-    try:
-        model = _model(host, call)
-        label = model.name
-        body = await _protocol_body(call)
+
+    async def answer(model: ModelRef, body: bytes, request_id: str) -> Reply:
         instances = await _off_loop(body, oip.parse_v1_request, call.max_request_items)
         headers = dict(call.headers)
         raws = [oip.v1_raw_request(x, f"{request_id}-{i}", headers) for i, x in enumerate(instances)]
@@ -316,10 +320,10 @@ async def v1_predict(host: ModelHost, call: Call) -> Reply:
         failed = next((a for a in answers if not a.ok), None)
         if failed is not None:
             raise _failure(failed)
-    except ArchiverError as exc:
-        return oip_error(exc.http_status, exc.message, request_id, label)
-    answer = oip.build_v1_response(list(answers))
-    return Reply(200, {"Content-Type": _JSON, "x-request-id": request_id}, answer, label=label)
+        reply = oip.build_v1_response(list(answers))
+        return Reply(200, {"Content-Type": _JSON, "x-request-id": request_id}, reply, label=model.name)
+
+    return await _model_request(host, call, answer)
 
 
 def _inference_routes() -> list[Route]:
