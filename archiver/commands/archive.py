@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from archiver.build import ARCHIVE_FORMATS, build_archive, target_path
+from archiver.commands.options import force_option, key_file_option
 from archiver.manifest import RUNTIMES
 
 # Inputs at least this big get a progress bar, when stderr is a terminal.
@@ -65,7 +66,7 @@ PROGRESS_MIN_BYTES = 50 * 1000 * 1000
     help="default: deflated zip .mar (weights stored); zip-store: uncompressed .mar; "
     "tgz: <name>.tar.gz; no-archive: a folder <name>/.",
 )
-@click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive of the same name.")
+@force_option("Overwrite an existing archive of the same name.")
 @click.option(
     "-v",
     "--version",
@@ -86,10 +87,8 @@ PROGRESS_MIN_BYTES = 50 * 1000 * 1000
     type=click.Path(dir_okay=False),
     help="model-config.yaml (batchSize, maxBatchDelay, workers, handler settings); checked before archiving.",
 )
-@click.option(
-    "--sign-key",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Sign the archive with this EC private key once written: <archive>.sig (see 'sign --help').",
+@key_file_option(
+    "--sign-key", "Sign the archive with this EC private key once written: <archive>.sig (see 'sign --help')."
 )
 def archive(
     model_name: str,

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import yaml
 
+from archiver.commands.options import force_option, trusted_key_option
 from archiver.errors import OutputExistsError, UsageError
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -77,13 +78,9 @@ def deploy() -> None:
     "--host", default="127.0.0.1", show_default=True, help="Ray's HTTP proxy address (0.0.0.0 on a cluster)."
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option(
-    "--trusted-key",
-    "trusted_keys",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Replicas load only archives this EC public key signed (embedded in the config; repeatable).",
+@force_option("Overwrite an existing output file.")
+@trusted_key_option(
+    "Replicas load only archives this EC public key signed (embedded in the config; repeatable)."
 )
 def deploy_ray(
     archives: tuple[str, ...],
@@ -155,14 +152,8 @@ def deploy_ray(
 )
 @click.option("--name", help="The InferenceService's name.  [the archive's model name]")
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder to write into.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite existing files in the folder.")
-@click.option(
-    "--trusted-key",
-    "trusted_keys",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="The runtime loads only archives this EC public key signed (a ConfigMap; repeatable).",
-)
+@force_option("Overwrite existing files in the folder.")
+@trusted_key_option("The runtime loads only archives this EC public key signed (a ConfigMap; repeatable).")
 def deploy_kserve(
     archive: str,
     storage_uri: str,

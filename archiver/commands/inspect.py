@@ -10,6 +10,12 @@ from pathlib import Path
 
 import click
 
+from archiver.commands.options import (
+    archive_argument,
+    certificate_chain_option,
+    public_key_option,
+    signature_option,
+)
 from archiver.errors import UsageError
 from archiver.manifest import MANIFEST_PATH
 from archiver.pt2 import Pt2Info, read_pt2_info
@@ -20,7 +26,7 @@ _TGZ_KIND_LIMIT_BYTES = 256 << 20
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("archive_path", metavar="ARCHIVE", type=click.Path())
+@archive_argument()
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest, files and check results as JSON.")
 def inspect(archive_path: str, as_json: bool) -> None:
     """Show an archive's manifest and files with sizes and sha256; exit 1 if it is not intact.
@@ -59,26 +65,14 @@ def inspect(archive_path: str, as_json: bool) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("archive_path", metavar="ARCHIVE", type=click.Path())
+@archive_argument()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option(
-    "--public-key",
-    "public_keys",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Also check ARCHIVE's signature was made with this EC public key (repeatable: any of them).",
+@public_key_option(
+    "Also check ARCHIVE's signature was made with this EC public key (repeatable: any of them)."
 )
-@click.option(
-    "--signature",
-    "signature_path",
-    type=click.Path(dir_okay=False),
-    help="The signature file.  [default: ARCHIVE.sig beside it]",
-)
-@click.option(
-    "--certificate-chain",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Check a certificate-mode signature against these certificates (root first; repeatable).",
+@signature_option("The signature file.  [default: ARCHIVE.sig beside it]")
+@certificate_chain_option(
+    "Check a certificate-mode signature against these certificates (root first; repeatable)."
 )
 @click.option(
     "--sigstore-identity",

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from archiver.commands.options import cache_dir_option
 from archiver.errors import ArchiverError, InputFileError, UsageError
 
 
@@ -46,9 +47,7 @@ def answer_to_json(answer: Any) -> Any:
 @click.argument("archive", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1)
 @click.option("--json", "json_inputs", multiple=True, help="A JSON payload given inline (repeatable).")
-@click.option(
-    "--cache-dir", type=click.Path(file_okay=False), help="Unpack cache.  [~/.cache/model-archiver]"
-)
+@cache_dir_option()
 def predict(
     archive: str, inputs: tuple[str, ...], json_inputs: tuple[str, ...], cache_dir: str | None
 ) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import click
 import yaml
 
+from archiver.commands.options import cache_dir_option, trusted_key_option
 from archiver.errors import ConfigError, UsageError
 from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_SIZE
 
@@ -186,16 +187,8 @@ def _is_archive(path: Path) -> bool:
     metavar="ORIGINS",
     help="Without a token: web origins (http://host:port) whose pages may call the server ('*': any).",
 )
-@click.option(
-    "--cache-dir", type=click.Path(file_okay=False), help="Unpack cache.  [~/.cache/model-archiver]"
-)
-@click.option(
-    "--trusted-key",
-    "trusted_keys",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Load only archives signed by this EC public key (ARCHIVE.sig beside each; repeatable).",
-)
+@cache_dir_option()
+@trusted_key_option("Load only archives signed by this EC public key (ARCHIVE.sig beside each; repeatable).")
 @click.option(
     "--ready-file", type=click.Path(dir_okay=False), help="Write the bound ports here as JSON when ready."
 )

@@ -6,33 +6,26 @@ from pathlib import Path
 
 import click
 
+from archiver.commands.options import (
+    archive_argument,
+    certificate_chain_option,
+    key_file_option,
+    signature_option,
+)
 from archiver.errors import UsageError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("archive_path", metavar="ARCHIVE", type=click.Path(exists=True))
-@click.option(
-    "--private-key",
-    type=click.Path(exists=True, dir_okay=False),
-    help="An EC private key (P-256, P-384 or P-521, PEM, unencrypted). Offline: no network.",
+@archive_argument(exists=True)
+@key_file_option(
+    "--private-key", "An EC private key (P-256, P-384 or P-521, PEM, unencrypted). Offline: no network."
 )
-@click.option(
-    "--signature",
-    "signature_path",
-    type=click.Path(dir_okay=False),
-    help="Where to write the signature.  [default: ARCHIVE.sig beside it]",
-)
-@click.option(
+@signature_option("Where to write the signature.  [default: ARCHIVE.sig beside it]")
+@key_file_option(
     "--certificate",
-    type=click.Path(exists=True, dir_okay=False),
-    help="With --private-key: sign as this X.509 certificate's holder (certificate mode, offline).",
+    "With --private-key: sign as this X.509 certificate's holder (certificate mode, offline).",
 )
-@click.option(
-    "--certificate-chain",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="With --certificate: the intermediate certificates (repeatable).",
-)
+@certificate_chain_option("With --certificate: the intermediate certificates (repeatable).")
 @click.option(
     "--sigstore",
     is_flag=True,
