@@ -258,13 +258,7 @@ def _docs_file(name: str) -> Path:
 
 
 def _docs_response(body: bytes, content_type: str) -> web.Response:
-    headers = {
-        "Content-Type": content_type,
-        "Content-Security-Policy": DOCS_CSP,
-        "X-Content-Type-Options": "nosniff",
-        "Cache-Control": "no-cache",
-    }
-    return web.Response(body=body, headers=headers)
+    return page_routes.static_response(body, content_type, DOCS_CSP)
 
 
 DOCS_HTML = b"""<!doctype html>

@@ -43,16 +43,23 @@ def _asset(name: str) -> bytes:
     return resources.files("archiver.serving.front").joinpath("page", name).read_bytes()
 
 
-def _static(body: bytes, content_type: str) -> web.Response:
+def static_response(body: bytes, content_type: str, csp: str, *, no_referrer: bool = False) -> web.Response:
+    """A file the server ships (the page's, the Swagger UI's) with its own Content-Security-Policy and no
+    type sniffing; ``no_referrer`` keeps the page's address from the requests it makes."""
     headers = {
         "Content-Type": content_type,
-        "Content-Security-Policy": PAGE_CSP,
+        "Content-Security-Policy": csp,
         "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        # The files change with the installed version; revalidating costs little on a local server.
-        "Cache-Control": "no-cache",
     }
+    if no_referrer:
+        headers["Referrer-Policy"] = "no-referrer"
+    # The files change with the installed version; revalidating costs little on a local server.
+    headers["Cache-Control"] = "no-cache"
     return web.Response(body=body, headers=headers)
+
+
+def _static(body: bytes, content_type: str) -> web.Response:
+    return static_response(body, content_type, PAGE_CSP, no_referrer=True)
 
 
 async def page_index(request: web.Request) -> web.Response:
