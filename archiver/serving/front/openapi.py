@@ -62,6 +62,15 @@ PORT_KEY = web.AppKey("openapi_port", str)
 _PLAIN_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 
 
+def _file_op(
+    summary: str, ports: tuple[str, ...], tag: str, names: list[str], name_help: str
+) -> dict[str, Any]:
+    """GET one of the files the server ships (the Swagger UI's, the page's) by name: open, 404 for others."""
+    name = param("asset", "path", {"type": "string", "enum": names}, name_help)
+    responses = {"200": ok("The file."), "404": ERROR}
+    return {"get": op(summary, ports, tag, responses, params=[name], security=OPEN)}
+
+
 def _describe_ops() -> dict[str, Any]:
     doc = ok("This document.", json_media({"type": "object"}))
     ports = DESCRIBED
@@ -79,23 +88,13 @@ def _describe_ops() -> dict[str, Any]:
                 security=OPEN,
             )
         },
-        "/docs/{asset}": {
-            "get": op(
-                "A file of the Swagger UI page",
-                ports,
-                "describe",
-                {"200": ok("The file."), "404": ERROR},
-                params=[
-                    param(
-                        "asset",
-                        "path",
-                        {"type": "string", "enum": [*SWAGGER_FILES, DOCS_SCRIPT]},
-                        "The file's name.",
-                    )
-                ],
-                security=OPEN,
-            )
-        },
+        "/docs/{asset}": _file_op(
+            "A file of the Swagger UI page",
+            ports,
+            "describe",
+            [*SWAGGER_FILES, DOCS_SCRIPT],
+            "The file's name.",
+        ),
     }
 
 
@@ -108,23 +107,9 @@ def _page_ops() -> dict[str, Any]:
         }
     )
     return {
-        "/page/{asset}": {
-            "get": op(
-                "A file of the page",
-                (INFERENCE,),
-                "page",
-                {"200": ok("The file."), "404": ERROR},
-                params=[
-                    param(
-                        "asset",
-                        "path",
-                        {"type": "string", "enum": list(page_routes.PAGE_ASSETS)},
-                        "The file.",
-                    )
-                ],
-                security=OPEN,
-            )
-        },
+        "/page/{asset}": _file_op(
+            "A file of the page", (INFERENCE,), "page", list(page_routes.PAGE_ASSETS), "The file."
+        ),
         page_routes.MODELS_PATH: {
             "get": op(
                 "The served models, as the page shows them",
