@@ -83,56 +83,48 @@ def openapi_paths() -> dict[str, Any]:
     def ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
         return {"description": description, "content": _json_content(schema)}
 
+    def get(
+        summary: str,
+        responses: dict[str, Any],
+        params: list[dict[str, Any]] | None = None,
+        *,
+        probe: bool = False,
+        tags: list[str] = tag,
+    ) -> dict[str, Any]:
+        operation: dict[str, Any] = {"tags": tags, "summary": summary}
+        if probe:
+            operation["security"] = []  # a probe (kubelet, load balancer) has no token, as for /ping
+        if params is not None:
+            operation["parameters"] = params
+        operation["responses"] = responses
+        return {"get": operation}
+
     readiness = {"type": "object", "properties": {"ready": {"type": "boolean"}, "name": {"type": "string"}}}
     paths: dict[str, Any] = {
-        "/v2": {
-            "get": {
-                "tags": tag,
-                "summary": "Server metadata: name, version, extensions",
-                "responses": {"200": ok("server metadata", {"type": "object"})},
-            }
-        },
-        "/v2/health/live": {
-            "get": {
-                "tags": tag,
-                "summary": "The server is up",
-                "security": [],  # a probe (kubelet, load balancer) has no token, as for /ping
-                "responses": {"200": ok("live", {"type": "object"})},
-            }
-        },
-        "/v2/health/ready": {
-            "get": {
-                "tags": tag,
-                "summary": "Every model loaded at startup is ready",
-                "security": [],  # a probe (kubelet, load balancer) has no token, as for /ping
-                "responses": {"200": ok("ready", readiness), "503": ok("not ready yet", readiness)},
-            }
-        },
+        "/v2": get(
+            "Server metadata: name, version, extensions", {"200": ok("server metadata", {"type": "object"})}
+        ),
+        "/v2/health/live": get("The server is up", {"200": ok("live", {"type": "object"})}, probe=True),
+        "/v2/health/ready": get(
+            "Every model loaded at startup is ready",
+            {"200": ok("ready", readiness), "503": ok("not ready yet", readiness)},
+            probe=True,
+        ),
     }
     for base, params in (
         ("/v2/models/{model}", [_MODEL]),
         ("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION]),
     ):
-        paths[base] = {
-            "get": {
-                "tags": tag,
-                "summary": "Model metadata: versions, platform, inputs and outputs",
-                "parameters": params,
-                "responses": {"200": ok("metadata", _ref("OipModelMetadata")), "404": _ERROR},
-            }
-        }
-        paths[base + "/ready"] = {
-            "get": {
-                "tags": tag,
-                "summary": "The model is ready for inference",
-                "parameters": params,
-                "responses": {
-                    "200": ok("ready", readiness),
-                    "503": ok("not ready", readiness),
-                    "404": _ERROR,
-                },
-            }
-        }
+        paths[base] = get(
+            "Model metadata: versions, platform, inputs and outputs",
+            {"200": ok("metadata", _ref("OipModelMetadata")), "404": _ERROR},
+            params,
+        )
+        paths[base + "/ready"] = get(
+            "The model is ready for inference",
+            {"200": ok("ready", readiness), "503": ok("not ready", readiness), "404": _ERROR},
+            params,
+        )
         paths[base + "/infer"] = {
             "post": {
                 "tags": tag,
@@ -170,14 +162,9 @@ def openapi_paths() -> dict[str, Any]:
             }
         }
     v1 = ["KServe v1"]
-    paths["/v1/models/{model}"] = {
-        "get": {
-            "tags": v1,
-            "summary": "Model readiness",
-            "parameters": [_MODEL],
-            "responses": {"200": ok("readiness", readiness), "404": _ERROR},
-        }
-    }
+    paths["/v1/models/{model}"] = get(
+        "Model readiness", {"200": ok("readiness", readiness), "404": _ERROR}, [_MODEL], tags=v1
+    )
     paths["/v1/models/{model}:predict"] = {
         "post": {
             "tags": v1,
