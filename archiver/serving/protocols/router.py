@@ -1,7 +1,7 @@
 """One router for every host: the inference, Open Inference Protocol (v2) and KServe v1 routes, defined once.
 
 As KServe's ``dataplane.py`` sits under its REST and gRPC endpoints, ``ROUTES`` sits under the bundled
-server's aiohttp app (``front/router_endpoints.py``) and the engine hosts' adapter
+server's aiohttp app (``front/inference_routes.py``) and the engine hosts' adapter
 (``integrations/routes.py``, for Ray and KServe): each route's protocol logic (find the model, read the
 body, build the handler's request, encode the answer or the error) is written here once, so the hosts
 cannot drift. A host gives two small parts: a ``ModelHost`` (its models) and a ``Body`` (the request body,
