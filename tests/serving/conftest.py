@@ -206,6 +206,34 @@ def poll() -> Callable[..., Any]:
     return wait_until
 
 
+def describe_model(call: Callable[..., Reply], server: Any, model: str) -> dict:
+    """GET /models/{model} on the management port: the first (only) version's description."""
+    reply = call("GET", f"{server.url('management')}/models/{model}", timeout=10)
+    assert reply.status == 200, reply.body
+    return reply.json()[0]
+
+
+def cause_counts(call: Callable[..., Reply], server: Any, metric: str, model: str) -> dict[str, float]:
+    """{cause: count} of one model's worker deaths or restarts (``metric``) on /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = call("GET", server.url("metrics") + "/metrics", timeout=10).body.decode()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return {s.labels["cause"]: s.value for s in samples if s.name == metric and s.labels["model"] == model}
+
+
+@pytest.fixture
+def describe() -> Callable[..., dict]:
+    """describe_model(call, server, model): a model's description from the management API."""
+    return describe_model
+
+
+@pytest.fixture
+def counted() -> Callable[..., dict[str, float]]:
+    """cause_counts(call, server, metric, model): a model's deaths or restarts on /metrics, by cause."""
+    return cause_counts
+
+
 @pytest.fixture
 def raw() -> Callable[..., bytes]:
     """raw_exchange(port, payload): bytes on a bare socket, for requests no client library would send."""

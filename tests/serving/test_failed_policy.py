@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.serving.supervisor.registry import ModelSettings
 
@@ -47,18 +46,6 @@ class Handler:
 POLICY = ModelSettings(restart_backoff_s=0.05, max_worker_deaths=3, worker_death_window_s=60.0)
 
 
-def describe(call, server, model: str) -> dict:
-    reply = call("GET", f"{server.url('management')}/models/{model}", timeout=10)
-    assert reply.status == 200, reply.body
-    return reply.json()[0]
-
-
-def counted(call, server, metric: str, model: str) -> dict[str, float]:
-    text = call("GET", server.url("metrics") + "/metrics", timeout=10).body.decode()
-    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-    return {s.labels["cause"]: s.value for s in samples if s.name == metric and s.labels["model"] == model}
-
-
 @pytest.fixture
 def idle_deaths(make_model, tmp_path: Path):
     """(a folder archive running IDLE_DEATHS, its marker file)."""
@@ -67,7 +54,7 @@ def idle_deaths(make_model, tmp_path: Path):
 
 
 def test_ten_poison_requests_cost_only_themselves_and_the_model_stays_ready(
-    serve, idle_deaths, echo_model, background_load, call
+    serve, idle_deaths, echo_model, background_load, call, describe, counted
 ):
     fragile, _ = idle_deaths
     server = serve([fragile, echo_model], defaults=POLICY)
@@ -102,7 +89,7 @@ def test_ten_poison_requests_cost_only_themselves_and_the_model_stays_ready(
 
 
 def test_a_model_whose_workers_die_while_idle_still_fails_and_scaling_it_brings_it_back(
-    serve, idle_deaths, echo_model, background_load, call, poll
+    serve, idle_deaths, echo_model, background_load, call, poll, describe
 ):
     fragile, marker = idle_deaths
     server = serve([fragile, echo_model], defaults=POLICY)

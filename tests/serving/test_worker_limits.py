@@ -9,26 +9,12 @@ import os
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.serving.supervisor.registry import ModelSettings
 
 pytestmark = pytest.mark.slow
 
 CRASH_LOOP = ModelSettings(restart_backoff_s=0.1, max_worker_deaths=3)
-
-
-def describe(call, server, model: str) -> dict:
-    reply = call("GET", f"{server.url('management')}/models/{model}", timeout=10)
-    assert reply.status == 200, reply.body
-    return reply.json()[0]
-
-
-def counted(call, server, metric: str, model: str) -> dict[str, float]:
-    """{cause: count} of one model's worker deaths or restarts on /metrics."""
-    text = call("GET", server.url("metrics") + "/metrics", timeout=10).body.decode()
-    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-    return {s.labels["cause"]: s.value for s in samples if s.name == metric and s.labels["model"] == model}
 
 
 def refused_at_once(call, url: str, body: str = "hello") -> dict:
@@ -40,7 +26,7 @@ def refused_at_once(call, url: str, body: str = "hello") -> dict:
 
 
 def test_a_crash_loop_fails_the_model_naming_the_signal_and_scaling_it_brings_it_back(
-    serve, crashy_model, background_load, call, poll
+    serve, crashy_model, background_load, call, poll, describe, counted
 ):
     crashy, marker = crashy_model("crashy")
     steady, _ = crashy_model("steady")
@@ -99,7 +85,7 @@ def test_a_crash_loop_fails_the_model_naming_the_signal_and_scaling_it_brings_it
 
 
 def test_a_model_that_crashes_in_initialize_every_time_fails_and_registering_it_again_brings_it_back(
-    serve, crashy_model, background_load, call, poll
+    serve, crashy_model, background_load, call, poll, describe, counted
 ):
     crashy, marker = crashy_model("crashy")
     steady, _ = crashy_model("steady")
