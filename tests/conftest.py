@@ -78,3 +78,31 @@ def no_worker_outlives_the_tests():
             described.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
             proc.kill()
     assert not left, "processes outlived the tests: " + "; ".join(described)
+
+
+def write_ec_key_pair(folder: Path, name: str, curve: str = "P-256") -> tuple[Path, Path]:
+    """(private key PEM, public key PEM) of a fresh EC key in ``folder``, as ``openssl ecparam -genkey``
+    would write them: the signing tests of every area make their keys this way."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    curves = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
+    key = ec.generate_private_key(curves[curve]())
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public
+
+
+@pytest.fixture
+def ec_key_pair():
+    """write_ec_key_pair(folder, name, curve="P-256"): a fresh EC key pair written as PEM files."""
+    return write_ec_key_pair

@@ -18,24 +18,6 @@ from archiver.cli import main
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
 
 
-def write_key_pair(folder: Path, name: str, curve: ec.EllipticCurve | None = None) -> tuple[Path, Path]:
-    """(private key PEM, public key PEM) of a fresh EC key, as `openssl ecparam -genkey` would write."""
-    key = ec.generate_private_key(curve or ec.SECP256R1())
-    private = folder / f"{name}.pem"
-    public = folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
-
-
 def openssl_fingerprint(public_key: Path) -> str:
     """The fingerprint as the docs tell a user to compute it: openssl pkey -pubin -in KEY | sha256sum."""
     pem = subprocess.run(
@@ -52,11 +34,11 @@ def run_main(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> dict[str, Path]:
+def keys(tmp_path: Path, ec_key_pair) -> dict[str, Path]:
     folder = tmp_path / "keys"
     folder.mkdir()
-    ours, ours_pub = write_key_pair(folder, "ours")
-    other, other_pub = write_key_pair(folder, "other", ec.SECP384R1())
+    ours, ours_pub = ec_key_pair(folder, "ours")
+    other, other_pub = ec_key_pair(folder, "other", "P-384")
     return {"private": ours, "public": ours_pub, "other": other, "other_pub": other_pub}
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from archiver.build import build_archive
 from archiver.cli import cli
@@ -30,20 +28,9 @@ NO_CPU = "ray:\n  ray_actor_options:\n    num_cpus: 0\n"  # the machine's two co
 
 
 @pytest.fixture
-def signed_kit(tmp_path: Path):
+def signed_kit(tmp_path: Path, ec_key_pair):
     """A key pair, and a builder of small .mar files signed with it (or tampered after signing)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = tmp_path / "key.pem", tmp_path / "key.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    private, public = ec_key_pair(tmp_path, "key")
     src = tmp_path / "src"
     src.mkdir()
     (src / "echo_handler.py").write_text(ECHO)

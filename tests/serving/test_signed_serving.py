@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from archiver.build import build_archive
 from archiver.signing import sign
@@ -23,29 +21,13 @@ def handle(data, context):
 """
 
 
-def key_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
-
-
 @pytest.fixture
-def kit(tmp_path: Path):
+def kit(tmp_path: Path, ec_key_pair):
     """Keys (ours trusted, another not), a model store, and a builder of small real .mar files."""
     keys = tmp_path / "keys"
     keys.mkdir()
-    ours, ours_pub = key_pair(keys, "ours")
-    other, _ = key_pair(keys, "other")
+    ours, ours_pub = ec_key_pair(keys, "ours")
+    other, _ = ec_key_pair(keys, "other")
     store = tmp_path / "store"
     handler = tmp_path / "src" / "echo_handler.py"
     handler.parent.mkdir()
