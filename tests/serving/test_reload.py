@@ -149,3 +149,27 @@ def test_a_rebuilt_archive_is_served_and_without_reload_nothing_is_watched(
         assert call("POST", still_url, b"x").json() == {"version": 1}
         time.sleep(0.1)
     assert still["models"] == {"arch": "READY"}
+
+
+def test_a_change_saved_while_the_model_loads_is_served_once_watching_starts(
+    tmp_path, serve_process, call, poll
+):
+    # The watcher once started only after READY: a save made while the model loaded (here by the
+    # handler's own initialize, so it always lands in that gap) was never seen.
+    handler = tmp_path / "src" / "my_handler.py"
+    handler.parent.mkdir()
+    version_2 = textwrap.dedent(HANDLER.format(version=2, init="pass"))
+    saving = tmp_path / "src" / "saving.tmp"
+    save_now = (
+        f"open({str(saving)!r}, 'w').write({version_2!r}); "
+        f"__import__('os').replace({str(saving)!r}, {str(handler)!r})"
+    )
+    write_handler(handler, 1, init=save_now)
+    proc, ready = serve_process("--reload", "--model-name", "dev", "--handler", str(handler))
+    base, mgmt = _urls(ready)
+    poll(
+        lambda: call("POST", base + "/predictions/dev", b"x").json() == {"version": 2},
+        timeout=30,
+        what="the version saved during loading",
+    )
+    assert call("GET", mgmt + "/models/dev").json()[0]["reloads"] == 1

@@ -256,14 +256,17 @@ class Server:
             loading = asyncio.ensure_future(self.start_models(listed))
             stopped = asyncio.ensure_future(stop.wait())
             await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+            watching: asyncio.Future | None = None
             if loading.done():
+                if watched:  # armed before READY: a change right after READY is not missed
+                    watching = await self._watch(watched, listed, stop, say)
                 self._announce_ready(loading.result(), ready_file, say)
-                if watched:
-                    await self._watch(watched, listed, stop, say)
                 await stop.wait()
             say("model-archiver serve: stopping; finishing requests in flight")
             loading.cancel()
             stopped.cancel()
+            if watching is not None:
+                await asyncio.wait([watching], timeout=5)
             await self.stop()
             say("model-archiver serve: stopped")
         return 0
@@ -297,14 +300,20 @@ class Server:
 
     async def _watch(
         self, watched: list[Any], listed: list[ModelEntry], stop: asyncio.Event, say: Callable
-    ) -> None:
-        """--reload: serve each watched model's changes until ``stop``."""
+    ) -> asyncio.Future:
+        """--reload: serve each watched model's changes until ``stop``, in a task returned once the
+        watcher is armed (changes from loading until then are caught up by the reloader itself)."""
         from archiver.serving.supervisor.reload import Reloader
 
         for model, entry in zip(watched, listed, strict=True):
             model.name = entry.name
+        armed = asyncio.Event()
+        task = asyncio.ensure_future(Reloader(self.registry, watched).run(stop, armed))
+        waiting = asyncio.ensure_future(armed.wait())
+        await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
         say(f"model-archiver serve: --reload: watching {sum(len(m.paths) for m in watched)} paths")
-        await Reloader(self.registry, watched).run(stop)
+        return task
 
 
 def state_line(entry: ModelEntry) -> str:

@@ -53,6 +53,12 @@ class WatchedModel:
     stage: Callable[[], Path]  # the source to load now (raises ArchiverError if the files are broken)
     name: str | None = None  # its name in the registry, once registered
     staged: list[Path] = field(default_factory=list)  # folders staged for it, newest last
+    # The paths' state when their files were last read for loading: a change the watcher reports (or
+    # one made before it was armed) reloads only when this differs from what is on disk now.
+    seen: dict[str, tuple[int, ...] | None] | None = None
+
+    def changed_since_seen(self) -> bool:
+        return self.seen is None or fingerprint(self.paths) != self.seen
 
     def touched_by(self, changed: set[Path]) -> bool:
         for path in changed:
@@ -62,12 +68,30 @@ class WatchedModel:
         return False
 
 
+def fingerprint(paths: list[Path]) -> dict[str, tuple[int, ...] | None]:
+    """Each path's (inode, size, mtime) — every file's, for a folder — or None where it is missing.
+
+    Cheap (stat calls only) and enough to tell that a file was replaced or written since it was read:
+    an archive is renamed into place (new inode), an edited handler gets a new mtime."""
+    seen: dict[str, tuple[int, ...] | None] = {}
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            try:
+                st = file.stat()
+            except OSError:
+                seen[str(file)] = None
+            else:
+                seen[str(file)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return seen
+
+
 def watch_archive(path: Path, signed: bool = False) -> WatchedModel:
     """An archive file or folder: reloading it means loading it again. ``signed`` (serve --trusted-key)
     watches its ``ARCHIVE.sig`` too, so a signature written after its archive brings the new one in."""
     path = path.resolve()
     paths = [path, path.with_name(path.name + ".sig")] if signed else [path]
-    return WatchedModel(paths=paths, stage=lambda: path)
+    return WatchedModel(paths=paths, stage=lambda: path, seen=fingerprint(paths))
 
 
 def watch_flags(flags: dict[str, Any], staging_root: Path) -> WatchedModel:
@@ -84,7 +108,7 @@ def watch_flags(flags: dict[str, Any], staging_root: Path) -> WatchedModel:
     for item in (flags.get("extra_files") or "").split(","):
         if item.strip():
             paths.append(Path(item.strip()).resolve())
-    watched = WatchedModel(paths=paths, stage=lambda: Path())
+    watched = WatchedModel(paths=paths, stage=lambda: Path(), seen=fingerprint(paths))
 
     def stage() -> Path:
         from archiver.build import build_archive
@@ -120,8 +144,12 @@ class Reloader:
         self.debounce_ms = debounce_ms
         self._locks = {id(m): asyncio.Lock() for m in models}
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Watch until ``stop`` is set."""
+    async def run(self, stop: asyncio.Event, armed: asyncio.Event | None = None) -> None:
+        """Watch until ``stop`` is set; ``armed`` is set once the watcher sees changes.
+
+        A change made after the files were read for loading but before the watcher was armed (the
+        server announces READY only after ``armed``) is caught by comparing each model's fingerprint
+        once armed, so no change in that gap is lost."""
         from watchfiles import awatch
 
         logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch of changes
@@ -130,15 +158,32 @@ class Reloader:
         # when a rebuild replaces it (an archive or a folder archive is renamed into place whole).
         roots = sorted({p.parent for p in paths})
         if not roots:
+            if armed is not None:
+                armed.set()
             return
         # A folder named as an input is watched whole; otherwise only the parents' top level (one may
         # hold the cache, or a project's worth of unrelated files).
         recursive = any(p.is_dir() for p in paths)
-        async for changes in awatch(*roots, stop_event=stop, debounce=self.debounce_ms, recursive=recursive):
-            changed = {Path(path).resolve() for _, path in changes}
+        changes_seen = awatch(*roots, stop_event=stop, debounce=self.debounce_ms, recursive=recursive)
+        # awatch creates its inotify watcher when first iterated, before its first await: one turn of
+        # the event loop for that task arms it.
+        next_changes = asyncio.ensure_future(anext(changes_seen, None))
+        await asyncio.sleep(0)
+        if armed is not None:
+            armed.set()
+        try:
             for model in self.models:
-                if model.touched_by(changed):
-                    await self.reload(model, changed)
+                if model.changed_since_seen():
+                    await self.reload(model)
+            while (changes := await next_changes) is not None:
+                changed = {Path(path).resolve() for _, path in changes}
+                for model in self.models:
+                    if model.touched_by(changed) and model.changed_since_seen():
+                        await self.reload(model, changed)
+                next_changes = asyncio.ensure_future(anext(changes_seen, None))
+        finally:
+            next_changes.cancel()
+            await changes_seen.aclose()
 
     async def reload(self, model: WatchedModel, changed: set[Path] | None = None) -> bool:
         """Stage and load the model's files anew; True when the new version now serves."""
@@ -148,6 +193,7 @@ class Reloader:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
             entry = self.registry.get(model.name) if model.name else None
+            model.seen = await loop.run_in_executor(None, fingerprint, model.paths)  # before reading them
             try:
                 source = await loop.run_in_executor(None, model.stage)
             except ArchiverError as exc:
