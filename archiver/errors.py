@@ -170,6 +170,13 @@ class WorkerDiedError(ArchiverError):
     http_status = 500
 
 
+class SequenceError(ArchiverError):
+    """A request names a sequence (``ts_request_sequence_id``) that cannot take it: ended by its
+    handler, expired, or lost with its worker (410), never issued by this server (404), or malformed (400)."""
+
+    http_status = 410
+
+
 class WireError(ArchiverError):
     """A peer on the front-worker socket sent something that is not a frame of ours (broken or hostile),
     or a frame is too large to send."""
