@@ -11,11 +11,14 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archiver.errors import ArchiverError, HandlerInputError
 from archiver.serving.protocols.media_types import mime_type
 from archiver.serving.protocols.redaction import public_message
+
+if TYPE_CHECKING:
+    from archiver.serving.protocols.answer_stream import AnswerStream
 
 
 @dataclass
@@ -39,6 +42,8 @@ class InferenceResponse:
     headers: dict[str, str] = field(default_factory=dict)
     error_type: str | None = None
     message: str | None = None
+    # The answers that follow this one when its handler streams (``answer_stream.py``); None otherwise.
+    rest: AnswerStream | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
