@@ -57,6 +57,10 @@ _BOUNDED = {
     "startupTimeout": "load_timeout_s",
     "jobQueueSize": "queue_size",
     "workerMemoryLimit": "worker_memory_limit_mb",
+    "maxNumSequence": "max_num_sequence",
+    "maxSequenceJobQueueSize": "max_sequence_job_queue_size",
+    "sequenceMaxIdleMSec": "sequence_max_idle_ms",
+    "sequenceTimeoutMSec": "sequence_timeout_ms",
 }
 _CHOICES = {"deviceType": ("cpu", "gpu", "neuron"), "parallelType": ("pp", "tp", "pptp", "custom")}
 

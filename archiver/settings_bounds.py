@@ -92,6 +92,12 @@ BOUNDS: dict[str, Bound] = {
     "max_request_size": Bound(integer=True, low=1, high=2**30, unit="bytes"),
     "max_request_items": Bound(integer=True, low=1, high=65536),
     "port": Bound(integer=True, low=0, high=65535),
+    # sequence batching (stateful models, supervisor/sequences.py): each open sequence holds state in a
+    # worker and a queue in the front, so their number and queues are bounded like any other queue
+    "max_num_sequence": Bound(integer=True, low=1, high=100_000),
+    "max_sequence_job_queue_size": Bound(integer=True, low=1, high=10_000),
+    "sequence_max_idle_ms": Bound(integer=False, low=0, high=_DAY_S * 1000, unit="milliseconds"),
+    "sequence_timeout_ms": Bound(integer=False, low=1, high=_DAY_S * 1000, off=True, unit="milliseconds"),
 }
 
 # A query value longer than this is refused before it is converted (int() of 4,000 digits is work).
