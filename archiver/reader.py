@@ -63,6 +63,8 @@ def _open_source(path: Path, limits: ReadLimits) -> ZipSource | TgzSource | DirS
     tar and gzip modules raise (``FORMAT_ERRORS``) is the caller's to turn into an ArchiveFormatError."""
     if path.is_dir():
         return DirSource(path, limits)
+    if not path.is_file():  # a FIFO, socket or device: opening one could wait forever for a writer
+        raise ArchiveFormatError(f"{path.name} is not a regular file or a folder, so it is not an archive")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic[:2] == b"PK":

@@ -127,6 +127,26 @@ def test_a_long_url_is_a_400_that_never_shows_where_the_model_store_is(server, c
     assert reply.status == 400 and str(store) not in reply.body.decode()
 
 
+def test_a_fifo_named_like_an_archive_is_refused_at_once_on_register_and_on_the_command_line(
+    server, call, store, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(store / "pipe.mar")  # opening it for reading waits for a writer that never comes
+    reply = call("POST", server.url("management") + "/models?url=pipe.mar", timeout=10)
+    assert reply.status == 400 and "not a regular file" in reply.json()["message"]
+    assert str(store) not in reply.body.decode()
+    done = subprocess.run(
+        [sys.executable, "-m", "archiver", "inspect", str(store / "pipe.mar")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "not a regular file" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_an_archive_whose_model_config_is_out_of_range_is_refused_on_register_and_failed_at_start(
     serve, make_model, store, call
 ):

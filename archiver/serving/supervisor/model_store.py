@@ -37,6 +37,8 @@ def archive_in_store(model_store: Path | None, url: str) -> Path:
         raise UsageError(f"url {url[:80]!r} cannot name a file in the model store") from None
     if not found:
         raise ModelNotFoundError(f"no archive named {url[:80]!r} in the model store")
+    if not (path.is_file() or path.is_dir()):  # a FIFO would hang the first read of its head
+        raise UsageError(f"{url[:80]!r} in the model store is not a regular file or a folder archive")
     return path
 
 
