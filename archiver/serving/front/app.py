@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from archiver import settings_bounds
 from archiver.errors import UsageError
+from archiver.serving.front import management_ops as ops
 from archiver.serving.front import openapi, page_routes
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.inference_routes import add_inference_routes
@@ -50,48 +50,21 @@ def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpL
     return app
 
 
-# ---- management app ----------------------------------------------------------------------------
-def _int_param(query: Any, key: str) -> int | None:
-    raw = query.get(key)
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise UsageError(f"{key} must be an integer, got {raw!r}") from None
-
-
-def _setting(query: Any, key: str, setting: str, high: int | None = None) -> Any:
-    """A serving setting from the query, in its range (settings_bounds; "" is refused, not ignored)."""
-    raw = query.get(key)
-    return None if raw is None else settings_bounds.parse(setting, raw, key, high=high)
+# ---- management app: thin endpoints over management_ops (which the gRPC management API shares) -----
+def _version(request: web.Request) -> str | None:
+    return request.match_info.get("version")
 
 
 async def list_models(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY_KEY]
-    limit = max(0, min(100, _int_param(request.query, "limit") or 100))
-    start = max(0, _int_param(request.query, "next_page_token") or 0)
-    names = registry.names()
-    page = names[start : start + limit]
-    payload: dict[str, Any] = {}
-    if start + limit < len(names):
-        payload["nextPageToken"] = str(start + limit)
-    payload["models"] = [{"modelName": n, "modelUrl": registry.get(n).url} for n in page]
-    return _json(200, payload)
+    return _json(200, ops.list_models(request.app[REGISTRY_KEY], request.query))
 
 
 async def describe_model(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
-    name, version = request.match_info["model"], request.match_info.get("version")
-    if version in (None, "all"):
-        entries = registry.versions(name) if version == "all" else [registry.get(name)]
-    else:
-        entries = [registry.get(name, version)]
-    return _json(200, [e.describe() for e in entries])
+    return _json(200, ops.describe_model(registry, request.match_info["model"], _version(request)))
 
 
 async def register_model(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY_KEY]
     query: Any = request.query
     if request.content_type == "application/json" and request.can_read_body:
         try:
@@ -106,53 +79,22 @@ async def register_model(request: web.Request) -> web.Response:
         if any(isinstance(v, (dict, list)) for v in body.values()):
             raise UsageError("register body: each value must be a string, a number or true/false")
         query = {k: str(v) for k, v in body.items() if v is not None}
-    url = query.get("url")
-    if not url:
-        raise UsageError("Parameter url is required.")
-    source = registry.store_path(url)
-    overrides = {
-        "batch_size": _setting(query, "batch_size", "batch_size"),
-        "max_batch_delay_ms": _setting(query, "max_batch_delay", "max_batch_delay_ms"),
-        "workers": _setting(query, "initial_workers", "workers", registry.max_workers_per_model),
-        "response_timeout_s": _setting(query, "response_timeout", "response_timeout_s"),
-        "worker_memory_limit_mb": _setting(query, "worker_memory_limit", "worker_memory_limit_mb"),
-    }
-    entry = await registry.register(
-        source, name=query.get("model_name") or None, url=url, overrides=overrides
-    )
-    workers = entry.pool.live_workers() if entry.pool else 0
-    status = f'Model "{entry.name}" Version: {entry.version} registered with {workers} initial workers'
-    return _json(200, {"status": status})
+    return _json(200, await ops.register_model(request.app[REGISTRY_KEY], query))
 
 
 async def scale_model(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY_KEY]
-    name, version = request.match_info["model"], request.match_info.get("version")
-    top = registry.max_workers_per_model
-    workers = _setting(request.query, "min_worker", "workers", top)
-    if workers is None:
-        workers = registry.get(name, version).settings.workers
-    max_workers = _setting(request.query, "max_worker", "workers", top)
-    if max_workers is not None and max_workers < workers:
-        wanted = f"an integer from min_worker ({workers}) to {top}"
-        raise UsageError(f"max_worker must be {wanted}, got {max_workers}")
-    entry = await registry.scale(name, version, workers)
-    suffix = f", version: {version}" if version else ""
-    return _json(200, {"status": f"Workers scaled to {workers} for model: {entry.name}{suffix}"})
+    registry, name = request.app[REGISTRY_KEY], request.match_info["model"]
+    return _json(200, await ops.scale_model(registry, name, _version(request), request.query))
 
 
 async def unregister_model(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY_KEY]
-    entry = await registry.unregister(request.match_info["model"], request.match_info.get("version"))
-    return _json(200, {"status": f'Model "{entry.name}" version {entry.version} unregistered'})
+    registry, name = request.app[REGISTRY_KEY], request.match_info["model"]
+    return _json(200, await ops.unregister_model(registry, name, _version(request)))
 
 
 async def set_default(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
-    entry = registry.set_default(request.match_info["model"], request.match_info["version"])
-    return _json(
-        200, {"status": f'Default version successfully updated for model "{entry.name}" to "{entry.version}"'}
-    )
+    return _json(200, ops.set_default(registry, request.match_info["model"], request.match_info["version"]))
 
 
 def management_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:
