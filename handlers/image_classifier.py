@@ -13,7 +13,7 @@ import torch
 
 from archiver.errors import ConfigError
 from handlers.labels import label_for
-from handlers.vision import VisionHandler
+from handlers.vision import ImageNetTransform, VisionHandler
 
 DEFAULT_TOPK = 5
 
@@ -22,6 +22,9 @@ class ImageClassifier(VisionHandler):
     """Softmax over the model's logits, then the k most likely classes of each image."""
 
     topk = DEFAULT_TOPK  # a subclass may change it, as in TorchServe; model-config.yaml wins
+    # TorchServe's default transform (Resize(256), CenterCrop(224), ToTensor, Normalize), which its
+    # subclasses call themselves; a subclass may replace it.
+    image_processing = ImageNetTransform()
 
     def set_max_result_classes(self, topk: int) -> None:
         self.topk = topk

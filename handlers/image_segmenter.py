@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from handlers.vision import VisionHandler
+from handlers.vision import ImageNetTransform, VisionHandler
 
 PNG = "image/png"
 
@@ -33,6 +33,8 @@ def mask_png(classes: torch.Tensor) -> bytes:
 
 class ImageSegmenter(VisionHandler):
     """Softmax over classes; the most likely class of each pixel and its probability."""
+
+    image_processing = ImageNetTransform()  # TorchServe's: Resize(256), CenterCrop(224), ToTensor, Normalize
 
     def __init__(self) -> None:
         super().__init__()

@@ -12,12 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from PIL import Image
-from torchvision.transforms import functional as F
 
 from archiver.errors import ConfigError
 from handlers.labels import label_for
-from handlers.vision import VisionHandler
+from handlers.vision import ToTensorTransform, VisionHandler
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -27,6 +25,7 @@ class ObjectDetector(VisionHandler):
 
     threshold = DEFAULT_THRESHOLD  # a subclass may change it, as in TorchServe; model-config.yaml wins
     json_image_shape = None  # images of any size
+    image_processing = ToTensorTransform()  # TorchServe's Compose([ToTensor()]); a subclass may replace it
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)
@@ -36,9 +35,6 @@ class ObjectDetector(VisionHandler):
                 f"handler.threshold in model-config.yaml must be between 0 and 1, got {threshold!r}"
             )
         self.threshold = float(threshold)
-
-    def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
-        return F.to_tensor(image)
 
     def preprocess(self, data: list[Any]) -> list[torch.Tensor] | None:
         tensors = [tensor.to(self.device) for _, tensor in self.decode_rows(data)]

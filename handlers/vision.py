@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision import transforms
 from torchvision.transforms import functional as F
 
 from archiver.errors import HandlerInputError, reason
@@ -186,6 +187,49 @@ def _fast_imagenet_tensor(image: Image.Image, resize: int, crop: int) -> torch.T
     return out.add_(_SHIFT)
 
 
+class ImageNetTransform(transforms.Compose):
+    """TorchServe's default transform as its ``image_processing`` (Resize(256), CenterCrop(224),
+    ToTensor, ImageNet Normalize): a real ``Compose`` whose ``transforms`` list subclasses may read,
+    that takes ``imagenet_tensor``'s faster route, and any picture mode (RGB made first) where
+    TorchServe's fails on a grayscale or RGBA one."""
+
+    handler_default = True  # VisionHandler decodes for it as for no transform (RGB, JPEG draft)
+
+    def __init__(self, resize: int = 256, crop: int = 224) -> None:
+        super().__init__(
+            [
+                transforms.Resize(resize),
+                transforms.CenterCrop(crop),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+            ]
+        )
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            return imagenet_tensor(_to_rgb(image), self.resize, self.crop)
+        return super().__call__(image)
+
+
+class ToTensorTransform(transforms.Compose):
+    """TorchServe's object detector transform, ``Compose([ToTensor()])``, on an RGB picture."""
+
+    handler_default = True
+
+    def __init__(self) -> None:
+        super().__init__([transforms.ToTensor()])
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            image = _to_rgb(image)
+        return super().__call__(image)
+
+
+def _is_default(transform: Any) -> bool:
+    return transform is None or getattr(transform, "handler_default", False)
+
+
 class VisionHandler(BaseHandler):
     """Decode each request's image on its own; reject the ones that fail, batch the rest.
 
@@ -197,6 +241,8 @@ class VisionHandler(BaseHandler):
     image_processing: Callable[[Image.Image], torch.Tensor] | None = None
     # The shape a JSON-list image must have (None: any C×H×W); the default transform makes 3×224×224.
     json_image_shape: tuple[int, ...] | None = (3, 224, 224)
+    # Also a class default: TorchServe's micro-batching example skips super().__init__().
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __init__(self) -> None:
         super().__init__()
@@ -222,14 +268,14 @@ class VisionHandler(BaseHandler):
         picture's own pixels) always gets the full picture.
         """
         default = (
-            self.image_processing is None and type(self).image_to_tensor is VisionHandler.image_to_tensor
-        )
-        return 2 * 256 if default else None
+            isinstance(self.image_processing, ImageNetTransform) or self.image_processing is None
+        ) and type(self).image_to_tensor is VisionHandler.image_to_tensor
+        return 2 * getattr(self.image_processing, "resize", 256) if default else None
 
     def decode_rows(self, data: list[Any]) -> list[tuple[int, torch.Tensor]]:
         """(index, tensor) for each request whose image decodes; the others are rejected."""
         decoded = []
-        gray = self.image_processing is not None
+        gray = not _is_default(self.image_processing)
         for index, row in enumerate(data):
             payload = payload_of(row)
             try:
@@ -239,7 +285,7 @@ class VisionHandler(BaseHandler):
                         f"expected one image per request, got {len(payload)} (a BYTES input of shape [1])"
                     )
                 if isinstance(payload, list):
-                    shape = self.json_image_shape if self.image_processing is None else None
+                    shape = self.json_image_shape if _is_default(self.image_processing) else None
                     decoded.append((index, tensor_from_json(payload, shape)))
                     continue
                 image = decode_image(
