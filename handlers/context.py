@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import threading
 from typing import Any
 
@@ -324,6 +325,13 @@ class Context:
         self.metrics = metrics if metrics is not None else Metrics()
         self.model_yaml_config: dict[str, Any] = model_yaml_config or {}
         self._response_content_types: dict[int, str] = {}
+        # Sequence batching (stateful models): the request headers that carry a request's sequence id and
+        # mark its first request; a handler's answer with the end header closes the sequence. TorchServe
+        # reads the names from the same environment variables.
+        self.header_key_sequence_id = os.getenv("TS_REQUEST_SEQUENCE_ID", "ts_request_sequence_id")
+        self.header_key_sequence_start = os.getenv("TS_REQUEST_SEQUENCE_START", "ts_request_sequence_start")
+        self.header_key_sequence_end = os.getenv("TS_REQUEST_SEQUENCE_END", "ts_request_sequence_end")
+        self.stopping_criteria: list[Any] | None = None  # TorchServe's continuous batching hook (unused)
 
     @property
     def system_properties(self) -> dict[str, Any]:
@@ -375,5 +383,5 @@ class Context:
         return self._processor(idx).get_response_headers()
 
     def get_sequence_id(self, idx: int) -> str | None:
-        """Sequence batching is not supported; present so handlers that ask get None."""
-        return None
+        """The sequence request ``idx`` belongs to (a model with ``sequenceBatching``), else None."""
+        return self._processor(idx).get_request_property(self.header_key_sequence_id)
