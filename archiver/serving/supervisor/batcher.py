@@ -16,8 +16,9 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from archiver.errors import RequestTimeoutError, ServiceUnavailableError
 from archiver.serving.protocols.records import InferenceResponse, response_for_exception
@@ -39,6 +40,10 @@ class Job:
     dispatched: bool = False
     deadline: float | None = None
     timeout_s: float = 0.0
+    # True: its caller takes a streaming handler's answers as they come (``streams.py``); ``stream``
+    # is that routing's state for it, None until the handler sends an intermediate answer.
+    streaming: bool = False
+    stream: Any = None
 
 
 class Batcher:
@@ -82,8 +87,10 @@ class Batcher:
         return sum(1 for job in self._queue if not job.future.done())
 
     # ---- requests ------------------------------------------------------------------------------
-    async def submit(self, request: RawRequest, timeout_s: float | None = None) -> InferenceResponse:
-        """Queue one request and wait for its answer.
+    async def submit(
+        self, request: RawRequest, timeout_s: float | None = None, stream: bool = False
+    ) -> InferenceResponse:
+        """Queue one request and wait for its answer (with ``stream``, its first: ``streams.py``).
 
         ``timeout_s`` bounds the wait in the queue: a request no worker took by then gets 504. Once a
         worker holds it, the batch's own timer decides (responseTimeout: the supervisor answers 504
@@ -96,7 +103,7 @@ class Batcher:
                 raise ServiceUnavailableError(
                     f'model "{self.name}" is overloaded: its queue of {self.queue_size} requests is full'
                 )
-        return await self._enqueue(request, timeout_s)
+        return await self._enqueue(request, timeout_s, stream)
 
     async def submit_all(
         self, requests: Sequence[RawRequest], timeout_s: float | None = None
@@ -118,9 +125,9 @@ class Batcher:
         if self.closed:
             raise unavailable(self.name, ModelState.STOPPED)
 
-    def _enqueue(self, request: RawRequest, timeout_s: float | None) -> asyncio.Future:
+    def _enqueue(self, request: RawRequest, timeout_s: float | None, stream: bool = False) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        job = Job(request=request, future=loop.create_future())
+        job = Job(request=request, future=loop.create_future(), streaming=stream)
         if timeout_s is not None:
             job.deadline, job.timeout_s = loop.time() + timeout_s, timeout_s
             self._arm(job.deadline)
@@ -142,7 +149,7 @@ class Batcher:
         self._expiry = None
         now = asyncio.get_running_loop().time()
         earliest: float | None = None
-        for job in itertools.chain(self._queue, *self._gathering.values()):
+        for job in self._waiting_jobs():
             if job.deadline is None or job.dispatched or job.future.done():
                 continue
             if job.deadline <= now:
@@ -157,6 +164,10 @@ class Batcher:
         if earliest is not None:
             self._arm(earliest)
 
+    def _waiting_jobs(self) -> Iterable[Job]:
+        """Every job not yet dispatched: queued, or in a batch still filling."""
+        return itertools.chain(self._queue, *self._gathering.values())
+
     def _wake_one(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -165,8 +176,11 @@ class Batcher:
                 return
 
     # ---- workers -------------------------------------------------------------------------------
-    async def take(self) -> list[Job]:
-        """Wait for the next batch (cancellable: a cancelled take puts back what it held)."""
+    async def take(self, slot: int | None = None) -> list[Job]:
+        """Wait for the next batch (cancellable: a cancelled take puts back what it held).
+
+        ``slot`` is the asking worker's; any worker may take any request here (a sequence batcher,
+        ``sequences.py``, gives each worker only its own sequences' requests)."""
         while True:
             batch = await self._gather()
             # A request whose client left, or that timed out, while its batch gathered is not run.
@@ -252,6 +266,9 @@ class Batcher:
             self._expiry.cancel()
             self._expiry = None
         self.deliver_error(jobs, exc)
+
+    def worker_gone(self, slot: int, reason: str) -> None:
+        """The worker in ``slot`` died or was retired (nothing is bound to a worker here)."""
 
     def _drop_done(self) -> None:
         live = [job for job in self._queue if not job.future.done()]

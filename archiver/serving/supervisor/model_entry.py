@@ -38,6 +38,13 @@ class ModelSettings:
     # model-config.yaml's deviceType and deviceIds: where its workers may run (placement.py)
     device_type: str | None = None
     device_ids: tuple[int, ...] | None = None
+    # model-config.yaml's sequence batching (stateful models: supervisor/sequences.py)
+    sequence_batching: bool = False
+    continuous_batching: bool = False
+    max_num_sequence: int = 1
+    max_sequence_job_queue_size: int = 1
+    sequence_max_idle_ms: float = 0.0
+    sequence_timeout_ms: float = 0.0  # 0: a sequence may live as long as it keeps being used
 
     def merged(self, **overrides: Any) -> ModelSettings:
         """These settings with every override that is not None applied."""
@@ -65,7 +72,30 @@ def settings_from_model_config(config: ModelConfig) -> dict[str, Any]:
         "worker_memory_limit_mb": config.worker_memory_limit_mb,
         "device_type": raw.get("deviceType"),
         "device_ids": tuple(raw["deviceIds"]) if raw.get("deviceIds") else None,
+        **sequence_settings(raw),
     }
+
+
+def sequence_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """model-config.yaml's sequence batching keys as settings (only those it sets).
+
+    TorchServe turns sequence batching on only with ``sequenceMaxIdleMSec`` > 0 and otherwise answers
+    503 to every request of the model; here that archive is refused with the reason instead.
+    """
+    if raw.get("sequenceBatching") and not raw.get("sequenceMaxIdleMSec"):
+        raise UsageError(
+            "model-config.yaml: sequenceBatching needs sequenceMaxIdleMSec > 0 (how long an idle "
+            "sequence keeps its worker's state)"
+        )
+    keys = {
+        "sequenceBatching": "sequence_batching",
+        "continuousBatching": "continuous_batching",
+        "maxNumSequence": "max_num_sequence",
+        "maxSequenceJobQueueSize": "max_sequence_job_queue_size",
+        "sequenceMaxIdleMSec": "sequence_max_idle_ms",
+        "sequenceTimeoutMSec": "sequence_timeout_ms",
+    }
+    return {setting: raw[key] for key, setting in keys.items() if key in raw}
 
 
 # The ModelSettings fields whose range settings_bounds owns (all of them but the devices).
@@ -79,6 +109,10 @@ _BOUNDED_FIELDS = (
     "max_worker_deaths",
     "worker_death_window_s",
     "restart_backoff_s",
+    "max_num_sequence",
+    "max_sequence_job_queue_size",
+    "sequence_max_idle_ms",
+    "sequence_timeout_ms",
 )
 
 
@@ -156,6 +190,20 @@ class ModelEntry:
             return {"deviceType": "cpu", "deviceIds": []}
         return placement.describe()
 
+    def _sequences(self) -> dict[str, Any]:
+        """TorchServe's stateful-model fields, and how many sequences are open now."""
+        s = self.settings
+        batcher = self.pool.batcher if self.pool is not None else None
+        return {
+            "stateful": s.sequence_batching,
+            "continuousBatching": s.continuous_batching,
+            "sequenceMaxIdleMSec": s.sequence_max_idle_ms,
+            "sequenceTimeoutMSec": s.sequence_timeout_ms,
+            "maxNumSequence": s.max_num_sequence,
+            "maxSequenceJobQueueSize": s.max_sequence_job_queue_size,
+            "openSequences": getattr(batcher, "open_sequences", 0),
+        }
+
     def describe(self) -> dict[str, Any]:
         """TorchServe's describe-model shape, plus our ``status``, ``loadError``, ``deaths``, ``manifest``."""
         pool = self.pool
@@ -171,6 +219,7 @@ class ModelEntry:
             "maxBatchDelay": self.settings.max_batch_delay_ms,
             "responseTimeout": self.settings.response_timeout_s,
             "workerMemoryLimitMB": self.settings.worker_memory_limit_mb,
+            **self._sequences(),
             **self._devices(),
             "loadedAtStartup": self.loaded_at_startup,
             "status": self.state.value,

@@ -214,6 +214,7 @@ class WorkerPool:
         worker = self.workers.pop(slot, None)
         if worker is None:
             return
+        self.batcher.worker_gone(slot, f"its worker ({slot}) was stopped by a scale-down or unregister")
         loop_task = self._loops.get(slot)
         if worker.state == WorkerState.BUSY and loop_task is not None:
             return  # its loop sees it is no longer ours after this batch, and stops it
@@ -239,7 +240,7 @@ class WorkerPool:
     async def _work(self, worker: WorkerProcess) -> None:
         try:
             while self._ours(worker) and worker.state == WorkerState.IDLE:
-                jobs = await self.batcher.take()
+                jobs = await self.batcher.take(worker.slot)
                 if not self._ours(worker) or worker.state != WorkerState.IDLE:
                     self.batcher.requeue(jobs)  # it died or was retired while waiting for work
                     break
@@ -294,6 +295,7 @@ class WorkerPool:
 
     def _record_death(self, worker: WorkerProcess, cause: str, message: str, during: str) -> None:
         del self.workers[worker.slot]
+        self.batcher.worker_gone(worker.slot, message)  # its sequences' state died with it
         death = Death(time.time(), time.monotonic(), worker.slot, worker.pid, cause, message, during)
         verdict = self.death_log.record(death)
         if verdict.fail:

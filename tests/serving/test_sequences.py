@@ -1,0 +1,230 @@
+"""Stateful models: TorchServe's sequence batching examples, as a user runs them against a live server.
+
+The handlers below use the API of TorchServe 0.12's ``examples/stateful`` handlers (a running sum per
+sequence, kept in the worker; ``get_sequence_id``, the ``header_key_sequence_*`` names, the start and
+end headers), written here without the example's model file and LRU package.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+# TorchServe's sequence_batching handler, by its API: each request adds its number to its sequence's
+# running sum. "die" ends the worker process; "sleep:S:N" works S seconds, then adds N.
+STATEFUL_HANDLER = """
+import os
+import time
+from collections import OrderedDict
+
+
+class StatefulHandler:
+    DEFAULT_CAPACITY = 10
+
+    def initialize(self, ctx):
+        self.context = ctx
+        config = ctx.model_yaml_config.get("handler") or {}
+        self.capacity = int(config.get("cache", {}).get("capacity", self.DEFAULT_CAPACITY))
+        self.cache = OrderedDict()  # an LRU, as the example's lru-dict
+        self.initialized = True
+
+    def handle(self, data, context):
+        results = []
+        for idx, row in enumerate(data):
+            sequence_id = self.context.get_sequence_id(idx)
+            prev = int(self.cache.get(sequence_id, 0))
+            request = row.get("data") or row.get("body")
+            if isinstance(request, (bytes, bytearray)):
+                request = request.decode("utf-8")
+            if request == "die":
+                os._exit(3)
+            if request.startswith("sleep:"):
+                _, seconds, request = request.split(":")
+                time.sleep(float(seconds))
+            val = prev + int(request)
+            self.cache[sequence_id] = val
+            self.cache.move_to_end(sequence_id)
+            while len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+            context.set_response_header(idx, "x-worker-pid", str(os.getpid()))
+            results.append(val)
+        return results
+"""
+
+# TorchServe's sequence_continuous_batching handler, by its API: a session opens with the start header
+# the server adds to a sequence's first request, 0 closes it (the end header), even numbers add up.
+SESSION_HANDLER = """
+class SessionHandler:
+    def initialize(self, ctx):
+        self.context = ctx
+        ctx.cache = {}
+        self.sums = {}
+
+    def handle(self, data, context):
+        results = []
+        for idx, row in enumerate(data):
+            sequence_id = self.context.get_sequence_id(idx)
+            self.context.set_response_header(idx, self.context.header_key_sequence_id, sequence_id)
+            if self.context.get_request_header(idx, self.context.header_key_sequence_start):
+                self.sums[sequence_id] = 0
+                self.context.cache[sequence_id] = {"start": True, "num_requests": 0}
+            request = int(row.get("data") or row.get("body"))
+            self.context.cache[self.context.get_request_id(idx)] = {"stream": False}
+            self.context.cache[sequence_id]["num_requests"] += 1
+            self.sums[sequence_id] += request
+            if request == 0:
+                self.context.set_response_header(idx, self.context.header_key_sequence_end, sequence_id)
+                del self.context.cache[sequence_id]
+            results.append(self.sums[sequence_id])
+        return results
+"""
+
+STATEFUL_CONFIG = """
+minWorkers: 2
+maxWorkers: 2
+batchSize: 4
+maxNumSequence: 4
+sequenceMaxIdleMSec: {idle}
+maxSequenceJobQueueSize: 10
+sequenceBatching: true
+
+handler:
+  cache:
+    capacity: 4
+"""
+
+
+def stateful(make_model, name="stateful", *, idle=60000, config=None, handler=STATEFUL_HANDLER):
+    return make_model(name, handler_source=handler, config_yaml=config or STATEFUL_CONFIG.format(idle=idle))
+
+
+def send(call, server, value, sequence=None, model="stateful"):
+    headers = {"ts_request_sequence_id": sequence} if sequence is not None else {}
+    return call("POST", f"{server.url('inference')}/predictions/{model}", str(value), headers)
+
+
+def test_two_interleaved_sequences_each_keep_their_own_sum_on_their_own_worker(
+    serve, make_model, call, describe
+):
+    server = serve([stateful(make_model)])
+    answers: dict[str, list[str]] = {"seq_0": [], "seq_1": []}
+    pids: dict[str, set[str]] = {"seq_0": set(), "seq_1": set()}
+    for sequence, value in [("seq_0", 1), ("seq_1", 1), ("seq_0", 2), ("seq_1", 2), ("seq_0", 3)]:
+        reply = send(call, server, value, sequence)
+        assert reply.status == 200, reply.body
+        assert reply.headers["ts_request_sequence_id"] == sequence
+        answers[sequence].append(reply.body.decode())
+        pids[sequence].add(reply.headers["x-worker-pid"])
+    # The issue's bug: one shared state answered 1, 2, 4 and 3, 6; TorchServe's semantics:
+    assert answers == {"seq_0": ["1", "3", "6"], "seq_1": ["1", "3"]}
+    assert len(pids["seq_0"]) == len(pids["seq_1"]) == 1, "a sequence stays on one worker"
+    assert pids["seq_0"] != pids["seq_1"], "two sequences on two workers: one each"
+
+    # TorchServe's own test of the example: two clients at once, five requests each.
+    def client(sequence: str, values: list[int]) -> str:
+        return " ".join(send(call, server, v, sequence).body.decode() for v in values)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client, "seq_a", [1, 3, 5, 7, 9])
+        second = pool.submit(client, "seq_b", [2, 4, 6, 8, 10])
+        assert first.result() == "1 4 9 16 25"
+        assert second.result() == "2 6 12 20 30"
+    description = describe(call, server, "stateful")
+    assert description["stateful"] is True and description["maxNumSequence"] == 4
+    assert description["openSequences"] == 4
+
+
+def test_a_session_opens_without_an_id_and_its_handler_closes_it(serve, make_model, call, describe):
+    model = stateful(make_model, "session", handler=SESSION_HANDLER)
+    server = serve([model])
+    opened = send(call, server, 2, model="session")
+    assert opened.status == 200 and opened.body == b"2", opened.body
+    sid = opened.headers["ts_request_sequence_id"]
+    assert sid.startswith("ts-seq-") and len(sid) == len("ts-seq-") + 36
+    assert [send(call, server, v, sid, "session").body for v in (4, 6)] == [b"6", b"12"]
+    closed = send(call, server, 0, sid, "session")
+    assert closed.status == 200 and closed.body == b"12"
+    assert closed.headers["ts_request_sequence_end"] == sid
+    after = send(call, server, 2, sid, "session")
+    assert after.status == 410, after.body
+    assert after.json()["type"] == "SequenceError"
+    assert "ended by its handler" in after.json()["message"]
+    assert describe(call, server, "session")["openSequences"] == 0
+    # another session is independent of the closed one
+    other = send(call, server, 4, model="session")
+    assert other.body == b"4" and other.headers["ts_request_sequence_id"] != sid
+
+
+def test_an_idle_sequence_expires(serve, make_model, call, poll, describe):
+    server = serve([stateful(make_model, idle=300)])
+    sid = send(call, server, 5).headers["ts_request_sequence_id"]
+    assert send(call, server, 1, "mine").body == b"1"
+    poll(lambda: describe(call, server, "stateful")["openSequences"] == 0, 30, "idle sequences to expire")
+    expired = send(call, server, 1, sid)
+    assert expired.status == 410
+    assert "idle longer than sequenceMaxIdleMSec (300 ms)" in expired.json()["message"]
+    # An id the client chose opens again, on the worker that holds its state (the example's curl by hand).
+    assert send(call, server, 2, "mine").body == b"3"
+
+
+def test_a_dead_worker_ends_its_sequences_with_a_clear_error(serve, make_model, call, poll, describe):
+    server = serve([stateful(make_model)])
+    assert send(call, server, 1, "doomed").status == 200
+    assert send(call, server, 1, "survivor").status == 200
+    replies = {}
+    dying = threading.Thread(target=lambda: replies.setdefault("dying", send(call, server, "die", "doomed")))
+    dying.start()
+    waiting = send(call, server, 1, "doomed")  # queued behind "die", or arriving after the worker died
+    dying.join(30)
+    assert replies["dying"].status == 500
+    assert waiting.status == 410, waiting.body
+    assert "the state it built is lost" in waiting.json()["message"]
+    later = send(call, server, 1, "doomed")
+    assert later.status == 410 and "start a new sequence" in later.json()["message"]
+    assert send(call, server, 2, "survivor").body == b"3", "the other worker's sequence is untouched"
+    poll(lambda: describe(call, server, "stateful")["workers"].__len__() == 2, 60, "the worker's restart")
+    assert send(call, server, 7).body == b"7"  # a new sequence works on the restarted pool
+
+
+def test_hostile_sequence_ids_and_full_queues_get_clear_errors(serve, make_model, call, raw, poll):
+    config = STATEFUL_CONFIG.format(idle=60000)
+    config = config.replace("minWorkers: 2", "minWorkers: 1").replace("batchSize: 4", "batchSize: 1")
+    config = config.replace("maxNumSequence: 4", "maxNumSequence: 2").replace(
+        "maxSequenceJobQueueSize: 10", "maxSequenceJobQueueSize: 1"
+    )
+    server = serve([stateful(make_model, config=config)])
+    made_up = send(call, server, 1, "ts-seq-00000000-0000-0000-0000-000000000000")
+    assert made_up.status == 404 and "not one this server opened" in made_up.json()["message"]
+    for bad in ("has space", "x" * 129, "-leading", "semi;colon"):
+        reply = send(call, server, 1, bad)
+        assert reply.status == 400, (bad, reply.body)
+        assert "ts_request_sequence_id must be" in reply.json()["message"]
+    port = int(server.url("inference").rsplit(":", 1)[1])
+    huge = b"POST /predictions/stateful HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+    huge += b"ts_request_sequence_id: " + b"a" * 70000 + b"\r\n\r\n1"
+    assert raw(port, huge).split(b" ", 2)[1] in (b"400", b"431")
+
+    # maxSequenceJobQueueSize 1: one request running, one waiting, the next is refused
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(send, call, server, "sleep:1.5:1", "busy")
+        poll(lambda: workers_busy(call, server), 30, "the slow request to run")
+        waiting = pool.submit(send, call, server, 1, "busy")
+        poll(lambda: requests_waiting(call, server) == 1, 30, "the second request to wait")
+        refused = send(call, server, 1, "busy")
+        assert refused.status == 503 and "maxSequenceJobQueueSize 1" in refused.json()["message"]
+        # maxNumSequence 2 (batchSize x workers is 1): "busy" and a second one are open, a third is refused
+        assert send(call, server, 1, "second").status == 200
+        third = send(call, server, 1, "third")
+        assert third.status == 503 and "open sequences" in third.json()["message"]
+        assert running.result().body == b"1" and waiting.result().body == b"2"
+
+
+def workers_busy(call, server) -> bool:
+    workers = call("GET", f"{server.url('management')}/models/stateful").json()[0]["workers"]
+    return any(w["status"] == "BUSY" for w in workers)
+
+
+def requests_waiting(call, server) -> int:
+    return call("GET", f"{server.url('management')}/models/stateful").json()[0]["jobQueueStatus"][
+        "pendingRequests"
+    ]
