@@ -51,44 +51,88 @@ def list_classes_from_module(module: ModuleType, parent_class: type | None = Non
 
 
 def timed(func: Callable[..., Any]) -> Callable[..., Any]:
-    """TorchServe's ``ts.handler_utils.timer.timed``: record a handler method's time in context.metrics."""
+    """TorchServe's ``ts.handler_utils.timer.timed``: with ``handler: {profile: true}`` in
+    model-config.yaml, record a handler method's time as ``ts_handler_<method>`` in context.metrics."""
 
     @wraps(func)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        context = getattr(self, "context", None)
+        section = (getattr(context, "model_yaml_config", None) or {}).get("handler")
+        if not (isinstance(section, dict) and section.get("profile")):
+            return func(self, *args, **kwargs)
         started = time.perf_counter()
         try:
             return func(self, *args, **kwargs)
         finally:
-            metrics = getattr(getattr(self, "context", None), "metrics", None)
+            metrics = getattr(context, "metrics", None)
             if metrics is not None:
                 metrics.add_time(f"ts_handler_{func.__name__}", (time.perf_counter() - started) * 1000)
 
     return wrapper
 
 
-# ts module name -> (our module, names it exports). Packages have an empty tuple and get a __path__.
+# ts module name -> (our module, names it exports). A name "module:Name" comes from that module instead.
+# Packages have an empty tuple and get a __path__. docs/torchserve-surface.md lists every ts module.
+_UTIL = "handlers.ts_utils"
+_ENVELOPES = "handlers.ts_envelopes"
 _ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ts": ("handlers._ts_compat", ()),
+    "ts.version": ("handlers._ts_compat", ("__version__",)),
     "ts.context": ("handlers.context", ("Context", "RequestProcessor")),
     "ts.torch_handler": ("handlers", ()),
     "ts.torch_handler.base_handler": ("handlers.base", ("BaseHandler",)),
     "ts.torch_handler.vision_handler": ("handlers.vision", ("VisionHandler",)),
     "ts.torch_handler.image_classifier": ("handlers.image_classifier", ("ImageClassifier",)),
+    "ts.torch_handler.densenet_handler": (
+        "handlers.ts_densenet",
+        ("DenseNetHandler", "list_classes_from_module"),
+    ),
     "ts.torch_handler.object_detector": ("handlers.object_detector", ("ObjectDetector",)),
     "ts.torch_handler.image_segmenter": ("handlers.image_segmenter", ("ImageSegmenter",)),
+    "ts.torch_handler.text_handler": ("handlers.ts_text", ("TextHandler", "CONTRACTIONS_PATTERN")),
+    "ts.torch_handler.contractions": ("handlers.ts_text", ("CONTRACTION_MAP",)),
     "ts.torch_handler.text_classifier": ("handlers.text_classifier", ("TextClassifier",)),
+    "ts.torch_handler.request_envelope": (_ENVELOPES, ()),
+    "ts.torch_handler.request_envelope.base": (_ENVELOPES, ("BaseEnvelope",)),
+    "ts.torch_handler.request_envelope.body": (_ENVELOPES, ("BodyEnvelope",)),
+    "ts.torch_handler.request_envelope.json": (_ENVELOPES, ("JSONEnvelope",)),
+    "ts.torch_handler.request_envelope.kserve": (_ENVELOPES, ("KServeEnvelope",)),
+    "ts.torch_handler.request_envelope.kservev2": (_ENVELOPES, ("KServev2Envelope",)),
     "ts.utils": ("handlers._ts_compat", ()),
     "ts.utils.util": (
-        "handlers._ts_compat",
-        ("PredictionException", "list_classes_from_module", "load_label_mapping", "map_class_to_label"),
+        _UTIL,
+        (
+            "handlers._ts_compat:PredictionException",
+            "handlers._ts_compat:list_classes_from_module",
+            "handlers.labels:load_label_mapping",
+            "handlers.labels:map_class_to_label",
+            "CLEANUP_REGEX",
+            "PT2Backend",
+            "check_valid_pt2_backend",
+            "get_yaml_config",
+            "deprecated",
+        ),
     ),
+    "ts.utils.timeit_decorator": (_UTIL, ("timeit",)),
     "ts.handler_utils": ("handlers._ts_compat", ()),
     "ts.handler_utils.timer": ("handlers._ts_compat", ("timed",)),
+    "ts.handler_utils.micro_batching": ("handlers.ts_micro_batching", ("MicroBatching", "HANDLER_METHODS")),
+    "ts.handler_utils.text_utils": (_UTIL, ("get_tokenizer", "ngrams_iterator")),
+    "ts.handler_utils.hf_batch_streamer": ("handlers.ts_hf_streamer", ("TextIteratorStreamerBatch",)),
     "ts.metrics": ("handlers._ts_compat", ()),
     "ts.metrics.dimension": ("handlers.context", ("Dimension",)),
     "ts.metrics.metric_type_enum": ("handlers.context", ("MetricTypes",)),
+    "ts.metrics.caching_metric": ("handlers.context", ("CachingMetric",)),
+    "ts.metrics.metric_cache_errors": ("handlers.context", ("MetricsCacheKeyError",)),
 }
-_PACKAGES = {"ts", "ts.torch_handler", "ts.utils", "ts.handler_utils", "ts.metrics"}
+_PACKAGES = {
+    "ts",
+    "ts.torch_handler",
+    "ts.torch_handler.request_envelope",
+    "ts.utils",
+    "ts.handler_utils",
+    "ts.metrics",
+}
 
 
 class _TsAliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -100,29 +144,39 @@ class _TsAliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if fullname != "ts" and not fullname.startswith("ts."):
             return None
         if fullname not in _ALIASES:
-            provided = ", ".join(n for n in _ALIASES if n not in _PACKAGES)
-            raise ModuleNotFoundError(
-                f"No module named {fullname!r}: model-archiver runs TorchServe handlers with its own "
-                f"classes and provides only {provided}",
-                name=fullname,
-            )
+            from handlers.ts_refused import refusal
+
+            why = refusal(fullname)
+            if why is None:
+                provided = ", ".join(n for n in _ALIASES if n not in _PACKAGES)
+                why = (
+                    f"No module named {fullname!r}: model-archiver runs TorchServe handlers with its own "
+                    f"classes and provides only {provided}"
+                )
+            raise ModuleNotFoundError(why, name=fullname)
+        self.imported.add(fullname)
         spec = importlib.util.spec_from_loader(fullname, self, is_package=fullname in _PACKAGES)
         return spec
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return None
 
+    def __init__(self) -> None:
+        self.imported: set[str] = set()  # the ts modules a handler imported (it was written for TorchServe)
+
     def exec_module(self, module: ModuleType) -> None:
         source, names = _ALIASES[module.__name__]
-        if not names:
-            module.__version__ = TORCHSERVE_VERSION
-            return
-        ours = importlib.import_module(source)
+        module.__version__ = TORCHSERVE_VERSION
         for name in names:
-            value = getattr(ours, name, None)
-            if value is None and name in ("load_label_mapping", "map_class_to_label"):
-                value = getattr(importlib.import_module("handlers.labels"), name)
-            setattr(module, name, value)
+            where, _, attribute = name.rpartition(":")
+            try:
+                ours = importlib.import_module(where or source)
+            except ImportError as exc:  # e.g. transformers for the streamer: say which ts module needs it
+                raise ModuleNotFoundError(
+                    f"{module.__name__} needs {exc.name or 'a module'} installed ({exc})", name=exc.name
+                ) from exc
+            if hasattr(ours, attribute):  # a name ours lacks fails `from ... import` by its name
+                setattr(module, attribute, getattr(ours, attribute))
 
 
 def _is_ts(name: str) -> bool:
@@ -130,13 +184,14 @@ def _is_ts(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def ts_compat_aliases() -> Iterator[None]:
-    """For the block only, ``import ts.…`` resolves to this project's handler classes."""
+def ts_compat_aliases() -> Iterator[set[str]]:
+    """For the block only, ``import ts.…`` resolves to this project's handler classes; the block gets
+    the set of ``ts`` modules imported in it (non-empty: the handler was written for TorchServe)."""
     saved = {name: sys.modules.pop(name) for name in [n for n in sys.modules if _is_ts(n)]}
     finder = _TsAliasFinder()
     sys.meta_path.insert(0, finder)
     try:
-        yield
+        yield finder.imported
     finally:
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(finder)

@@ -72,10 +72,10 @@ def test_prediction_exception_sets_the_status_of_the_batch(kit, tmp_path):
 
 
 def test_a_ts_module_we_do_not_provide_is_named_in_the_error(kit, tmp_path):
-    source = "from ts.torch_handler.request_envelope.kserve import KServeEnvelope\n"
-    folder = ts_model(kit, tmp_path / "envelope", source)
+    source = "from ts.torch_handler.no_such_handler import Handler\n"
+    folder = ts_model(kit, tmp_path / "unknown", source)
 
-    with pytest.raises(HandlerError, match="ts.torch_handler.request_envelope.*provides only ts.context"):
+    with pytest.raises(HandlerError, match="ts.torch_handler.no_such_handler.*provides only ts.version"):
         load_model(folder, cache_dir=tmp_path / "cache")
     assert no_ts_left()
 
