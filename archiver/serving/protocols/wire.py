@@ -88,8 +88,9 @@ def frame_chunks(kind: str, header: dict[str, Any], blobs: list[bytes] | None = 
 
 # A batch's and an answers' rows are positional lists, not objects: a batch of 32 is encoded and
 # decoded on every trip, and JSON without repeated keys is a good third cheaper both ways.
-def batch_frame(batch_id: int, requests: list[RawRequest]) -> list[bytes]:
-    """A batch: each request as ``[id, headers, [[name, content type, size], …]]``, bodies after."""
+def batch_frame(batch_id: int, requests: list[RawRequest], threads: int | None = None) -> list[bytes]:
+    """A batch: each request as ``[id, headers, [[name, content type, size], …]]``, bodies after;
+    ``threads``: the torch threads the worker runs it with (None: as it is)."""
     blobs: list[bytes] = []
     rows = []
     for r in requests:
@@ -98,7 +99,10 @@ def batch_frame(batch_id: int, requests: list[RawRequest]) -> list[bytes]:
             parts.append([name, ctype, len(body)])
             blobs.append(body)
         rows.append([r.request_id, r.headers, parts])
-    return frame_chunks("batch", {"batch": batch_id, "requests": rows}, blobs)
+    header: dict[str, Any] = {"batch": batch_id, "requests": rows}
+    if threads:
+        header["threads"] = threads
+    return frame_chunks("batch", header, blobs)
 
 
 def read_batch(frame: Frame) -> tuple[int, list[RawRequest]]:

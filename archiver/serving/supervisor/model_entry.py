@@ -18,6 +18,7 @@ from archiver.serving.supervisor.pool import RestartPolicy, WorkerPool
 from archiver.serving.supervisor.states import ModelState, unavailable
 
 if TYPE_CHECKING:
+    from archiver.serving.supervisor.calibration import Split
     from archiver.signing import SignatureCheck
 
 
@@ -162,6 +163,8 @@ class ModelEntry:
     reloads: int = 0  # times --reload switched it to new files
     reload_error: str | None = None  # why the newest files do not load (the previous ones still serve)
     signature: SignatureCheck | None = None  # the verified signature it loaded under (serve --trusted-key)
+    # how its workers share the cores and who chose that (calibration.Split); None: not decided yet
+    split: Split | None = None
 
     @property
     def state(self) -> ModelState:
@@ -215,6 +218,7 @@ class ModelEntry:
             "runtime": (self.manifest or {}).get("runtime", "python"),
             "minWorkers": self.settings.workers,
             "maxWorkers": self.settings.workers,
+            "workerSplit": self.split.describe() if self.split is not None else None,
             "batchSize": self.settings.batch_size,
             "maxBatchDelay": self.settings.max_batch_delay_ms,
             "responseTimeout": self.settings.response_timeout_s,

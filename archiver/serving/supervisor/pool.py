@@ -92,6 +92,9 @@ class WorkerPool:
         self._closing = False
         self._memory: MemoryWatcher | None = None  # with a memory limit, from the first start
         self._background: set[asyncio.Task] = set()
+        # torch threads for a batch given how many other workers are busy (calibration.threads_for_batch);
+        # None: each worker keeps the threads it started with
+        self.batch_threads: Callable[[int], int] | None = None
 
     # ---- requests ------------------------------------------------------------------------------
     async def submit(self, request: RawRequest) -> InferenceResponse:
@@ -253,7 +256,8 @@ class WorkerPool:
 
     async def _run(self, worker: WorkerProcess, jobs: list[Job]) -> None:
         try:
-            responses = await worker.run([job.request for job in jobs], self.response_timeout_s)
+            threads = self.batch_threads(self._busy_count()) if self.batch_threads is not None else None
+            responses = await worker.run([job.request for job in jobs], self.response_timeout_s, threads)
         except TimeoutError:
             limit = f"{self.response_timeout_s:g} s"
             worker.kill("timeout", f"its batch of {len(jobs)} ran past responseTimeout ({limit})")
@@ -370,6 +374,9 @@ class WorkerPool:
 
     def _busy(self) -> bool:
         return any(w.state == WorkerState.BUSY for w in self.workers.values())
+
+    def _busy_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state == WorkerState.BUSY)
 
     # ---- reporting -----------------------------------------------------------------------------
     @property

@@ -9,6 +9,7 @@ and its requests get a 503 with that reason at once.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -28,6 +29,7 @@ from archiver.errors import (
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.supervisor import calibration
 from archiver.serving.supervisor.batcher import Batcher
 from archiver.serving.supervisor.devices import Gpu, GpuMonitor, worker_gpu_env
 from archiver.serving.supervisor.model_entry import ModelEntry, ModelSettings, served_settings
@@ -251,6 +253,9 @@ class ModelRegistry:
             loaded_at_startup=startup,
             signature=signature,
         )
+        entry.split = calibration.chosen(
+            config.min_workers, self.operator, overrides, settings.workers, self.threads_per_worker()
+        )
         self._add(entry)
         entry.pool = self.new_pool(entry)
         return entry
@@ -277,7 +282,7 @@ class ModelRegistry:
                 queue_size=settings.queue_size,
                 on_batch=on_batch,
             )
-        return WorkerPool(
+        pool = WorkerPool(
             self._spec(entry),
             batcher,
             response_timeout_s=settings.response_timeout_s,
@@ -289,14 +294,36 @@ class ModelRegistry:
             placement=self.gpu_counter.for_model(settings.device_type, settings.device_ids),
             gpu_monitor=self.gpu_monitor,
         )
+        if not self.threads_pinned():  # a lone busy worker gets all the model's cores, else its share
+            cores = calibration.cores()
+            share = lambda: min(cores, self.threads_per_worker() * entry.settings.workers)  # noqa: E731
+            pool.batch_threads = calibration.threads_for_batch(share)
+        return pool
+
+    def threads_pinned(self) -> str | None:
+        """What fixed the workers' torch threads (--torch-threads, OMP_NUM_THREADS), or None."""
+        if self.torch_threads:
+            return "--torch-threads"
+        return "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else None
 
     async def start(self, entry: ModelEntry) -> None:
         """Start a prepared model's workers; a failure leaves it FAILED (startup) or removes it."""
         assert entry.pool is not None
         started = asyncio.get_running_loop().time()
+        example = remember = None
         try:
+            if entry.split is None:  # nobody chose the workers: measured once per archive, or the rule
+                entry.split, example, remember = await calibration.plan(
+                    entry, self.cache_dir, self.threads_pinned(), bool(self.gpus)
+                )
+                entry.settings = entry.settings.merged(workers=entry.split.workers)
             await self.use_model_env(entry)
             await entry.pool.start(entry.settings.workers)
+            if example is not None:
+                entry.split = await calibration.calibrate(
+                    entry, example, remember, self.max_workers_per_model
+                )
+            calibration.log_split(entry.name, entry.split)
         except ArchiverError as exc:
             entry.error = exc.message
             if not entry.loaded_at_startup:
@@ -349,6 +376,9 @@ class ModelRegistry:
         if entry.pool is None or entry.state == LOADING:
             raise ServiceUnavailableError(f'model "{name}" is {entry.state.value}; cannot scale it')
         entry.settings = entry.settings.merged(workers=workers)
+        entry.split = calibration.Split(
+            workers, self.threads_per_worker(), "operator", "scaled by min_worker"
+        )
         if entry.state == FAILED:
             await self.use_model_env(entry)  # a failed install is tried again, as a new start would
         await entry.pool.scale(workers)

@@ -266,8 +266,10 @@ class WorkerProcess:
             self._lifeline = None
 
     # ---- work ----------------------------------------------------------------------------------
-    async def run(self, requests: list[wire.RawRequest], timeout_s: float | None) -> list[InferenceResponse]:
-        """Hand one batch to the process and await its answers.
+    async def run(
+        self, requests: list[wire.RawRequest], timeout_s: float | None, threads: int | None = None
+    ) -> list[InferenceResponse]:
+        """Hand one batch to the process and await its answers (run with ``threads`` torch threads).
 
         Raises WorkerGoneError if the process ended before it took the batch (nothing ran),
         WorkerDiedError if it ended while holding it or broke the protocol, and TimeoutError after
@@ -280,7 +282,7 @@ class WorkerProcess:
         frame: wire.Frame | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                taken = await self._send_and_read(wire.batch_frame(batch_id, requests))
+                taken = await self._send_and_read(wire.batch_frame(batch_id, requests, threads))
                 if taken is not None:
                     self._expect(taken, "taken", batch_id)
                     # Set until the answers are in: if the worker ends meanwhile, its death message

@@ -190,6 +190,9 @@ def main(argv: list[str]) -> int:
         return 2
     sock_fd, lifeline_fd = int(argv[0]), int(argv[1])
     _exit_with_server(lifeline_fd)
+    from archiver.serving.worker.handler_logging import configure_handler_logging
+
+    configure_handler_logging()  # a handler's logging.info lines reach the server's log, as TorchServe's
     # A segfault in native code prints the crashing thread's Python stack to stderr first (the
     # server quotes it in the death message); the other threads are ours and only add noise.
     faulthandler.enable(all_threads=False)

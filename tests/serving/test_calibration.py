@@ -1,0 +1,186 @@
+"""How many workers a model gets when nobody said: measured on its own example the first time, read
+back from the cache after that, overridden by the operator, never more threads than cores, and the
+rule (1 worker, every core) when the example fails; torch threads follow the load."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+from archiver.serving.supervisor.calibration import PHASE_S, candidate_workers, cores
+
+# A pure-Python handler (its worker never imports torch, so it loads in a moment) for v2 requests:
+# one answer per request. With FAIL set it refuses every request, as a model whose example input is
+# the wrong shape would.
+V2_HANDLER = """
+FAIL = {fail}
+
+
+def handle(data, context):
+    if not data:
+        return None
+    if FAIL:
+        raise ValueError("this model takes no such input")
+    return [{{"rows": len(row["tensors"]["x"])}} for row in data]
+"""
+
+SIGNATURE = """
+batchSize: 4
+signature:
+  inputs: [{name: x, datatype: FP32, shape: [-1, 3]}]
+  outputs: [{name: output-0, datatype: FP32, shape: [-1, 1]}]
+"""
+
+# Answers the torch threads its worker ran the request with; "sleep:S" holds the worker S seconds.
+THREADS_HANDLER = """
+import os
+import time
+
+import torch
+
+
+def handle(data, context):
+    if not data:
+        return None
+    answers = []
+    for row in data:
+        text = bytes(row.get("body") or b"").decode()
+        if text.startswith("sleep:"):
+            time.sleep(float(text.split(":")[1]))
+        answers.append({"threads": torch.get_num_threads(), "pid": os.getpid()})
+    return answers
+"""
+
+
+def _calibrated(make_model: Any, name: str = "linear", fail: bool = False) -> Path:
+    return make_model(name, handler_source=V2_HANDLER.format(fail=fail), config_yaml=SIGNATURE)
+
+
+def _split(describe: Any, call: Any, server: Any, model: str) -> tuple[dict, dict]:
+    described = describe(call, server, model)
+    return described["workerSplit"], described
+
+
+def test_the_split_is_measured_once_then_read_back_from_the_cache(
+    serve: Any, make_model: Any, call: Any, describe: Any, tmp_path: Path, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, "archiver.serving")
+    folder = _calibrated(make_model)
+    first = serve([folder])
+    split, described = _split(describe, call, first, "linear")
+    assert split["chosenBy"] == "calibration" and split["reason"].startswith("measured ")
+    assert split["workers"] in (1, candidate_workers(cores(), 8))
+    assert split["workers"] * split["threadsPerWorker"] <= cores()
+    assert described["minWorkers"] == split["workers"] == len(described["workers"])
+    assert described["loadTimeSeconds"] >= 2 * PHASE_S  # both splits were timed before it was READY
+    said = [r.getMessage() for r in caplog.records if "linear" in r.getMessage()]
+    assert any(f"{split['workers']} worker(s) x" in m and "calibration: measured" in m for m in said), said
+    [cached] = (tmp_path / "cache" / "calibration").iterdir()
+    assert cached.name.endswith(f"-{cores()}cores-batch4-v1.json")
+    first.stop()
+
+    second = serve([folder])  # same archive, same cache: nothing is measured again
+    again, described_again = _split(describe, call, second, "linear")
+    assert again["chosenBy"] == "cache" and again["workers"] == split["workers"]
+    assert again["reason"].startswith(f"calibrated earlier ({split['reason']})")
+    assert described_again["loadTimeSeconds"] < described["loadTimeSeconds"]
+    reply = call(
+        "POST",
+        second.url() + "/v2/models/linear/infer",
+        body=b'{"inputs":[{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2,3]}]}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert reply.status == 200, reply.body
+
+
+def test_the_operator_and_the_archive_choose_over_calibration(
+    serve: Any, make_model: Any, call: Any, describe: Any, tmp_path: Path
+) -> None:
+    folder = _calibrated(make_model)
+    server = serve([folder], operator={"workers": 2})
+    split, described = _split(describe, call, server, "linear")
+    assert split["chosenBy"] == "operator" and split["workers"] == 2 == len(described["workers"])
+    server.stop()
+    pinned = serve([folder], torch_threads=1)
+    split, _ = _split(describe, call, pinned, "linear")
+    assert split == {
+        "workers": 1,
+        "threadsPerWorker": cores(),
+        "chosenBy": "rule",
+        "reason": "1 worker with every core (--torch-threads is set: the threads are the operator's)",
+    }
+    pinned.stop()
+    config = SIGNATURE + "minWorkers: 1\n"
+    by_archive = make_model("suggested", handler_source=V2_HANDLER.format(fail=False), config_yaml=config)
+    server = serve([by_archive])
+    split, _ = _split(describe, call, server, "suggested")
+    assert split["chosenBy"] == "archive" and split["workers"] == 1
+    assert not (tmp_path / "cache" / "calibration").exists()  # nothing was measured, nothing cached
+
+
+def test_a_model_whose_example_fails_keeps_the_rule_and_the_log_says_why(
+    serve: Any, make_model: Any, call: Any, describe: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, "archiver.serving")
+    server = serve([_calibrated(make_model, "picky", fail=True)])
+    split, described = _split(describe, call, server, "picky")
+    assert split["chosenBy"] == "rule" and split["workers"] == 1 == len(described["workers"])
+    assert split["reason"].startswith("1 worker with every core (calibration failed: the example request")
+    assert described["status"] == "READY"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any('model "picky": calibration failed, so the rule applies' in m for m in warned), warned
+
+
+def test_a_model_without_an_example_gets_the_rule_at_once(
+    serve: Any, echo_model: Path, call: Any, describe: Any
+) -> None:
+    server = serve([echo_model])
+    split, _ = _split(describe, call, server, "echo")
+    assert split["chosenBy"] == "rule" and split["workers"] == 1
+    assert "no example input to calibrate on" in split["reason"]
+
+
+def test_torch_threads_follow_the_load_and_never_exceed_the_cores(
+    serve: Any, make_model: Any, call: Any, describe: Any, poll: Any
+) -> None:
+    folder = make_model("threads", handler_source=THREADS_HANDLER)
+    server = serve([folder], operator={"workers": 2})
+    url = server.url() + "/predictions/threads"
+    alone = call("POST", url, body=b"now").json()
+    assert alone["threads"] == min(cores(), 2 * max(1, cores() // 2))  # a lone batch: the model's cores
+    held: dict[str, Any] = {}
+    slow = threading.Thread(target=lambda: held.update(call("POST", url, body=b"sleep:3").json()))
+    slow.start()
+    busy = lambda: [w for w in describe(call, server, "threads")["workers"] if w["status"] == "BUSY"]  # noqa: E731
+    poll(busy, 20, "one worker busy")
+    beside = call("POST", url, body=b"now").json()
+    slow.join(30)
+    assert held["pid"] != beside["pid"]
+    assert beside["threads"] == max(1, alone["threads"] // 2)  # its sibling was busy: half the cores each
+    assert beside["threads"] * 2 <= max(2, cores())
+
+
+def test_the_real_cli_shows_the_operator_choice(serve_process: Any, make_model: Any, call: Any) -> None:
+    import os
+
+    folder = _calibrated(make_model)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"MODEL_ARCHIVER_TOKEN": ""}
+    _, ready = serve_process("--models", f"linear={folder}", "--workers", "2", env=env)
+    described = call("GET", ready["management"] + "/models/linear").json()[0]
+    assert described["workerSplit"]["chosenBy"] == "operator"
+    assert described["workerSplit"]["reason"] == "--workers (or workers: in --config)"
+
+
+def test_the_cli_calibrates_a_model_nobody_sized(serve_process: Any, make_model: Any, call: Any) -> None:
+    import os
+
+    folder = _calibrated(make_model)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"MODEL_ARCHIVER_TOKEN": ""}
+    proc, ready = serve_process("--models", f"linear={folder}", env=env)
+    described = call("GET", ready["management"] + "/models/linear").json()[0]
+    assert described["workerSplit"]["chosenBy"] == "calibration"
+    log = textwrap.dedent(Path(proc.log).read_text())
+    assert 'model "linear":' in log and "(calibration: measured" in log, log
