@@ -44,6 +44,14 @@ def _pin_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
+def _follow_threads(threads: Any) -> None:
+    """Run this batch with the torch threads the server gave it: all the model's cores when this
+    worker runs alone, its share when its siblings are busy too (supervisor/calibration.py)."""
+    torch = sys.modules.get("torch")
+    if isinstance(threads, int) and threads > 0 and torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def _load(init: dict[str, Any]) -> Any:
     from archiver.serving.worker.loader import load_model
 
@@ -128,6 +136,7 @@ def serve_batches(sock: socket.socket) -> int:
         if frame.kind != "batch":
             raise WireError(f"unexpected frame {frame.kind!r}")
         batch_id, raw = wire.read_batch(frame)
+        _follow_threads(frame.header.get("threads"))
         # Tell the server the batch is ours before the handler touches it: if this process dies
         # before that, the server knows the batch never ran and gives it to another worker.
         wire.send_frame(sock, wire.frame_chunks("taken", {"batch": batch_id}))
