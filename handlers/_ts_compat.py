@@ -116,6 +116,9 @@ _ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ts.utils.timeit_decorator": (_UTIL, ("timeit",)),
     "ts.handler_utils": ("handlers._ts_compat", ()),
     "ts.handler_utils.timer": ("handlers._ts_compat", ("timed",)),
+    "ts.handler_utils.utils": ("handlers.streaming", ("send_intermediate_predict_response",)),
+    "ts.protocol": ("handlers._ts_compat", ()),
+    "ts.protocol.otf_message_handler": ("handlers.streaming", ("send_intermediate_predict_response",)),
     "ts.handler_utils.micro_batching": ("handlers.ts_micro_batching", ("MicroBatching", "HANDLER_METHODS")),
     "ts.handler_utils.text_utils": (_UTIL, ("get_tokenizer", "ngrams_iterator")),
     "ts.handler_utils.hf_batch_streamer": ("handlers.ts_hf_streamer", ("TextIteratorStreamerBatch",)),
@@ -131,6 +134,7 @@ _PACKAGES = {
     "ts.torch_handler.request_envelope",
     "ts.utils",
     "ts.handler_utils",
+    "ts.protocol",
     "ts.metrics",
 }
 
