@@ -44,6 +44,8 @@ _KNOWN_KEYS: dict[str, tuple[tuple[type, ...], float | None]] = {
     "asyncCommunication": ((bool,), None),
     "useVenv": ((bool,), None),
     "handler": ((dict,), None),
+    # Ours: how a batch the handler failed is answered, TorchServe's way or with the error's detail.
+    "handlerErrors": ((str,), None),
     # Ours (TorchServe ignores keys it does not know): a worker's resident memory limit in MB (0: none).
     "workerMemoryLimit": (_NUM, 0),
 }
@@ -62,7 +64,11 @@ _BOUNDED = {
     "sequenceMaxIdleMSec": "sequence_max_idle_ms",
     "sequenceTimeoutMSec": "sequence_timeout_ms",
 }
-_CHOICES = {"deviceType": ("cpu", "gpu", "neuron"), "parallelType": ("pp", "tp", "pptp", "custom")}
+_CHOICES = {
+    "deviceType": ("cpu", "gpu", "neuron"),
+    "parallelType": ("pp", "tp", "pptp", "custom"),
+    "handlerErrors": ("torchserve", "detailed"),
+}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,44 @@ def failure_response(exc: BaseException, model_dir: Path | str | None) -> Infere
     return error_response(500, type(exc).__name__, public_message(exc, model_dir))
 
 
+# model-config.yaml's ``handlerErrors``: how a batch the handler failed is answered.
+TORCHSERVE_ERRORS = "torchserve"  # TorchServe's: 503 "Prediction failed", 507 out of memory
+DETAILED_ERRORS = "detailed"  # ours: 500 with the exception's type and one-line message
+_PREDICTION_FAILED = "Prediction failed"
+_OUT_OF_RESOURCES = "Out of resources"
+
+
+def handler_errors_style(raw_config: dict[str, Any] | None, imports_ts: bool) -> str:
+    """The style for a model: model-config.yaml's ``handlerErrors`` when set, else TorchServe's for a
+    handler written against ``ts`` (it imported a ``ts`` module), ours for the others."""
+    chosen = (raw_config or {}).get("handlerErrors")
+    if chosen in (TORCHSERVE_ERRORS, DETAILED_ERRORS):
+        return chosen
+    return TORCHSERVE_ERRORS if imports_ts else DETAILED_ERRORS
+
+
+def batch_failure_response(exc: BaseException, model_dir: Path | str | None, style: str) -> InferenceResponse:
+    """What each request of a batch gets when the handler raised ``exc``.
+
+    TorchServe's style, as its backend and frontend answer: a ``PredictionException`` its own code and
+    message; out of memory (MemoryError, a CUDA error) 507 "Out of resources"; any other exception 503
+    "Prediction failed"; all typed ``InternalServerException``. Our own errors (a 400 for the request's
+    input, a configuration error) keep their status and message in both styles. The log gets the
+    exception and the frames in the archive's files either way (worker/main.py).
+    """
+    if style != TORCHSERVE_ERRORS:
+        return failure_response(exc, model_dir)
+    if isinstance(exc, ArchiverError):
+        if getattr(exc, "error_code", None) is not None:  # ts.utils.util.PredictionException
+            return error_response(
+                exc.http_status, "InternalServerException", redact_paths(exc.message, model_dir)
+            )
+        return failure_response(exc, model_dir)
+    if isinstance(exc, MemoryError) or "CUDA" in str(exc):
+        return error_response(507, "InternalServerException", _OUT_OF_RESOURCES)
+    return error_response(503, "InternalServerException", _PREDICTION_FAILED)
+
+
 def answer_response(
     context: Any,
     idx: int,

@@ -40,8 +40,12 @@ from archiver.serving.protocols.records import (
     make_request,
 )
 from archiver.serving.worker.handler_answers import (
+    DETAILED_ERRORS,
+    TORCHSERVE_ERRORS,
     answer_response,
+    batch_failure_response,
     failure_response,
+    handler_errors_style,
     output_names,
     tensor_rows,
 )
@@ -76,7 +80,7 @@ def load_model(
     context = _handler_context(
         name or manifest.model_name, manifest, model_dir, config, gpu_id, batch_size, limit_max_image_pixels
     )
-    entry_point, handler = _start_handler(manifest, model_dir, context)
+    entry_point, handler, imports_ts = _start_handler(manifest, model_dir, context)
     return LoadedModel(
         name=context.model_name,
         version=manifest.model_version or "1.0",
@@ -87,6 +91,7 @@ def load_model(
         entry_point=entry_point,
         handler=handler,
         load_time_s=time.perf_counter() - started,
+        errors_style=handler_errors_style(config.raw, imports_ts),
     )
 
 
@@ -134,15 +139,16 @@ def _handler_context(
     return context
 
 
-def _start_handler(manifest: Manifest, model_dir: Path, context: Any) -> tuple[EntryPoint, Any]:
-    """The handler's entry point and instance, initialized in the archive's own imports; a failure keeps
-    the frames in the archive's files and, when an import failed and the archive lists requirements, says
-    how to install them."""
+def _start_handler(manifest: Manifest, model_dir: Path, context: Any) -> tuple[EntryPoint, Any, bool]:
+    """The handler's entry point and instance, initialized in the archive's own imports, and whether it
+    imported ``ts`` (written for TorchServe); a failure keeps the frames in the archive's files and,
+    when an import failed and the archive lists requirements, says how to install them."""
     from handlers._ts_compat import ts_compat_aliases
 
     try:
-        with isolated_imports(model_dir), ts_compat_aliases():
-            return _resolve_entry_point(manifest.handler, model_dir, context)
+        with isolated_imports(model_dir), ts_compat_aliases() as ts_modules:
+            entry_point, handler = _resolve_entry_point(manifest.handler, model_dir, context)
+            return entry_point, handler, bool(ts_modules)
     except HandlerError as exc:
         exc.trace = user_trace(exc, model_dir)  # the frames in the archive's files, for the caller to show
         if manifest.requirements_file and _caused_by(exc, ImportError):
@@ -273,6 +279,7 @@ class LoadedModel:
         entry_point: EntryPoint,
         handler: Any,
         load_time_s: float,
+        errors_style: str = DETAILED_ERRORS,
     ) -> None:
         self.name = name
         self.version = version
@@ -282,6 +289,8 @@ class LoadedModel:
         self.context = context
         self.handler = handler
         self.load_time_s = load_time_s
+        # How a batch the handler failed is answered (handler_answers.batch_failure_response).
+        self.errors_style = errors_style
         self._entry_point: EntryPoint | None = entry_point
         # Called with the exception when the handler fails a whole batch (the worker logs its frames).
         self.on_handler_error: Callable[[BaseException], None] | None = None
@@ -325,15 +334,16 @@ class LoadedModel:
                 error = HandlerError(f"handler called sys.exit({exc.code!r}) while handling a batch")
                 self._handler_failed(exc)
                 return [failure_response(error, self.model_dir) for _ in requests]
-            except Exception as exc:  # noqa: BLE001 - the handler's failure is each request's 500
+            except Exception as exc:  # noqa: BLE001 - the handler's failure is each request's 500 (503)
                 self._handler_failed(exc)
-                return [failure_response(exc, self.model_dir) for _ in requests]
+                return [batch_failure_response(exc, self.model_dir, self.errors_style) for _ in requests]
             if not isinstance(answers, list) or len(answers) != count:
                 got = (
                     f"{len(answers)} answers" if isinstance(answers, list) else f"a {type(answers).__name__}"
                 )
                 message = f"handler returned {got} for a batch of {count} requests"
-                return [error_response(500, "HandlerError", message) for _ in requests]
+                status = 503 if self.errors_style == TORCHSERVE_ERRORS else 500  # TorchServe's status
+                return [error_response(status, "HandlerError", message) for _ in requests]
             model_dir = self.model_dir
             if not rows:
                 return [answer_response(context, i, answer, model_dir) for i, answer in enumerate(answers)]
