@@ -15,6 +15,7 @@ from typing import Any
 import click
 import yaml
 
+from archiver.commands.grpc_ports import grpc_ports
 from archiver.commands.options import cache_dir_option, trusted_key_option
 from archiver.errors import ConfigError, UsageError
 from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_SIZE
@@ -37,6 +38,8 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "port": (int,),
     "management_port": (int,),
     "metrics_port": (int,),
+    "grpc_port": (int, str),
+    "grpc_management_port": (int, str),
     "model_store": (str,),
     "models": (str, list),
     "max_request_size": (int,),
@@ -130,6 +133,8 @@ def _is_archive(path: Path) -> bool:
 @click.option("--port", type=int, help="Inference port (0 picks a free one).  [default: 8080]")
 @click.option("--management-port", type=int, help="Management port.  [default: 8081]")
 @click.option("--metrics-port", type=int, help="Metrics port.  [default: 8082]")
+@click.option("--grpc-port", metavar="PORT|off", help="gRPC inference port.  [default: 7070]")
+@click.option("--grpc-management-port", metavar="PORT|off", help="gRPC management port.  [default: 7071]")
 # Ranges are checked by settings_bounds (in build_settings), the one checker every source shares.
 @click.option("--workers", type=int, help="Worker processes per model.  [default: 1]")
 @click.option(
@@ -319,6 +324,7 @@ def build_settings(
         port=pick("port"),
         management_port=pick("management_port"),
         metrics_port=pick("metrics_port"),
+        **grpc_ports(flags, file_cfg, pick("port")),
         model_store=store_path,
         models=models,
         defaults=_model_defaults(),

@@ -101,6 +101,9 @@ class ServerSettings:
     # number_of_gpu (TorchServe's key) keeps the first N found (devices.py, placement.py).
     gpus: str | int | list[int] | None = None
     number_of_gpu: int | None = None
+    # gRPC (grpc_api/): the inference and management ports; None: off (``serve`` sets 7070 and 7071).
+    grpc_port: int | None = None
+    grpc_management_port: int | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -174,6 +177,7 @@ class Server:
         )
         self.ports: dict[str, int] = {}
         self._runners: list[web.AppRunner] = []
+        self._grpc: Any = None
 
     def url(self, which: str = "inference") -> str:
         host = self.settings.host
@@ -202,6 +206,10 @@ class Server:
             await web.SockSite(runner, socks[which]).start()
             self._runners.append(runner)
             self.ports[which] = socks[which].getsockname()[1]
+        if self.settings.grpc_port is not None or self.settings.grpc_management_port is not None:
+            from archiver.serving.front.grpc_api.server import start_grpc  # grpcio only when asked for
+
+            self._grpc = await start_grpc(self)  # its ports join self.ports
         if load_models:
             await self.load_startup_models()
 
@@ -227,6 +235,9 @@ class Server:
 
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish (up to drain_timeout_s), then end the workers."""
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.drain_timeout_s)
+            self._grpc = None
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -247,7 +258,7 @@ class Server:
             token = "  (token required)" if self.settings.token else ""
             say(
                 f"model-archiver serve: inference {self.url('inference')}  management "
-                f"{self.url('management')}  metrics {self.url('metrics')}{token}"
+                f"{self.url('management')}  metrics {self.url('metrics')}{self._grpc_line()}{token}"
             )
             say(
                 f"model-archiver serve: try a model in the browser at {self.url('inference')}/"
@@ -270,6 +281,11 @@ class Server:
             await self.stop()
             say("model-archiver serve: stopped")
         return 0
+
+    def _grpc_line(self) -> str:
+        host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
+        grpc = [(k.replace("_", "-"), p) for k, p in self.ports.items() if k.startswith("grpc")]
+        return "".join(f"  {name} {host}:{port}" for name, port in grpc)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[asyncio.Event]:

@@ -1,0 +1,155 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``), Triton's ModelStreamInfer
+included, over the same ``ModelHost`` and v2 codec as the REST routes (``tensors.py``).
+
+ModelInfer sends the request to the worker as a REST binary body and reads its answer back into
+``raw_output_contents``; ModelStreamInfer answers its requests in order, one response per answer (a
+streaming handler's intermediate answers each one), one request's failure its response's
+``error_message`` while the stream goes on, as Triton does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from archiver import __version__
+from archiver.errors import ArchiverError, ModelNotFoundError
+from archiver.manifest import MODEL_NAME_PATTERN
+from archiver.serving.front.grpc_api import tensors
+from archiver.serving.front.grpc_api.calls import Failure, grpc_code, metadata, one_line
+from archiver.serving.front.grpc_api.messages import message
+from archiver.serving.front.grpc_api.torchserve import answer_stream
+from archiver.serving.protocols import oip, router
+from archiver.serving.protocols.records import InferenceResponse, new_request_id
+
+_PACKAGE = "inference."
+Observe = Callable[[str, int, float], None]
+
+
+def _error_message(answer: InferenceResponse) -> str:
+    """An error answer's message: the v2 ``{"error"}``, TorchServe's ``{"message"}``, else its status."""
+    if answer.message:
+        return one_line(answer.message)
+    try:
+        body = json.loads(answer.body)
+        return one_line(str(body.get("error") or body["message"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"request failed with {answer.status}"
+
+
+class OpenInferenceService:
+    """The seven methods over a ``ModelHost``; ``max_items``: inputs per request; ``observe``: the
+    request metrics (model, HTTP-equivalent status, seconds)."""
+
+    def __init__(self, host: router.ModelHost, max_items: int, observe: Observe) -> None:
+        self.host, self.max_items, self.observe = host, max_items, observe
+        self.m = {
+            name: message(_PACKAGE + name)
+            for name in (
+                "ServerLiveResponse",
+                "ServerReadyResponse",
+                "ModelReadyResponse",
+                "ServerMetadataResponse",
+                "ModelMetadataResponse",
+                "ModelInferResponse",
+                "ModelStreamInferResponse",
+            )
+        }
+
+    def implementations(self) -> dict[str, Any]:
+        return {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ModelReady": self.model_ready,
+            "ServerMetadata": self.server_metadata,
+            "ModelMetadata": self.model_metadata,
+            "ModelInfer": self.model_infer,
+            "ModelStreamInfer": self.model_stream_infer,
+        }
+
+    def _model(self, name: str, version: str) -> router.ModelRef:
+        if not MODEL_NAME_PATTERN.match(name):  # before any lookup, as the REST routes do
+            raise ModelNotFoundError(f"Model not found: {name}")
+        return self.host.find(name, version or None)
+
+    async def server_live(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.m["ServerLiveResponse"](live=True)
+
+    async def server_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.m["ServerReadyResponse"](ready=self.host.server_ready())
+
+    async def model_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.m["ModelReadyResponse"](ready=self._model(request.name, request.version).ready)
+
+    async def server_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        reply = self.m["ServerMetadataResponse"]
+        return reply(name="model-archiver", version=__version__, extensions=list(router.EXTENSIONS))
+
+    async def model_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        model = self._model(request.name, request.version)
+        signature = await self.host.signature(model)
+        reply = self.m["ModelMetadataResponse"](
+            name=model.name, versions=self.host.versions(model.name), platform=signature.platform
+        )
+        for target, specs in ((reply.inputs, signature.inputs), (reply.outputs, signature.outputs)):
+            for spec in specs:
+                target.add(
+                    name=spec["name"], datatype=spec["datatype"], shape=[int(d) for d in spec["shape"]]
+                )
+        return reply
+
+    async def _answers(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Each ModelInferResponse of one request (more than one from a streaming handler)."""
+        started = time.perf_counter()
+        label, status = "-", 500
+        try:
+            model = self._model(request.model_name, request.model_version)
+            label = model.name
+            body, header_length = tensors.request_body(request)
+            headers = metadata(context)
+            request_id = headers.get("x-request-id") or new_request_id()
+            raw = oip.body_raw_request(body, str(header_length), request_id, headers, self.max_items)
+            answers = answer_stream(self.host, model.name, request.model_version or None, raw)
+            try:
+                async for answer in answers:
+                    status = answer.status
+                    if not answer.ok:
+                        raise Failure(grpc_code(answer.status), _error_message(answer))
+                    reply = self.m["ModelInferResponse"]()
+                    tensors.fill_response(reply, answer, model.name, model.version, request.id)
+                    yield reply
+            finally:
+                await answers.aclose()
+        except ArchiverError as exc:
+            status = exc.http_status
+            raise
+        finally:
+            self.observe(label, status, time.perf_counter() - started)
+
+    async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        answers = self._answers(request, context)
+        try:
+            last = None
+            async for last in answers:  # noqa: B007 - a streaming handler's last answer is the result
+                pass
+            return last
+        finally:
+            await answers.aclose()
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        Reply = self.m["ModelStreamInferResponse"]
+        async for request in requests:
+            answers = self._answers(request, context)
+            try:
+                async for answer in answers:
+                    yield Reply(infer_response=answer)
+            except (ArchiverError, Failure) as exc:
+                yield Reply(error_message=Failure.of(exc).message)
+            finally:
+                await answers.aclose()
