@@ -8,11 +8,23 @@ resets its per-request part before every batch, so a handler instance answers on
 
 from __future__ import annotations
 
-import enum
-import math
 import os
-import threading
 from typing import Any
+
+# The metrics API lives in handlers/metrics.py; its names stay importable from here (TorchServe's
+# ts.metrics aliases and handlers written against this module use them).
+from handlers.metrics import (
+    MAX_BATCH_RECORDS,
+    CachingMetric,
+    Dimension,
+    GeneralMetricsCacheError,
+    Metrics,
+    MetricsCacheKeyError,
+    MetricsCacheTypeError,
+    MetricsCacheValueError,
+    MetricTypes,
+    worker_metrics,
+)
 
 
 class RequestProcessor:
@@ -56,243 +68,19 @@ class RequestProcessor:
         return self._response_header.get(key)
 
 
-class MetricTypes(enum.Enum):
-    """TorchServe's ``ts.metrics.metric_type_enum.MetricTypes``: how the server aggregates a metric."""
-
-    COUNTER = "counter"  # each value is added to a running total
-    GAUGE = "gauge"  # the last value is kept
-    HISTOGRAM = "histogram"  # each value is an observation (served as a summary: count and sum)
-
-
-class Dimension:
-    """TorchServe's ``ts.metrics.dimension.Dimension``: one name:value pair, a label on the server."""
-
-    def __init__(self, name: str, value: Any) -> None:
-        self.name = name
-        self.value = value
-
-    def __str__(self) -> str:
-        return f"{self.name}:{self.value}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"Name": self.name, "Value": self.value}
-
-
-class MetricsCacheKeyError(KeyError):
-    """TorchServe's error for ``get_metric`` of a metric that was never added."""
-
-
-# The records one batch may report: distinct (name, type, dimensions) within the batch, the rest counted.
-MAX_BATCH_RECORDS = 256
-_MAX_VALUES = 256  # names kept in ``Metrics.values``
-_MAX_DIMENSIONS = 8
-_MAX_NAME = 200
-_MAX_DIMENSION_VALUE = 128
-# TorchServe adds these dimensions itself; here the model is the server's ``model`` label.
-_IMPLICIT_DIMENSIONS = frozenset({"ModelName", "Level", "Hostname"})
-_KINDS = {t.value: t.value for t in MetricTypes}
-
-
-class CachingMetric:
-    """A metric declared with ``add_metric_to_cache`` (TorchServe's ``CachingMetric``)."""
-
-    def __init__(
-        self, metrics: Metrics, metric_name: str, unit: str, dimension_names: list[str], kind: str
-    ) -> None:
-        self._metrics = metrics
-        self.metric_name = metric_name
-        self.unit = unit
-        self.dimension_names = list(dimension_names)
-        self.metric_type = MetricTypes(kind)
-
-    def add_or_update(
-        self, value: float, dimension_values: list[Any] | None = None, request_id: str = ""
-    ) -> None:
-        values = list(dimension_values or [])
-        if len(values) != len(self.dimension_names):
-            self._metrics._invalid()  # TorchServe logs this mismatch and drops the value
-            return
-        dims = _dimension_pairs(list(zip(self.dimension_names, values, strict=True)))
-        self._metrics._record(self.metric_name, value, self.unit, dims, self.metric_type.value)
-
-    def update(self, value: float, request_id: str = "", dimensions: list[Any] | None = None) -> None:
-        pairs = _dimension_pairs(dimensions)
-        self.dimension_names = [name for name, _ in pairs]
-        self.add_or_update(value, [v for _, v in pairs], request_id)
-
-
-class Metrics:
-    """TorchServe's metrics API (``context.metrics``): what a handler reports reaches ``/metrics``.
-
-    Each call is aggregated into the current batch's records by (name, type, dimensions): counters add
-    up, gauges keep the last value, histograms count and sum. The worker sends the records with the
-    batch's answers (``drain``); the server turns them into Prometheus series labelled by model. A batch
-    reports at most ``MAX_BATCH_RECORDS`` distinct records; the rest, and values that are not finite
-    numbers (or negative counter increments), are counted as dropped instead of failing the handler.
-    ``idx`` (the request's index in the batch) is accepted and ignored: a label per request would grow
-    without bound. ``values`` keeps the latest value per name (counters: their total) for in-process use.
-    """
-
-    def __init__(self, max_records: int = MAX_BATCH_RECORDS) -> None:
-        self.values: dict[str, tuple[float, str | None]] = {}
-        self._max_records = max_records
-        self._pending: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self._dropped: dict[str, int] = {}
-        self._declared: dict[tuple[str, str], CachingMetric] = {}
-        self._lock = threading.Lock()
-
-    # ---- TorchServe's API ------------------------------------------------------------------------
-    def add_metric(
-        self,
-        name: str,
-        value: float,
-        unit: str | None = None,
-        idx: Any = None,
-        dimensions: list[Any] | None = None,
-        metric_type: Any = MetricTypes.COUNTER,
-    ) -> None:
-        self._record(name, value, unit, _dimension_pairs(dimensions), _kind(metric_type, "counter"))
-
-    def add_counter(
-        self, name: str, value: float, idx: Any = None, dimensions: list[Any] | None = None
-    ) -> None:
-        self._record(name, value, "count", _dimension_pairs(dimensions), "counter")
-
-    def add_time(
-        self,
-        name: str,
-        value: float,
-        idx: Any = None,
-        unit: str = "ms",
-        dimensions: list[Any] | None = None,
-        metric_type: Any = MetricTypes.GAUGE,
-    ) -> None:
-        self._record(name, value, unit, _dimension_pairs(dimensions), _kind(metric_type, "gauge"))
-
-    def add_size(
-        self,
-        name: str,
-        value: float,
-        idx: Any = None,
-        unit: str = "MB",
-        dimensions: list[Any] | None = None,
-        metric_type: Any = MetricTypes.GAUGE,
-    ) -> None:
-        self._record(name, value, unit, _dimension_pairs(dimensions), _kind(metric_type, "gauge"))
-
-    def add_percent(
-        self,
-        name: str,
-        value: float,
-        idx: Any = None,
-        dimensions: list[Any] | None = None,
-        metric_type: Any = MetricTypes.GAUGE,
-    ) -> None:
-        self._record(name, value, "percent", _dimension_pairs(dimensions), _kind(metric_type, "gauge"))
-
-    def add_error(self, name: str, value: float, dimensions: list[Any] | None = None) -> None:
-        self._record(name, value, "", _dimension_pairs(dimensions), "counter")
-
-    def add_metric_to_cache(
-        self,
-        metric_name: str,
-        unit: str,
-        dimension_names: list[str] | None = None,
-        metric_type: Any = MetricTypes.COUNTER,
-    ) -> CachingMetric:
-        metric = CachingMetric(
-            self, metric_name, unit, list(dimension_names or []), _kind(metric_type, "counter")
-        )
-        if len(self._declared) < _MAX_VALUES or (metric_name, metric.metric_type.value) in self._declared:
-            self._declared[(metric_name, metric.metric_type.value)] = metric
-        return metric
-
-    def get_metric(self, metric_name: str, metric_type: Any = MetricTypes.COUNTER) -> CachingMetric:
-        metric = self._declared.get((metric_name, _kind(metric_type, "counter")))
-        if metric is None:
-            raise MetricsCacheKeyError(
-                f"Metric of type {metric_type!r} and name {metric_name!r} doesn't exist"
-            )
-        return metric
-
-    # ---- for the worker ----------------------------------------------------------------------------
-    def drain(self) -> list[dict[str, Any]]:
-        """The records reported since the last call (what the worker sends with a batch's answers)."""
-        if not self._pending and not self._dropped:
-            return []
-        with self._lock:
-            records = list(self._pending.values())
-            records += [{"kind": "dropped", "reason": r, "value": n} for r, n in self._dropped.items()]
-            self._pending, self._dropped = {}, {}
-        return records
-
-    def _record(self, name: Any, value: Any, unit: Any, dims: list[tuple[str, str]], kind: str) -> None:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if (
-            not isinstance(name, str)
-            or not name
-            or not math.isfinite(number)
-            or (kind == "counter" and number < 0)
-        ):
-            self._invalid()
-            return
-        name = name[:_MAX_NAME]
-        unit = str(unit)[:32] if unit is not None else ""
-        key = (name, kind, tuple(dims))
-        with self._lock:
-            record = self._pending.get(key)
-            if record is None:
-                if len(self._pending) >= self._max_records:
-                    self._dropped["batch_limit"] = self._dropped.get("batch_limit", 0) + 1
-                    return
-                record = {"name": name, "kind": kind, "unit": unit, "value": 0.0}
-                if dims:
-                    record["dims"] = [list(pair) for pair in dims]
-                if kind == "histogram":
-                    record["count"] = 0
-                self._pending[key] = record
-            if kind == "gauge":
-                record["value"] = number
-            else:
-                record["value"] += number
-                if kind == "histogram":
-                    record["count"] += 1
-            known = self.values.get(name)
-            if known is not None or len(self.values) < _MAX_VALUES:
-                total = (known[0] if known is not None else 0.0) + number if kind == "counter" else number
-                self.values[name] = (total, unit or None)
-
-    def _invalid(self) -> None:
-        with self._lock:
-            self._dropped["invalid"] = self._dropped.get("invalid", 0) + 1
-
-
-def _kind(metric_type: Any, default: str) -> str:
-    """A MetricTypes member, its value or its name ("gauge", "GAUGE") → "counter" | "gauge" | "histogram"."""
-    value = getattr(metric_type, "value", metric_type)
-    if isinstance(value, str):
-        return _KINDS.get(value.lower(), default)
-    return default
-
-
-def _dimension_pairs(dimensions: Any) -> list[tuple[str, str]]:
-    """Dimension objects, (name, value) pairs or {"Name", "Value"} dicts → sorted (name, value) strings."""
-    pairs: dict[str, str] = {}
-    for dim in dimensions or ():
-        if isinstance(dim, dict):
-            name, value = dim.get("Name"), dim.get("Value")
-        elif isinstance(dim, (tuple, list)) and len(dim) == 2:
-            name, value = dim
-        else:
-            name, value = getattr(dim, "name", None), getattr(dim, "value", None)
-        if not isinstance(name, str) or not name or name in _IMPLICIT_DIMENSIONS or name in pairs:
-            continue
-        if len(pairs) < _MAX_DIMENSIONS:
-            pairs[name[:_MAX_NAME]] = str(value)[:_MAX_DIMENSION_VALUE]
-    return sorted(pairs.items())
+__all__ = [
+    "MAX_BATCH_RECORDS",
+    "CachingMetric",
+    "Context",
+    "Dimension",
+    "GeneralMetricsCacheError",
+    "Metrics",
+    "MetricsCacheKeyError",
+    "MetricsCacheTypeError",
+    "MetricsCacheValueError",
+    "MetricTypes",
+    "RequestProcessor",
+]
 
 
 class Context:
@@ -322,7 +110,7 @@ class Context:
         }
         self.request_ids: dict[int, str] | None = None
         self.request_processor: list[RequestProcessor] = []
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else worker_metrics(model_name)
         self.model_yaml_config: dict[str, Any] = model_yaml_config or {}
         self._response_content_types: dict[int, str] = {}
         # Sequence batching (stateful models): the request headers that carry a request's sequence id and
