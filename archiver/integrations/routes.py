@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from archiver.errors import (
     ServiceUnavailableError,
 )
 from archiver.serving.protocols import router
+from archiver.serving.protocols.answer_stream import answers
 from archiver.serving.protocols.http_codec import error_http_response, http_response, raw_request
 from archiver.serving.protocols.oip_metadata import platform_of, read_signature
 from archiver.serving.protocols.records import InferenceResponse, error_response, new_request_id
@@ -107,6 +108,17 @@ class ModelTable:
     ) -> list[InferenceResponse]:
         """Each request one element of a batch: sent together, they batch as separate requests do."""
         return list(await asyncio.gather(*(self.predict(name, version, r) for r in requests)))
+
+    async def predict_first(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
+        """The request's first answer, ``rest`` the ones after when the route's ``infer`` streams."""
+        return await self.predict(name, version, request)
+
+    async def predict_stream(
+        self, name: str, version: str | None, request: RawRequest
+    ) -> AsyncIterator[InferenceResponse]:
+        first = await self.predict_first(name, version, request)
+        async for answer in answers(first):
+            yield answer
 
 
 def model_signature(source: str | None) -> dict[str, Any]:

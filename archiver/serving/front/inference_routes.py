@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from archiver.errors import RequestTooLargeError
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.request_bodies import in_time, read_capped, read_inference_request
+from archiver.serving.front.streamed_replies import streamed_reply
 from archiver.serving.protocols import router
 from archiver.serving.protocols.oip_metadata import platform_of, read_signature
 from archiver.serving.protocols.records import InferenceResponse
@@ -73,6 +75,14 @@ class RegistryHost:
     async def predict(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
         return await self.registry.predict(name, version, request)
 
+    async def predict_first(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
+        return await self.registry.predict_first(name, version, request)
+
+    def predict_stream(
+        self, name: str, version: str | None, request: RawRequest
+    ) -> AsyncIterator[InferenceResponse]:
+        return self.registry.predict_stream(name, version, request)
+
     async def predict_all(
         self, name: str, version: str | None, requests: list[RawRequest]
     ) -> list[InferenceResponse]:
@@ -123,6 +133,8 @@ def _endpoint(
             limits.max_request_items,
         )
         reply = await operation(host, call)
+        if reply.stream is not None:
+            return await streamed_reply(request, reply, reply.stream, metrics, started)
         resp = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
         if reply.close:
             resp.force_close()  # the rest of the body is never read, so the connection cannot be reused

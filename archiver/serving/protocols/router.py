@@ -22,6 +22,7 @@ from archiver import __version__
 from archiver.errors import ArchiverError, ModelNotFoundError, TensorRequestError
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.protocols import oip
+from archiver.serving.protocols.answer_stream import AnswerStream
 from archiver.serving.protocols.http_codec import error_http_response, response_headers
 from archiver.serving.protocols.media_types import mime_type
 from archiver.serving.protocols.records import InferenceResponse, new_request_id
@@ -151,13 +152,16 @@ class Call:
 @dataclass(slots=True)
 class Reply:
     """An answer for any host: status, headers, body; ``close`` after a body left unread (408, 413);
-    ``label``: the model name for request metrics ("-" for an unknown one, None for a route not counted)."""
+    ``label``: the model name for request metrics ("-" for an unknown one, None for a route not counted);
+    ``stream``: for a streaming handler, the answers after ``body`` (the host writes each as a chunk, as
+    it comes, and closes the stream when its client goes: ``answer_stream.AnswerStream``)."""
 
     status: int
     headers: dict[str, str]
     body: bytes
     close: bool = False
     label: str | None = None
+    stream: AnswerStream | None = None
 
 
 Operation = Callable[[ModelHost, Call], Awaitable[Reply]]
@@ -216,11 +220,15 @@ async def _predictions(host: ModelHost, call: Call, explain: bool) -> Reply:
         if explain:
             raw.headers["explain"] = "True"
         # checked once where it was made (worker/handler_answers.py, protocols/wire.py): sent as it is
-        answer = await host.predict(model.name, call.params.get("version"), raw)
+        answer = await host.predict_first(model.name, call.params.get("version"), raw)
         status, headers, body = answer.status, response_headers(answer, request_id), answer.body
     except ArchiverError as exc:
         status, headers, body = error_http_response(exc, request_id)
-    return Reply(status, headers, body, close=status in (408, 413), label=label)
+        answer = None
+    reply = Reply(status, headers, body, close=status in (408, 413), label=label)
+    if answer is not None and answer.rest is not None:  # a streaming handler: the rest as it comes
+        reply.stream = answer.rest
+    return reply
 
 
 async def predictions(host: ModelHost, call: Call) -> Reply:

@@ -6,10 +6,13 @@ re-encoded (a 6 MB photo is copied into the socket once), and nothing is pickled
 unpickles what a worker (the user's code) sent it. Both sides use the same encoders; the front reads
 frames with asyncio, the worker with a blocking socket.
 
-Message kinds: front → worker ``init`` (what to load), ``batch``; worker → front ``ready``,
-``load_failed``, ``taken`` (the batch reached the worker, its handler starts now), ``answers`` (with
-``metrics``, the records the handler reported through ``context.metrics``, when there are any).
-Closing the socket asks a worker to end.
+Message kinds: front → worker ``init`` (what to load), ``batch``, ``cancel`` (one request of the batch
+running now: its client went away); worker → front ``ready``, ``load_failed``, ``taken`` (the batch
+reached the worker, its handler starts now), ``parts`` (intermediate answers of a streaming handler,
+each for one request of the running batch, sent as they are produced), ``answers`` (with ``metrics``,
+the records the handler reported through ``context.metrics``, when there are any, and ``ended``, the
+requests whose stream's last answer was already sent, when any). Closing the socket asks a worker to
+end.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import json
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,15 +122,73 @@ def read_batch(frame: Frame) -> tuple[int, list[RawRequest]]:
 
 
 def answers_frame(
-    batch_id: int, responses: list[InferenceResponse], metrics: list[dict[str, Any]] | None = None
+    batch_id: int,
+    responses: list[InferenceResponse],
+    metrics: list[dict[str, Any]] | None = None,
+    ended: list[int] | None = None,
 ) -> list[bytes]:
     """The answers of one batch, each ``[status, content type, headers, error type, message, size]``,
-    bodies after, with what its handler reported through ``context.metrics`` if anything."""
+    bodies after, with what its handler reported through ``context.metrics`` if anything, and the
+    requests whose stream is over without a final answer (``ended``: their rows carry nothing)."""
     rows = [[r.status, r.content_type, r.headers, r.error_type, r.message, len(r.body)] for r in responses]
     header: dict[str, Any] = {"batch": batch_id, "responses": rows}
     if metrics:
         header["metrics"] = metrics
+    if ended:
+        header["ended"] = ended
     return frame_chunks("answers", header, [r.body for r in responses])
+
+
+def parts_frame(batch_id: int, parts: list[tuple[int, InferenceResponse]]) -> list[bytes]:
+    """Intermediate answers of the running batch, each ``[index, status, content type, headers, error
+    type, message, size]`` (``index``: the request's position in the batch), bodies after."""
+    rows = [[i, r.status, r.content_type, r.headers, r.error_type, r.message, len(r.body)] for i, r in parts]
+    return frame_chunks("parts", {"batch": batch_id, "parts": rows}, [r.body for _, r in parts])
+
+
+def read_parts(frame: Frame, count: int) -> list[tuple[int, InferenceResponse]]:
+    """The intermediate answers of a ``parts`` frame for a batch of ``count``, each ``checked`` as
+    answers are; WireError for a malformed header or a position outside the batch."""
+    view = memoryview(frame.payload)
+    offset = 0
+    parts = []
+    try:
+        for index, status, content_type, headers, error_type, message, size in frame.header["parts"]:
+            index, size = int(index), int(size)
+            if not 0 <= index < count:
+                raise ValueError(f"request {index} is not in a batch of {count}")
+            answer = InferenceResponse(
+                status=status,
+                body=bytes(view[offset : offset + size]),
+                content_type=content_type,
+                headers=headers if headers else {},
+                error_type=error_type,
+                message=message,
+            )
+            parts.append((index, checked(answer)))
+            offset += size
+        return parts
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise WireError(f"malformed intermediate answers from the worker: {exc!r}") from exc
+
+
+def ended_rows(frame: Frame, count: int) -> Sequence[int]:
+    """The requests of an ``answers`` frame whose stream was over before it (their rows carry nothing)."""
+    ended = frame.header.get("ended")
+    if not ended:
+        return ()
+    try:
+        rows = [int(i) for i in ended]
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"malformed ended list from the worker: {exc!r}") from exc
+    if any(not 0 <= i < count for i in rows):
+        raise WireError(f"an ended request outside the batch of {count}")
+    return rows
+
+
+def cancel_frame(batch_id: int, index: int) -> list[bytes]:
+    """Cancel request ``index`` of the running batch (its client went away)."""
+    return frame_chunks("cancel", {"batch": batch_id, "index": index})
 
 
 def read_answers(frame: Frame) -> tuple[int, list[InferenceResponse]]:

@@ -37,6 +37,7 @@ from archiver.errors import (
 )
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.supervisor import streams
 from archiver.serving.supervisor.batcher import Batcher, Job
 from archiver.serving.supervisor.memory_watch import MemoryWatcher
 from archiver.serving.supervisor.restart_policy import Death, DeathLog, RestartPolicy
@@ -97,9 +98,12 @@ class WorkerPool:
         self.batch_threads: Callable[[int], int] | None = None
 
     # ---- requests ------------------------------------------------------------------------------
-    async def submit(self, request: RawRequest) -> InferenceResponse:
-        """Answer one request through the queue (503 at once when the model cannot answer)."""
+    async def submit(self, request: RawRequest, stream: bool = False) -> InferenceResponse:
+        """Answer one request through the queue (503 at once when the model cannot answer); with
+        ``stream``, a streaming handler's first answer, the rest to follow (``streams.py``)."""
         self._check_answering()
+        if stream and type(self.batcher).submit is Batcher.submit:  # a sequence batcher answers whole
+            return await self.batcher.submit(request, self.queue_limit_s, stream=True)
         return await self.batcher.submit(request, self.queue_limit_s)
 
     async def submit_all(self, requests: list[RawRequest]) -> list[InferenceResponse]:
@@ -173,7 +177,7 @@ class WorkerPool:
         env = self._env_for() if self._env_for is not None else None
         gpu_id = self.placement.gpu_for(slot) if self.placement is not None else None
         spec = self.spec if gpu_id is None else replace(self.spec, gpu_id=gpu_id)
-        worker = WorkerProcess(spec, slot, env=env, on_metrics=self._on_metrics)
+        worker = WorkerProcess(spec, slot, env=env, on_metrics=self._on_metrics, on_part=streams.route_part)
         self.workers[slot] = worker
         return worker
 
@@ -257,14 +261,18 @@ class WorkerPool:
     async def _run(self, worker: WorkerProcess, jobs: list[Job]) -> None:
         try:
             threads = self.batch_threads(self._busy_count()) if self.batch_threads is not None else None
-            responses = await worker.run([job.request for job in jobs], self.response_timeout_s, threads)
+            requests = [job.request for job in jobs]
+            responses = await worker.run(requests, self.response_timeout_s, threads, tag=jobs)
         except TimeoutError:
             limit = f"{self.response_timeout_s:g} s"
+            # a stream's clock restarts at each answer it sends: it stopped sending, not answering
+            did = f"sent nothing for {limit}" if worker.streamed else f"did not answer within {limit}"
             worker.kill("timeout", f"its batch of {len(jobs)} ran past responseTimeout ({limit})")
-            self.batcher.deliver_error(
+            self._fail(
+                worker,
                 jobs,
                 RequestTimeoutError(
-                    f'model "{self.spec.model}" did not answer within {limit} (responseTimeout); '
+                    f'model "{self.spec.model}" {did} (responseTimeout); '
                     f"worker {worker.slot} was stopped and is being replaced"
                 ),
             )
@@ -273,16 +281,26 @@ class WorkerPool:
             self.batcher.requeue(jobs)  # it died before taking them: they never ran, another worker will
             return
         except WorkerDiedError as exc:
-            self.batcher.deliver_error(jobs, exc)
+            self._fail(worker, jobs, exc)
             return
         except asyncio.CancelledError:
+            if worker.streamed:
+                streams.fail(jobs, ServiceUnavailableError("server is shutting down"))
             self.batcher.requeue(jobs)
             raise
         if self._memory is not None:
             self._memory.answered(worker)  # its streak ends once the watcher finds it in bounds
         else:
             self.death_log.answered(worker.slot)
+        if worker.streamed or worker.ended:
+            streams.finish(jobs, responses, worker.ended)
         self.batcher.deliver(jobs, responses)
+
+    def _fail(self, worker: WorkerProcess, jobs: list[Job], exc: BaseException) -> None:
+        """Answer a failed batch: its streams already answered end with the error, the others get it."""
+        if worker.streamed:
+            streams.fail(jobs, exc)
+        self.batcher.deliver_error(jobs, exc)
 
     def _on_exit(self, worker: WorkerProcess, ended: asyncio.Future[WorkerExit]) -> None:
         """A serving worker's process ended: count it, then restart it or fail the model."""

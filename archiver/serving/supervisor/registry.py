@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from archiver.errors import (
     UsageError,
 )
 from archiver.manifest import MODEL_NAME_PATTERN
+from archiver.serving.protocols.answer_stream import answers
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor import calibration
@@ -148,6 +149,19 @@ class ModelRegistry:
     async def predict(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
         """Answer one request through the model's workers (404, 503, 504 and 500 raised as errors)."""
         return await self.get(name, version).answering_pool().submit(request)
+
+    async def predict_first(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
+        """The request's first answer; a streaming handler's comes with ``rest``, the answers that
+        follow (``router.ModelHost.predict_first``; ``supervisor/streams.py``)."""
+        return await self.get(name, version).answering_pool().submit(request, stream=True)
+
+    async def predict_stream(
+        self, name: str, version: str | None, request: RawRequest
+    ) -> AsyncIterator[InferenceResponse]:
+        """Every answer of the request as it comes (``router.ModelHost.predict_stream``)."""
+        first = await self.predict_first(name, version, request)
+        async for answer in answers(first):
+            yield answer
 
     # ---- workers -----------------------------------------------------------------------------
     def threads_per_worker(self) -> int:

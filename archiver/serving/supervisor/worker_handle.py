@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from archiver.serving.protocols import wire
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.redaction import redact_paths
 from archiver.serving.supervisor.states import WorkerState
+from archiver.serving.supervisor.streams import route_parts
 from archiver.serving.supervisor.worker_output import WorkerOutput, crash_lines
 
 log = logging.getLogger("archiver.worker")
@@ -78,11 +79,16 @@ class WorkerProcess:
         slot: int,
         env: dict[str, str] | None = None,
         on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_part: Callable[[WorkerProcess, Any, int, InferenceResponse], None] | None = None,
     ) -> None:
         self.spec = spec
         self.slot = slot
         self.env = env
         self.on_metrics = on_metrics  # receives what the handler reported through context.metrics
+        self.on_part = on_part  # each intermediate answer of a streaming handler (``streams.py``)
+        self.streamed = False  # the batch now (or last) run streamed: it sent parts, or ended some
+        self.ended: Sequence[int] = ()  # its requests whose stream was over before its answers frame
+        self.batch_id = 0  # the batch it runs now (or ran last)
         self.state = WorkerState.STARTING
         self.pid: int | None = None
         self.started_at = time.time()
@@ -267,9 +273,15 @@ class WorkerProcess:
 
     # ---- work ----------------------------------------------------------------------------------
     async def run(
-        self, requests: list[wire.RawRequest], timeout_s: float | None, threads: int | None = None
+        self,
+        requests: list[wire.RawRequest],
+        timeout_s: float | None,
+        threads: int | None = None,
+        *,
+        tag: Any = None,
     ) -> list[InferenceResponse]:
         """Hand one batch to the process and await its answers (run with ``threads`` torch threads).
+        A streaming handler's intermediate answers go to ``on_part`` with ``tag`` (``streams.py``).
 
         Raises WorkerGoneError if the process ended before it took the batch (nothing ran),
         WorkerDiedError if it ended while holding it or broke the protocol, and TimeoutError after
@@ -277,11 +289,12 @@ class WorkerProcess:
         """
         assert self._reader is not None and self._writer is not None
         self._batches += 1
-        batch_id = self._batches
+        self.batch_id = batch_id = self._batches
         self.state = WorkerState.BUSY
+        self.streamed = False
         frame: wire.Frame | None = None
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(timeout_s) as clock:
                 taken = await self._send_and_read(wire.batch_frame(batch_id, requests, threads))
                 if taken is not None:
                     self._expect(taken, "taken", batch_id)
@@ -289,6 +302,8 @@ class WorkerProcess:
                     # names the batch it held.
                     self.holding = len(requests)
                     frame = await self._read()
+                    if frame is not None and frame.kind == "parts":
+                        frame = await route_parts(self, self._read, frame, (requests, tag, timeout_s), clock)
         except wire.WireError as exc:
             self.kill("exit", f"broke the protocol ({exc})")
             raise WorkerDiedError(self.death_message(await self._ended())) from None
@@ -302,6 +317,7 @@ class WorkerProcess:
             answered, responses = wire.read_answers(frame)
             if len(responses) != len(requests):
                 raise wire.WireError(f"{len(responses)} answers for a batch of {len(requests)}")
+            self.ended = wire.ended_rows(frame, len(requests))
         except wire.WireError as exc:
             self.kill("exit", f"broke the protocol ({exc})")
             raise WorkerDiedError(self.death_message(await self._ended())) from None
@@ -312,6 +328,12 @@ class WorkerProcess:
         if records and self.on_metrics is not None:
             self._report_metrics(records)
         return responses
+
+    def cancel(self, batch_id: int, index: int) -> None:
+        """Cancel request ``index`` of batch ``batch_id`` if the process still runs it (its client left)."""
+        if self.holding and batch_id == self._batches and self._writer is not None:
+            with contextlib.suppress(Exception):  # it is gone: the batch's end says so
+                self._writer.writelines(wire.cancel_frame(batch_id, index))
 
     def _report_metrics(self, records: Any) -> None:
         """Hand the batch's handler metrics on; they are the handler's data, checked by the receiver."""

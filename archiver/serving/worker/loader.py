@@ -52,6 +52,7 @@ from archiver.serving.worker.handler_answers import (
 from archiver.serving.worker.isolation import import_spec_exists, isolated_imports
 from archiver.serving.worker.tracebacks import user_trace
 from archiver.unpack_cache import unpack_cached
+from handlers.streaming import drive, stream_indexes
 
 EntryPoint = Callable[[Any, Any], Any]
 
@@ -344,6 +345,9 @@ class LoadedModel:
                 message = f"handler returned {got} for a batch of {count} requests"
                 status = 503 if self.errors_style == TORCHSERVE_ERRORS else 500  # TorchServe's status
                 return [error_response(status, "HandlerError", message) for _ in requests]
+            streams = stream_indexes(answers)
+            if streams:  # generators: each item sent as it comes (handlers/streaming.py)
+                drive(answers, streams, context)
             model_dir = self.model_dir
             if not rows:
                 return [answer_response(context, i, answer, model_dir) for i, answer in enumerate(answers)]

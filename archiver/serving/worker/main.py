@@ -123,6 +123,7 @@ def serve_batches(sock: socket.socket) -> int:
         wire.send_frame(sock, wire.frame_chunks("load_failed", {"message": reason}))
         return 0
     model.on_handler_error = lambda exc: _log_handler_error(model, exc)
+    sink = _install_sink(sock, model)
     _pin_threads(init.header.get("threads"))
     from archiver.heap_trim import HeapTrimmer
 
@@ -134,14 +135,28 @@ def serve_batches(sock: socket.socket) -> int:
         if frame is None:
             return 0
         if frame.kind != "batch":
+            if frame.kind == "cancel":
+                continue  # for a batch already answered: it crossed our answers on the way
             raise WireError(f"unexpected frame {frame.kind!r}")
         batch_id, raw = wire.read_batch(frame)
         _follow_threads(frame.header.get("threads"))
         # Tell the server the batch is ours before the handler touches it: if this process dies
         # before that, the server knows the batch never ran and gives it to another worker.
         wire.send_frame(sock, wire.frame_chunks("taken", {"batch": batch_id}))
+        sink.begin(batch_id, len(raw))
         responses = answer_batch(model, raw)
-        wire.send_frame(sock, _answers_frame(batch_id, responses, _drain_metrics(model)))
+        ended = sink.finish()
+        wire.send_frame(sock, _answers_frame(batch_id, responses, _drain_metrics(model), ended))
+
+
+def _install_sink(sock: socket.socket, model: Any) -> Any:
+    """The sink a streaming handler's intermediate answers go through (``stream_sink.py``)."""
+    from archiver.serving.worker.stream_sink import WorkerSink
+    from handlers.streaming import install_sink
+
+    sink = WorkerSink(sock, model.model_dir)
+    install_sink(model.context, sink)
+    return sink
 
 
 def answer_batch(model: Any, raw: list[wire.RawRequest]) -> list[InferenceResponse]:
@@ -178,16 +193,19 @@ def _failure(exc: BaseException, status: int) -> InferenceResponse:
 
 
 def _answers_frame(
-    batch_id: int, responses: list[InferenceResponse], metrics: list[dict[str, Any]]
+    batch_id: int,
+    responses: list[InferenceResponse],
+    metrics: list[dict[str, Any]],
+    ended: list[int] | None = None,
 ) -> list[bytes]:
     """The answers frame; if the handler's metrics cannot be encoded they are left out, and if the
     answers themselves cannot (over the wire's 4 GiB), each request gets a 500 saying so."""
     try:
-        return wire.answers_frame(batch_id, responses, metrics)
+        return wire.answers_frame(batch_id, responses, metrics, ended)
     except (TypeError, ValueError, RecursionError, WireError):
         pass
     try:
-        return wire.answers_frame(batch_id, responses)
+        return wire.answers_frame(batch_id, responses, ended=ended)
     except (TypeError, ValueError, RecursionError, WireError) as exc:
         failed = _failure(WireError(f"the batch's answers cannot be sent: {exc}"), 500)
         return wire.answers_frame(batch_id, [failed for _ in responses])

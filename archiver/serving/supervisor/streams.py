@@ -1,0 +1,113 @@
+"""A streaming handler's answers, from its worker to the requests they are for (the supervisor's side).
+
+The worker handle reads a batch's ``parts`` frames as they come (``worker_handle.run``) and hands each
+intermediate answer to ``route_part`` with the batch's jobs. Only the batches that streamed come here,
+so the plain path (one answers frame, one future per request) is untouched.
+
+A job submitted for a stream (``Job.streaming``: ``predict_first``/``predict_stream``) is answered
+by its first intermediate answer at once, ``rest`` an ``AnswerStream`` that gets the ones after and,
+from ``finish``, the final answer (or nothing, when the handler's generator ended the stream). A job
+submitted for one answer (``predict``: v2, v1, gRPC unary) keeps only the latest intermediate answer:
+its answer is the final one, or that latest one when the stream ended without a final answer. An
+error part is a request's last: its stream ends, or the one-answer job gets it as its answer, and the
+worker is told to cancel the rest, as it is for a request whose client has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+from archiver.errors import WireError
+from archiver.serving.protocols.answer_stream import AnswerStream
+from archiver.serving.protocols.records import InferenceResponse, response_for_exception
+from archiver.serving.protocols.wire import Frame, read_parts
+from archiver.serving.supervisor.batcher import Job
+
+# A job's ``stream`` once it needs nothing more (its one answer was an error part, or its client left).
+_CLOSED = object()
+
+
+async def route_parts(
+    worker: Any,
+    read: Callable[[], Awaitable[Frame | None]],
+    frame: Frame,
+    batch: tuple[Sequence[Any], Any, float | None],
+    clock: Any,
+) -> Frame | None:
+    """Hand each intermediate answer of ``worker``'s running batch (``batch``: its requests, its run's
+    tag and its timeout) to ``worker.on_part`` as its ``parts`` frames come, up to the next other frame
+    (``read``'s). Each restarts the batch's responseTimeout ``clock``: a stream times out when it stops
+    sending, however long it runs."""
+    requests, tag, timeout_s = batch
+    count = len(requests)
+    worker.streamed = True
+    while frame is not None and frame.kind == "parts":
+        if frame.header.get("batch") != worker.batch_id:
+            raise WireError(f"parts of batch {frame.header.get('batch')!r} during batch {worker.batch_id}")
+        for index, answer in read_parts(frame, count):
+            worker.on_part(worker, tag, index, answer)
+        if timeout_s is not None:
+            clock.reschedule(asyncio.get_running_loop().time() + timeout_s)
+        frame = await read()
+    return frame
+
+
+def route_part(worker: Any, jobs: Sequence[Job], index: int, answer: InferenceResponse) -> None:
+    """One intermediate answer of request ``index`` of the batch ``worker`` runs now."""
+    job = jobs[index]
+    stream = job.stream
+    if isinstance(stream, AnswerStream):
+        stream.put(answer)  # ignored once the stream is over (it cancelled the request then)
+        return
+    if stream is _CLOSED:
+        return
+    if job.future.done():  # its client left before a first answer (or it timed out): stop the handler
+        job.stream = _CLOSED
+        worker.cancel(worker.batch_id, index)
+        return
+    if not answer.ok:  # an error before anything else was sent: that is the request's answer
+        job.stream = _CLOSED
+        job.future.set_result(answer)
+        worker.cancel(worker.batch_id, index)
+        return
+    if not job.streaming:
+        job.stream = answer  # the latest, for a stream that ends without a final answer
+        return
+    rest = AnswerStream(cancel=partial(worker.cancel, worker.batch_id, index))
+    answer.rest = rest
+    job.stream = rest
+    job.future.set_result(answer)
+
+
+def finish(jobs: Sequence[Job], responses: list[InferenceResponse], ended: Sequence[int]) -> None:
+    """The batch's final answers: each started stream gets its own (or none, ``ended``) and ends;
+    ``responses`` is left holding what the batcher delivers to the jobs still waiting."""
+    over = set(ended)
+    for index, job in enumerate(jobs):
+        stream = job.stream
+        if isinstance(stream, AnswerStream):
+            stream.end(None if index in over else responses[index])
+        elif index in over:
+            # a one-answer job: the stream's last part; a generator that yielded nothing: an empty 200
+            responses[index] = stream if isinstance(stream, InferenceResponse) else _empty()
+        job.stream = None
+
+
+def fail(jobs: Sequence[Job], exc: BaseException) -> None:
+    """The batch failed (its worker died or overran responseTimeout): each started stream ends with
+    the error as its last answer (the batcher answers the jobs still waiting)."""
+    response: InferenceResponse | None = None
+    for job in jobs:
+        stream = job.stream
+        if isinstance(stream, AnswerStream):
+            if response is None:
+                response = response_for_exception(exc)
+            stream.end(response)
+        job.stream = None
+
+
+def _empty() -> InferenceResponse:
+    return InferenceResponse(status=200, body=b"", content_type="text/plain; charset=utf-8")
