@@ -8,6 +8,7 @@ built-in defaults. The operator's choice wins over the archive author's suggesti
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,11 @@ def _is_archive(path: Path) -> bool:
     "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML of these settings."
 )
 @click.option(
+    "--ts-config",
+    type=click.Path(exists=True, dir_okay=False),
+    help="TorchServe's config.properties (flags and --config override it; ignored keys are listed at start).",
+)
+@click.option(
     "--token", envvar="MODEL_ARCHIVER_TOKEN", help="Require 'Authorization: Bearer TOKEN' (or env)."
 )
 @click.option("--no-auth", is_flag=True, default=None, help="Allow a non-loopback --host without a token.")
@@ -232,6 +238,10 @@ def serve(
         raise UsageError("--handler serves unsigned files: with --trusted-key, serve signed archives")
     staged, flag_model = _stage_archive_flags(archive_flags, flags.get("cache_dir"))
     settings = build_settings(archives + staged, model_specs, config_path, flags)
+    for note in settings.startup_notes:  # what --ts-config's file set that means nothing here, and why
+        click.echo(note, err=True)
+    if settings.metrics_config is not None:  # its model_metrics, pre-registered in every worker
+        os.environ["MODEL_ARCHIVER_METRICS_CONFIG"] = settings.metrics_config.source
     if flag_model is not None and settings.trusted_keys:  # trusted_keys came from --config
         from archiver.serving.supervisor.reload import drop_staged
 
@@ -303,6 +313,10 @@ def build_settings(
     from archiver.settings_bounds import check_serve_settings
 
     max_workers = check_serve_settings(flags, file_cfg, config_path)  # every range, named as given
+    from archiver.ts_config import read_ts_config
+
+    ts = read_ts_config(flags.get("ts_config"), _CONFIG_TYPES)  # checked, named by key and line
+    file_cfg = {**ts.server, **file_cfg}  # --config over config.properties
 
     def pick(key: str) -> Any:
         return _first(flags.get(key), file_cfg.get(key), DEFAULTS.get(key))
@@ -327,7 +341,7 @@ def build_settings(
         **grpc_ports(flags, file_cfg, pick("port")),
         model_store=store_path,
         models=models,
-        defaults=_model_defaults(),
+        defaults=_model_defaults().merged(**ts.defaults),
         operator=_operator_model_settings(flags, file_cfg),
         max_request_size=pick("max_request_size"),
         token=pick("token") or None,
@@ -343,6 +357,7 @@ def build_settings(
         gpus=pick("gpus"),
         number_of_gpu=file_cfg.get("number_of_gpu"),
     )
+    ts.apply(settings)
     from archiver.serving.front.site_guard import SiteRules
 
     SiteRules.build(settings.host, settings.allowed_hosts, settings.allowed_origins)  # a bad entry: exit 2

@@ -104,6 +104,15 @@ class ServerSettings:
     # gRPC (grpc_api/): the inference and management ports; None: off (``serve`` sets 7070 and 7071).
     grpc_port: int | None = None
     grpc_management_port: int | None = None
+    # serve --ts-config: per-model defaults from its models= JSON (name -> version -> ModelSettings
+    # fields, under each archive's model-config.yaml), its metrics.yaml (ts_metrics_config.MetricsConfig;
+    # None: TorchServe's default), whether undeclared handler metrics get TorchServe's names too
+    # (model_metrics_auto_detect), the host gauges (disable_system_metrics), and what it ignored.
+    model_defaults: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    metrics_config: Any = None
+    model_metrics_auto_detect: bool = False
+    system_metrics: bool = True
+    startup_notes: list[str] = field(default_factory=list)
 
 
 def is_loopback(host: str) -> bool:
