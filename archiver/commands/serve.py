@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from archiver.commands.grpc_ports import grpc_ports
 from archiver.commands.options import cache_dir_option, trusted_key_option
-from archiver.errors import ConfigError, UsageError
+from archiver.commands.serve_config import CONFIG_TYPES, read_server_config
+from archiver.errors import UsageError
 from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_SIZE
 
 # Built-in defaults, chosen by measurement on a 2-core machine (README, "Batching").
@@ -34,62 +34,6 @@ DEFAULTS: dict[str, Any] = {
     "response_timeout": 120.0,
     "job_queue_size": 100,
 }
-_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
-    "host": (str,),
-    "port": (int,),
-    "management_port": (int,),
-    "metrics_port": (int,),
-    "grpc_port": (int, str),
-    "grpc_management_port": (int, str),
-    "model_store": (str,),
-    "models": (str, list),
-    "max_request_size": (int,),
-    "workers": (int,),
-    "batch_size": (int,),
-    "max_batch_delay": (int, float),
-    "response_timeout": (int, float),
-    "job_queue_size": (int,),
-    "worker_memory_limit": (int, float),
-    "max_workers_per_model": (int,),
-    "max_request_items": (int,),
-    "torch_threads": (int,),
-    "install_model_deps": (bool,),
-    "gpus": (str, int, list),
-    "number_of_gpu": (int,),
-    "max_worker_deaths": (int,),
-    "worker_death_window": (int, float),
-    "restart_backoff": (int, float),
-    "token": (str,),
-    "no_auth": (bool,),
-    "allowed_hosts": (str, list),
-    "allowed_origins": (str, list),
-    "cache_dir": (str,),
-    "trusted_keys": (str, list),
-}
-
-
-def read_server_config(path: Path) -> dict[str, Any]:
-    """A --config YAML file: the same settings as the flags (dashes or underscores), checked."""
-    try:
-        data = yaml.safe_load(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a YAML mapping of settings")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        norm = str(key).replace("-", "_")
-        if norm not in _CONFIG_TYPES:
-            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(_CONFIG_TYPES))})")
-        types = _CONFIG_TYPES[norm]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
-        out[norm] = value
-    return out
 
 
 def resolve_models(
@@ -315,7 +259,7 @@ def build_settings(
     max_workers = check_serve_settings(flags, file_cfg, config_path)  # every range, named as given
     from archiver.ts_config import read_ts_config
 
-    ts = read_ts_config(flags.get("ts_config"), _CONFIG_TYPES)  # checked, named by key and line
+    ts = read_ts_config(flags.get("ts_config"), CONFIG_TYPES)  # checked, named by key and line
     file_cfg = {**ts.server, **file_cfg}  # --config over config.properties
 
     def pick(key: str) -> Any:
