@@ -1,0 +1,286 @@
+"""Run one TorchServe example on one server: build the archive with the README's command line, start
+TorchServe 0.12 or ours on free ports, load the model, send the README's requests, always stop.
+
+Every HTTP call has a timeout (TorchServe keeps a request open forever when its workers fail), every
+server is stopped in a ``finally``: TorchServe by ``torchserve --stop`` with its own TMPDIR (its pid file
+lives there, so other TorchServes on the machine are left alone), ours by SIGTERM to its process.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from _common import REPO, free_port, kill_leftovers, stop_server
+from _examples_specs import Example, Request
+
+TS_VENV = REPO / ".venv-ts"
+OUR_BIN = REPO / ".venv" / "bin" / "model-archiver"
+TS_ARCHIVER = TS_VENV / "bin" / "torch-model-archiver"
+
+
+@dataclass
+class Answer:
+    status: int | None  # None: no answer within the timeout (or no connection)
+    body: str
+
+    def short(self, limit: int = 70) -> str:
+        text = " ".join(self.body.split())
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class SideResult:
+    loaded: bool
+    answers: list[Answer]
+    error: str = ""
+    same: bool | None = None  # answers agree with TorchServe's (None: this is TorchServe's run)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.answers) and all(a.status == 200 for a in self.answers)
+
+
+def agree(ours: Answer, theirs: Answer) -> bool:
+    """The same answer as TorchServe's: JSON of the same shape with numbers within float noise, the
+    same text, or (Prometheus text) every metric name TorchServe's carries."""
+    if ours.status != theirs.status:
+        return False
+    if theirs.body.startswith("# HELP") or "\n# TYPE" in theirs.body:
+        return _metric_names(theirs.body) <= _metric_names(ours.body)
+    try:
+        return _same(json.loads(ours.body), json.loads(theirs.body))
+    except ValueError:
+        return " ".join(ours.body.split()) == " ".join(theirs.body.split())
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= 1e-3 + 1e-2 * abs(b)
+    return a == b
+
+
+def _metric_names(text: str) -> set[str]:
+    return {line.split("{")[0].split()[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def build_archive(example: Example, checkout: Path, archiver: Path, out: Path) -> Path:
+    """The README's archiver command (program name ``archiver``) run in the example's cwd; the archive
+    moved to ``out``. RuntimeError with the tool's last lines when it fails."""
+    cwd = checkout / example.cwd
+    target = cwd / example.mar
+    target.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)  # --export-path model_store: the README's mkdir
+    done = subprocess.run(
+        [str(archiver), *example.archive], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    if done.returncode != 0 or not target.is_file():
+        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
+        raise RuntimeError(f"{archiver.name} exit {done.returncode}: {tail[:300]}")
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.move(str(target), out / target.name))
+
+
+def _properties(example: Example, checkout: Path, ports: dict[str, int], torchserve: bool) -> str:
+    """The example's config.properties (or none) with this run's addresses appended: in a Java
+    properties file the last value of a key wins."""
+    text = ""
+    if example.ts_config:
+        text = (checkout / example.cwd / example.ts_config).read_text()
+    lines = [
+        f"inference_address=http://127.0.0.1:{ports['inference']}",
+        f"management_address=http://127.0.0.1:{ports['management']}",
+        f"metrics_address=http://127.0.0.1:{ports['metrics']}",
+    ]
+    if torchserve:
+        lines += [
+            f"grpc_inference_port={free_port()}",
+            f"grpc_management_port={free_port()}",
+            f"python={TS_VENV / 'bin' / 'python'}",
+            "disable_token_authorization=true",
+        ]
+    return text.rstrip("\\\n") + "\n" + "\n".join(lines) + "\n"
+
+
+def _env(home: Path, torch_home: Path, torchserve: bool) -> dict[str, str]:
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "TMPDIR": str(home / "tmp")}
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    if torchserve:
+        env["PATH"] = f"{TS_VENV / 'bin'}:{env['PATH']}"
+        env["TS_DISABLE_SYSTEM_METRICS"] = "true"
+    return env
+
+
+def _torchserve_pids(home: Path) -> list[psutil.Process]:
+    """TorchServe's Java frontend started from ``home``'s TMPDIR, with its workers."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        with contextlib.suppress(psutil.Error):
+            java = any("org.pytorch.serve.ModelServer" in c for c in proc.info["cmdline"] or [])
+            if java and (proc.info["environ"] or {}).get("TMPDIR") == str(home / "tmp"):
+                found += [proc, *proc.children(recursive=True)]
+    return found
+
+
+@contextlib.contextmanager
+def torchserve(example: Example, checkout: Path, store: Path, home: Path, torch_home: Path) -> Iterator[dict]:
+    """TorchServe 0.12 started as the README starts it, on free ports; yields the ports; stops it."""
+    ports = {name: free_port() for name in ("inference", "management", "metrics")}
+    config = home / "config.properties"
+    config.write_text(_properties(example, checkout, ports, torchserve=True))
+    env = _env(home, torch_home, torchserve=True)
+    cmd = [
+        str(TS_VENV / "bin" / "torchserve"),
+        "--start",
+        "--ncs",
+        "--disable-token-auth",
+        "--enable-model-api",
+    ]
+    cmd += ["--model-store", str(store), "--ts-config", str(config)]
+    if example.models:
+        cmd += ["--models", example.models]
+    try:
+        with open(home / "start.log", "w") as log:  # Java keeps the launcher's stdout: never a pipe
+            subprocess.run(cmd, cwd=checkout / example.cwd, env=env, stdout=log, stderr=log, timeout=120)
+        yield ports
+    finally:
+        tree = _torchserve_pids(home)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(
+                [str(TS_VENV / "bin" / "torchserve"), "--stop"],
+                cwd=checkout / example.cwd,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+            )
+        kill_leftovers(tree, grace_s=20)
+
+
+def our_serve_flags() -> set[str]:
+    """The flags this checkout's ``serve`` takes (``--ts-config`` arrives with issue 24)."""
+    done = subprocess.run([str(OUR_BIN), "serve", "--help"], capture_output=True, text=True, timeout=60)
+    return {word.rstrip(",") for word in done.stdout.split() if word.startswith("--")}
+
+
+@contextlib.contextmanager
+def ours(example: Example, checkout: Path, store: Path, home: Path, torch_home: Path) -> Iterator[dict]:
+    """Our server started with the README's serving arguments, on free ports; yields the ports."""
+    ports = {name: free_port() for name in ("inference", "management", "metrics")}
+    cmd = [str(OUR_BIN), "serve", "--model-store", str(store), "--port", str(ports["inference"])]
+    cmd += ["--management-port", str(ports["management"]), "--metrics-port", str(ports["metrics"])]
+    cmd += ["--cache-dir", str(home / "cache"), "--ready-file", str(home / "ready.json")]
+    flags = our_serve_flags()
+    for flag in ("--grpc-port", "--grpc-management-port"):  # off: their fixed defaults collide
+        cmd += [flag, "off"] if flag in flags else []
+    if example.ts_config and "--ts-config" in flags:
+        config = home / "config.properties"
+        config.write_text(_properties(example, checkout, ports, torchserve=False))
+        cmd += ["--ts-config", str(config)]
+    if example.models:
+        cmd += ["--models", example.models]
+    log = open(home / "serve.log", "w")  # noqa: SIM115 - closed in the finally
+    proc = subprocess.Popen(
+        cmd, cwd=checkout / example.cwd, env=_env(home, torch_home, False), stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (home / "ready.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve exited {proc.returncode}: {_tail(home / 'serve.log')}")
+        yield ports
+    finally:
+        stop_server(proc, grace_s=30)
+        log.close()
+
+
+def _tail(path: Path, lines: int = 2) -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])[:300]
+    return ""
+
+
+def call(method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: float) -> Answer:
+    """One call as curl makes it: ``curl -T`` sends no Content-Type (urllib would add a form's)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
+        resp = conn.getresponse()
+        return Answer(resp.status, resp.read(1 << 20).decode(errors="replace"))
+    except (OSError, http.client.HTTPException) as exc:
+        return Answer(None, f"no answer: {exc}")
+    finally:
+        conn.close()
+
+
+def wait_loaded(example: Example, ports: dict, timeout: float) -> bool:
+    """The model registered (the README's management call) or READY (loaded by --models)."""
+    base = f"http://127.0.0.1:{ports['management']}"
+    if example.register:
+        answer = call("POST", f"{base}/models?{example.register}", None, {}, timeout)
+        return answer.status == 200
+    name = (example.models or "").split("=")[0].removesuffix(".mar")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = call("GET", f"{base}/models/{name}", None, {}, 5)
+        if answer.status == 200 and '"READY"' in answer.body.replace(" ", ""):
+            return True
+        time.sleep(1)
+    return False
+
+
+def _body(request: Request, cwd: Path) -> bytes | None:
+    if request.client_batch:
+        frame = base64.b64encode((cwd / request.file).read_bytes()).decode()
+        return json.dumps({str(i): frame for i in range(request.client_batch)}).encode()
+    if request.file is not None:
+        return (cwd / request.file).read_bytes()
+    return request.data
+
+
+def send_requests(example: Example, checkout: Path, ports: dict, timeout: float) -> list[Answer]:
+    """The README's requests: in order, or all at once where the README sends them with ``&``."""
+    cwd = checkout / example.cwd
+
+    def one(request: Request) -> Answer:
+        url = f"http://127.0.0.1:{ports[request.port]}{request.path}"
+        return call(request.method, url, _body(request, cwd), dict(request.headers), timeout)
+
+    if example.register:  # resnet_152_batch: the README's three curl ... &
+        with concurrent.futures.ThreadPoolExecutor(len(example.requests)) as pool:
+            return list(pool.map(one, example.requests))
+    return [one(request) for request in example.requests]
+
+
+def run_side(server, example: Example, checkout: Path, mar: Path, home: Path, torch_home: Path) -> SideResult:
+    """Serve ``mar`` with ``server`` (``torchserve`` or ``ours``) and send the example's requests."""
+    shutil.rmtree(home, ignore_errors=True)
+    store = home / "model_store"
+    store.mkdir(parents=True)
+    shutil.copy(mar, store / mar.name)
+    limit = 900 if example.slow else 150
+    try:
+        with server(example, checkout, store, home, torch_home) as ports:
+            loaded = wait_loaded(example, ports, limit)
+            answers = send_requests(example, checkout, ports, limit if loaded else 20)
+            return SideResult(loaded, answers)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return SideResult(False, [], str(exc)[:300])

@@ -1,0 +1,428 @@
+"""TorchServe v0.12's own examples as data: the README's archiver command line, the files its
+``wget`` would fetch (made here with random weights), how it is served and the README's requests.
+
+Paths are the README's, relative to ``cwd`` inside a checkout of TorchServe's tree at v0.12.0, so
+the command lines stay as written; only the program name differs per archiver. Where a README downloads
+weights, ``weights`` says how the same file is made offline: the model file's own class with random
+weights saved by ``torch.save(state_dict)``, or the example's export script run with ``weights=None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Request:
+    """One README request: ``curl -T FILE`` (a PUT of the file) or ``curl -d DATA`` (a POST)."""
+
+    path: str
+    file: str | None = None
+    data: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    port: str = "inference"  # or "management", "metrics"
+    client_batch: int = 0  # near_real_time_video's request.py: FILE sent as N base64 frames in JSON
+
+    @property
+    def method(self) -> str:
+        if self.client_batch or self.data is not None:
+            return "POST"
+        return "PUT" if self.file is not None else "GET"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The serialized file a README downloads or its script writes, made offline.
+
+    ``kind`` "state_dict": the one nn.Module class in ``model_file`` (relative to the example's cwd),
+    random weights, ``torch.save(model.state_dict(), out)``; "script": run ``model_file`` (the example's
+    own export script) with its pretrained-weights argument replaced by ``weights=None``.
+    """
+
+    kind: str
+    model_file: str
+    out: str
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str
+    cwd: str  # relative to the checkout root: where the README's commands run
+    archive: tuple[str, ...]  # the README's archiver arguments, after the program name
+    mar: str  # the archive the command writes, relative to cwd
+    models: str | None  # torchserve --models VALUE; None: registered through the management API
+    requests: tuple[Request, ...]
+    weights: Weights | None = None
+    register: str | None = None  # the README's management API query (POST /models?...)
+    ts_config: str | None = None  # the README's --ts-config, relative to cwd
+    slow: bool = False  # compiles a large model with torch.compile at its first request
+    note: str = ""
+    handler_kind: str = "built-in"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+KITTEN = "examples/image_classifier/kitten.jpg"
+INDEX = "examples/image_classifier/index_to_name.json"
+MNIST_ARGS = ("--model-file", "examples/image_classifier/mnist/mnist.py")
+MNIST_WEIGHTS = Weights("state_dict", "examples/image_classifier/mnist/mnist.py",
+                        "examples/image_classifier/mnist/mnist_cnn.pt")  # fmt: skip
+ZERO_PNG = "examples/image_classifier/mnist/test_data/0.png"
+
+
+def _vision(folder: str, weights: str, model: str, request_name: str | None = None) -> Example:
+    """The image_classifier README pattern: model.py + the downloaded .pth, handler image_classifier."""
+    model_file = f"examples/image_classifier/{folder}/model.py"
+    return Example(
+        name=f"image_classifier/{folder}",
+        cwd=".",
+        archive=("--model-name", model, "--version", "1.0", "--model-file", model_file,
+                 "--serialized-file", weights, "--handler", "image_classifier", "--extra-files", INDEX),
+        mar=f"{model}.mar",
+        models=f"{request_name or model}={model}.mar",
+        requests=(Request(f"/predictions/{request_name or model}", file=KITTEN),),
+        weights=Weights("state_dict", model_file, weights),
+    )  # fmt: skip
+
+
+def _detector(folder: str, kind: str, model: str, weights: str, extra: str, served: str) -> Example:
+    model_file = f"examples/{kind}/{folder}/model.py"
+    handler = "object_detector" if kind == "object_detector" else "image_segmenter"
+    return Example(
+        name=f"{kind}/{folder}",
+        cwd=".",
+        archive=("--model-name", model, "--version", "1.0", "--model-file", model_file,
+                 "--serialized-file", weights, "--handler", handler, "--extra-files", extra),
+        mar=f"{model}.mar",
+        models=f"{served}={model}.mar",
+        requests=(Request(f"/predictions/{served}", file=f"examples/{kind}/persons.jpg"),),
+        weights=Weights("state_dict", model_file, weights),
+    )  # fmt: skip
+
+
+def _stateful(folder: str) -> Example:
+    cwd = f"examples/stateful/{folder}"
+    seq = [("seq_0", n) for n in (1, 2, 3)] + [("seq_1", n) for n in (1, 2)]
+    return Example(
+        name=f"stateful/{folder}",
+        cwd=cwd,
+        archive=("--model-name", "stateful", "--version", "1.0", "--model-file", "../model.py",
+                 "--serialized-file", "../model_cnn.pt", "--handler", "stateful_handler.py",
+                 "-r", "../requirements.txt", "--config-file", "model-config.yaml"),
+        mar="stateful.mar",
+        models="stateful.mar",
+        ts_config="../config.properties",
+        requests=tuple(Request("/predictions/stateful", file=f"../sample/sample{n}.txt",
+                               headers=(("ts_request_sequence_id", s),)) for s, n in seq),
+        weights=Weights("state_dict", "../model.py", "../model_cnn.pt"),
+        handler_kind="custom",
+        note="requests in order: seq_0 samples 1, 2, 3 then seq_1 samples 1, 2",
+    )  # fmt: skip
+
+
+EXAMPLES: tuple[Example, ...] = (
+    Example(
+        name="image_classifier/mnist",
+        cwd=".",
+        archive=(
+            "--model-name",
+            "mnist",
+            "--version",
+            "1.0",
+            *MNIST_ARGS,
+            "--serialized-file",
+            "examples/image_classifier/mnist/mnist_cnn.pt",
+            "--handler",
+            "examples/image_classifier/mnist/mnist_handler.py",
+        ),
+        mar="mnist.mar",
+        models="mnist=mnist.mar",
+        ts_config="examples/image_classifier/mnist/config.properties",
+        requests=(Request("/predictions/mnist", file=ZERO_PNG),),
+        weights=MNIST_WEIGHTS,
+        handler_kind="custom",
+    ),
+    Example(
+        name="image_classifier/mnist (explanations)",
+        cwd=".",
+        archive=(
+            "--model-name",
+            "mnist",
+            "--version",
+            "1.0",
+            *MNIST_ARGS,
+            "--serialized-file",
+            "examples/image_classifier/mnist/mnist_cnn.pt",
+            "--handler",
+            "examples/image_classifier/mnist/mnist_handler.py",
+        ),
+        mar="mnist.mar",
+        models="mnist=mnist.mar",
+        ts_config="examples/image_classifier/mnist/config.properties",
+        requests=(Request("/explanations/mnist", file=ZERO_PNG),),
+        weights=MNIST_WEIGHTS,
+        handler_kind="custom",
+    ),
+    Example(
+        name="custom_metrics",
+        cwd=".",
+        archive=(
+            "--model-name",
+            "mnist",
+            "--version",
+            "1.0",
+            *MNIST_ARGS,
+            "--serialized-file",
+            "examples/image_classifier/mnist/mnist_cnn.pt",
+            "--handler",
+            "examples/custom_metrics/mnist_handler.py",
+        ),
+        mar="mnist.mar",
+        models="mnist=mnist.mar",
+        ts_config="examples/custom_metrics/config.properties",
+        requests=(Request("/predictions/mnist", file=ZERO_PNG), Request("/metrics", port="metrics")),
+        weights=MNIST_WEIGHTS,
+        handler_kind="custom",
+        note="the second request is GET :8082/metrics (the README's curl); its answer must name the "
+        "metrics.yaml metrics",
+    ),
+    _vision("densenet_161", "densenet161-8d451a50.pth", "densenet161"),
+    _vision("resnet_18", "resnet18-f37072fd.pth", "resnet-18"),
+    _vision("alexnet", "alexnet-owt-7be5be79.pth", "alexnet"),
+    _vision("squeezenet", "squeezenet1_1-b8a52dc0.pth", "squeezenet1_1"),
+    Example(
+        name="image_classifier/vgg_16",
+        cwd=".",
+        archive=(
+            "--model-name",
+            "vgg16",
+            "--version",
+            "1.0",
+            "--model-file",
+            "./examples/image_classifier/vgg_16/model.py",
+            "--serialized-file",
+            "vgg16-397923af.pth",
+            "--handler",
+            "./examples/image_classifier/vgg_16/vgg_handler.py",
+            "--extra-files",
+            "./examples/image_classifier/index_to_name.json",
+        ),
+        mar="vgg16.mar",
+        models="vgg16=vgg16.mar",
+        requests=(Request("/predictions/vgg16", file=KITTEN),),
+        weights=Weights("state_dict", "examples/image_classifier/vgg_16/model.py", "vgg16-397923af.pth"),
+        handler_kind="custom",
+    ),
+    Example(
+        name="image_classifier/resnet_152_batch",
+        cwd=".",
+        archive=(
+            "--model-name",
+            "resnet-152-batch",
+            "--version",
+            "1.0",
+            "--model-file",
+            "examples/image_classifier/resnet_152_batch/model.py",
+            "--serialized-file",
+            "resnet152-394f9c45.pth",
+            "--handler",
+            "image_classifier",
+            "--extra-files",
+            INDEX,
+        ),
+        mar="resnet-152-batch.mar",
+        models=None,
+        register="model_name=resnet152&url=resnet-152-batch.mar&batch_size=4&max_batch_delay=5000"
+        "&initial_workers=3&synchronous=true",
+        requests=tuple(
+            Request(
+                "/predictions/resnet152", file=f"examples/image_classifier/resnet_152_batch/images/{n}.jpg"
+            )
+            for n in ("croco", "dog", "kitten")
+        ),
+        weights=Weights(
+            "state_dict", "examples/image_classifier/resnet_152_batch/model.py", "resnet152-394f9c45.pth"
+        ),
+        note="the three requests are sent at once (the README's curl ... &), batched by batch_size=4",
+    ),  # fmt: skip
+    Example(
+        name="image_classifier/near_real_time_video",
+        cwd=".",
+        # create_mar_file.py --client-batching's command; its --model-file names a model.py the example
+        # lacks, so resnet_18's (the same class) is given.
+        archive=(
+            "--model-name",
+            "resnet-18",
+            "--version",
+            "1.0",
+            "--serialized-file",
+            "resnet18-f37072fd.pth",
+            "--model-file",
+            "examples/image_classifier/resnet_18/model.py",
+            "--extra-files",
+            INDEX,
+            "--handler",
+            "examples/image_classifier/near_real_time_video/near_real_time_video_handler.py",
+            "--force",
+        ),
+        mar="resnet-18.mar",
+        models="resnet-18=resnet-18.mar",
+        requests=(
+            Request(
+                "/predictions/resnet-18",
+                file=KITTEN,
+                client_batch=4,
+                headers=(("Content-type", "application/json"), ("Accept", "text/plain")),
+            ),
+        ),
+        weights=Weights(
+            "state_dict", "examples/image_classifier/resnet_18/model.py", "resnet18-f37072fd.pth"
+        ),
+        handler_kind="custom",
+        note="request.py --client-batching: a JSON object of 4 base64 JPEG frames (the kitten)",
+    ),  # fmt: skip
+    _detector(
+        "fcn",
+        "image_segmenter",
+        "fcn_resnet_101",
+        "fcn_resnet101_coco-7ecb50ca.pth",
+        "examples/image_segmenter/fcn/fcn.py,examples/image_segmenter/fcn/intermediate_layer_getter.py",
+        "fcn",
+    ),
+    _detector(
+        "deeplabv3",
+        "image_segmenter",
+        "deeplabv3_resnet_101",
+        "deeplabv3_resnet101_coco-586e9e4e.pth",
+        "examples/image_segmenter/deeplabv3/deeplabv3.py,"
+        "examples/image_segmenter/deeplabv3/intermediate_layer_getter.py,"
+        "examples/image_segmenter/deeplabv3/fcn.py",
+        "deeplabv3",
+    ),
+    _detector(
+        "fast-rcnn",
+        "object_detector",
+        "fastrcnn",
+        "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth",
+        "examples/object_detector/index_to_name.json",
+        "fastrcnn",
+    ),
+    _detector(
+        "maskrcnn",
+        "object_detector",
+        "maskrcnn",
+        "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+        "examples/object_detector/index_to_name.json",
+        "maskrcnn",
+    ),
+    Example(
+        name="micro_batching",
+        cwd=".",
+        archive=(
+            "--model-name",
+            "resnet-18_mb",
+            "--version",
+            "1.0",
+            "--model-file",
+            "./examples/image_classifier/resnet_18/model.py",
+            "--serialized-file",
+            "resnet18-f37072fd.pth",
+            "--handler",
+            "examples/micro_batching/micro_batching_handler.py",
+            "--extra-files",
+            "./examples/image_classifier/index_to_name.json",
+            "--config-file",
+            "examples/micro_batching/config.yaml",
+        ),
+        mar="resnet-18_mb.mar",
+        models="resnet-18_mb.mar",
+        requests=(Request("/predictions/resnet-18_mb", file="./examples/image_classifier/kitten.jpg"),),
+        weights=Weights(
+            "state_dict", "examples/image_classifier/resnet_18/model.py", "resnet18-f37072fd.pth"
+        ),
+        handler_kind="custom",
+    ),  # fmt: skip
+    _stateful("sequence_batching"),
+    _stateful("sequence_continuous_batching"),
+    Example(
+        name="pt2/torch_export_aot_compile",
+        cwd="examples/pt2/torch_export_aot_compile",
+        archive=(
+            "--model-name",
+            "res18-pt2",
+            "--handler",
+            "image_classifier",
+            "--version",
+            "1.0",
+            "--serialized-file",
+            "resnet18_pt2.so",
+            "--config-file",
+            "model-config.yaml",
+            "--extra-files",
+            "../../image_classifier/index_to_name.json",
+        ),
+        mar="res18-pt2.mar",
+        models="res18-pt2=res18-pt2.mar",
+        requests=(Request("/predictions/res18-pt2", file="../../image_classifier/kitten.jpg"),),
+        weights=Weights("script", "resnet18_torch_export.py", "resnet18_pt2.so"),
+        note="python resnet18_torch_export.py with weights=None: torch._export.aot_compile writes the .so",
+    ),  # fmt: skip
+    Example(
+        name="pt2/torch_compile",
+        cwd="examples/pt2/torch_compile",
+        archive=(
+            "--model-name",
+            "densenet161",
+            "--version",
+            "1.0",
+            "--model-file",
+            "model.py",
+            "--serialized-file",
+            "densenet161-8d451a50.pth",
+            "--export-path",
+            "model_store",
+            "--extra-files",
+            "../../image_classifier/index_to_name.json",
+            "--handler",
+            "image_classifier",
+            "--config-file",
+            "model-config.yaml",
+            "-f",
+        ),
+        mar="model_store/densenet161.mar",
+        models="densenet161.mar",
+        requests=(Request("/predictions/densenet161", file="../../image_classifier/kitten.jpg"),),
+        weights=Weights("state_dict", "model.py", "densenet161-8d451a50.pth"),
+        slow=True,
+    ),  # fmt: skip
+    Example(
+        name="pt2/torch_inductor_caching",
+        cwd="examples/pt2/torch_inductor_caching",
+        archive=(
+            "--model-name",
+            "densenet161",
+            "--version",
+            "1.0",
+            "--model-file",
+            "../../image_classifier/densenet_161/model.py",
+            "--serialized-file",
+            "densenet161-8d451a50.pth",
+            "--export-path",
+            "model_store",
+            "--extra-files",
+            "../../image_classifier/index_to_name.json",
+            "--handler",
+            "./caching_handler.py",
+            "--config-file",
+            "model-config-fx-cache.yaml",
+            "-f",
+        ),
+        mar="model_store/densenet161.mar",
+        models="densenet161.mar",
+        requests=(Request("/predictions/densenet161", file="../../image_classifier/kitten.jpg"),) * 2,
+        weights=Weights(
+            "state_dict", "../../image_classifier/densenet_161/model.py", "densenet161-8d451a50.pth"
+        ),
+        handler_kind="custom",
+        slow=True,
+    ),  # fmt: skip
+)
