@@ -1,0 +1,221 @@
+"""Answers that stream: a handler's intermediate answers reach an HTTP client as chunks, as they are made.
+
+Each story runs a real server (the CLI, or the in-process one) with small pure-Python handlers and
+reads ``/predictions`` with ``requests`` and ``stream=True``, timing each chunk's arrival.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from archiver.serving.supervisor.registry import ModelSettings
+
+# TorchServe's documented streaming handler (docs/inference_api.md), with a pause between sends so a
+# chunk's arrival time says when it was made; the old import path must work as well.
+TS_STREAM_HANDLER = """
+import time
+
+from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.protocol.otf_message_handler import send_intermediate_predict_response as old_path
+
+
+def handle(data, context):
+    if type(data) is list:
+        for i in range(3):
+            send = send_intermediate_predict_response if i % 2 == 0 else old_path
+            send(["hello"], context.request_ids, "Intermediate Prediction success", 200, context)
+            time.sleep(0.3)
+        return ["hello world "]
+"""
+
+# Ours: a generator per request. The body chooses: "words" yields three words 0.3 s apart, "fail"
+# yields one and raises, "none" yields nothing.
+GENERATOR_HANDLER = """
+import time
+
+
+def words():
+    for word in ("one ", "two ", "three"):
+        yield word
+        time.sleep(0.3)
+
+
+def failing():
+    yield "partial "
+    raise ValueError("the model ran out of tokens")
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    answers = []
+    for row in data:
+        body = row.get("body")
+        body = body.decode() if isinstance(body, (bytes, bytearray)) else body
+        answers.append({"words": words(), "fail": failing(), "none": iter(())}[body])
+    return answers
+"""
+
+# Streams a tick every 50 ms for 30 s unless its client goes; records how its sends ended. "quick"
+# answers at once, so a second request shows whether the only worker is free.
+TICKER_HANDLER = """
+import pathlib
+import time
+
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+MARK = pathlib.Path({mark!r})
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    body = data[0].get("body")
+    body = body.decode() if isinstance(body, (bytes, bytearray)) else body
+    if body == "quick":
+        return ["quick answer"]
+    if body == "stall":
+        send_intermediate_predict_response(["first"], context.request_ids, "ok", 200, context)
+        time.sleep(60)
+        return ["never"]
+    if body == "refuse":
+        send_intermediate_predict_response(None, context.request_ids, "too busy to stream", 503, context)
+        return ["never"]
+    try:
+        for i in range(600):
+            send_intermediate_predict_response([f"tick {{i}}\\n"], context.request_ids, "tick", 200, context)
+            time.sleep(0.05)
+    except Exception as exc:
+        MARK.write_text(type(exc).__name__)
+        raise
+    return ["done"]
+"""
+
+
+def timed_chunks(
+    url: str, body: str, timeout: float = 30
+) -> tuple[requests.Response, list[tuple[float, bytes]]]:
+    """POST ``body`` and read the answer as it comes: (response, [(seconds since the call, chunk)])."""
+    started = time.perf_counter()
+    response = requests.post(url, data=body, stream=True, timeout=timeout)
+    chunks = [(time.perf_counter() - started, c) for c in response.iter_content(chunk_size=None) if c]
+    return response, chunks
+
+
+def test_torchserve_streaming_handler_archived_by_the_cli_streams_each_chunk_as_it_is_made(
+    tmp_path: Path, serve_process
+):
+    (tmp_path / "stream_handler.py").write_text(TS_STREAM_HANDLER)
+    store = tmp_path / "store"
+    subprocess.run(
+        [sys.executable, "-m", "archiver", "archive", "--model-name", "echo_stream", "-v", "1.0"]
+        + ["--handler", str(tmp_path / "stream_handler.py"), "--export-path", str(store)],
+        check=True,
+        capture_output=True,
+    )
+    _, ready = serve_process("--model-store", str(store), "--models", "echo_stream.mar")
+    url = f"http://127.0.0.1:{ready['inference_port']}/predictions/echo_stream"
+
+    response, chunks = timed_chunks(url, json.dumps(42))
+
+    assert response.status_code == 200
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    assert "Content-Length" not in response.headers
+    assert [c for _, c in chunks] == [b"hello", b"hello", b"hello", b"hello world "]
+    first, last = chunks[0][0], chunks[-1][0]
+    assert last - first > 0.7, chunks  # three pauses of 0.3 s between the first chunk and the last
+    assert first < last / 3, chunks  # the first came when it was made, not with the rest
+
+    # the versioned route streams too, and a plain curl -N shows the chunks as one text
+    versioned = requests.post(f"{url}/1.0", data="x", timeout=30)
+    assert versioned.text == "hellohellohellohello world "
+
+
+def test_a_generator_answer_streams_its_items_and_an_error_is_the_last_chunk(make_model, serve):
+    server = serve([make_model("words", handler_source=GENERATOR_HANDLER)])
+    url = server.url("inference") + "/predictions/words"
+
+    response, chunks = timed_chunks(url, "words")
+    assert response.status_code == 200 and response.headers["Transfer-Encoding"] == "chunked"
+    assert [c for _, c in chunks] == [b"one ", b"two ", b"three"]
+    assert chunks[-1][0] - chunks[0][0] > 0.5
+
+    response, chunks = timed_chunks(url, "fail")
+    assert response.status_code == 200  # sent with the first chunk, before the failure
+    assert chunks[0][1] == b"partial "
+    error = json.loads(b"".join(c for _, c in chunks[1:]))
+    assert error == {"code": 500, "type": "ValueError", "message": "the model ran out of tokens"}
+
+    empty = requests.post(url, data="none", timeout=30)
+    assert (empty.status_code, empty.content) == (200, b"")
+
+
+def test_a_client_that_goes_away_cancels_the_stream_and_frees_the_worker(
+    tmp_path: Path, make_model, serve, poll
+):
+    mark = tmp_path / "ticker-ended"
+    model = make_model("ticker", handler_source=TICKER_HANDLER.format(mark=str(mark)))
+    server = serve([model])
+    url = server.url("inference") + "/predictions/ticker"
+
+    response = requests.post(url, data="ticks", stream=True, timeout=30)
+    ticks = response.iter_content(chunk_size=None)
+    assert next(ticks).startswith(b"tick 0")
+    next(ticks)
+    response.close()  # the client goes away mid-stream
+
+    assert poll(lambda: mark.exists(), 10, "the handler to see the cancellation")
+    assert mark.read_text() == "StreamCancelledError"
+    started = time.perf_counter()
+    quick = requests.post(url, data="quick", timeout=30)
+    assert quick.text == "quick answer"
+    assert time.perf_counter() - started < 5  # its only worker was free, not held for 30 s
+    reply = requests.get(f"{server.url('management')}/models/ticker", timeout=10).json()[0]
+    assert reply["workers"][0]["status"] in ("READY", "IDLE", "BUSY") and not reply.get("deaths")
+
+
+def test_a_stalled_stream_is_ended_by_the_response_timeout_and_its_worker_replaced(
+    tmp_path: Path, make_model, serve, describe, call, poll
+):
+    model = make_model("ticker", handler_source=TICKER_HANDLER.format(mark=str(tmp_path / "unused")))
+    server = serve([model], defaults=ModelSettings(response_timeout_s=2))
+    url = server.url("inference") + "/predictions/ticker"
+
+    started = time.perf_counter()
+    response, chunks = timed_chunks(url, "stall")
+    took = time.perf_counter() - started
+
+    assert response.status_code == 200
+    assert chunks[0][1] == b"first"
+    error = json.loads(b"".join(c for _, c in chunks[1:]))
+    assert error["code"] == 504 and "sent nothing for 2 s (responseTimeout)" in error["message"]
+    assert 1.5 < took < 15
+    death = poll(lambda: describe(call, server, "ticker")["deaths"], 10, "the worker's death")[-1]
+    assert death["cause"] == "timeout" and death["during"] == "batch"  # the request's, never the model's
+    assert requests.post(url, data="quick", timeout=60).text == "quick answer"
+
+
+def test_an_error_code_before_any_chunk_is_a_plain_error_answer(tmp_path: Path, make_model, serve):
+    model = make_model("ticker", handler_source=TICKER_HANDLER.format(mark=str(tmp_path / "unused")))
+    server = serve([model])
+    response = requests.post(server.url("inference") + "/predictions/ticker", data="refuse", timeout=30)
+    assert response.status_code == 503
+    assert "Transfer-Encoding" not in response.headers
+    assert response.json()["message"] == "too busy to stream"
+
+
+@pytest.mark.parametrize("route", ["/predictions/echo", "/predictions/echo/1.0"])
+def test_a_handler_that_does_not_stream_answers_as_before(echo_model, serve, route):
+    server = serve([echo_model])
+    response = requests.post(server.url("inference") + route, data="hi", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == str(len(response.content))
+    assert "Transfer-Encoding" not in response.headers
+    assert response.json()["echo"] == "hi"
