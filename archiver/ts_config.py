@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,18 +144,31 @@ class TsConfig:
     disable_system_metrics: bool = False
     notes: list[str] = field(default_factory=list)
 
+    def apply(self, settings: Any) -> None:
+        """Give a ServerSettings what only this file sets (per-model defaults, metrics, the notes)."""
+        settings.model_defaults = self.model_defaults
+        settings.metrics_config = self.metrics
+        settings.model_metrics_auto_detect = self.model_metrics_auto_detect
+        settings.system_metrics = not self.disable_system_metrics
+        settings.startup_notes = list(self.notes)
 
-def read_ts_config(path: Path, grpc_keys: dict[str, str] | None = None) -> TsConfig:
-    """Read a TorchServe config.properties; UsageError (exit 2) naming the key and line of a bad value.
 
-    ``grpc_keys`` maps ``grpc_inference_port`` / ``grpc_management_port`` to serve's own settings when
-    this server has them.
-    """
+# TorchServe's gRPC port keys -> serve's settings of the same ports.
+_GRPC_KEYS = {"grpc_inference_port": "grpc_port", "grpc_management_port": "grpc_management_port"}
+
+
+def read_ts_config(path: str | Path | None, serve_settings: Collection[str] = ()) -> TsConfig:
+    """Read a TorchServe config.properties (none: an empty TsConfig); UsageError (exit 2) naming the
+    key and line of a bad value. ``serve_settings``: the settings serve has (its gRPC ports, if any)."""
+    if not path:
+        return TsConfig()
+    path = Path(path)
     try:
         props = read_properties(path)
     except ArchiverError as exc:
         raise UsageError(exc.message) from None
-    return _Reader(path, props, grpc_keys or {}).read()
+    grpc = {key: ours for key, ours in _GRPC_KEYS.items() if ours in serve_settings}
+    return _Reader(path, props, grpc).read()
 
 
 class _Reader:

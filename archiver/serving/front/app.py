@@ -117,7 +117,9 @@ def management_app(registry: ModelRegistry, metrics: ServerMetrics, limits: Http
 # ---- metrics app -------------------------------------------------------------------------------
 async def metrics_page(request: web.Request) -> web.Response:
     metrics = request.app[METRICS_KEY]
-    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+    # TorchServe's filter, /metrics?name[]=a&name[]=b (at most 64 names; a name is a family's)
+    names = {n[:200] for n in request.query.getall("name[]", [])[:64]} or None
+    return web.Response(body=metrics.render(names), headers={"Content-Type": metrics.content_type})
 
 
 def metrics_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits) -> web.Application:

@@ -11,12 +11,19 @@ and ``…_sum``). The unit is in the family's HELP. Each model may create at mos
 dimensions, and malformed records are dropped and counted in
 ``model_archiver_handler_metrics_dropped_total{model,reason}``, so a handler that invents a name per
 request cannot grow /metrics without bound.
+
+The same records also feed TorchServe's names (front/ts_metrics.py writes them): a metric metrics.yaml
+declares under ``model_metrics`` keeps its own name and its declared dimensions as labels, plus
+``Hostname`` (``ModelName`` is the model, ``Level`` is "Model"), as TorchServe shows it; an undeclared
+one only with ``model_metrics_auto_detect``, as in TorchServe. These series have their own bound of the
+same size; a record whose dimensions do not match its declaration is counted as ``torchserve_labels``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +36,8 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
+from archiver.ts_metrics_config import DEFAULT_METRICS, MetricsConfig
+
 HANDLER_SERIES_PER_MODEL = 100  # handler metric series one model may create
 MAX_RECORDS_PER_BATCH = 256  # the worker aggregates a batch's calls into at most this many records
 HANDLER_PREFIX = "model_archiver_handler_"
@@ -38,6 +47,8 @@ _KINDS = ("counter", "gauge", "histogram")
 _IMPLICIT_DIMENSIONS = frozenset({"ModelName", "Level", "Hostname"})
 _MAX_DIMENSIONS = 8
 _NOT_NAME = re.compile(r"[^a-zA-Z0-9_]")
+_TS_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}\Z")
+_TS_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,63}\Z")
 
 
 @dataclass
@@ -68,8 +79,19 @@ def _label_name(dimension: str) -> str:
 class HandlerMetricsCollector:
     """The series handlers create, bounded per model (see the module's docstring)."""
 
-    def __init__(self, series_per_model: int) -> None:
+    def __init__(
+        self,
+        series_per_model: int,
+        ts_config: MetricsConfig = DEFAULT_METRICS,
+        auto_detect: bool = False,
+    ) -> None:
         self.series_per_model = series_per_model
+        self._ts_declared = {m.name: m for m in ts_config.model_metrics}
+        self._ts_reserved = {m.name for m in ts_config.ts_metrics}  # the server's own TorchServe names
+        self._ts_auto = auto_detect
+        self._ts: dict[str, _Family] = {}  # TorchServe's name → family; labels end with Hostname
+        self._ts_series: dict[str, int] = {}
+        self._host = socket.gethostname()
         self._lock = threading.Lock()
         self._families: dict[str, _Family] = {}
         self._taken: set[str] = set(_sample_names(_DROPPED, "counter"))  # names in the exposition
@@ -114,6 +136,7 @@ class HandlerMetricsCollector:
         if dims is None:
             self._drop(model, "invalid")
             return
+        self._observe_ts(model, name, kind, record, float(value), count)
         family_name = HANDLER_PREFIX + _NOT_NAME.sub("_", name[:200])
         while kind == "counter" and family_name.endswith("_total"):
             family_name = family_name[: -len("_total")]  # the exposition adds it back
@@ -147,6 +170,63 @@ class HandlerMetricsCollector:
             series[0] += count
             series[1] += value
 
+    def _observe_ts(self, model: str, name: str, kind: str, record: dict, value: float, count: int) -> None:
+        """The record under TorchServe's name and labels (see the module's docstring)."""
+        given = {n: v[:128] for n, v in record.get("dims") or () if n not in _IMPLICIT_DIMENSIONS}
+        spec = self._ts_declared.get(name)
+        if spec is not None:
+            labels = (*spec.dimensions, "Hostname")
+            if spec.kind != kind or set(given) != set(labels) - _IMPLICIT_DIMENSIONS:
+                self._drop(model, "torchserve_labels")
+                return
+        elif (
+            self._ts_auto
+            and _TS_NAME.match(name)
+            and not name.startswith("model_archiver_")
+            and name not in self._ts_reserved
+            and all(_TS_LABEL.match(n) for n in given)
+        ):
+            labels = (*sorted(given), "ModelName", "Level", "Hostname")
+        else:
+            return
+        family = self._ts.get(name)
+        if family is not None and (family.kind != kind or family.labels != labels):
+            self._drop(model, "torchserve_labels")
+            return
+        implicit = {"ModelName": model, "Level": "Model", "Hostname": self._host}
+        key = tuple(implicit[n] if n in implicit else given[n] for n in labels)
+        series = family.series.get(key) if family is not None else None
+        if series is None:
+            if self._ts_series.get(model, 0) >= self.series_per_model:
+                self._drop(model, "series_limit")
+                return
+            if family is None:
+                unit = spec.unit if spec is not None else str(record.get("unit") or "")[:32]
+                family = self._ts[name] = _Family(kind, labels, unit)  # (the unit, for TorchServe's HELP)
+            series = family.series[key] = [0.0, 0.0]
+            self._ts_series[model] = self._ts_series.get(model, 0) + 1
+        if kind == "gauge":
+            series[0] = value
+        elif kind == "counter":
+            series[0] += value
+        else:
+            series[0] += count
+            series[1] += value
+
+    def ts_families(self) -> list[tuple[str, str, str, tuple[str, ...], list[tuple[tuple[str, ...], Any]]]]:
+        """TorchServe-named families: (name, kind, unit, labels, [(label values, value or (count, sum))])."""
+        with self._lock:
+            return [
+                (
+                    name,
+                    f.kind,
+                    f.documentation,
+                    f.labels,
+                    [(k, (v[0], v[1]) if f.kind == "histogram" else v[0]) for k, v in f.series.items()],
+                )
+                for name, f in self._ts.items()
+            ]
+
     @staticmethod
     def _dimensions(raw: Any) -> list[tuple[str, str]] | None:
         """[[name, value], …] → sorted (label name, value) pairs; None when malformed."""
@@ -177,7 +257,8 @@ class HandlerMetricsCollector:
             _DROPPED,
             "Handler metric records dropped, by model and reason (series_limit: over the model's "
             f"{self.series_per_model} series; conflict: a name reused with another type or other dimensions; "
-            "invalid: not a finite number or malformed; batch_limit: over the records one batch may send)",
+            "invalid: not a finite number or malformed; batch_limit: over the records one batch may send; "
+            "torchserve_labels: dimensions that do not match the metric's metrics.yaml declaration)",
             labels=["model", "reason"],
         )
         for (model, reason), count in dropped:

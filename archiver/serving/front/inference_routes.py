@@ -139,7 +139,11 @@ def _endpoint(
         if reply.close:
             resp.force_close()  # the rest of the body is never read, so the connection cannot be reused
         if reply.label is not None:
-            metrics.observe_request(reply.label, reply.status, time.perf_counter() - started)
+            # TorchServe labels by the version the request named ("default" if none); an unknown model's
+            # label is "-", and its version is not kept, so a scanner cannot grow the series
+            version = request.match_info.get("version") if reply.label != "-" else None
+            seconds = time.perf_counter() - started
+            metrics.observe_request(reply.label, reply.status, seconds, version or "default")
         return resp
 
     return endpoint

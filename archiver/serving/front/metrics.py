@@ -6,7 +6,9 @@ scrape time from the model registry instead of being updated on every request. W
 restarts are counted by model and cause; causes are a closed set (signal names, "exit", "timeout",
 "memory", "load_failed"), so the series cannot grow without bound.
 
-Handler metrics (what handlers report through ``context.metrics``) are collected in ``handler_metrics.py``.
+Handler metrics (what handlers report through ``context.metrics``) are collected in ``handler_metrics.py``;
+TorchServe's names for all of these (``ts_inference_requests_total``, ``Requests2XX``, the handlers'
+``model_metrics``, …) are written beside ours by ``ts_metrics.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from archiver.serving.front.handler_metrics import HANDLER_SERIES_PER_MODEL, HandlerMetricsCollector
+from archiver.serving.front.ts_metrics import TorchServeMetrics
+from archiver.ts_metrics_config import DEFAULT_METRICS, MetricsConfig
 
 if TYPE_CHECKING:
     from archiver.serving.supervisor.registry import ModelSnapshot
@@ -116,7 +120,7 @@ class _GpuCollector:
 
 
 class _RequestCollector:
-    """Requests answered (by model and status) and their latency (by model), kept as plain numbers.
+    """Requests answered (by model, version asked for and status) and their latency, as plain numbers.
 
     Every inference request updates these, so they are the one metric on the hot path: a dict lookup,
     a bisect and two additions on the event loop, where prometheus-client's labelled Counter and
@@ -129,16 +133,18 @@ class _RequestCollector:
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self._buckets = buckets
         self._le = [floatToGoString(b) for b in buckets] + ["+Inf"]
-        # (model, status) → [count, created];
+        # (model, version as the request named it or "default", status) → [count, created, seconds];
         # model → [count per bucket (not cumulative) …, count over the last, sum, created]
-        self._requests: dict[tuple[str, int], list[float]] = {}
+        self._requests: dict[tuple[str, str, int], list[float]] = {}
         self._latency: dict[str, list[float]] = {}
 
-    def observe(self, model: str, status: int, seconds: float) -> None:
-        counted = self._requests.get((model, status))
+    def observe(self, model: str, status: int, seconds: float, version: str = "default") -> None:
+        key = (model, version, status)
+        counted = self._requests.get(key)
         if counted is None:
-            counted = self._requests[(model, status)] = [0, time.time()]
+            counted = self._requests[key] = [0, time.time(), 0.0]
         counted[0] += 1
+        counted[2] += seconds
         row = self._latency.get(model)
         if row is None:
             row = self._latency[model] = [0.0] * (len(self._buckets) + 1) + [0.0, time.time()]
@@ -151,7 +157,12 @@ class _RequestCollector:
             "Inference requests answered, by model and HTTP status",
             labels=["model", "status"],
         )
-        for (model, status), (count, created) in list(self._requests.items()):
+        by_status: dict[tuple[str, int], list[float]] = {}
+        for (model, _version, status), (count, created, _) in list(self._requests.items()):
+            row = by_status.setdefault((model, status), [0, created])
+            row[0] += count
+            row[1] = min(row[1], created)
+        for (model, status), (count, created) in by_status.items():
             requests.add_metric([model, str(status)], count, created=created)
         yield requests
         latency = HistogramMetricFamily(
@@ -168,6 +179,10 @@ class _RequestCollector:
             latency.add_sample(latency.name + "_created", {"model": model}, row[-1])
         yield latency
 
+    def totals(self) -> list[tuple[str, str, int, float, float]]:
+        """(model, version, status, requests, seconds) so far, for TorchServe's names."""
+        return [(m, v, status, row[0], row[2]) for (m, v, status), row in list(self._requests.items())]
+
 
 class ServerMetrics:
     """The metric objects one server updates, and their text exposition."""
@@ -178,10 +193,20 @@ class ServerMetrics:
         self,
         snapshot: Callable[[], Iterable[ModelSnapshot]] = lambda: (),
         handler_series_per_model: int = HANDLER_SERIES_PER_MODEL,
+        ts_config: MetricsConfig | None = None,
+        model_metrics_auto_detect: bool = False,
+        system_metrics: bool = True,
     ) -> None:
+        """``ts_config``: the metrics.yaml whose names /metrics carries too (None: TorchServe's default);
+        ``model_metrics_auto_detect``: undeclared handler metrics get TorchServe's names too;
+        ``system_metrics``: TorchServe's host gauges (CPU, memory, disk, GPUs)."""
         self.registry = CollectorRegistry()
         self.requests = _RequestCollector(_LATENCY_BUCKETS_S)
         self.registry.register(self.requests)
+        ts_config = ts_config or DEFAULT_METRICS
+        self.torchserve = TorchServeMetrics(
+            ts_config, self.requests.totals, snapshot, system_metrics=system_metrics
+        )
         self.batch_size = Histogram(
             "model_archiver_batch_size",
             "Requests per batch handed to a handler, by model",
@@ -212,7 +237,9 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(_ModelStateCollector(snapshot))
-        self.handler_metrics = HandlerMetricsCollector(handler_series_per_model)
+        self.handler_metrics = HandlerMetricsCollector(
+            handler_series_per_model, ts_config, model_metrics_auto_detect
+        )
         self.registry.register(self.handler_metrics)
 
     def watch_gpus(
@@ -220,10 +247,16 @@ class ServerMetrics:
     ) -> None:
         """Export the GPU gauges (a server with GPUs calls this once)."""
         self.registry.register(_GpuCollector(monitor, workers))
+        self.torchserve.gpu_monitor = monitor
 
-    def observe_request(self, model: str, status: int, seconds: float) -> None:
-        """One answered inference request (the event loop's thread only)."""
-        self.requests.observe(model, status, seconds)
+    def observe_request(self, model: str, status: int, seconds: float, version: str = "default") -> None:
+        """One answered inference request (the event loop's thread only); ``version`` as the request
+        named it ("default" when it named none, TorchServe's label)."""
+        self.requests.observe(model, status, seconds, version)
+
+    def observe_queue(self, model: str, version: str, waited_s: float, last_s: float) -> None:
+        """One batch's time in its queue: the sum over its requests and its last request's."""
+        self.torchserve.observe_queue(model, version, waited_s, last_s)
 
     def count_worker_death(self, model: str, cause: str, restarted: bool) -> None:
         self.worker_deaths.labels(model, cause).inc()
@@ -247,5 +280,8 @@ class ServerMetrics:
         child = self.batch_size.labels(model)
         return child.observe
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names: set[str] | None = None) -> bytes:
+        """The exposition: our families, then TorchServe's names; ``names`` keeps only those families
+        (TorchServe's ``/metrics?name[]=…``)."""
+        registry = self.registry if names is None else self.registry.restricted_registry(names)
+        return generate_latest(registry) + self.torchserve.render(self.handler_metrics.ts_families(), names)

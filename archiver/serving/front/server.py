@@ -160,7 +160,12 @@ class Server:
         check_exposure(settings)
         self.settings = settings
         gpus = server_gpus(settings.gpus, settings.number_of_gpu)
-        self.metrics = ServerMetrics(lambda: self.registry.snapshot())
+        self.metrics = ServerMetrics(
+            lambda: self.registry.snapshot(),
+            ts_config=settings.metrics_config,
+            model_metrics_auto_detect=settings.model_metrics_auto_detect,
+            system_metrics=settings.system_metrics,
+        )
         self.registry = ModelRegistry(
             model_store=settings.model_store,
             defaults=settings.defaults,
