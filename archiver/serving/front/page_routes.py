@@ -25,6 +25,7 @@ PAGE_ASSETS = {
     "dom.js": "text/javascript; charset=utf-8",
     "draw.js": "text/javascript; charset=utf-8",
     "inputs.js": "text/javascript; charset=utf-8",
+    "stream.js": "text/javascript; charset=utf-8",
     "page.css": "text/css; charset=utf-8",
 }
 MODELS_PATH = "/page/models"

@@ -3,6 +3,7 @@
 // Hand-written, no dependencies; it talks to its own origin only (the server's CSP says so too).
 
 import { clearResult, h, showError } from "/page/dom.js";
+import { isStreamed, readStreamed } from "/page/stream.js";
 import { drawAnswer } from "/page/draw.js";
 import { fileKind, inputKinds, requestBody, unsupportedMessage } from "/page/inputs.js";
 
@@ -349,9 +350,15 @@ async function send(card) {
   const started = performance.now();
   let response;
   let payload;
+  let streamed = null; // a streaming handler's answer, shown as it arrived
   try {
     response = await fetch(url, { method: "POST", headers, body });
-    payload = await response.blob();
+    if (isStreamed(response)) {
+      streamed = await readStreamed(card, response, started);
+      payload = streamed.blob;
+    } else {
+      payload = await response.blob();
+    }
   } catch (err) {
     showError(card, `The request did not complete: ${err.message}`, "network");
     return;
@@ -360,8 +367,9 @@ async function send(card) {
     refreshChoice(card);
   }
   const latencyMs = performance.now() - started;
-  card.result.append(
-    h("p", { class: "latency" }, `${response.status} ${response.statusText} · ${latencyMs.toFixed(1)} ms`),
+  const first = streamed && streamed.firstMs !== null ? `first chunk ${streamed.firstMs.toFixed(1)} ms · ` : "";
+  card.result.prepend(
+    h("p", { class: "latency" }, `${response.status} ${response.statusText} · ${first}${latencyMs.toFixed(1)} ms`),
   );
   if (response.status === 401) {
     askForToken(token() ? "That token was refused." : "This server needs a token.");
@@ -371,6 +379,7 @@ async function send(card) {
     showError(card, `${response.status}: ${message}`, "server");
     return;
   }
+  if (streamed) return; // already shown, chunk by chunk
   await drawAnswer(card, payload, response.headers.get("Content-Type") || "", image);
 }
 
