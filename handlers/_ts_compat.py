@@ -123,10 +123,18 @@ _ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ts.handler_utils.text_utils": (_UTIL, ("get_tokenizer", "ngrams_iterator")),
     "ts.handler_utils.hf_batch_streamer": ("handlers.ts_hf_streamer", ("TextIteratorStreamerBatch",)),
     "ts.metrics": ("handlers._ts_compat", ()),
-    "ts.metrics.dimension": ("handlers.context", ("Dimension",)),
-    "ts.metrics.metric_type_enum": ("handlers.context", ("MetricTypes",)),
-    "ts.metrics.caching_metric": ("handlers.context", ("CachingMetric",)),
-    "ts.metrics.metric_cache_errors": ("handlers.context", ("MetricsCacheKeyError",)),
+    "ts.metrics.dimension": ("handlers.metrics", ("Dimension",)),
+    "ts.metrics.metric_type_enum": ("handlers.metrics", ("MetricTypes",)),
+    "ts.metrics.caching_metric": ("handlers.metrics", ("CachingMetric",)),
+    "ts.metrics.metric_cache_errors": (
+        "handlers.metrics",
+        (
+            "GeneralMetricsCacheError",
+            "MetricsCacheKeyError",
+            "MetricsCacheTypeError",
+            "MetricsCacheValueError",
+        ),
+    ),
 }
 _PACKAGES = {
     "ts",

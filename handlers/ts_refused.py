@@ -12,6 +12,9 @@ _DALI = "NVIDIA DALI preprocessing pipelines are not supported here; decode in t
 _DISTRIBUTED = (
     "multi-process model parallelism (torchrun, parallelType) is not run here; serve one process per model"
 )
+_METRICS_BACKEND = (
+    "TorchServe's metrics backend; a handler reports through context.metrics (add_metric, get_metric...)"
+)
 
 REFUSED: dict[str, str] = {
     "ts.arg_parser": _BACKEND,
@@ -40,6 +43,15 @@ REFUSED: dict[str, str] = {
     "ts.torch_handler.vllm_handler": "vLLM's async engine is not run here; serve vLLM on its own",
     "ts.torch_handler.unit_tests": "TorchServe's own tests; build a handlers.Context for yours",
     "ts.metrics.system_metrics": "host metrics are the server's own (/metrics), not a handler's",
+    "ts.metrics.process_memory_metric": "worker memory is the server's own metric (/metrics, describe)",
+    "ts.metrics.metric_collector": _METRICS_BACKEND,
+    "ts.metrics.metric": _METRICS_BACKEND,
+    "ts.metrics.metric_abstract": _METRICS_BACKEND,
+    "ts.metrics.metric_cache_abstract": _METRICS_BACKEND,
+    "ts.metrics.metric_cache_yaml_impl": _METRICS_BACKEND,
+    "ts.metrics.metric_encoder": _METRICS_BACKEND,
+    "ts.metrics.metrics_store": _METRICS_BACKEND,
+    "ts.metrics.unit": _METRICS_BACKEND,
 }
 
 
