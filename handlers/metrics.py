@@ -18,9 +18,11 @@ counted as dropped.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import threading
+import time
 from typing import Any
 
 # The records one batch may report: distinct (name, type, dimensions) within the batch, the rest counted.
@@ -320,3 +322,12 @@ def worker_metrics(model_name: str) -> Metrics:
 
     declared = [(m.name, m.kind, m.unit, m.dimensions) for m in worker_metrics_config().model_metrics]
     return Metrics(model_name=model_name, declared=declared)
+
+
+def add_prediction_time(context: Any, started: float) -> None:
+    """TorchServe's PredictionTime (ms, a gauge): the handler's whole call since ``started``
+    (``time.perf_counter()``), reported for every handler as TorchServe's service does."""
+    add_time = getattr(getattr(context, "metrics", None), "add_time", None)
+    if add_time is not None:
+        with contextlib.suppress(Exception):  # a handler that replaced context.metrics keeps its batch
+            add_time("PredictionTime", round((time.perf_counter() - started) * 1000, 2))

@@ -103,26 +103,32 @@ def test_the_series_bound_holds_under_a_handler_that_makes_a_name_per_call(serve
     text = call("GET", server.url("metrics") + "/metrics").body.decode()
 
     invented = series(text, "model_archiver_handler_req_")
-    # The name "Steady" took one series on the first call, so the invented names got the rest.
-    assert len(invented) == HANDLER_SERIES_PER_MODEL - 1
+    # "Steady" and TorchServe's PredictionTime (every batch reports it) took one series each on the
+    # first call, so the invented names got the rest.
+    assert len(invented) == HANDLER_SERIES_PER_MODEL - 2
     assert sample(text, 'model_archiver_handler_Steady{model="spammer"}') == 1.0  # still updated
     dropped = 'model_archiver_handler_metrics_dropped_total{model="spammer",reason="series_limit"}'
-    assert sample(text, dropped) == requests - (HANDLER_SERIES_PER_MODEL - 1)
+    assert sample(text, dropped) == requests - (HANDLER_SERIES_PER_MODEL - 2)
     # The bound is per model: another model's metrics still arrive.
     assert sample(text, 'model_archiver_handler_Images_total{model="other"}') == 1.0
 
     for _ in range(10):
         call("POST", server.url("inference") + "/predictions/spammer", "more")
     again = call("GET", server.url("metrics") + "/metrics").body.decode()
-    assert len(series(again, "model_archiver_handler_req_")) == HANDLER_SERIES_PER_MODEL - 1
-    assert sample(again, dropped) == requests + 10 - (HANDLER_SERIES_PER_MODEL - 1)
+    assert len(series(again, "model_archiver_handler_req_")) == HANDLER_SERIES_PER_MODEL - 2
+    assert sample(again, dropped) == requests + 10 - (HANDLER_SERIES_PER_MODEL - 2)
 
 
-def test_a_handler_without_metrics_adds_no_handler_series(serve, echo_model, call):
+def test_a_handler_without_metrics_adds_only_torchserve_s_prediction_time(serve, echo_model, call):
     server = serve([echo_model])
     assert call("POST", server.url("inference") + "/predictions/echo", "hi").status == 200
     text = call("GET", server.url("metrics") + "/metrics").body.decode()
-    assert not [line for line in series(text, "model_archiver_handler_") if "metrics_dropped" not in line]
+    handler_series = [
+        line for line in series(text, "model_archiver_handler_") if "metrics_dropped" not in line
+    ]
+    assert [line.split(" ")[0] for line in handler_series] == [
+        'model_archiver_handler_PredictionTime{model="echo"}'
+    ]
 
 
 def test_the_in_process_path_accepts_every_call(make_model):

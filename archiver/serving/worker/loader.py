@@ -52,6 +52,7 @@ from archiver.serving.worker.handler_answers import (
 from archiver.serving.worker.isolation import import_spec_exists, isolated_imports
 from archiver.serving.worker.tracebacks import user_trace
 from archiver.unpack_cache import unpack_cached
+from handlers.metrics import add_prediction_time
 from handlers.streaming import drive, stream_indexes
 
 EntryPoint = Callable[[Any, Any], Any]
@@ -328,6 +329,7 @@ class LoadedModel:
             context.begin_batch([r.request_id for r in requests], [dict(r.headers) for r in requests])
             data = [dict(r.params) for r in requests]
             rows = tensor_rows(requests, data)  # Open Inference Protocol requests: rows of tensors
+            started = time.perf_counter()
             try:
                 answers = entry_point(data, context)
             except SystemExit as exc:
@@ -345,6 +347,7 @@ class LoadedModel:
                 message = f"handler returned {got} for a batch of {count} requests"
                 status = 503 if self.errors_style == TORCHSERVE_ERRORS else 500  # TorchServe's status
                 return [error_response(status, "HandlerError", message) for _ in requests]
+            add_prediction_time(context, started)
             streams = stream_indexes(answers)
             if streams:  # generators: each item sent as it comes (handlers/streaming.py)
                 drive(answers, streams, context)
