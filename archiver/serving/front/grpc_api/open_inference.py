@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -39,6 +39,10 @@ def _error_message(answer: InferenceResponse) -> str:
         return one_line(str(body.get("error") or body["message"]))
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"request failed with {answer.status}"
+
+
+async def _one(answer: Awaitable[InferenceResponse]) -> AsyncIterator[InferenceResponse]:
+    yield await answer
 
 
 class OpenInferenceService:
@@ -102,8 +106,11 @@ class OpenInferenceService:
                 )
         return reply
 
-    async def _answers(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """Each ModelInferResponse of one request (more than one from a streaming handler)."""
+    async def _answers(
+        self, request: Any, context: grpc.aio.ServicerContext, stream: bool
+    ) -> AsyncIterator[Any]:
+        """Each ModelInferResponse of one request: with ``stream``, one per answer of a streaming
+        handler; without, its final answer alone (as ``predict`` gives it)."""
         started = time.perf_counter()
         label, status = "-", 500
         try:
@@ -113,7 +120,11 @@ class OpenInferenceService:
             headers = metadata(context)
             request_id = headers.get("x-request-id") or new_request_id()
             raw = oip.body_raw_request(body, str(header_length), request_id, headers, self.max_items)
-            answers = answer_stream(self.host, model.name, request.model_version or None, raw)
+            version = request.model_version or None
+            if stream:
+                answers = answer_stream(self.host, model.name, version, raw)
+            else:
+                answers = _one(self.host.predict(model.name, version, raw))
             try:
                 async for answer in answers:
                     status = answer.status
@@ -131,12 +142,9 @@ class OpenInferenceService:
             self.observe(label, status, time.perf_counter() - started)
 
     async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        answers = self._answers(request, context)
+        answers = self._answers(request, context, stream=False)
         try:
-            last = None
-            async for last in answers:  # noqa: B007 - a streaming handler's last answer is the result
-                pass
-            return last
+            return await anext(answers)
         finally:
             await answers.aclose()
 
@@ -145,7 +153,7 @@ class OpenInferenceService:
     ) -> AsyncIterator[Any]:
         Reply = self.m["ModelStreamInferResponse"]
         async for request in requests:
-            answers = self._answers(request, context)
+            answers = self._answers(request, context, stream=True)
             try:
                 async for answer in answers:
                     yield Reply(infer_response=answer)

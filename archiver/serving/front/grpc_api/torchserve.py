@@ -135,12 +135,9 @@ class InferenceService:
 async def answer_stream(
     host: router.ModelHost, name: str, version: str | None, raw: RawRequest
 ) -> AsyncIterator[InferenceResponse]:
-    """Every answer of one request, as the host streams it."""
-    stream = getattr(host, "predict_stream", None)
-    if stream is None:  # a host that does not stream: its one answer
-        yield await host.predict(name, version, raw)
-        return
-    answers = stream(name, version, raw)
+    """Every answer of one request as the host streams it (one for a handler that does not stream);
+    closing this generator early cancels the rest of the request."""
+    answers = host.predict_stream(name, version, raw)
     try:
         async for answer in answers:
             yield answer
