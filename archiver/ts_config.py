@@ -146,7 +146,7 @@ class TsConfig:
 
     def apply(self, settings: Any) -> None:
         """Give a ServerSettings what only this file sets (per-model defaults, metrics, the notes)."""
-        settings.model_defaults = self.model_defaults
+        settings.model_defaults = {"*": {"*": self.defaults}, **self.model_defaults}
         settings.metrics_config = self.metrics
         settings.model_metrics_auto_detect = self.model_metrics_auto_detect
         settings.system_metrics = not self.disable_system_metrics

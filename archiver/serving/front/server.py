@@ -105,9 +105,11 @@ class ServerSettings:
     grpc_port: int | None = None
     grpc_management_port: int | None = None
     # serve --ts-config: per-model defaults from its models= JSON (name -> version -> ModelSettings
-    # fields, under each archive's model-config.yaml), its metrics.yaml (ts_metrics_config.MetricsConfig;
-    # None: TorchServe's default), whether undeclared handler metrics get TorchServe's names too
-    # (model_metrics_auto_detect), the host gauges (disable_system_metrics), and what it ignored.
+    # fields, under each archive's model-config.yaml; "*" -> "*": the file's defaults for every model,
+    # which the registry counts as the operator's choice of workers), its metrics.yaml
+    # (ts_metrics_config.MetricsConfig; None: TorchServe's default), whether undeclared handler metrics
+    # get TorchServe's names too (model_metrics_auto_detect), the host gauges (disable_system_metrics),
+    # and what it ignored.
     model_defaults: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     metrics_config: Any = None
     model_metrics_auto_detect: bool = False
@@ -180,6 +182,7 @@ class Server:
             signatures=SignatureGate(settings.trusted_keys, self.metrics.count_signature_refusal),
             gpus=gpus,
         )
+        self.registry.model_defaults = settings.model_defaults
         if self.registry.gpu_monitor is not None:
             self.metrics.watch_gpus(self.registry.gpu_monitor, self.registry.gpu_workers)
         self.limits = HttpLimits(

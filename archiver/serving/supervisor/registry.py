@@ -76,6 +76,7 @@ class ModelRegistry:
         self.model_store = model_store
         self.defaults = defaults or ModelSettings()
         self.operator = {k: v for k, v in (operator or {}).items() if v is not None}
+        self.model_defaults: dict[str, dict[str, dict[str, Any]]] = {}
         self.cache_dir = cache_dir
         self.torch_threads = torch_threads
         self.install_model_deps = install_model_deps
@@ -246,7 +247,11 @@ class ModelRegistry:
             raise UsageError(f"invalid model name {model_name!r}")
         try:
             limit = self.max_workers_per_model
-            settings = served_settings(self.defaults, config, self.operator, overrides, max_workers=limit)
+            # serve --ts-config: its defaults ("*") and models= JSON (name -> version -> settings)
+            own = self.model_defaults.get("*", {}).get("*", {})
+            own = {**own, **self.model_defaults.get(model_name, {}).get(manifest.model_version or "1.0", {})}
+            defaults = self.defaults.merged(**own)
+            settings = served_settings(defaults, config, self.operator, overrides, max_workers=limit)
         except UsageError as exc:
             if not startup:
                 raise
@@ -270,6 +275,9 @@ class ModelRegistry:
         entry.split = calibration.chosen(
             config.min_workers, self.operator, overrides, settings.workers, self.threads_per_worker()
         )
+        if entry.split is None and own.get("workers") is not None:  # the operator's, in --ts-config
+            why = "default_workers_per_model or models' minWorkers in --ts-config"
+            entry.split = calibration.Split(settings.workers, self.threads_per_worker(), "operator", why)
         self._add(entry)
         entry.pool = self.new_pool(entry)
         return entry
