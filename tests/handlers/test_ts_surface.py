@@ -290,3 +290,53 @@ def test_densenet_handler_reads_saved_tensors_and_refuses_pickles(kit, classifie
     good, bad = model.predict([saved.getvalue(), pickled.getvalue()])
     assert len(good) == 1 and len(good[0]) == 10
     assert isinstance(bad, HandlerInputError)
+
+
+RAISING_TS_HANDLER = """
+from ts.torch_handler.base_handler import BaseHandler
+
+
+class Raising(BaseHandler):
+    def initialize(self, context):
+        self.initialized = True
+
+    def handle(self, data, context):
+        kind = (data[0].get("body") or data[0].get("data")).decode()
+        if kind == "memory":
+            raise MemoryError()
+        if kind == "cuda":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if kind == "count":
+            return []
+        raise ValueError("no such thing")
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"memory", 507, "Out of resources"),
+        (b"cuda", 507, "Out of resources"),
+        (b"other", 503, "Prediction failed"),
+        (b"count", 503, "handler returned 0 answers for a batch of 1 requests"),
+    ],
+)
+def test_a_ts_handler_failure_is_answered_as_torchserve_answers_it(kit, tmp_path, body, status, message):
+    from archiver.serving.protocols.records import make_request
+
+    files = {"handler.py": RAISING_TS_HANDLER}
+    folder = kit.write_model_dir(tmp_path / "raising", handler="handler.py", files=files)
+    model = load_model(folder, cache_dir=tmp_path / "cache")
+
+    (response,) = model.handle([make_request("r1", body)])
+
+    assert (response.status, json.loads(response.body)["message"]) == (status, message)
+
+
+def test_handler_errors_must_name_a_style():
+    from archiver.config import parse_model_config
+    from archiver.errors import ConfigError
+
+    assert parse_model_config("handlerErrors: detailed\n").raw["handlerErrors"] == "detailed"
+    with pytest.raises(ConfigError, match="handlerErrors must be one of torchserve, detailed"):
+        parse_model_config("handlerErrors: loud\n")
