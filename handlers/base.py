@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from archiver.errors import ArchiverError, HandlerError, HandlerInputError
+from handlers.aot_library import AotLibraryModel
 from handlers.context import Context
 from handlers.input_dtypes import input_dtypes, is_input_fault, json_tensor
 from handlers.labels import LABEL_FILE, load_label_mapping
@@ -65,8 +66,14 @@ class BaseHandler:
         self.device = select_device(properties.get("gpu_id"), config.get("deviceType"))
         model_info = self.manifest.get("model", {})
         model = load_serialized_model(
-            self.model_dir, model_info.get("serializedFile"), model_info.get("modelFile"), self.device
+            self.model_dir,
+            model_info.get("serializedFile"),
+            model_info.get("modelFile"),
+            self.device,
+            config,
         )
+        if isinstance(model, AotLibraryModel):
+            self.device = model.device  # where its compiled code runs
         if isinstance(model, AotiModel):
             self.device = model.device  # where its compiled code runs, whatever the worker was given
             model.warn_past(properties.get("batch_size"))
@@ -78,6 +85,10 @@ class BaseHandler:
     def _load_torchscript_model(self, model_pt_path: str | Path) -> Any:
         """TorchServe's helper: a TorchScript file, on this handler's device."""
         return torch.jit.load(str(model_pt_path), map_location=self.device)
+
+    def _load_torch_export_aot_compile(self, model_so_path: str | Path) -> Any:
+        """TorchServe's helper: a ``torch._export.aot_compile`` library, on this handler's device."""
+        return AotLibraryModel.load(Path(model_so_path), self.device or torch.device("cpu"))
 
     def _load_pickled_model(self, model_dir: str | Path, model_file: str, model_pt_path: str | Path) -> Any:
         """TorchServe's helper: the one nn.Module class in ``model_file``, weights from ``model_pt_path``."""

@@ -1,5 +1,6 @@
-"""Load the model an archive names: TorchScript, a torch.export program, an AOTInductor package, or an
-eager model file + weights.
+"""Load the model an archive names: TorchScript, a torch.export program, an AOTInductor package (or
+the older ``torch._export.aot_compile`` library, ``handlers.aot_library``), or an eager model file +
+weights.
 
 TorchServe loads eager state dicts with ``torch.load``'s default, pickle, so an archive's weights file
 can run code; here they are read with ``weights_only=True``. TorchScript stays supported because it is
@@ -23,6 +24,7 @@ import torch
 
 from archiver.errors import ArchiveFormatError, BatchTooLargeError, HandlerError, reason
 from archiver.pt2 import AOTI, Pt2Info, read_pt2_info
+from handlers.aot_library import AotLibraryModel, is_shared_library, wants_aot_library
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
 
@@ -46,12 +48,26 @@ def select_device(gpu_id: int | None, device_type: Any = None) -> torch.device:
 
 
 def load_serialized_model(
-    model_dir: Path, serialized_file: str | None, model_file: str | None, device: torch.device
+    model_dir: Path,
+    serialized_file: str | None,
+    model_file: str | None,
+    device: torch.device,
+    yaml_config: dict[str, Any] | None = None,
 ) -> Any:
-    """Load the archive's model: eager (model file + state dict), a .pt2 of either kind, or TorchScript."""
+    """Load the archive's model: eager (model file + state dict), a .pt2 of either kind, a
+    ``torch._export.aot_compile`` library (when model-config.yaml says so, TorchServe's rule), or
+    TorchScript."""
     path = model_dir / serialized_file if serialized_file else None
     if path is not None and not path.is_file():
         raise HandlerError(f"serialized file {serialized_file} is not in the archive")
+    if path is not None and is_shared_library(path):
+        if not wants_aot_library(yaml_config):
+            raise HandlerError(
+                f"{path.name} is a shared library (torch._export.aot_compile's .so): loading it runs its "
+                "native code, so, as in TorchServe, model-config.yaml must ask for it with "
+                "pt2: {export: {aot_compile: true}}"
+            )
+        return AotLibraryModel.load(path, device)
     if model_file:
         model = build_eager_model(model_dir, model_file)
         if path is not None:
@@ -203,7 +219,7 @@ def compile_if_configured(model: Any, yaml_config: dict[str, Any] | None) -> Any
     ``pt2: inductor`` names the backend. Compiling happens at the first batch, as in TorchServe.
     """
     pt2 = (yaml_config or {}).get("pt2")
-    if isinstance(model, AotiModel):
+    if isinstance(model, (AotiModel, AotLibraryModel)):
         return model  # already compiled, ahead of time
     if isinstance(pt2, str):
         options: dict[str, Any] = {"backend": pt2}
