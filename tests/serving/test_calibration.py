@@ -1,6 +1,6 @@
 """How many workers a model gets when nobody said: measured on its own example the first time, read
 back from the cache after that, overridden by the operator, never more threads than cores, and the
-rule (1 worker, every core) when the example fails; torch threads follow the load."""
+rule (1 worker, every core) when the example fails; each batch at the cores over all workers."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def handle(data, context):
         answers.append({"threads": torch.get_num_threads(), "pid": os.getpid()})
     return answers
 """
+
+
+NO_GRPC = ("--grpc-port", "off", "--grpc-management-port", "off")  # their fixed ports: one server at a time
 
 
 def _calibrated(make_model: Any, name: str = "linear", fail: bool = False) -> Path:
@@ -143,24 +146,28 @@ def test_a_model_without_an_example_gets_the_rule_at_once(
     assert "no example input to calibrate on" in split["reason"]
 
 
-def test_torch_threads_follow_the_load_and_never_exceed_the_cores(
+def test_every_batch_runs_with_the_cores_over_all_workers_of_now(
     serve: Any, make_model: Any, call: Any, describe: Any, poll: Any
 ) -> None:
     folder = make_model("threads", handler_source=THREADS_HANDLER)
-    server = serve([folder], operator={"workers": 2})
-    url = server.url() + "/predictions/threads"
-    alone = call("POST", url, body=b"now").json()
-    assert alone["threads"] == min(cores(), 2 * max(1, cores() // 2))  # a lone batch: the model's cores
+    server = serve([folder], operator={"workers": 1})
+    url, manage = server.url() + "/predictions/threads", server.url("management") + "/models/threads"
+    assert call("POST", url, body=b"now").json()["threads"] == cores()  # alone: every core
+    assert call("PUT", manage + "?min_worker=2&synchronous=true", timeout=60).status == 200
+    poll(lambda: len(describe(call, server, "threads")["workers"]) == 2, 60, "two workers")
     held: dict[str, Any] = {}
-    slow = threading.Thread(target=lambda: held.update(call("POST", url, body=b"sleep:3").json()))
+    slow = threading.Thread(target=lambda: held.update(call("POST", url, body=b"sleep:2").json()))
     slow.start()
     busy = lambda: [w for w in describe(call, server, "threads")["workers"] if w["status"] == "BUSY"]  # noqa: E731
     poll(busy, 20, "one worker busy")
     beside = call("POST", url, body=b"now").json()
     slow.join(30)
+    # both workers, the one that started with every core included, now run with their share
     assert held["pid"] != beside["pid"]
-    assert beside["threads"] == max(1, alone["threads"] // 2)  # its sibling was busy: half the cores each
-    assert beside["threads"] * 2 <= max(2, cores())
+    assert held["threads"] == beside["threads"] == max(1, cores() // 2)
+    assert held["threads"] + beside["threads"] <= max(2, cores())
+    split = describe(call, server, "threads")["workerSplit"]
+    assert split["chosenBy"] == "operator" and split["workers"] == 2
 
 
 def test_the_real_cli_shows_the_operator_choice(serve_process: Any, make_model: Any, call: Any) -> None:
@@ -168,8 +175,9 @@ def test_the_real_cli_shows_the_operator_choice(serve_process: Any, make_model: 
 
     folder = _calibrated(make_model)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"MODEL_ARCHIVER_TOKEN": ""}
-    _, ready = serve_process("--models", f"linear={folder}", "--workers", "2", env=env)
-    described = call("GET", ready["management"] + "/models/linear").json()[0]
+    _, ready = serve_process("--models", f"linear={folder}", "--workers", "2", *NO_GRPC, env=env)
+    manage = f"http://127.0.0.1:{ready['management_port']}/models/linear"
+    described = call("GET", manage).json()[0]
     assert described["workerSplit"]["chosenBy"] == "operator"
     assert described["workerSplit"]["reason"] == "--workers (or workers: in --config)"
 
@@ -179,8 +187,9 @@ def test_the_cli_calibrates_a_model_nobody_sized(serve_process: Any, make_model:
 
     folder = _calibrated(make_model)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"MODEL_ARCHIVER_TOKEN": ""}
-    proc, ready = serve_process("--models", f"linear={folder}", env=env)
-    described = call("GET", ready["management"] + "/models/linear").json()[0]
+    proc, ready = serve_process("--models", f"linear={folder}", *NO_GRPC, env=env)
+    manage = f"http://127.0.0.1:{ready['management_port']}/models/linear"
+    described = call("GET", manage).json()[0]
     assert described["workerSplit"]["chosenBy"] == "calibration"
     log = textwrap.dedent(Path(proc.log).read_text())
     assert 'model "linear":' in log and "(calibration: measured" in log, log

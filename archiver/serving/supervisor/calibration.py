@@ -10,9 +10,8 @@ call nor the archive's ``minWorkers`` chose), its requests are timed for about a
 then on ``candidate_workers`` of them, through the real queue and workers. The faster split is kept
 (several workers only when they win by ``MARGIN``), logged with both figures, and written under the
 cache folder by the archive's sha256, the cores and the batch size, so later starts read it back at
-once. Torch threads then follow the load (``threads_for_batch``): a worker gets all the model's cores
-when it runs alone and its share when its siblings are busy, so several workers keep one worker's
-latency for a lone client.
+once. Each batch carries its worker's torch threads (``threads_for_batch``: the cores over all
+workers), so the worker that started alone with every core drops to its share when others join.
 
 The example is what a client would send: a small generated PNG for the built-in image handlers, a v2
 request of zeros shaped by the model's signature (model-config.yaml ``signature:`` or a torch.export
@@ -42,7 +41,8 @@ from archiver.serving.protocols.wire import RawRequest
 log = logging.getLogger("archiver.serving")
 
 MARGIN = 1.03  # several workers must beat one by this much: a tie keeps one copy of the model in memory
-PHASE_S = 1.2  # seconds of load timed for each split (after a warm-up batch)
+PHASE_S = 1.2  # seconds of load timed for each split...
+WARM_S = 0.8  # ...after this long under the same load (a TorchScript model profiles its first runs)
 MOST_WORKERS = 4  # the most workers calibration tries, whatever the cores (each holds the model)
 _MAX_EXAMPLE_ELEMENTS = 1 << 22  # a signature of bigger tensors is not calibrated on (4M zeros of JSON)
 _VISION = ("image_classifier", "image_segmenter", "object_detector")
@@ -81,9 +81,12 @@ def candidate_workers(cores_: int, max_workers: int) -> int:
 
 
 def threads_for_batch(share: Callable[[], int]) -> Callable[[int], int]:
-    """Torch threads for a worker about to run a batch while ``busy`` siblings run theirs: the model's
-    ``share()`` of the cores divided among the busy ones, at least 1."""
-    return lambda busy: max(1, share() // (busy + 1))
+    """Torch threads for a worker's next batch: its ``share()`` of the cores now (cores / all workers),
+    whatever it started with, so a model scaled from 1 worker to 2 never runs 2 + 1 threads on 2
+    cores. ``busy`` (siblings running a batch) is not used: threads that followed it, all cores to a
+    lone batch, measured worse on a busy 2-core machine (c=1 p50 121 ms against 9.9 ms for fixed
+    threads, benchmarks/calibration.py part 3), each batch's threads waiting on descheduled siblings."""
+    return lambda busy: max(1, share())
 
 
 # ---- the example request ---------------------------------------------------------------------------
@@ -165,7 +168,7 @@ async def throughput(
     submit: Callable[[RawRequest], Any], request: RawRequest, clients: int, seconds: float
 ) -> float:
     """Requests per second answered with ``clients`` requests always in flight, timed for ``seconds``
-    after each client's first answer (the warm-up). Raises ExampleFailed on any answer but 200."""
+    from WARM_S after the first answer. Raises ExampleFailed on any answer but 200."""
     loop = asyncio.get_running_loop()
     done = 0
     start: float | None = None
@@ -179,7 +182,9 @@ async def throughput(
                 raise ExampleFailed(f"the example request was answered {response.status}: {response.message}")
             now = loop.time()
             if start is None:
-                start, end = now, now + seconds  # timing begins when the first answer is in
+                start, end = now + WARM_S, now + WARM_S + seconds  # timing begins once warm
+            elif now < start:
+                continue  # still warming up
             elif now < end:
                 done += 1
             else:

@@ -316,10 +316,8 @@ class ModelRegistry:
             placement=self.gpu_counter.for_model(settings.device_type, settings.device_ids),
             gpu_monitor=self.gpu_monitor,
         )
-        if not self.threads_pinned():  # a lone busy worker gets all the model's cores, else its share
-            cores = calibration.cores()
-            share = lambda: min(cores, self.threads_per_worker() * entry.settings.workers)  # noqa: E731
-            pool.batch_threads = calibration.threads_for_batch(share)
+        if not self.threads_pinned():  # each batch at the cores / all workers of now, not of its start
+            pool.batch_threads = calibration.threads_for_batch(self.threads_per_worker)
         return pool
 
     def threads_pinned(self) -> str | None:

@@ -45,8 +45,8 @@ def _pin_threads(threads: int | None) -> None:
 
 
 def _follow_threads(threads: Any) -> None:
-    """Run this batch with the torch threads the server gave it: all the model's cores when this
-    worker runs alone, its share when its siblings are busy too (supervisor/calibration.py)."""
+    """Run this batch with the torch threads the server gave it: the cores over all workers now, which
+    changes when a model is scaled or calibrated after this worker started (supervisor/calibration.py)."""
     torch = sys.modules.get("torch")
     if isinstance(threads, int) and threads > 0 and torch is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
