@@ -109,6 +109,13 @@ class DependencyError(ArchiverError):
     http_status = 503
 
 
+class ExplanationUnsupportedError(ArchiverError):
+    """An explanation was asked of a handler that has no ``get_insights`` (TorchServe's explanation
+    hook), or whose explainer (Captum) is not installed."""
+
+    http_status = 501
+
+
 class ModelNotFoundError(ArchiverError):
     """No model (or version) of that name is registered."""
 
