@@ -164,7 +164,7 @@ class MicroBatching:
             if item.error is None:
                 try:
                     self._apply(step, item)
-                except Exception as exc:  # noqa: BLE001 - the batch fails; the thread and worker live
+                except BaseException as exc:  # noqa: BLE001 - even sys.exit: the batch fails, the thread lives
                     item.error = exc
             outbox.put(item)
 
@@ -186,6 +186,9 @@ class MicroBatching:
 
     def handle(self, data: list[Any]) -> list[Any]:
         """The batch's answers: its micro-batches through the pipeline, put back in order."""
+        idle = [step for step in HANDLER_METHODS if not self.thread_groups[step]]
+        if idle and data:
+            raise HandlerError(f"micro-batching: no threads for {', '.join(idle)} (parallelism 0)")
         size = max(1, int(self.micro_batch_size or 1))
         count = 0
         for idx, start in enumerate(range(0, len(data), size)):

@@ -216,6 +216,15 @@ def test_micro_batching_parallelism_names_a_wrong_step():
     assert all(not group for group in mb.thread_groups.values())
 
 
+def test_micro_batching_with_a_step_at_zero_threads_says_so_instead_of_waiting():
+    mb = micro(Steps(), parallelism={"inference": 0})
+    try:
+        with pytest.raises(HandlerError, match="no threads for inference"):
+            mb.handle([1, 2])
+    finally:
+        mb.shutdown()
+
+
 def envelope_context(kit, tmp_path, headers=None):
     folder = kit.write_model_dir(tmp_path / "env", handler="handler.py")
     context = kit.make_context(folder)
