@@ -16,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from copy import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,10 @@ class MicroBatching:
         self.parallelism = parallelism or {}
 
     def __del__(self) -> None:
-        self.shutdown()
+        # Only ask the threads to stop: they hold no reference to this object and end within _POLL_S.
+        for group in getattr(self, "thread_groups", {}).values():
+            for worker in group:
+                worker.event.set()
 
     @property
     def parallelism(self) -> dict[str, int]:
@@ -142,8 +146,14 @@ class MicroBatching:
             while len(group) < target:
                 event = threading.Event()
                 thread = threading.Thread(
-                    target=self._run_step,
-                    args=(step, self.queues[f"{step}_in"], self.queues[f"{step}_out"], event),
+                    target=_run_step,
+                    args=(
+                        weakref.ref(self),
+                        step,
+                        self.queues[f"{step}_in"],
+                        self.queues[f"{step}_out"],
+                        event,
+                    ),
                     name=f"micro-batching-{step}-{len(group)}",
                     daemon=True,
                 )
@@ -154,19 +164,13 @@ class MicroBatching:
                 worker.event.set()
                 worker.thread.join(timeout=5)
 
-    def _run_step(self, step: str, inbox: queue.Queue, outbox: queue.Queue, event: threading.Event) -> None:
-        while not event.is_set():
+    def _run(self, step: str, item: _Item) -> None:
+        self.thread_local_data.micro_batch_idx = item.idx
+        if item.error is None:
             try:
-                item: _Item = inbox.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            self.thread_local_data.micro_batch_idx = item.idx
-            if item.error is None:
-                try:
-                    self._apply(step, item)
-                except BaseException as exc:  # noqa: BLE001 - even sys.exit: the batch fails, the thread lives
-                    item.error = exc
-            outbox.put(item)
+                self._apply(step, item)
+            except BaseException as exc:  # noqa: BLE001 - even sys.exit: the batch fails, the thread lives
+                item.error = exc
 
     def _apply(self, step: str, item: _Item) -> None:
         """One step on one micro-batch; a micro-batch whose requests were all rejected skips the model."""
@@ -220,6 +224,26 @@ class MicroBatching:
         if metrics is not None:
             metrics.add_time("HandlerTime", round((time.time() - started) * 1000, 2), None, "ms")
         return output
+
+
+def _run_step(
+    owner: weakref.ref, step: str, inbox: queue.Queue, outbox: queue.Queue, event: threading.Event
+) -> None:
+    """A step thread's loop. It holds its MicroBatching only while it works on a micro-batch, so a
+    handler dropped without ``shutdown()`` (``load_model`` in a script) is freed and its threads end."""
+    while not event.is_set():
+        try:
+            item: _Item = inbox.get(timeout=_POLL_S)
+        except queue.Empty:
+            if owner() is None:
+                return
+            continue
+        micro_batching = owner()
+        if micro_batching is None:
+            return
+        micro_batching._run(step, item)
+        del micro_batching
+        outbox.put(item)
 
 
 def _asks(handler: Any, method: str) -> bool:

@@ -216,6 +216,21 @@ def test_micro_batching_parallelism_names_a_wrong_step():
     assert all(not group for group in mb.thread_groups.values())
 
 
+def test_a_dropped_micro_batching_handler_is_freed_and_its_threads_end():
+    import gc
+
+    handler = Steps()
+    handler.handle = micro(handler, parallelism={"preprocess": 2})
+    assert handler.handle.handle([1, 2]) == [{"out": 2}, {"out": 4}]
+    threads = [w.thread for group in handler.handle.thread_groups.values() for w in group]
+    del handler
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.is_alive() for t in threads)
+
+
 def test_micro_batching_with_a_step_at_zero_threads_says_so_instead_of_waiting():
     mb = micro(Steps(), parallelism={"inference": 0})
     try:
