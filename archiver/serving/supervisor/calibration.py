@@ -221,6 +221,27 @@ def log_split(model: str, split: Split) -> None:
 
 
 # ---- the hooks the registry calls ------------------------------------------------------------------
+def threads_pinned(torch_threads: int | None) -> str | None:
+    """What fixed the workers' torch threads (--torch-threads, OMP_NUM_THREADS), or None."""
+    if torch_threads:
+        return "--torch-threads"
+    return "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else None
+
+
+async def start_sized(entry: Any, registry: Any) -> None:
+    """Start ``entry``'s pool with the worker count someone chose, else the cached one, else 1 worker
+    that is then calibrated; log the outcome."""
+    example = remember = None
+    if entry.split is None:  # nobody chose the workers: measured once per archive, or the rule
+        pinned = threads_pinned(registry.torch_threads)
+        entry.split, example, remember = await plan(entry, registry.cache_dir, pinned, bool(registry.gpus))
+        entry.settings = entry.settings.merged(workers=entry.split.workers)
+    await entry.pool.start(entry.settings.workers)
+    if example is not None:
+        entry.split = await calibrate(entry, example, remember, registry.max_workers_per_model)
+    log_split(entry.name, entry.split)
+
+
 def chosen(
     config_workers: int | None,
     operator: dict[str, Any],

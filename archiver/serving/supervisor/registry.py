@@ -9,7 +9,6 @@ and its requests get a 503 with that reason at once.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
@@ -316,34 +315,17 @@ class ModelRegistry:
             placement=self.gpu_counter.for_model(settings.device_type, settings.device_ids),
             gpu_monitor=self.gpu_monitor,
         )
-        if not self.threads_pinned():  # each batch at the cores / all workers of now, not of its start
+        if not calibration.threads_pinned(self.torch_threads):  # each batch at cores / all workers of now
             pool.batch_threads = calibration.threads_for_batch(self.threads_per_worker)
         return pool
-
-    def threads_pinned(self) -> str | None:
-        """What fixed the workers' torch threads (--torch-threads, OMP_NUM_THREADS), or None."""
-        if self.torch_threads:
-            return "--torch-threads"
-        return "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else None
 
     async def start(self, entry: ModelEntry) -> None:
         """Start a prepared model's workers; a failure leaves it FAILED (startup) or removes it."""
         assert entry.pool is not None
         started = asyncio.get_running_loop().time()
-        example = remember = None
         try:
-            if entry.split is None:  # nobody chose the workers: measured once per archive, or the rule
-                entry.split, example, remember = await calibration.plan(
-                    entry, self.cache_dir, self.threads_pinned(), bool(self.gpus)
-                )
-                entry.settings = entry.settings.merged(workers=entry.split.workers)
             await self.use_model_env(entry)
-            await entry.pool.start(entry.settings.workers)
-            if example is not None:
-                entry.split = await calibration.calibrate(
-                    entry, example, remember, self.max_workers_per_model
-                )
-            calibration.log_split(entry.name, entry.split)
+            await calibration.start_sized(entry, self)  # the chosen, cached or measured worker count
         except ArchiverError as exc:
             entry.error = exc.message
             if not entry.loaded_at_startup:
