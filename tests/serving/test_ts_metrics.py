@@ -205,6 +205,9 @@ def test_the_custom_metrics_example_answers_and_its_metrics_carry_torchserve_s_n
     )
     assert sample(text, latency) > 0
     assert sample(text, f'Requests2XX{{Level="Host",Hostname="{HOST}"}}') == 4
+    # the queue's wait, summed per model (the queue does not know the version a request named)
+    queue = f'ts_queue_latency_microseconds{{model_name="mnist",model_version="default",hostname="{HOST}"}}'
+    assert 0 < sample(text, queue) < sample(text, latency)
     # only what this metrics.yaml declares: Requests4XX is TorchServe's default, not this file's
     assert "Requests4XX" not in text and "# TYPE WorkerThreadTime gauge" in text
     # ours, beside them

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -276,9 +277,16 @@ class ServerMetrics:
         self.handler_metrics.observe(model, records)
 
     def batch_observer(self, model: str) -> Callable[[int], None]:
-        """A callback for the model's batcher, bound to its label once."""
-        child = self.batch_size.labels(model)
-        return child.observe
+        """A callback for the model's batcher, bound to its label once; its ``queue_wait(total_s,
+        last_s)`` takes each batch's time in the queue (TorchServe's queue latency and QueueTime; the
+        batcher does not know the version a request named, so it is counted under "default")."""
+        observe = self.batch_size.labels(model).observe
+
+        def observer(size: int) -> None:
+            observe(size)
+
+        observer.queue_wait = partial(self.observe_queue, model, "default")  # type: ignore[attr-defined]
+        return observer
 
     def render(self, names: set[str] | None = None) -> bytes:
         """The exposition: our families, then TorchServe's names; ``names`` keeps only those families

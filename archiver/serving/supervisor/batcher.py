@@ -44,6 +44,7 @@ class Job:
     # is that routing's state for it, None until the handler sends an intermediate answer.
     streaming: bool = False
     stream: Any = None
+    queued: float = 0.0  # time.monotonic() when it was queued (TorchServe's queue latency metrics)
 
 
 class Batcher:
@@ -72,6 +73,8 @@ class Batcher:
         self.queue_size = queue_size
         self.adaptive = adaptive
         self.on_batch = on_batch
+        # an observer may also take each batch's queue wait: on_batch.queue_wait(total_s, last_s)
+        self._on_wait = getattr(on_batch, "queue_wait", None)
         self._queue: deque[Job] = deque()
         self._waiters: deque[asyncio.Future] = deque()
         self._last_batch_size = 0
@@ -127,7 +130,7 @@ class Batcher:
 
     def _enqueue(self, request: RawRequest, timeout_s: float | None, stream: bool = False) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        job = Job(request=request, future=loop.create_future(), streaming=stream)
+        job = Job(request=request, future=loop.create_future(), streaming=stream, queued=time.monotonic())
         if timeout_s is not None:
             job.deadline, job.timeout_s = loop.time() + timeout_s, timeout_s
             self._arm(job.deadline)
@@ -190,6 +193,9 @@ class Batcher:
         self._last_batch_size = len(batch)
         for job in batch:
             job.dispatched = True
+        if self._on_wait is not None:  # the batch's time in the queue: its sum and its last request's
+            now = time.monotonic()  # not loop.time(): uvloop's is cached per iteration, in milliseconds
+            self._on_wait(sum(now - job.queued for job in batch), now - batch[-1].queued)
         if self._queue:
             self._wake_one()  # more work is waiting: wake another idle worker
         return batch
