@@ -252,9 +252,8 @@ class Server:
 
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish (up to drain_timeout_s), then end the workers."""
-        if self._grpc is not None:
+        if self._grpc is not None:  # (stopping twice is harmless)
             await self._grpc.stop(self.settings.drain_timeout_s)
-            self._grpc = None
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
