@@ -43,6 +43,10 @@ def payload_of(row: Any) -> Any:
 class BaseHandler:
     """Load the model named by the manifest; answer a batch as postprocess(inference(preprocess(data)))."""
 
+    # TorchServe's names, set by initialize: the device's type ("cuda", "cpu") and the serialized file.
+    map_location: str | None = None
+    model_pt_path: str | None = None
+
     def __init__(self) -> None:
         self.model: Any = None
         self.mapping: dict[str, Any] | None = None
@@ -77,6 +81,9 @@ class BaseHandler:
         if isinstance(model, AotiModel):
             self.device = model.device  # where its compiled code runs, whatever the worker was given
             model.warn_past(properties.get("batch_size"))
+        self.map_location = self.device.type if self.device is not None else "cpu"
+        serialized = model_info.get("serializedFile")
+        self.model_pt_path = str(self.model_dir / serialized) if serialized else None
         self.model = compile_if_configured(model, context.model_yaml_config)
         self.mapping = load_label_mapping(self.model_dir / LABEL_FILE)
         self.initialized = True
@@ -96,6 +103,18 @@ class BaseHandler:
         if model_pt_path and Path(model_pt_path).is_file():
             load_state_dict_into(model, Path(model_pt_path), self.device)
         return model.to(self.device)
+
+    def get_device(self) -> torch.device | None:
+        """TorchServe's accessor: the device the model runs on."""
+        return self.device
+
+    def _is_describe(self) -> bool:
+        """TorchServe's test: the batch's first request asks for the handler's own description."""
+        return self.context is not None and self.context.get_request_header(0, "describe") == "True"
+
+    def describe_handle(self) -> Any:
+        """TorchServe's hook for a customized description; a subclass returns what to describe."""
+        return None
 
     def handler_config(self) -> dict[str, Any]:
         """The ``handler:`` section of the model's model-config.yaml (empty when absent)."""
