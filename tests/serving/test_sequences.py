@@ -7,8 +7,16 @@ end headers), written here without the example's model file and LRU package.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from archiver.errors import SequenceError
+from archiver.serving.protocols.records import InferenceResponse
+from archiver.serving.protocols.wire import RawRequest
+from archiver.serving.supervisor.sequences import SequenceBatcher, SequenceLimits
 
 # TorchServe's sequence_batching handler, by its API: each request adds its number to its sequence's
 # running sum. "die" ends the worker process; "sleep:S:N" works S seconds, then adds N.
@@ -133,6 +141,16 @@ def test_two_interleaved_sequences_each_keep_their_own_sum_on_their_own_worker(
     assert description["stateful"] is True and description["maxNumSequence"] == 4
     assert description["openSequences"] == 4
 
+    # Scaling down retires a worker: its sequences end with a clear error, the other worker's go on.
+    scaled = call("PUT", f"{server.url('management')}/models/stateful?min_worker=1&synchronous=true")
+    assert scaled.status == 200, scaled.body
+    after = {sequence: send(call, server, 4, sequence) for sequence in ("seq_0", "seq_1")}
+    ended = [s for s, reply in after.items() if reply.status == 410]
+    assert len(ended) == 1, {s: r.body for s, r in after.items()}
+    assert "stopped by a scale-down" in after[ended[0]].json()["message"]
+    kept = "seq_1" if ended == ["seq_0"] else "seq_0"
+    assert after[kept].body == {"seq_0": b"10", "seq_1": b"7"}[kept]
+
 
 def test_a_session_opens_without_an_id_and_its_handler_closes_it(serve, make_model, call, describe):
     model = stateful(make_model, "session", handler=SESSION_HANDLER)
@@ -228,3 +246,93 @@ def requests_waiting(call, server) -> int:
     return call("GET", f"{server.url('management')}/models/stateful").json()[0]["jobQueueStatus"][
         "pendingRequests"
     ]
+
+
+# ---- the sequence batcher on its own: coroutines stand in for the workers --------------------------
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def _request(body: str, sequence: str | None = None) -> RawRequest:
+    headers = {"ts_request_sequence_id": sequence} if sequence else {}
+    return RawRequest(request_id=body, headers=headers, parts=[("body", body.encode(), "text/plain")])
+
+
+def test_a_batch_holds_one_request_of_each_sequence_in_the_order_sent():
+    async def story():
+        batcher = SequenceBatcher("m", SequenceLimits(max_num_sequence=4, max_queue=5, max_idle_ms=60000))
+        batcher.batch_size = 4
+        taker = asyncio.ensure_future(batcher.take(1))  # worker 1 registers and waits for work
+        await asyncio.sleep(0)
+        sent = [("a1", "a"), ("a2", "a"), ("b1", "b"), ("a3", "a")]
+        answers = [asyncio.ensure_future(batcher.submit(_request(b, s))) for b, s in sent]
+        batches = []
+        for _ in range(3):
+            jobs = await taker
+            batches.append([job.request.request_id for job in jobs])
+            batcher.deliver(jobs, [InferenceResponse(body=job.request.parts[0][1]) for job in jobs])
+            taker = asyncio.ensure_future(batcher.take(1))
+        taker.cancel()
+        return batches, await asyncio.gather(*answers)
+
+    batches, results = _run(story())
+    assert batches == [["a1", "b1"], ["a2"], ["a3"]]
+    assert [r.body for r in results] == [b"a1", b"a2", b"b1", b"a3"]
+    assert [r.headers["ts_request_sequence_id"] for r in results] == ["a", "a", "b", "a"]
+
+
+def test_the_end_header_closes_several_and_old_sequences_time_out():
+    async def story():
+        limits = SequenceLimits(max_num_sequence=8, max_queue=2, max_idle_ms=60000, timeout_ms=300)
+        batcher = SequenceBatcher("m", limits, batch_size=4)
+
+        async def worker():  # answers every batch; a body "end:IDS" ends those sequences
+            while True:
+                jobs = await batcher.take(1)
+                answers = []
+                for job in jobs:
+                    body = job.request.parts[0][1].decode()
+                    headers = {"ts_request_sequence_end": body[4:]} if body.startswith("end:") else {}
+                    answers.append(InferenceResponse(body=body.encode(), headers=headers))
+                batcher.deliver(jobs, answers)
+
+        task = asyncio.ensure_future(worker())
+        made = (await batcher.submit(_request("open"))).headers["ts_request_sequence_id"]
+        await batcher.submit(_request("1", "mine"))
+        await batcher.submit(_request("1", "other"))
+        assert batcher.open_sequences == 3
+        await batcher.submit(_request(f"end:{made}; mine", "other"))
+        assert batcher.open_sequences == 1  # "other" itself stays open
+        with pytest.raises(SequenceError) as closed:
+            await batcher.submit(_request("2", made))
+        assert closed.value.http_status == 410 and "ended by its handler" in closed.value.message
+        await batcher.submit(_request("2", "mine"))  # a client's id opens again
+        assert batcher.open_sequences == 2
+        young = (await batcher.submit(_request("3"))).headers["ts_request_sequence_id"]
+        while batcher.open_sequences:  # all pass sequenceTimeoutMSec (300 ms); the 30 s guard bounds this
+            await asyncio.sleep(0.02)
+        with pytest.raises(SequenceError) as expired:
+            await batcher.submit(_request("4", young))
+        task.cancel()
+        return expired.value
+
+    assert "older than sequenceTimeoutMSec (300 ms)" in _run(story()).message
+
+
+def test_requests_a_gone_worker_held_or_queued_get_its_sequence_error():
+    async def story():
+        batcher = SequenceBatcher("m", SequenceLimits(max_num_sequence=2, max_queue=3, max_idle_ms=60000))
+        taker = asyncio.ensure_future(batcher.take(7))
+        await asyncio.sleep(0)
+        first = asyncio.ensure_future(batcher.submit(_request("1", "s")))
+        second = asyncio.ensure_future(batcher.submit(_request("2", "s")))
+        jobs = await taker  # worker 7 holds "1"; "2" waits behind it
+        batcher.worker_gone(7, "its worker (7) died: exit code 3")
+        batcher.requeue(jobs)  # it never ran it
+        return await first, await second
+
+    for answer in _run(story()):
+        assert answer.status == 410
+        assert "its worker (7) died: exit code 3; the state it built is lost" in answer.message
