@@ -43,6 +43,7 @@ log = logging.getLogger("archiver.serving")
 MARGIN = 1.03  # several workers must beat one by this much: a tie keeps one copy of the model in memory
 PHASE_S = 1.2  # seconds of load timed for each split...
 WARM_S = 0.8  # ...after this long under the same load (a TorchScript model profiles its first runs)
+WARM_ROUNDS = 3  # ...and this many answers per client in flight
 MOST_WORKERS = 4  # the most workers calibration tries, whatever the cores (each holds the model)
 _MAX_EXAMPLE_ELEMENTS = 1 << 22  # a signature of bigger tensors is not calibrated on (4M zeros of JSON)
 _VISION = ("image_classifier", "image_segmenter", "object_detector")
@@ -168,31 +169,30 @@ async def throughput(
     submit: Callable[[RawRequest], Any], request: RawRequest, clients: int, seconds: float
 ) -> float:
     """Requests per second answered with ``clients`` requests always in flight, timed for ``seconds``
-    from WARM_S after the first answer. Raises ExampleFailed on any answer but 200."""
+    once warm: WARM_S after the first answer and WARM_ROUNDS answers per client (a TorchScript model
+    profiles its first runs of each batch size). Raises ExampleFailed on any answer but 200."""
     loop = asyncio.get_running_loop()
-    done = 0
-    start: float | None = None
-    end = math.inf
+    answered = done = 0
+    first: float | None = None
+    start = end = math.inf
 
     async def client() -> None:
-        nonlocal done, start, end
+        nonlocal answered, done, first, start, end
         while True:
             response = await submit(request)
             if response.status != 200:
                 raise ExampleFailed(f"the example request was answered {response.status}: {response.message}")
-            now = loop.time()
-            if start is None:
-                start, end = now + WARM_S, now + WARM_S + seconds  # timing begins once warm
-            elif now < start:
-                continue  # still warming up
-            elif now < end:
+            now, answered = loop.time(), answered + 1
+            first = now if first is None else first
+            if start == math.inf and now >= first + WARM_S and answered >= WARM_ROUNDS * clients:
+                start, end = now, now + seconds  # warm: timing begins
+            elif start <= now < end:
                 done += 1
-            else:
+            elif now >= end:
                 return
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    assert start is not None
-    return done / max(1e-9, min(loop.time(), end) - start)
+    return done / max(1e-9, seconds)
 
 
 def choose(one: float, several: float, workers: int, cores_: int) -> Split:
