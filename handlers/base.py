@@ -110,7 +110,10 @@ class BaseHandler:
 
     def _is_describe(self) -> bool:
         """TorchServe's test: the batch's first request asks for the handler's own description."""
-        return self.context is not None and self.context.get_request_header(0, "describe") == "True"
+        try:
+            return self.context is not None and self.context.get_request_header(0, "describe") == "True"
+        except IndexError:  # outside a batch
+            return False
 
     def describe_handle(self) -> Any:
         """TorchServe's hook for a customized description; a subclass returns what to describe."""

@@ -364,3 +364,12 @@ def test_handler_errors_must_name_a_style():
     assert parse_model_config("handlerErrors: detailed\n").raw["handlerErrors"] == "detailed"
     with pytest.raises(ConfigError, match="handlerErrors must be one of torchserve, detailed"):
         parse_model_config("handlerErrors: loud\n")
+
+
+def test_base_handler_carries_torchserves_attributes_after_initialize(kit, classifier_dir, tmp_path):
+    from handlers.base import BaseHandler
+
+    handler, _ = kit.start(BaseHandler, classifier_dir)
+    assert handler.map_location == "cpu" and handler.get_device() == torch.device("cpu")
+    assert handler.model_pt_path == str(classifier_dir / "model.pt")
+    assert handler._is_describe() is False and handler.describe_handle() is None
