@@ -102,11 +102,18 @@ def load_metrics_config(path: str | Path) -> MetricsConfig:
         raise ConfigError(f"the metrics config {path} must be a mapping with ts_metrics and model_metrics")
     if not parsed.get("model_metrics"):
         raise ConfigError(f"the metrics config {path} has no model_metrics section (TorchServe needs one)")
-    return MetricsConfig(
+    config = MetricsConfig(
         ts_metrics=_section(parsed.get("ts_metrics"), f"{path}: ts_metrics"),
         model_metrics=_section(parsed["model_metrics"], f"{path}: model_metrics"),
         source=str(path),
     )
+    # one family per name on /metrics: a name declared twice would make the exposition invalid
+    seen: set[str] = set()
+    for spec in (*config.ts_metrics, *config.model_metrics):
+        if spec.name in seen:
+            raise ConfigError(f"the metrics config {path} declares {spec.name} twice")
+        seen.add(spec.name)
+    return config
 
 
 def _section(raw: Any, where: str) -> tuple[MetricSpec, ...]:

@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+from archiver.errors import ConfigError
+from archiver.serving.front.metrics import ServerMetrics
+from archiver.ts_metrics_config import load_metrics_config
 from handlers.context import Dimension, Metrics, MetricsCacheKeyError, MetricTypes
 
 CLI = [sys.executable, "-m", "archiver"]
@@ -282,3 +285,46 @@ def test_a_metrics_yaml_without_model_metrics_stops_the_start_with_one_line(tmp_
         "model-archiver: error: metrics_config (line 1 of config.properties): "
         f"the metrics config {yaml_path} has no model_metrics section (TorchServe needs one)"
     ]
+
+
+def test_a_record_that_does_not_match_its_declaration_gets_no_torchserve_name(tmp_path):
+    (tmp_path / "metrics.yaml").write_text(METRICS_YAML)
+    metrics = ServerMetrics(ts_config=load_metrics_config(tmp_path / "metrics.yaml"))
+    metrics.observe_handler_metrics(
+        "m",
+        [
+            {"name": "PreprocessCallCount", "kind": "counter", "unit": "count", "value": 2.0},
+            {
+                "name": "PreprocessCallCount",
+                "kind": "counter",
+                "unit": "count",
+                "value": 1.0,
+                "dims": [["X", "y"]],
+            },
+            {
+                "name": "RequestBatchSize",
+                "kind": "counter",
+                "unit": "count",
+                "value": 1.0,
+            },  # declared a gauge
+        ],
+    )
+    text = metrics.render().decode()
+    assert sample(text, f'PreprocessCallCount{{ModelName="m",Hostname="{HOST}"}}') == 2.0
+    assert sample(text, 'model_archiver_handler_PreprocessCallCount_total{model="m"}') == 2.0
+    assert sample(text, 'model_archiver_handler_RequestBatchSize_total{model="m"}') == 1.0
+    assert sample(text, 'model_archiver_handler_metrics_dropped_total{model="m",reason="conflict"}') == 1
+    assert (
+        sample(text, 'model_archiver_handler_metrics_dropped_total{model="m",reason="torchserve_labels"}')
+        == 2
+    )
+    assert "\nRequestBatchSize{" not in text
+
+
+def test_a_metrics_yaml_declaring_a_name_twice_is_refused(tmp_path):
+    (tmp_path / "metrics.yaml").write_text(
+        "model_metrics:\n  counter:\n    - {name: Requests2XX, unit: c, dimensions: []}\n"
+        "ts_metrics:\n  counter:\n    - {name: Requests2XX, unit: c, dimensions: []}\n"
+    )
+    with pytest.raises(ConfigError, match="declares Requests2XX twice"):
+        load_metrics_config(tmp_path / "metrics.yaml")
