@@ -217,3 +217,26 @@ def test_the_committed_descriptors_are_what_the_protos_make() -> None:
     assert build_descriptors.compile_descriptors() == build_descriptors.DESCRIPTORS.read_bytes(), (
         "run python -m archiver.serving.front.grpc_api.build_descriptors"
     )
+
+
+def test_grpc_calls_count_in_the_request_metrics_as_http_ones_do(
+    serve: Any, echo_model: Path, channel_to: Any, call: Any
+) -> None:
+    server = serve([echo_model], grpc_port=0)
+    channel = channel_to(server)
+    predict = predictions(channel)
+    for text in ("one", "two", "bad!"):
+        code_of(lambda text=text: predict(ask(text), timeout=30))
+    code_of(lambda: predict(ask("x", model="scanner-name"), timeout=30))
+    infer = method(
+        channel, "inference.GRPCInferenceService", "ModelInfer",
+        "inference.ModelInferRequest", "inference.ModelInferResponse",
+    )  # fmt: skip
+    request = message("inference.ModelInferRequest")(model_name="echo")
+    request.inputs.add(name="t", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"three")
+    assert infer(request, timeout=30).outputs[0].name == "output-0"
+    text = call("GET", server.url("metrics") + "/metrics").body.decode()
+    assert 'model_archiver_requests_total{model="echo",status="200"} 3.0' in text
+    assert 'model_archiver_requests_total{model="echo",status="400"} 1.0' in text
+    assert 'model_archiver_requests_total{model="-",status="404"} 1.0' in text
+    assert "scanner-name" not in text

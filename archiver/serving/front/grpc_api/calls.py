@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -42,6 +43,25 @@ _CODES = {
 }
 # gRPC status details travel in a header: one line, bounded.
 _MAX_DETAILS = 1000
+
+
+# The request metrics' observer (``ServerMetrics.observe_request``): model, HTTP status, seconds, version.
+Observe = Callable[[str, int, float, str], None]
+
+
+class Counted:
+    """One inference call in the request metrics, as HTTP counts it: the model ("-" until it is known,
+    so unknown names share one label), the HTTP status its outcome maps to, its time, and the version
+    it asked for ("default" when none); ``count`` once, when it ends."""
+
+    __slots__ = ("label", "observe", "started", "status", "version")
+
+    def __init__(self, observe: Observe) -> None:
+        self.observe, self.started = observe, time.perf_counter()
+        self.label, self.status, self.version = "-", 500, "default"
+
+    def count(self) -> None:
+        self.observe(self.label, self.status, time.perf_counter() - self.started, self.version)
 
 
 def grpc_code(http_status: int) -> grpc.StatusCode:

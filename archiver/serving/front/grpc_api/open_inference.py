@@ -10,8 +10,7 @@ streaming handler's intermediate answers each one), one request's failure its re
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -20,14 +19,13 @@ from archiver import __version__
 from archiver.errors import ArchiverError, ModelNotFoundError
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.front.grpc_api import tensors
-from archiver.serving.front.grpc_api.calls import Failure, grpc_code, metadata, one_line
+from archiver.serving.front.grpc_api.calls import Counted, Failure, Observe, grpc_code, metadata, one_line
 from archiver.serving.front.grpc_api.messages import message
 from archiver.serving.front.grpc_api.torchserve import answer_stream
 from archiver.serving.protocols import oip, router
 from archiver.serving.protocols.records import InferenceResponse, new_request_id
 
 _PACKAGE = "inference."
-Observe = Callable[[str, int, float], None]
 
 
 def _error_message(answer: InferenceResponse) -> str:
@@ -111,11 +109,11 @@ class OpenInferenceService:
     ) -> AsyncIterator[Any]:
         """Each ModelInferResponse of one request: with ``stream``, one per answer of a streaming
         handler; without, its final answer alone (as ``predict`` gives it)."""
-        started = time.perf_counter()
-        label, status = "-", 500
+        counted = Counted(self.observe)
+        counted.version = request.model_version or "default"
         try:
             model = self._model(request.model_name, request.model_version)
-            label = model.name
+            counted.label = model.name
             body, header_length = tensors.request_body(request)
             headers = metadata(context)
             request_id = headers.get("x-request-id") or new_request_id()
@@ -127,7 +125,7 @@ class OpenInferenceService:
                 answers = _one(self.host.predict(model.name, version, raw))
             try:
                 async for answer in answers:
-                    status = answer.status
+                    counted.status = answer.status
                     if not answer.ok:
                         raise Failure(grpc_code(answer.status), _error_message(answer))
                     reply = self.m["ModelInferResponse"]()
@@ -136,10 +134,10 @@ class OpenInferenceService:
             finally:
                 await answers.aclose()
         except ArchiverError as exc:
-            status = exc.http_status
+            counted.status = exc.http_status
             raise
         finally:
-            self.observe(label, status, time.perf_counter() - started)
+            counted.count()
 
     async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         answers = self._answers(request, context, stream=False)

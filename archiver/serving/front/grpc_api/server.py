@@ -17,10 +17,10 @@ from grpc_reflection.v1alpha import reflection
 
 from archiver.errors import UsageError
 from archiver.serving.front.grpc_api import messages
-from archiver.serving.front.grpc_api.calls import rpc_handlers
+from archiver.serving.front.grpc_api.calls import Observe, rpc_handlers
 from archiver.serving.front.grpc_api.health import HealthService
 from archiver.serving.front.grpc_api.management import ManagementService
-from archiver.serving.front.grpc_api.open_inference import Observe, OpenInferenceService
+from archiver.serving.front.grpc_api.open_inference import OpenInferenceService
 from archiver.serving.front.grpc_api.torchserve import InferenceService
 from archiver.serving.protocols import router
 from archiver.serving.supervisor.registry import ModelRegistry
@@ -95,7 +95,7 @@ class GrpcServers:
         token = self.token
         planned = []
         if inference_port is not None:
-            ts = InferenceService(self.host, self.max_request_items)
+            ts = InferenceService(self.host, self.max_request_items, self.observe)
             oip = OpenInferenceService(self.host, self.max_request_items, self.observe)
             services = {
                 messages.TORCHSERVE_INFERENCE: rpc_handlers(

@@ -17,7 +17,7 @@ import grpc
 
 from archiver.errors import ArchiverError, ModelNotFoundError, UsageError
 from archiver.manifest import MODEL_NAME_PATTERN
-from archiver.serving.front.grpc_api.calls import Failure, grpc_code, metadata, one_line
+from archiver.serving.front.grpc_api.calls import Counted, Failure, Observe, grpc_code, metadata, one_line
 from archiver.serving.front.grpc_api.messages import message
 from archiver.serving.protocols import router
 from archiver.serving.protocols.records import InferenceResponse, new_request_id
@@ -40,10 +40,11 @@ def _message(answer: InferenceResponse) -> str:
 
 
 class InferenceService:
-    """The four methods over a ``ModelHost``; ``max_items``: the most input fields one request holds."""
+    """The four methods over a ``ModelHost``; ``max_items``: the most input fields one request holds;
+    ``observe``: the request metrics."""
 
-    def __init__(self, host: router.ModelHost, max_items: int) -> None:
-        self.host, self.max_items = host, max_items
+    def __init__(self, host: router.ModelHost, max_items: int, observe: Observe) -> None:
+        self.host, self.max_items, self.observe = host, max_items, observe
         self.Response = message(_PACKAGE + "PredictionResponse")
         self.Health = message(_PACKAGE + "TorchServeHealthResponse")
 
@@ -83,8 +84,20 @@ class InferenceService:
         return self.Response(prediction=answer.body)
 
     async def predictions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        name, version, raw = self._request(request, context)
-        return self._answer(await self.host.predict(name, version, raw))
+        counted = Counted(self.observe)
+        try:
+            name, version, raw = self._request(request, context)
+            counted.label, counted.version = name, version or "default"
+            answer = await self.host.predict(name, version, raw)
+            counted.status = answer.status
+            return self._answer(answer)
+        except ArchiverError as exc:
+            counted.status = exc.http_status
+            if isinstance(exc, ModelNotFoundError):  # unknown names share one label, as over HTTP
+                counted.label = "-"
+            raise
+        finally:
+            counted.count()
 
     async def stream_predictions(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Each answer of a streaming handler as it is produced (one for a handler that does not
