@@ -19,7 +19,7 @@ from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor.sequences import SequenceBatcher, SequenceLimits
 
 # TorchServe's sequence_batching handler, by its API: each request adds its number to its sequence's
-# running sum. "die" ends the worker process; "sleep:S:N" works S seconds, then adds N.
+# running sum. "die:S" ends the worker process after S seconds; "sleep:S:N" works S seconds, then adds N.
 STATEFUL_HANDLER = """
 import os
 import time
@@ -44,7 +44,8 @@ class StatefulHandler:
             request = row.get("data") or row.get("body")
             if isinstance(request, (bytes, bytearray)):
                 request = request.decode("utf-8")
-            if request == "die":
+            if request.startswith("die:"):
+                time.sleep(float(request[4:]))
                 os._exit(3)
             if request.startswith("sleep:"):
                 _, seconds, request = request.split(":")
@@ -190,9 +191,10 @@ def test_a_dead_worker_ends_its_sequences_with_a_clear_error(serve, make_model, 
     assert send(call, server, 1, "doomed").status == 200
     assert send(call, server, 1, "survivor").status == 200
     replies = {}
-    dying = threading.Thread(target=lambda: replies.setdefault("dying", send(call, server, "die", "doomed")))
+    dying = threading.Thread(target=lambda: replies.update(dying=send(call, server, "die:1", "doomed")))
     dying.start()
-    waiting = send(call, server, 1, "doomed")  # queued behind "die", or arriving after the worker died
+    poll(lambda: workers_busy(call, server), 30, "the dying request to run")
+    waiting = send(call, server, 1, "doomed")  # queued behind "die:1" in its sequence
     dying.join(30)
     assert replies["dying"].status == 500
     assert waiting.status == 410, waiting.body

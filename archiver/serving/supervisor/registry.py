@@ -30,13 +30,12 @@ from archiver.serving.protocols.answer_stream import answers
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor import calibration
-from archiver.serving.supervisor.batcher import Batcher
 from archiver.serving.supervisor.devices import Gpu, GpuMonitor, worker_gpu_env
 from archiver.serving.supervisor.model_entry import ModelEntry, ModelSettings, served_settings
 from archiver.serving.supervisor.model_store import archive_in_store, archive_stem, read_archive_head
 from archiver.serving.supervisor.placement import SharedGpuCounter
 from archiver.serving.supervisor.pool import WorkerPool
-from archiver.serving.supervisor.sequences import SequenceBatcher, SequenceLimits
+from archiver.serving.supervisor.sequences import batcher_for
 from archiver.serving.supervisor.signature_gate import SignatureGate
 from archiver.serving.supervisor.states import ModelState
 from archiver.serving.supervisor.worker_env import torch_threads_for, worker_environment
@@ -285,24 +284,7 @@ class ModelRegistry:
         """A pool (not started) serving ``entry.source`` with ``entry.settings``."""
         settings = entry.settings
         on_batch = self._batch_observer(entry.name) if self._batch_observer else None
-        batcher: Batcher
-        if settings.sequence_batching:  # a stateful model: each sequence on one worker (sequences.py)
-            limits = SequenceLimits(
-                max_num_sequence=settings.max_num_sequence,
-                max_queue=settings.max_sequence_job_queue_size,
-                max_idle_ms=settings.sequence_max_idle_ms,
-                timeout_ms=settings.sequence_timeout_ms,
-            )
-            sizes = {"batch_size": settings.batch_size, "queue_size": settings.queue_size}
-            batcher = SequenceBatcher(entry.name, limits, on_batch=on_batch, **sizes)
-        else:
-            batcher = Batcher(
-                entry.name,
-                batch_size=settings.batch_size,
-                max_batch_delay_ms=settings.max_batch_delay_ms,
-                queue_size=settings.queue_size,
-                on_batch=on_batch,
-            )
+        batcher = batcher_for(entry.name, settings, on_batch)  # per sequence for a stateful model
         pool = WorkerPool(
             self._spec(entry),
             batcher,

@@ -21,23 +21,30 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import re
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from archiver.errors import SequenceError, ServiceUnavailableError, UsageError
+from archiver.errors import SequenceError, ServiceUnavailableError
 from archiver.serving.protocols.records import InferenceResponse, response_for_exception
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor.batcher import Batcher, BatchObserver, Job
+from archiver.serving.supervisor.sequence_ids import (
+    END_HEADER,
+    ID_HEADER,
+    SERVER_ID_PREFIX,
+    START_HEADER,
+    checked_id,
+    header,
+    new_id,
+    pop_header,
+    with_id,
+)
 
-ID_HEADER = "ts_request_sequence_id"
-START_HEADER = "ts_request_sequence_start"
-END_HEADER = "ts_request_sequence_end"
-SERVER_ID_PREFIX = "ts-seq-"
-# A client's id: printable, no separators a log or a header could split on, and short.
-_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}")
+if TYPE_CHECKING:
+    from archiver.serving.supervisor.model_entry import ModelSettings
+
 MAX_ENDED = 4096  # ended sequences remembered (for a clear 404/410), oldest forgotten first
 
 
@@ -119,21 +126,15 @@ class SequenceBatcher(Batcher):
         self._check_open()
         seq = self._sequence_for(requests[0], len(requests))
         for request in requests[1:]:
-            _pop_header(request.headers, ID_HEADER)
+            pop_header(request.headers, ID_HEADER)
             request.headers[ID_HEADER] = seq.sid
         futures = [self._enqueue_in(seq, request, timeout_s) for request in requests]
         answers = await asyncio.gather(*futures)
-        return [_with_id(answer, seq.sid) for answer in answers]
+        return [with_id(answer, seq.sid) for answer in answers]
 
     def _sequence_for(self, request: RawRequest, count: int) -> OpenSequence:
         """The open sequence ``request`` names, or a new one; errors for ids that cannot take it."""
-        given = _pop_header(request.headers, ID_HEADER)
-        sid = given.strip() if given is not None else ""
-        if sid and not _ID_PATTERN.fullmatch(sid):
-            raise UsageError(
-                f"{ID_HEADER} must be 1 to 128 letters, digits or ._:@+=- (starting with a letter or "
-                f"digit), got {sid[:40]!r}"
-            )
+        sid = checked_id(pop_header(request.headers, ID_HEADER))
         seq = self._open.get(sid) if sid else None
         if seq is None:
             ended = self._ended.get(sid) if sid else None
@@ -178,7 +179,7 @@ class SequenceBatcher(Batcher):
 
     def _open_sequence(self, sid: str, slot: int | None) -> OpenSequence:
         now = asyncio.get_running_loop().time()
-        sid = sid or f"{SERVER_ID_PREFIX}{uuid.uuid4()}"
+        sid = sid or new_id()
         self._ended.pop(sid, None)
         if slot not in self._slots:  # no earlier worker, or it is gone: the one with fewest sequences
             slot = min(self._slots, key=lambda s: len(self._slots[s]), default=None)
@@ -253,7 +254,7 @@ class SequenceBatcher(Batcher):
         super().deliver(jobs, responses)
         for job, response in zip(jobs, responses, strict=True):
             self._ran(job)
-            closing = _header(response.headers, END_HEADER)
+            closing = header(response.headers, END_HEADER)
             for sid in (closing or "").split(";"):
                 seq = self._open.get(sid.strip())
                 if seq is not None:
@@ -372,23 +373,22 @@ class SequenceBatcher(Batcher):
         self._arm_at(earliest)
 
 
-def _header(headers: dict[str, str], name: str) -> str | None:
-    """A header's value whatever the case its sender gave its name."""
-    if name in headers:
-        return headers[name]
-    return next((v for k, v in headers.items() if k.lower() == name), None)
-
-
-def _pop_header(headers: dict[str, str], name: str) -> str | None:
-    """``_header``, removing every spelling of it (the server sets the one the handler reads)."""
-    value = _header(headers, name)
-    for key in [k for k in headers if k.lower() == name]:
-        del headers[key]
-    return value
-
-
-def _with_id(answer: InferenceResponse, sid: str) -> InferenceResponse:
-    """The answer with its sequence's id in ``ts_request_sequence_id`` (unless the handler set it)."""
-    if _header(answer.headers, ID_HEADER) is not None:
-        return answer
-    return replace(answer, headers={**answer.headers, ID_HEADER: sid})
+def batcher_for(name: str, settings: ModelSettings, on_batch: BatchObserver | None = None) -> Batcher:
+    """A model's request queue: one per sequence for a stateful model (``sequenceBatching``), else
+    the shared, adaptively batched one."""
+    if not settings.sequence_batching:
+        return Batcher(
+            name,
+            batch_size=settings.batch_size,
+            max_batch_delay_ms=settings.max_batch_delay_ms,
+            queue_size=settings.queue_size,
+            on_batch=on_batch,
+        )
+    limits = SequenceLimits(
+        max_num_sequence=settings.max_num_sequence,
+        max_queue=settings.max_sequence_job_queue_size,
+        max_idle_ms=settings.sequence_max_idle_ms,
+        timeout_ms=settings.sequence_timeout_ms,
+    )
+    sizes = {"batch_size": settings.batch_size, "queue_size": settings.queue_size}
+    return SequenceBatcher(name, limits, on_batch=on_batch, **sizes)
