@@ -156,3 +156,47 @@ def test_torchserves_client_prints_each_streamed_answer(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["part 0;", "part 1;", "part 2;", "done"]
+
+
+# A running sum per sequence, kept in the worker (TorchServe's examples/stateful, by its API).
+STATEFUL_HANDLER = """
+class Sum:
+    def initialize(self, context):
+        self.context, self.sums = context, {}
+
+    def handle(self, data, context):
+        out = []
+        for idx, row in enumerate(data):
+            key = self.context.get_sequence_id(idx)
+            self.sums[key] = self.sums.get(key, 0) + int(bytes(row["data"]))
+            out.append(self.sums[key])
+        return out
+"""
+
+
+def test_stream_predictions2_is_one_sequence_of_a_stateful_model(serve: Any, make_model: Any) -> None:
+    config = "batchSize: 2\nmaxNumSequence: 4\nmaxSequenceJobQueueSize: 10\nsequenceMaxIdleMSec: 60000\n"
+    config += "sequenceBatching: true\n"
+    model = make_model("summer", handler_source=STATEFUL_HANDLER, config_yaml=config)
+    server = serve([model], grpc_port=0)
+    with grpc.insecure_channel(f"127.0.0.1:{server.server.ports['grpc']}") as channel:
+        call = channel.stream_stream(
+            f"/{TS}InferenceAPIsService/StreamPredictions2",
+            request_serializer=message(TS + "PredictionsRequest").SerializeToString,
+            response_deserializer=message(TS + "PredictionResponse").FromString,
+        )
+        Request = message(TS + "PredictionsRequest")
+
+        def stream(*values: int, sequence: str = "") -> list[Any]:
+            asks = [Request(model_name="summer", input={"data": str(v).encode()}) for v in values]
+            if sequence:
+                for one in asks:
+                    one.sequence_id = sequence
+            return list(call(iter(asks), timeout=60))
+
+        opened = stream(1, 2, 3)  # no id: the server opens a sequence, the stream's later requests join it
+        assert [r.prediction for r in opened] == [b"1", b"3", b"6"]
+        ids = {r.sequence_id for r in opened}
+        assert len(ids) == 1 and ids.pop().startswith("ts-seq-")
+        mine = stream(10, 5, sequence="mine")
+        assert [r.prediction for r in mine] == [b"10", b"15"] and {r.sequence_id for r in mine} == {"mine"}
