@@ -341,8 +341,11 @@ class _Reader:
             server["number_of_gpu"] = gpus
         if self.boolean("install_py_dep_per_model"):
             server["install_model_deps"] = True
-        if self.boolean("disable_token_authorization"):
+        tokens_off = self.boolean("disable_token_authorization")
+        if tokens_off:
             server["no_auth"] = True  # the operator's choice of an open server, as --no-auth says it
+        elif tokens_off is False:
+            self.note("disable_token_authorization", "no key_file.json is written; give --token for one")
         if self.boolean("enable_model_api") is False:
             self.note(
                 "enable_model_api",
