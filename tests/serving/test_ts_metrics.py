@@ -14,6 +14,7 @@ from archiver.errors import ConfigError
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.ts_metrics_config import load_metrics_config
 from handlers.context import Dimension, Metrics, MetricsCacheKeyError, MetricTypes
+from tests.serving.gpu_fakes import gpu, install_fake_nvidia_smi
 
 CLI = [sys.executable, "-m", "archiver"]
 HOST = socket.gethostname()
@@ -328,3 +329,24 @@ def test_a_metrics_yaml_declaring_a_name_twice_is_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match="declares Requests2XX twice"):
         load_metrics_config(tmp_path / "metrics.yaml")
+
+
+def test_the_host_and_gpu_gauges_carry_torchserve_s_names(
+    serve, echo_model, call, poll, tmp_path, monkeypatch
+):
+    fake = install_fake_nvidia_smi(tmp_path / "fake-nvidia")  # nvidia-smi answering for one GPU
+    monkeypatch.setenv("PATH", fake.path_env())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake.write([gpu(0, memory_mb=8000, used_mb=2000, util=12)])
+    server = serve([echo_model])
+
+    def scraped() -> str | None:
+        text = call("GET", server.url("metrics") + "/metrics").body.decode()
+        return text if f'GPUMemoryUsed{{Level="Host",DeviceId="0",Hostname="{HOST}"}}' in text else None
+
+    text = poll(scraped, what="the GPU gauges")
+    assert sample(text, f'GPUMemoryUsed{{Level="Host",DeviceId="0",Hostname="{HOST}"}}') == 2000.0
+    assert sample(text, f'GPUMemoryUtilization{{Level="Host",DeviceId="0",Hostname="{HOST}"}}') == 25.0
+    assert sample(text, f'GPUUtilization{{Level="Host",DeviceId="0",Hostname="{HOST}"}}') == 12.0
+    assert 0 < sample(text, f'MemoryUtilization{{Level="Host",Hostname="{HOST}"}}') < 100
+    assert sample(text, f'WorkerLoadTime{{WorkerName="W-1-echo_1.0",Level="Host",Hostname="{HOST}"}}') > 0
