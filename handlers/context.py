@@ -8,6 +8,7 @@ resets its per-request part before every batch, so a handler instance answers on
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -119,7 +120,8 @@ class Context:
         self.header_key_sequence_id = os.getenv("TS_REQUEST_SEQUENCE_ID", "ts_request_sequence_id")
         self.header_key_sequence_start = os.getenv("TS_REQUEST_SEQUENCE_START", "ts_request_sequence_start")
         self.header_key_sequence_end = os.getenv("TS_REQUEST_SEQUENCE_END", "ts_request_sequence_end")
-        self.stopping_criteria: list[Any] | None = None  # TorchServe's continuous batching hook (unused)
+        # A continuous-batching handler's per-request callables (TorchServe's); see end_batch.
+        self.stopping_criteria: list[Any] | None = None
 
     @property
     def system_properties(self) -> dict[str, Any]:
@@ -173,3 +175,23 @@ class Context:
     def get_sequence_id(self, idx: int) -> str | None:
         """The sequence request ``idx`` belongs to (a model with ``sequenceBatching``), else None."""
         return self._processor(idx).get_request_property(self.header_key_sequence_id)
+
+    def end_batch(self, answers: list[Any]) -> None:
+        """Call each of ``stopping_criteria`` with its request's answer once the handler answered, as
+        TorchServe's backend does (called by the loader, not by handlers).
+
+        A continuous-batching handler (TorchServe's ``sequence_continuous_batching`` example) cleans up
+        its per-request and per-sequence bookkeeping in these callables. Here every request is answered
+        once: one asking for more (False) is not run again (docs/sequences.md). A criterion that raises
+        is logged and changes no answer.
+        """
+        criteria = self.stopping_criteria
+        if not isinstance(criteria, (list, tuple)) or len(criteria) != len(answers):
+            return
+        for idx, (criterion, answer) in enumerate(zip(criteria, answers, strict=True)):
+            try:
+                criterion(answer)
+            except Exception as exc:  # noqa: BLE001 - the batch is answered; the handler's hook failed
+                name = type(exc).__name__
+                log = logging.getLogger(__name__)
+                log.warning("stopping_criteria[%d] of %s raised %s: %s", idx, self.model_name, name, exc)

@@ -61,7 +61,8 @@ class StatefulHandler:
 """
 
 # TorchServe's sequence_continuous_batching handler, by its API: a session opens with the start header
-# the server adds to a sequence's first request, 0 closes it (the end header), even numbers add up.
+# the server adds to a sequence's first request, 0 closes it (the end header), numbers add up, and each
+# request's stopping criterion removes it from the handler's cache once it is answered.
 SESSION_HANDLER = """
 class SessionHandler:
     def initialize(self, ctx):
@@ -78,6 +79,9 @@ class SessionHandler:
                 self.sums[sequence_id] = 0
                 self.context.cache[sequence_id] = {"start": True, "num_requests": 0}
             request = int(row.get("data") or row.get("body"))
+            # requests still in the cache: their stopping criteria clean them up (the example's clean_up)
+            pending = [key for key in self.context.cache if key not in self.sums]
+            self.context.set_response_header(idx, "x-pending-requests", str(len(pending)))
             self.context.cache[self.context.get_request_id(idx)] = {"stream": False}
             self.context.cache[sequence_id]["num_requests"] += 1
             self.sums[sequence_id] += request
@@ -85,7 +89,16 @@ class SessionHandler:
                 self.context.set_response_header(idx, self.context.header_key_sequence_end, sequence_id)
                 del self.context.cache[sequence_id]
             results.append(self.sums[sequence_id])
+        ids = self.context.request_ids.values()
+        self.context.stopping_criteria = [self.criterion(req_id) for req_id in ids]
         return results
+
+    def criterion(self, req_id):
+        def stop(answer):
+            del self.context.cache[req_id]
+            return None  # not a stream
+
+        return stop
 """
 
 STATEFUL_CONFIG = """
@@ -160,7 +173,9 @@ def test_a_session_opens_without_an_id_and_its_handler_closes_it(serve, make_mod
     assert opened.status == 200 and opened.body == b"2", opened.body
     sid = opened.headers["ts_request_sequence_id"]
     assert sid.startswith("ts-seq-") and len(sid) == len("ts-seq-") + 36
-    assert [send(call, server, v, sid, "session").body for v in (4, 6)] == [b"6", b"12"]
+    later = [send(call, server, v, sid, "session") for v in (4, 6)]
+    assert [reply.body for reply in later] == [b"6", b"12"]
+    assert later[-1].headers["x-pending-requests"] == "0", "each answer ran its stopping criterion"
     closed = send(call, server, 0, sid, "session")
     assert closed.status == 200 and closed.body == b"12"
     assert closed.headers["ts_request_sequence_end"] == sid

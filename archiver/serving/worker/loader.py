@@ -348,6 +348,7 @@ class LoadedModel:
                 status = 503 if self.errors_style == TORCHSERVE_ERRORS else 500  # TorchServe's status
                 return [error_response(status, "HandlerError", message) for _ in requests]
             add_prediction_time(context, started)
+            context.end_batch(answers)  # TorchServe's stopping_criteria, once per answer
             streams = stream_indexes(answers)
             if streams:  # generators: each item sent as it comes (handlers/streaming.py)
                 drive(answers, streams, context)
