@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.errors import ConfigError
 from archiver.serving.front.metrics import ServerMetrics
@@ -214,8 +215,10 @@ def test_the_custom_metrics_example_answers_and_its_metrics_carry_torchserve_s_n
     assert 0 < sample(text, queue) < sample(text, latency)
     # only what this metrics.yaml declares: Requests4XX is TorchServe's default, not this file's
     assert "Requests4XX" not in text and "# TYPE WorkerThreadTime gauge" in text
-    # ours, beside them
+    # ours, beside them, and the whole page one valid exposition (no family twice, every line parses)
     assert 'model_archiver_requests_total{model="mnist",status="200"} 4.0' in text
+    names = [family.name for family in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names))
 
     filtered = call(
         "GET", f"http://127.0.0.1:{ready['metrics_port']}/metrics?name[]=Requests2XX"

@@ -50,7 +50,8 @@ class TsMetricsText:
         if self.names is not None and spec.name not in self.names:
             return
         kind = spec.kind
-        self.lines.append(f"# HELP {spec.name} Torchserve prometheus {kind} metric with unit: {spec.unit}")
+        unit = spec.unit.replace("\\", "\\\\").replace("\n", "\\n")  # a handler's unit is its own text
+        self.lines.append(f"# HELP {spec.name} Torchserve prometheus {kind} metric with unit: {unit}")
         self.lines.append(f"# TYPE {spec.name} {kind}")
         labels = spec.dimensions
         for values, value in samples:
