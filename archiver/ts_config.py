@@ -172,6 +172,8 @@ def read_ts_config(path: str | Path | None, serve_settings: Collection[str] = ()
 
 
 class _Reader:
+    """One pass over a file's properties: each key read, checked and placed, or noted."""
+
     def __init__(self, path: Path, props: dict[str, Property], grpc_keys: dict[str, str]) -> None:
         self.path, self.props, self.grpc_keys = path, props, grpc_keys
         self.out = TsConfig()
