@@ -20,8 +20,10 @@ def grpc_port(key: str, flags: dict[str, Any], file_cfg: dict[str, Any], port: i
     if given is None:
         return 0 if port == 0 else DEFAULTS[key]
     name = "--" + key.replace("_", "-") if flag is not None else key
-    if str(given).strip().lower() == "off":
+    if given is False or str(given).strip().lower() == "off":  # YAML reads a bare `off` as false
         return None
+    if given is True:
+        raise UsageError(f"{name} must be an integer from 0 to 65535 or off, got true")
     try:
         return parse("port", str(given), name)
     except UsageError as exc:

@@ -19,8 +19,8 @@ CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "port": (int,),
     "management_port": (int,),
     "metrics_port": (int,),
-    "grpc_port": (int, str),
-    "grpc_management_port": (int, str),
+    "grpc_port": (int, str, bool),  # a number or off (which YAML reads as false)
+    "grpc_management_port": (int, str, bool),
     "model_store": (str,),
     "models": (str, list),
     "max_request_size": (int,),

@@ -240,3 +240,12 @@ def test_grpc_calls_count_in_the_request_metrics_as_http_ones_do(
     assert 'model_archiver_requests_total{model="echo",status="400"} 1.0' in text
     assert 'model_archiver_requests_total{model="-",status="404"} 1.0' in text
     assert "scanner-name" not in text
+
+
+def test_a_config_file_turns_a_grpc_port_off_with_yamls_bare_off(
+    serve_process: Any, echo_model: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("grpc_port: off\n")  # YAML reads this as false
+    _, ready = serve_process(str(echo_model), "--config", str(config))
+    assert "grpc_port" not in ready and ready["grpc_management_port"] > 0
