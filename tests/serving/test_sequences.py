@@ -353,3 +353,23 @@ def test_requests_a_gone_worker_held_or_queued_get_its_sequence_error():
     for answer in _run(story()):
         assert answer.status == 410
         assert "its worker (7) died: exit code 3; the state it built is lost" in answer.message
+
+
+def test_a_clients_expired_id_does_not_reopen_on_a_worker_that_died_since():
+    async def story():
+        batcher = SequenceBatcher("m", SequenceLimits(max_num_sequence=2, max_queue=3, max_idle_ms=50))
+        taker = asyncio.ensure_future(batcher.take(3))
+        await asyncio.sleep(0)
+        answer = asyncio.ensure_future(batcher.submit(_request("1", "e")))
+        jobs = await taker
+        batcher.deliver(jobs, [InferenceResponse(body=b"1")])
+        await answer
+        while batcher.open_sequences:  # idle past 50 ms: expired (the 30 s guard bounds this)
+            await asyncio.sleep(0.01)
+        batcher.worker_gone(3, "its worker (3) died: SIGKILL")  # the state "e" would reopen on is gone
+        with pytest.raises(SequenceError) as refused:
+            await batcher.submit(_request("2", "e"))
+        return refused.value
+
+    refused = _run(story())
+    assert refused.http_status == 410 and "its worker (3) died: SIGKILL" in refused.message

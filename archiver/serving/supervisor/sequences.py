@@ -1,20 +1,13 @@
 """Sequence batching for stateful models: a sequence's requests run in order on one worker (TorchServe's).
 
-A stateful handler keeps per-sequence state in its worker process (``context.get_sequence_id(idx)`` is
-its key), so every request of a sequence must reach the same worker, one at a time, in the order the
-client sent them. A request names its sequence with the ``ts_request_sequence_id`` header; one without
-it opens a new sequence whose id (``ts-seq-<uuid>``) the server makes, marks with
-``ts_request_sequence_start: true`` for the handler and returns in the answer's
-``ts_request_sequence_id`` header. A sequence is bound to the least busy worker when it opens; a batch
-holds at most one request per sequence, so its next request waits for the answer to the previous one.
-
-A sequence ends when its handler answers with ``ts_request_sequence_end``, when it has been idle for
-``sequenceMaxIdleMSec`` (or older than ``sequenceTimeoutMSec``), and when its worker dies or is
-retired: its state is gone then, and the requests still queued get a clear error instead of running
-on a worker that never saw the sequence's beginning. Ids the server made are single-use: a request
-naming one that ended gets 410, one the server never made 404. An id the client chose opens a
-sequence (TorchServe's examples do this) and, after an idle expiry or its handler's end, opens again
-on the same worker; after its worker's death it gets 410 too, because the state it relied on is gone.
+A stateful handler keeps per-sequence state in its worker (keyed by ``context.get_sequence_id(idx)``),
+so each sequence is bound to one worker when it opens (the least busy), and a batch holds at most one
+request per sequence: its next request waits for the previous answer. Headers and ids: sequence_ids.py.
+A sequence ends when its handler answers with ``ts_request_sequence_end``, when idle for
+``sequenceMaxIdleMSec`` (or older than ``sequenceTimeoutMSec``), and when its worker dies or is retired;
+its waiting requests then get a clear error rather than run on a worker that never saw its beginning.
+A server-made id that ended gets 410 (404 if never made); a client's id reopens after an expiry or its
+handler's end (on the same worker, as TorchServe's examples expect), but not after its worker died.
 """
 
 from __future__ import annotations
@@ -100,6 +93,7 @@ class SequenceBatcher(Batcher):
         self._ended: OrderedDict[str, _Ended] = OrderedDict()
         self._slots: dict[int, OrderedDict[str, OpenSequence]] = {}  # a worker's sequences, by slot
         self._slot_waiters: dict[int, asyncio.Future] = {}
+        self._unbound: dict[str, OpenSequence] = {}  # opened while no worker was taking work
         self._sweep: asyncio.TimerHandle | None = None  # at the earliest time a sequence may expire
 
     @property
@@ -187,6 +181,8 @@ class SequenceBatcher(Batcher):
         self._open[sid] = seq
         if slot is not None:
             self._slots[slot][sid] = seq
+        else:
+            self._unbound[sid] = seq
         self._arm_at(self._expires_at(seq))
         return seq
 
@@ -208,10 +204,11 @@ class SequenceBatcher(Batcher):
         it waits)."""
         key = slot if slot is not None else 0
         mine = self._slots.setdefault(key, OrderedDict())
-        for seq in self._open.values():  # opened while no worker was serving: this one takes them
-            if seq.slot is None:
-                seq.slot, mine[seq.sid] = key, seq
         while True:
+            while self._unbound:  # opened while no worker was serving: this one takes them
+                seq = self._unbound.pop(next(iter(self._unbound)))
+                if self._open.get(seq.sid) is seq:
+                    seq.slot, mine[seq.sid] = key, seq
             batch = self._ready(mine)
             if batch:
                 break
@@ -295,12 +292,18 @@ class SequenceBatcher(Batcher):
     def worker_gone(self, slot: int, reason: str) -> None:
         """End every sequence of the worker in ``slot``: the state they built died with it."""
         mine = self._slots.pop(slot, None)  # its loop is cancelled by the pool; a new worker registers anew
-        for seq in list((mine or {}).values()):
-            message = (
-                f'sequence "{seq.sid}" of model "{self.name}" ended: {reason}; the state it built is '
-                "lost, so start a new sequence"
+
+        def message(sid: str) -> str:
+            return (
+                f'sequence "{sid}" of model "{self.name}" ended: {reason}; the state it built is lost, so '
+                "start a new sequence"
             )
-            self._end(seq, message, reopens=False)
+
+        for seq in list((mine or {}).values()):
+            self._end(seq, message(seq.sid), reopens=False)
+        for sid, ended in self._ended.items():  # a client's expired id would reopen on a fresh worker
+            if ended.reopens and ended.slot == slot:
+                self._ended[sid] = _Ended(message(sid), False, slot)
 
     def fail_queued(self, exc: BaseException) -> None:
         """Answer every waiting request with ``exc``'s error and end every sequence."""
