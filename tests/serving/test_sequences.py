@@ -373,3 +373,23 @@ def test_a_clients_expired_id_does_not_reopen_on_a_worker_that_died_since():
 
     refused = _run(story())
     assert refused.http_status == 410 and "its worker (3) died: SIGKILL" in refused.message
+
+
+def test_model_config_sequence_keys_are_checked():
+    from archiver.config import parse_model_config
+    from archiver.errors import ConfigError, UsageError
+    from archiver.serving.supervisor.model_entry import settings_from_model_config
+
+    with pytest.raises(UsageError, match="sequenceBatching needs sequenceMaxIdleMSec > 0"):
+        settings_from_model_config(parse_model_config("sequenceBatching: true\n"))
+    for text, wanted in (
+        ("maxNumSequence: 0", "maxNumSequence must be an integer from 1 to 100000, got 0"),
+        ("sequenceMaxIdleMSec: .inf", "sequenceMaxIdleMSec must be a number from 0 to 86400000"),
+        ("maxSequenceJobQueueSize: 1000000", "maxSequenceJobQueueSize must be an integer from 1 to 10000"),
+        ("sequenceTimeoutMSec: -5", "sequenceTimeoutMSec must be 0 (no limit) or a number from 1"),
+    ):
+        with pytest.raises(ConfigError, match=wanted.replace("(", r"\(").replace(")", r"\)")):
+            parse_model_config(text)
+    settings = settings_from_model_config(parse_model_config(STATEFUL_CONFIG.format(idle=10)))
+    assert settings["sequence_batching"] is True and settings["max_num_sequence"] == 4
+    assert settings["sequence_max_idle_ms"] == 10 and settings["max_sequence_job_queue_size"] == 10
