@@ -18,6 +18,7 @@ import torch
 from archiver.errors import ArchiverError, HandlerError, HandlerInputError
 from handlers.aot_library import AotLibraryModel
 from handlers.context import Context
+from handlers.explain import check_explainable, explain_requested, request_target
 from handlers.input_dtypes import input_dtypes, is_input_fault, json_tensor
 from handlers.labels import LABEL_FILE, load_label_mapping
 from handlers.model_loading import (
@@ -59,6 +60,7 @@ class BaseHandler:
         # Rows each v2 request brought to the current batch (None: not a batch of tensor requests).
         self._tensor_counts: list[int] | None = None
         self._input_dtypes: list[torch.dtype | None] | None = None  # learned at the first batch
+        self.explain = False  # TorchServe's flag, set by _is_explain
 
     def initialize(self, context: Context) -> None:
         """Find the serialized file from the manifest, load it on the right device, read the labels."""
@@ -187,8 +189,11 @@ class BaseHandler:
         """
         started = time.perf_counter()
         self.context = context
+        asked = [explain_requested(context, i) for i in range(len(data))]
         groups = tensor_groups(data)
-        if len(groups) == 1:
+        if any(asked):
+            answers = self._explain_or_answer(data, asked)
+        elif len(groups) == 1:
             answers = self._answer(data)
         else:
             answers = [None] * len(data)
@@ -199,14 +204,49 @@ class BaseHandler:
             context.metrics.add_time("HandlerTime", (time.perf_counter() - started) * 1000, None, "ms")
         return answers
 
-    def _answer(self, data: list[dict[str, Any]]) -> list[Any]:
-        """preprocess → inference → postprocess for one batch (or group), with rejected requests' errors."""
+    # ---- explanations (TorchServe's explain_handle / get_insights; handlers/explain.py) ------------
+    def _is_explain(self) -> bool:
+        """TorchServe's test, for handlers that call it: the batch's first request asks to be explained."""
+        self.explain = explain_requested(self.context, 0)
+        return self.explain
+
+    def explain_handle(self, data_preprocess: Any, raw_data: list[Any]) -> Any:
+        """TorchServe's: ``get_insights`` on the preprocessed batch, for the first request's ``target``."""
+        check_explainable(self, self._model_name())
+        inputs = payload_of(raw_data[0]) if raw_data else None
+        return self.get_insights(data_preprocess, inputs, request_target(raw_data))  # type: ignore[attr-defined]
+
+    def _explain_or_answer(self, data: list[dict[str, Any]], asked: list[bool]) -> list[Any]:
+        """Explain the requests that asked and predict the others; when this handler cannot explain,
+        each request that asked gets the 501 and the others their predictions."""
+        try:
+            check_explainable(self, self._model_name())
+            cannot: ArchiverError | None = None
+        except ArchiverError as exc:
+            cannot = exc
+        answers: list[Any] = [cannot] * len(data)
+        for explain in (False, True):
+            group = [i for i, flag in enumerate(asked) if flag is explain]
+            if group and not (explain and cannot):
+                got = self._answer([data[i] for i in group], explain=explain)
+                for index, answer in zip(group, got, strict=True):
+                    answers[index] = answer
+        return answers
+
+    def _model_name(self) -> str:
+        return str((self.manifest or {}).get("model", {}).get("modelName") or type(self).__name__)
+
+    def _answer(self, data: list[dict[str, Any]], explain: bool = False) -> list[Any]:
+        """preprocess → inference → postprocess for one batch (or group), with rejected requests' errors;
+        with ``explain``, preprocess → explain_handle."""
         self._rejected = {}
         self._tensor_counts = None
         model_input = self.preprocess(data)
         kept = [i for i in range(len(data)) if i not in self._rejected]
         answers: list[Any] = []
-        if kept:
+        if kept and explain:
+            answers = self.explain_handle(model_input, [data[i] for i in kept])
+        elif kept:
             try:
                 if isinstance(model_input, tuple) and self._tensor_counts is not None:
                     output = self.inference(*model_input)  # several inputs, in the request's order

@@ -26,6 +26,7 @@ from torchvision.transforms import functional as F
 
 from archiver.errors import HandlerInputError, reason
 from handlers.base import BaseHandler, payload_of
+from handlers.explain import integrated_gradients
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -252,6 +253,10 @@ class VisionHandler(BaseHandler):
         super().initialize(context)
         if not context.system_properties.get("limit_max_image_pixels", True):
             self.max_pixels = None
+
+    def get_insights(self, tensor_data: torch.Tensor, _: Any, target: Any = 0) -> list:
+        """TorchServe's: Captum's IntegratedGradients attributions of each image for class ``target``."""
+        return integrated_gradients(self.model, tensor_data, target)
 
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
         """One decoded image to the model's input tensor (C, H, W): ``image_processing``, else ImageNet's."""
