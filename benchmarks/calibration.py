@@ -1,7 +1,7 @@
-"""What the measured worker split costs and gives (issue 25 item 2), in one run on this machine.
+"""What the measured worker split costs and gives, and where each request's CPU goes (issue 25 items 2, 3).
 
-    .venv/bin/python benchmarks/calibration.py                      # all three parts, 3 rounds
-    .venv/bin/python benchmarks/calibration.py --baseline /tmp/base # start-up also against an older copy
+    .venv/bin/python benchmarks/calibration.py                      # all four parts, 3 rounds
+    .venv/bin/python benchmarks/calibration.py --baseline /tmp/base # parts 1 and 4 also against an older copy
 
 1. Start-up of a model nobody sized and that has no example (the tiny Linear model, custom handler,
    no minWorkers): spawn to READY, this checkout against ``--baseline`` (a copy of archiver/ and
@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -25,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 from _common import REPO, free_port, stop_server, wait_ready_file
 from serve import hey
 from tiny import build_tiny
@@ -198,13 +201,108 @@ def part_threads(args: argparse.Namespace, conv: Path) -> None:
         print(f"| {label} | {p50:.2f} | {rps:.1f} |")
 
 
+def cpu(proc: psutil.Process) -> float:
+    with contextlib.suppress(psutil.Error):
+        times = proc.cpu_times()
+        return times.user + times.system
+    return 0.0
+
+
+def loaded(url: str, body: Path, seconds: float, concurrency: int) -> tuple[dict, float]:
+    """One hey run: its report's req/s and answers, and hey's own CPU seconds."""
+    cmd = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-T", "application/json"]
+    proc = psutil.Popen([*cmd, "-D", str(body), url], stdout=subprocess.PIPE, text=True)
+    used = 0.0
+    while proc.poll() is None:
+        used = max(used, cpu(proc))
+        time.sleep(0.1)
+    text = proc.stdout.read()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    answered = sum(int(n) for n in re.findall(r"\[200\]\s+(\d+) responses", text))
+    return {"req_per_s": rps, "answered": max(1, answered)}, used
+
+
+def cpu_server(label: str, package: Path | None, mar: Path, args: argparse.Namespace) -> dict:
+    ports = [free_port() for _ in range(3)]
+    ready = args.out / f"cpu-{label}-ready.json"
+    ready.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if package is not None:
+        env["PYTHONPATH"] = str(package)
+    cmd = [
+        str(REPO / ".venv" / "bin" / "python"),
+        "-m",
+        "archiver.cli",
+        "serve",
+        "--model-store",
+        str(mar.parent),
+    ]
+    cmd += [
+        "--models",
+        f"tiny={mar.name}",
+        "--ready-file",
+        str(ready),
+        "--cache-dir",
+        str(args.out / "cpu-cache"),
+    ]
+    cmd += ["--port", str(ports[0]), "--management-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    cmd += ["--workers", str(args.workers)]
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
+    if ((package or REPO) / "archiver" / "commands" / "grpc_ports.py").exists():
+        cmd += ["--grpc-port", "off", "--grpc-management-port", "off"]
+    url = f"http://127.0.0.1:{ports[0]}/predictions/tiny"
+    with open(args.out / f"cpu-{label}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.out)
+        try:
+            wait_ready_file(ready, proc, 120)
+            front = psutil.Process(proc.pid)
+            loaded(url, args.body, args.warmup, args.concurrency)
+            workers = front.children(recursive=True)
+            before = (cpu(front), sum(cpu(w) for w in workers))
+            run, client = loaded(url, args.body, args.duration, args.concurrency)
+            after = (cpu(front), sum(cpu(w) for w in workers))
+        finally:
+            stop_server(proc)
+    n = run["answered"]
+    return {
+        "req_per_s": run["req_per_s"],
+        "front_us": (after[0] - before[0]) / n * 1e6,
+        "workers_us": (after[1] - before[1]) / n * 1e6,
+        "client_us": client / n * 1e6,
+    }
+
+
+def part_cpu(args: argparse.Namespace) -> None:
+    """Where each request's CPU goes at c=32 on the tiny model (--workers 1 --torch-threads 1, as
+    tiny.py): the client (hey), the front, the workers; this checkout against --baseline."""
+    args.workers, args.torch_threads, args.concurrency, args.warmup = 1, 1, 32, 3.0
+    mar = build_tiny(args.out, 32, 5)
+    args.body = args.out / "tiny.json"
+    args.body.write_text("[0.1, 0.2, 0.3, 0.4]")
+    copies = {"now": None, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    rounds: dict[str, list[dict]] = {k: [] for k in copies}
+    for number in range(args.rounds):
+        for label, package in copies.items():
+            got = cpu_server(label, package, mar, args)
+            rounds[label].append(got)
+            print(f"   round {number + 1} {label}: { {k: round(v, 1) for k, v in got.items()} }", flush=True)
+    print(f"\n4. CPU per request, tiny model, c=32, best of {args.rounds} rounds (µs):")
+    print("| server | req/s | front | workers | client (hey) |\n|---|---|---|---|---|")
+    for label, runs in rounds.items():
+        print(
+            f"| {label} | {max(r['req_per_s'] for r in runs):,.0f} | {min(r['front_us'] for r in runs):.0f} "
+            f"| {min(r['workers_us'] for r in runs):.0f} | {min(r['client_us'] for r in runs):.0f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
     parser.add_argument("--out", type=Path, default=REPO / "bench-out")
     parser.add_argument("--baseline", type=Path, help="a folder holding an older copy of archiver/")
-    parser.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
+    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run (comma-separated)")
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("benchmarks/calibration.py needs hey: apt-get install -y hey")
@@ -220,6 +318,8 @@ def main() -> None:
         part_calibration(args, conv)
     if "3" in parts:
         part_threads(args, conv)
+    if "4" in parts:
+        part_cpu(args)
     print(f"\nload average after {os.getloadavg()[0]:.2f}")
 
 
