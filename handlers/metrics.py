@@ -33,6 +33,7 @@ _MAX_NAME = 200
 _MAX_DIMENSION_VALUE = 128
 # TorchServe adds these dimensions itself; on /metrics the model is the server's ``model`` label.
 _IMPLICIT_DIMENSIONS = frozenset({"ModelName", "Level", "Hostname"})
+_DEFAULT_DIMENSIONS = ["ModelName", "Level"]  # what TorchServe's add calls give a metric by default
 
 
 class MetricTypes(enum.Enum):
@@ -228,6 +229,11 @@ class Metrics:
         if not isinstance(name, str) or not name:
             self._invalid()
             return
+        if not dimensions and level == "Model":  # the common call (HandlerTime, PredictionTime): no zips
+            metric = self._cache.get((name, kind))
+            if metric is not None and metric.dimension_names == _DEFAULT_DIMENSIONS:
+                self._record(name, value, metric.unit, [], kind)
+                return
         pairs = _ordered_dimensions(dimensions)
         given = {n for n, _ in pairs}
         if "ModelName" not in given:

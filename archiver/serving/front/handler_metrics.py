@@ -92,6 +92,10 @@ class HandlerMetricsCollector:
         self._ts: dict[str, _Family] = {}  # TorchServe's name → family; labels end with Hostname
         self._ts_series: dict[str, int] = {}
         self._host = socket.gethostname()
+        # (model, name, kind) of a record without dimensions seen before -> the series it updates (ours,
+        # and TorchServe's name's if it has one): the built-in HandlerTime/PredictionTime every batch
+        # sends skip the checks their first record passed
+        self._known: dict[tuple[str, str, Any], list[list[float]]] = {}
         self._lock = threading.Lock()
         self._families: dict[str, _Family] = {}
         self._taken: set[str] = set(_sample_names(_DROPPED, "counter"))  # names in the exposition
@@ -122,6 +126,15 @@ class HandlerMetricsCollector:
             reason = record.get("reason")
             self._drop(model, reason if reason in ("batch_limit", "invalid") else "invalid", max(value, 0))
             return
+        if "dims" not in record and isinstance(name, str):  # a name seen before: its series, straight
+            known = self._known.get((model, name, kind))
+            if known is not None and (kind == "gauge" or value >= 0):
+                for series in known:
+                    if kind == "gauge":
+                        series[0] = float(value)
+                    else:
+                        series[0] += value
+                return
         count = record.get("count", 1)
         if (
             kind not in _KINDS
@@ -136,7 +149,7 @@ class HandlerMetricsCollector:
         if dims is None:
             self._drop(model, "invalid")
             return
-        self._observe_ts(model, name, kind, record, float(value), count)
+        ts_series = self._observe_ts(model, name, kind, record, float(value), count)
         family_name = HANDLER_PREFIX + _NOT_NAME.sub("_", name[:200])
         while kind == "counter" and family_name.endswith("_total"):
             family_name = family_name[: -len("_total")]  # the exposition adds it back
@@ -169,16 +182,21 @@ class HandlerMetricsCollector:
         else:
             series[0] += count
             series[1] += value
+        if "dims" not in record and kind != "histogram" and ts_series is not False:
+            self._known[(model, name, kind)] = [series] if ts_series is None else [series, ts_series]
 
-    def _observe_ts(self, model: str, name: str, kind: str, record: dict, value: float, count: int) -> None:
-        """The record under TorchServe's name and labels (see the module's docstring)."""
+    def _observe_ts(
+        self, model: str, name: str, kind: str, record: dict, value: float, count: int
+    ) -> list[float] | None | bool:
+        """The record under TorchServe's name and labels (see the module's docstring): the series it
+        updated, None when the name has no TorchServe series, False when the record was dropped."""
         given = {n: v[:128] for n, v in record.get("dims") or () if n not in _IMPLICIT_DIMENSIONS}
         spec = self._ts_declared.get(name)
         if spec is not None:
             labels = (*spec.dimensions, "Hostname")
             if spec.kind != kind or set(given) != set(labels) - _IMPLICIT_DIMENSIONS:
                 self._drop(model, "torchserve_labels")
-                return
+                return False
         elif (
             self._ts_auto
             and _TS_NAME.match(name)
@@ -188,18 +206,18 @@ class HandlerMetricsCollector:
         ):
             labels = (*sorted(given), "ModelName", "Level", "Hostname")
         else:
-            return
+            return None
         family = self._ts.get(name)
         if family is not None and (family.kind != kind or family.labels != labels):
             self._drop(model, "torchserve_labels")
-            return
+            return False
         implicit = {"ModelName": model, "Level": "Model", "Hostname": self._host}
         key = tuple(implicit[n] if n in implicit else given[n] for n in labels)
         series = family.series.get(key) if family is not None else None
         if series is None:
             if self._ts_series.get(model, 0) >= self.series_per_model:
                 self._drop(model, "series_limit")
-                return
+                return False
             if family is None:
                 unit = spec.unit if spec is not None else str(record.get("unit") or "")[:32]
                 family = self._ts[name] = _Family(kind, labels, unit)  # (the unit, for TorchServe's HELP)
@@ -212,6 +230,7 @@ class HandlerMetricsCollector:
         else:
             series[0] += count
             series[1] += value
+        return series
 
     def ts_families(self) -> list[tuple[str, str, str, tuple[str, ...], list[tuple[tuple[str, ...], Any]]]]:
         """TorchServe-named families: (name, kind, unit, labels, [(label values, value or (count, sum))])."""
