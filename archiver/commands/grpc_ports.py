@@ -1,13 +1,23 @@
 """``serve``'s gRPC ports: ``--grpc-port`` and ``--grpc-management-port`` (or --config's keys), each a
-number (0: a free port) or ``off``; TorchServe's 7070 and 7071 when not given."""
+number (0: a free port) or ``off``; TorchServe's 7070 and 7071 when not given.
+
+A port given and taken stops the server at start, as an HTTP port does. A default port that is taken
+(another server on this machine, TorchServe's own among them, holds 7070) turns that gRPC server off
+with a line on stderr instead: the server was not asked for gRPC there, and should not fail to start
+because something else took a port it never named.
+"""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
+
+import click
 
 from archiver.errors import UsageError
 
 DEFAULTS = {"grpc_port": 7070, "grpc_management_port": 7071}
+_NAMES = {"grpc_port": "--grpc-port", "grpc_management_port": "--grpc-management-port"}
 
 
 def grpc_port(key: str, flags: dict[str, Any], file_cfg: dict[str, Any], port: int) -> int | None:
@@ -19,7 +29,7 @@ def grpc_port(key: str, flags: dict[str, Any], file_cfg: dict[str, Any], port: i
     given = flag if flag is not None else configured
     if given is None:
         return 0 if port == 0 else DEFAULTS[key]
-    name = "--" + key.replace("_", "-") if flag is not None else key
+    name = _NAMES[key] if flag is not None else key
     if given is False or str(given).strip().lower() == "off":  # YAML reads a bare `off` as false
         return None
     if given is True:
@@ -30,6 +40,29 @@ def grpc_port(key: str, flags: dict[str, Any], file_cfg: dict[str, Any], port: i
         raise UsageError(exc.message.replace(" from 0 to 65535,", " from 0 to 65535 or off,")) from None
 
 
-def grpc_ports(flags: dict[str, Any], file_cfg: dict[str, Any], port: int) -> dict[str, int | None]:
-    """ServerSettings' ``grpc_port`` and ``grpc_management_port``."""
-    return {key: grpc_port(key, flags, file_cfg, port) for key in DEFAULTS}
+def _taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def grpc_ports(
+    flags: dict[str, Any], file_cfg: dict[str, Any], port: int, host: str
+) -> dict[str, int | None]:
+    """ServerSettings' ``grpc_port`` and ``grpc_management_port`` (a taken default: off, said on stderr)."""
+    ports = {key: grpc_port(key, flags, file_cfg, port) for key in DEFAULTS}
+    for key, value in ports.items():
+        defaulted = flags.get(key) is None and file_cfg.get(key) is None
+        if defaulted and value and _taken(host, value):
+            ports[key] = None
+            click.echo(
+                f"model-archiver serve: gRPC port {value} is taken (another server?): that gRPC server is "
+                f"off; choose one with {_NAMES[key]} PORT (0: a free one)",
+                err=True,
+            )
+    return ports

@@ -282,7 +282,7 @@ def build_settings(
         port=pick("port"),
         management_port=pick("management_port"),
         metrics_port=pick("metrics_port"),
-        **grpc_ports(flags, file_cfg, pick("port")),
+        **grpc_ports(flags, file_cfg, pick("port"), pick("host")),
         model_store=store_path,
         models=models,
         defaults=_model_defaults().merged(**ts.defaults),

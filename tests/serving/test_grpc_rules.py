@@ -249,3 +249,45 @@ def test_a_config_file_turns_a_grpc_port_off_with_yamls_bare_off(
     config.write_text("grpc_port: off\n")  # YAML reads this as false
     _, ready = serve_process(str(echo_model), "--config", str(config))
     assert "grpc_port" not in ready and ready["grpc_management_port"] > 0
+
+
+def test_a_taken_default_grpc_port_turns_grpc_off_with_a_line_not_a_failure(
+    echo_model: Path, tmp_path: Path, serving_kit: Any
+) -> None:
+    """7070 held by another server (TorchServe's default too): serve still starts, and says so."""
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 7070))
+        holder.listen(1)
+    except OSError:
+        holder.close()  # already held by another process: taken either way
+    http_ports = []
+    for _ in range(3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            http_ports.append(str(probe.getsockname()[1]))
+    ready_file = tmp_path / "ready.json"
+    cmd = [sys.executable, "-m", "archiver", "serve", str(echo_model), "--port", http_ports[0]]
+    cmd += [
+        "--management-port",
+        http_ports[1],
+        "--metrics-port",
+        http_ports[2],
+        "--grpc-management-port",
+        "0",
+    ]
+    cmd += ["--ready-file", str(ready_file), "--cache-dir", str(tmp_path / "cache")]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        serving_kit.wait_until(lambda: ready_file.exists() or proc.poll() is not None, 60, "server ready")
+        assert proc.poll() is None, log.read_text()
+        ready = json.loads(ready_file.read_text())
+        assert "grpc_port" not in ready and ready["grpc_management_port"] > 0
+        said = log.read_text()
+        assert "gRPC port 7070 is taken (another server?): that gRPC server is off; choose one with " in said
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        holder.close()
