@@ -364,9 +364,9 @@ class WorkerPool:
         """Make the model FAILED with ``reason``: its workers end, its queued requests get 503."""
         self.state, self.error = ModelState.FAILED, reason
         self.target = 0
+        self.batcher.fail_queued(unavailable(self.spec.model, self.state, reason))  # sequences end with why
         for slot in sorted(self._occupied()):
             self._retire(slot)
-        self.batcher.fail_queued(unavailable(self.spec.model, self.state, reason))
 
     # ---- shutdown ------------------------------------------------------------------------------
     async def close(self, timeout_s: float = 30.0) -> None:
