@@ -79,6 +79,14 @@ def batch_failure_response(exc: BaseException, model_dir: Path | str | None, sty
     return error_response(503, "InternalServerException", _PREDICTION_FAILED)
 
 
+def miscounted_response(answers: Any, count: int, style: str) -> InferenceResponse:
+    """What each request gets when the handler returned no list, or one of another length: a 500,
+    TorchServe's 503 in its style."""
+    got = f"{len(answers)} answers" if isinstance(answers, list) else f"a {type(answers).__name__}"
+    message = f"handler returned {got} for a batch of {count} requests"
+    return error_response(503 if style == TORCHSERVE_ERRORS else 500, "HandlerError", message)
+
+
 def answer_response(
     context: Any,
     idx: int,

@@ -36,16 +36,15 @@ from archiver.serving.protocols.oip import PROTOCOL_HEADER, V2_BODY
 from archiver.serving.protocols.records import (
     InferenceRequest,
     InferenceResponse,
-    error_response,
     make_request,
 )
 from archiver.serving.worker.handler_answers import (
     DETAILED_ERRORS,
-    TORCHSERVE_ERRORS,
     answer_response,
     batch_failure_response,
     failure_response,
     handler_errors_style,
+    miscounted_response,
     output_names,
     tensor_rows,
 )
@@ -341,12 +340,7 @@ class LoadedModel:
                 self._handler_failed(exc)
                 return [batch_failure_response(exc, self.model_dir, self.errors_style) for _ in requests]
             if not isinstance(answers, list) or len(answers) != count:
-                got = (
-                    f"{len(answers)} answers" if isinstance(answers, list) else f"a {type(answers).__name__}"
-                )
-                message = f"handler returned {got} for a batch of {count} requests"
-                status = 503 if self.errors_style == TORCHSERVE_ERRORS else 500  # TorchServe's status
-                return [error_response(status, "HandlerError", message) for _ in requests]
+                return [miscounted_response(answers, count, self.errors_style) for _ in requests]
             add_prediction_time(context, started)
             context.end_batch(answers)  # TorchServe's stopping_criteria, once per answer
             streams = stream_indexes(answers)
