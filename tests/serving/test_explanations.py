@@ -6,7 +6,9 @@ its predictions go on. The tiny digit model and its weights are made here.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import textwrap
 
 import pytest
@@ -98,12 +100,19 @@ def test_the_mnist_handler_explains_the_digit_with_captum(serve, call, digits) -
     model, archives = digits
     server = serve([archives["mnist"]])
     png = digit_png()
+    b64 = base64.b64encode(png).decode()
 
     explained = call("PUT", server.url() + "/explanations/mnist", png)
     assert explained.status == 200, explained.body[:300]
     got = torch.tensor(explained.json())
     assert got.shape == (1, 28, 28)  # one channel of 28×28 attributions, as TorchServe answers
     assert torch.allclose(got, torch.tensor(attributions(model, png)), rtol=1e-3, atol=1e-6)
+    # KServe v1's :explain, as TorchServe's KServe wrapper serves it: {"explanations": [...]}.
+    v1 = call(
+        "POST", server.url() + "/v1/models/mnist:explain", json.dumps({"instances": [{"b64": b64}]}), JSON
+    )
+    assert v1.status == 200, v1.body[:300]
+    assert torch.allclose(torch.tensor(v1.json()["explanations"][0]), got)
     predicted = call("PUT", server.url() + "/predictions/mnist", png)
     assert predicted.status == 200
     with torch.no_grad():

@@ -34,6 +34,7 @@ BODIES = {
         JSON,
     ),
     router.v1_predict: (json.dumps({"instances": ["a", "b"]}).encode(), JSON),
+    router.v1_explain: (json.dumps({"instances": ["a"]}).encode(), JSON),
 }
 
 

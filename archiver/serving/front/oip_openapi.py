@@ -191,4 +191,20 @@ def openapi_paths() -> dict[str, Any]:
             },
         }
     }
+    paths["/v1/models/{model}:explain"] = {
+        "post": {
+            **paths["/v1/models/{model}:predict"]["post"],
+            "summary": 'Explain: {"instances": [...]}, each explained by the handler (get_insights)',
+            "responses": {
+                "200": ok(
+                    "one explanation per instance",
+                    {"type": "object", "properties": {"explanations": {"type": "array"}}},
+                ),
+                "400": _ERROR,
+                "404": _ERROR,
+                "501": _ERROR,
+                "503": _ERROR,
+            },
+        }
+    }
     return paths

@@ -193,6 +193,7 @@ def v1_prediction(answer: InferenceResponse) -> Any:
     return {"b64": base64.b64encode(answer.body).decode()}
 
 
-def build_v1_response(answers: list[InferenceResponse]) -> bytes:
-    """``{"predictions": [...]}``, one prediction per instance, in order (all answers successful)."""
-    return json.dumps({"predictions": [v1_prediction(a) for a in answers]}).encode()
+def build_v1_response(answers: list[InferenceResponse], key: str = "predictions") -> bytes:
+    """``{"predictions": [...]}`` (``{"explanations": [...]}`` for ``:explain``), one answer per
+    instance, in order (all answers successful)."""
+    return json.dumps({key: [v1_prediction(a) for a in answers]}).encode()

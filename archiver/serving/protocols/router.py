@@ -349,21 +349,31 @@ async def v1_model(host: ModelHost, call: Call) -> Reply:
     return _json(200, {"name": model.name, "ready": model.ready})
 
 
-async def v1_predict(host: ModelHost, call: Call) -> Reply:
-    """POST /v1/models/{model}:predict: each instance one element of the handler's batch."""
-
+async def _v1(host: ModelHost, call: Call, explain: bool) -> Reply:
     async def answer(model: ModelRef, body: bytes, request_id: str) -> Reply:
         instances = await _off_loop(body, oip.parse_v1_request, call.max_request_items)
         headers = dict(call.headers)
         raws = [oip.v1_raw_request(x, f"{request_id}-{i}", headers) for i, x in enumerate(instances)]
+        for raw in raws if explain else ():
+            raw.headers["explain"] = "True"  # the header TorchServe handlers look for, as /explanations
         answers = await host.predict_all(model.name, None, raws)  # all queued together, or none (503)
         failed = next((a for a in answers if not a.ok), None)
         if failed is not None:
             raise _failure(failed)
-        reply = oip.build_v1_response(list(answers))
+        reply = oip.build_v1_response(list(answers), "explanations" if explain else "predictions")
         return Reply(200, {"Content-Type": _JSON, "x-request-id": request_id}, reply, label=model.name)
 
     return await _model_request(host, call, answer)
+
+
+async def v1_predict(host: ModelHost, call: Call) -> Reply:
+    """POST /v1/models/{model}:predict: each instance one element of the handler's batch."""
+    return await _v1(host, call, explain=False)
+
+
+async def v1_explain(host: ModelHost, call: Call) -> Reply:
+    """POST /v1/models/{model}:explain: the same, each instance explained (``{"explanations": [...]}``)."""
+    return await _v1(host, call, explain=True)
 
 
 def _inference_routes() -> list[Route]:
@@ -379,6 +389,7 @@ def _inference_routes() -> list[Route]:
         routes += [Route("GET", base, model_metadata), Route("GET", base + "/ready", model_ready)]
     routes += [Route("GET", "/v1/models/{model:[^/:]+}", v1_model)]
     routes += [Route("POST", "/v1/models/{model:[^/:]+}:predict", v1_predict)]
+    routes += [Route("POST", "/v1/models/{model:[^/:]+}:explain", v1_explain)]
     return routes
 
 
