@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -88,7 +89,7 @@ def build_archive(example: Example, checkout: Path, archiver: Path, out: Path) -
     target.unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)  # --export-path model_store: the README's mkdir
     done = subprocess.run(
-        [str(archiver), *example.archive], cwd=cwd, capture_output=True, text=True, timeout=600
+        [str(archiver), *shlex.split(example.archive)], cwd=cwd, capture_output=True, text=True, timeout=600
     )
     if done.returncode != 0 or not target.is_file():
         tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-2:])

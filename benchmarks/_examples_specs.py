@@ -48,7 +48,7 @@ class Weights:
 class Example:
     name: str
     cwd: str  # relative to the checkout root: where the README's commands run
-    archive: tuple[str, ...]  # the README's archiver arguments, after the program name
+    archive: str  # the README's archiver arguments, after the program name (split as a shell does)
     mar: str  # the archive the command writes, relative to cwd
     models: str | None  # torchserve --models VALUE; None: registered through the management API
     requests: tuple[Request, ...]
@@ -61,368 +61,164 @@ class Example:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
+# fmt: off
 KITTEN = "examples/image_classifier/kitten.jpg"
 INDEX = "examples/image_classifier/index_to_name.json"
-MNIST_ARGS = ("--model-file", "examples/image_classifier/mnist/mnist.py")
-MNIST_WEIGHTS = Weights("state_dict", "examples/image_classifier/mnist/mnist.py",
-                        "examples/image_classifier/mnist/mnist_cnn.pt")  # fmt: skip
+RESNET18 = "examples/image_classifier/resnet_18/model.py"
+MNIST = (
+    "--model-name mnist --version 1.0 --model-file examples/image_classifier/mnist/mnist.py "
+    "--serialized-file examples/image_classifier/mnist/mnist_cnn.pt --handler "
+)
+MNIST_FOLDER = "examples/image_classifier/mnist"
+MNIST_WEIGHTS = Weights("state_dict", f"{MNIST_FOLDER}/mnist.py", f"{MNIST_FOLDER}/mnist_cnn.pt")
 ZERO_PNG = "examples/image_classifier/mnist/test_data/0.png"
 
 
-def _vision(folder: str, weights: str, model: str, request_name: str | None = None) -> Example:
+def _mnist(name: str, handler: str, config: str, requests: tuple[Request, ...], note: str = "") -> Example:
+    return Example(name=name, cwd=".", archive=MNIST + handler, mar="mnist.mar", models="mnist=mnist.mar",
+                   ts_config=config, requests=requests, weights=MNIST_WEIGHTS, handler_kind="custom",
+                   note=note)
+
+
+def _vision(folder: str, weights: str, model: str) -> Example:
     """The image_classifier README pattern: model.py + the downloaded .pth, handler image_classifier."""
     model_file = f"examples/image_classifier/{folder}/model.py"
     return Example(
-        name=f"image_classifier/{folder}",
-        cwd=".",
-        archive=("--model-name", model, "--version", "1.0", "--model-file", model_file,
-                 "--serialized-file", weights, "--handler", "image_classifier", "--extra-files", INDEX),
-        mar=f"{model}.mar",
-        models=f"{request_name or model}={model}.mar",
-        requests=(Request(f"/predictions/{request_name or model}", file=KITTEN),),
+        name=f"image_classifier/{folder}", cwd=".",
+        archive=f"--model-name {model} --version 1.0 --model-file {model_file} --serialized-file {weights} "
+        f"--handler image_classifier --extra-files {INDEX}",
+        mar=f"{model}.mar", models=f"{model}={model}.mar",
+        requests=(Request(f"/predictions/{model}", file=KITTEN),),
         weights=Weights("state_dict", model_file, weights),
-    )  # fmt: skip
+    )
 
 
 def _detector(folder: str, kind: str, model: str, weights: str, extra: str, served: str) -> Example:
     model_file = f"examples/{kind}/{folder}/model.py"
     handler = "object_detector" if kind == "object_detector" else "image_segmenter"
     return Example(
-        name=f"{kind}/{folder}",
-        cwd=".",
-        archive=("--model-name", model, "--version", "1.0", "--model-file", model_file,
-                 "--serialized-file", weights, "--handler", handler, "--extra-files", extra),
-        mar=f"{model}.mar",
-        models=f"{served}={model}.mar",
+        name=f"{kind}/{folder}", cwd=".",
+        archive=f"--model-name {model} --version 1.0 --model-file {model_file} --serialized-file {weights} "
+        f"--handler {handler} --extra-files {extra}",
+        mar=f"{model}.mar", models=f"{served}={model}.mar",
         requests=(Request(f"/predictions/{served}", file=f"examples/{kind}/persons.jpg"),),
         weights=Weights("state_dict", model_file, weights),
-    )  # fmt: skip
+        note="its model file builds a pretrained backbone: torchvision finds a random one in TORCH_HOME",
+    )
 
 
 def _stateful(folder: str) -> Example:
-    cwd = f"examples/stateful/{folder}"
     seq = [("seq_0", n) for n in (1, 2, 3)] + [("seq_1", n) for n in (1, 2)]
     return Example(
-        name=f"stateful/{folder}",
-        cwd=cwd,
-        archive=("--model-name", "stateful", "--version", "1.0", "--model-file", "../model.py",
-                 "--serialized-file", "../model_cnn.pt", "--handler", "stateful_handler.py",
-                 "-r", "../requirements.txt", "--config-file", "model-config.yaml"),
-        mar="stateful.mar",
-        models="stateful.mar",
-        ts_config="../config.properties",
+        name=f"stateful/{folder}", cwd=f"examples/stateful/{folder}",
+        archive="--model-name stateful --version 1.0 --model-file ../model.py --serialized-file "
+        "../model_cnn.pt --handler stateful_handler.py -r ../requirements.txt "
+        "--config-file model-config.yaml",
+        mar="stateful.mar", models="stateful.mar", ts_config="../config.properties",
         requests=tuple(Request("/predictions/stateful", file=f"../sample/sample{n}.txt",
                                headers=(("ts_request_sequence_id", s),)) for s, n in seq),
-        weights=Weights("state_dict", "../model.py", "../model_cnn.pt"),
-        handler_kind="custom",
-        note="requests in order: seq_0 samples 1, 2, 3 then seq_1 samples 1, 2",
-    )  # fmt: skip
+        weights=Weights("state_dict", "../model.py", "../model_cnn.pt"), handler_kind="custom",
+        note="in order: seq_0 samples 1, 2, 3, then seq_1 samples 1, 2",
+    )
+
+
+def _densenet_compiled(folder: str, model_file: str, handler: str, config: str, requests: int) -> Example:
+    return Example(
+        name=f"pt2/{folder}", cwd=f"examples/pt2/{folder}",
+        archive=f"--model-name densenet161 --version 1.0 --model-file {model_file} --serialized-file "
+        "densenet161-8d451a50.pth --export-path model_store --extra-files "
+        f"../../image_classifier/index_to_name.json --handler {handler} --config-file {config} -f",
+        mar="model_store/densenet161.mar", models="densenet161.mar",
+        requests=(Request("/predictions/densenet161", file="../../image_classifier/kitten.jpg"),) * requests,
+        weights=Weights("state_dict", model_file, "densenet161-8d451a50.pth"),
+        handler_kind="built-in" if handler == "image_classifier" else "custom", slow=True,
+    )
 
 
 EXAMPLES: tuple[Example, ...] = (
-    Example(
-        name="image_classifier/mnist",
-        cwd=".",
-        archive=(
-            "--model-name",
-            "mnist",
-            "--version",
-            "1.0",
-            *MNIST_ARGS,
-            "--serialized-file",
-            "examples/image_classifier/mnist/mnist_cnn.pt",
-            "--handler",
-            "examples/image_classifier/mnist/mnist_handler.py",
-        ),
-        mar="mnist.mar",
-        models="mnist=mnist.mar",
-        ts_config="examples/image_classifier/mnist/config.properties",
-        requests=(Request("/predictions/mnist", file=ZERO_PNG),),
-        weights=MNIST_WEIGHTS,
-        handler_kind="custom",
-    ),
-    Example(
-        name="image_classifier/mnist (explanations)",
-        cwd=".",
-        archive=(
-            "--model-name",
-            "mnist",
-            "--version",
-            "1.0",
-            *MNIST_ARGS,
-            "--serialized-file",
-            "examples/image_classifier/mnist/mnist_cnn.pt",
-            "--handler",
-            "examples/image_classifier/mnist/mnist_handler.py",
-        ),
-        mar="mnist.mar",
-        models="mnist=mnist.mar",
-        ts_config="examples/image_classifier/mnist/config.properties",
-        requests=(Request("/explanations/mnist", file=ZERO_PNG),),
-        weights=MNIST_WEIGHTS,
-        handler_kind="custom",
-    ),
-    Example(
-        name="custom_metrics",
-        cwd=".",
-        archive=(
-            "--model-name",
-            "mnist",
-            "--version",
-            "1.0",
-            *MNIST_ARGS,
-            "--serialized-file",
-            "examples/image_classifier/mnist/mnist_cnn.pt",
-            "--handler",
-            "examples/custom_metrics/mnist_handler.py",
-        ),
-        mar="mnist.mar",
-        models="mnist=mnist.mar",
-        ts_config="examples/custom_metrics/config.properties",
-        requests=(Request("/predictions/mnist", file=ZERO_PNG), Request("/metrics", port="metrics")),
-        weights=MNIST_WEIGHTS,
-        handler_kind="custom",
-        note="the second request is GET :8082/metrics (the README's curl); its answer must name the "
-        "metrics.yaml metrics",
-    ),
+    _mnist("image_classifier/mnist", f"{MNIST_FOLDER}/mnist_handler.py", f"{MNIST_FOLDER}/config.properties",
+           (Request("/predictions/mnist", file=ZERO_PNG),)),
+    _mnist("image_classifier/mnist (explanations)", f"{MNIST_FOLDER}/mnist_handler.py",
+           f"{MNIST_FOLDER}/config.properties", (Request("/explanations/mnist", file=ZERO_PNG),)),
+    _mnist("custom_metrics", "examples/custom_metrics/mnist_handler.py",
+           "examples/custom_metrics/config.properties",
+           (Request("/predictions/mnist", file=ZERO_PNG), Request("/metrics", port="metrics")),
+           note="then GET :8082/metrics (the README's curl): ours must carry TorchServe's metric names"),
     _vision("densenet_161", "densenet161-8d451a50.pth", "densenet161"),
     _vision("resnet_18", "resnet18-f37072fd.pth", "resnet-18"),
     _vision("alexnet", "alexnet-owt-7be5be79.pth", "alexnet"),
     _vision("squeezenet", "squeezenet1_1-b8a52dc0.pth", "squeezenet1_1"),
     Example(
-        name="image_classifier/vgg_16",
-        cwd=".",
-        archive=(
-            "--model-name",
-            "vgg16",
-            "--version",
-            "1.0",
-            "--model-file",
-            "./examples/image_classifier/vgg_16/model.py",
-            "--serialized-file",
-            "vgg16-397923af.pth",
-            "--handler",
-            "./examples/image_classifier/vgg_16/vgg_handler.py",
-            "--extra-files",
-            "./examples/image_classifier/index_to_name.json",
-        ),
-        mar="vgg16.mar",
-        models="vgg16=vgg16.mar",
+        name="image_classifier/vgg_16", cwd=".",
+        archive="--model-name vgg16 --version 1.0 --model-file ./examples/image_classifier/vgg_16/model.py "
+        "--serialized-file vgg16-397923af.pth --handler ./examples/image_classifier/vgg_16/vgg_handler.py "
+        "--extra-files ./examples/image_classifier/index_to_name.json",
+        mar="vgg16.mar", models="vgg16=vgg16.mar",
         requests=(Request("/predictions/vgg16", file=KITTEN),),
         weights=Weights("state_dict", "examples/image_classifier/vgg_16/model.py", "vgg16-397923af.pth"),
         handler_kind="custom",
     ),
     Example(
-        name="image_classifier/resnet_152_batch",
-        cwd=".",
-        archive=(
-            "--model-name",
-            "resnet-152-batch",
-            "--version",
-            "1.0",
-            "--model-file",
-            "examples/image_classifier/resnet_152_batch/model.py",
-            "--serialized-file",
-            "resnet152-394f9c45.pth",
-            "--handler",
-            "image_classifier",
-            "--extra-files",
-            INDEX,
-        ),
-        mar="resnet-152-batch.mar",
-        models=None,
+        name="image_classifier/resnet_152_batch", cwd=".",
+        archive="--model-name resnet-152-batch --version 1.0 --model-file "
+        "examples/image_classifier/resnet_152_batch/model.py --serialized-file resnet152-394f9c45.pth "
+        f"--handler image_classifier --extra-files {INDEX}",
+        mar="resnet-152-batch.mar", models=None,
         register="model_name=resnet152&url=resnet-152-batch.mar&batch_size=4&max_batch_delay=5000"
         "&initial_workers=3&synchronous=true",
-        requests=tuple(
-            Request(
-                "/predictions/resnet152", file=f"examples/image_classifier/resnet_152_batch/images/{n}.jpg"
-            )
-            for n in ("croco", "dog", "kitten")
-        ),
-        weights=Weights(
-            "state_dict", "examples/image_classifier/resnet_152_batch/model.py", "resnet152-394f9c45.pth"
-        ),
-        note="the three requests are sent at once (the README's curl ... &), batched by batch_size=4",
-    ),  # fmt: skip
-    Example(
-        name="image_classifier/near_real_time_video",
-        cwd=".",
-        # create_mar_file.py --client-batching's command; its --model-file names a model.py the example
-        # lacks, so resnet_18's (the same class) is given.
-        archive=(
-            "--model-name",
-            "resnet-18",
-            "--version",
-            "1.0",
-            "--serialized-file",
-            "resnet18-f37072fd.pth",
-            "--model-file",
-            "examples/image_classifier/resnet_18/model.py",
-            "--extra-files",
-            INDEX,
-            "--handler",
-            "examples/image_classifier/near_real_time_video/near_real_time_video_handler.py",
-            "--force",
-        ),
-        mar="resnet-18.mar",
-        models="resnet-18=resnet-18.mar",
-        requests=(
-            Request(
-                "/predictions/resnet-18",
-                file=KITTEN,
-                client_batch=4,
-                headers=(("Content-type", "application/json"), ("Accept", "text/plain")),
-            ),
-        ),
-        weights=Weights(
-            "state_dict", "examples/image_classifier/resnet_18/model.py", "resnet18-f37072fd.pth"
-        ),
-        handler_kind="custom",
-        note="request.py --client-batching: a JSON object of 4 base64 JPEG frames (the kitten)",
-    ),  # fmt: skip
-    _detector(
-        "fcn",
-        "image_segmenter",
-        "fcn_resnet_101",
-        "fcn_resnet101_coco-7ecb50ca.pth",
-        "examples/image_segmenter/fcn/fcn.py,examples/image_segmenter/fcn/intermediate_layer_getter.py",
-        "fcn",
-    ),
-    _detector(
-        "deeplabv3",
-        "image_segmenter",
-        "deeplabv3_resnet_101",
-        "deeplabv3_resnet101_coco-586e9e4e.pth",
-        "examples/image_segmenter/deeplabv3/deeplabv3.py,"
-        "examples/image_segmenter/deeplabv3/intermediate_layer_getter.py,"
-        "examples/image_segmenter/deeplabv3/fcn.py",
-        "deeplabv3",
-    ),
-    _detector(
-        "fast-rcnn",
-        "object_detector",
-        "fastrcnn",
-        "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth",
-        "examples/object_detector/index_to_name.json",
-        "fastrcnn",
-    ),
-    _detector(
-        "maskrcnn",
-        "object_detector",
-        "maskrcnn",
-        "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
-        "examples/object_detector/index_to_name.json",
-        "maskrcnn",
+        requests=tuple(Request("/predictions/resnet152", file=f"examples/image_classifier/resnet_152_batch/"
+                               f"images/{n}.jpg") for n in ("croco", "dog", "kitten")),
+        weights=Weights("state_dict", "examples/image_classifier/resnet_152_batch/model.py",
+                        "resnet152-394f9c45.pth"),
+        note="registered by the README's POST /models (batch_size=4); the three requests sent at once",
     ),
     Example(
-        name="micro_batching",
-        cwd=".",
-        archive=(
-            "--model-name",
-            "resnet-18_mb",
-            "--version",
-            "1.0",
-            "--model-file",
-            "./examples/image_classifier/resnet_18/model.py",
-            "--serialized-file",
-            "resnet18-f37072fd.pth",
-            "--handler",
-            "examples/micro_batching/micro_batching_handler.py",
-            "--extra-files",
-            "./examples/image_classifier/index_to_name.json",
-            "--config-file",
-            "examples/micro_batching/config.yaml",
-        ),
-        mar="resnet-18_mb.mar",
-        models="resnet-18_mb.mar",
+        # create_mar_file.py --client-batching's command; the --model-file it names is missing from the
+        # example, so resnet_18's (the same class) is given.
+        name="image_classifier/near_real_time_video", cwd=".",
+        archive="--model-name resnet-18 --version 1.0 --serialized-file resnet18-f37072fd.pth "
+        f"--model-file {RESNET18} --extra-files {INDEX} --handler "
+        "examples/image_classifier/near_real_time_video/near_real_time_video_handler.py --force",
+        mar="resnet-18.mar", models="resnet-18=resnet-18.mar",
+        requests=(Request("/predictions/resnet-18", file=KITTEN, client_batch=4,
+                          headers=(("Content-type", "application/json"), ("Accept", "text/plain"))),),
+        weights=Weights("state_dict", RESNET18, "resnet18-f37072fd.pth"), handler_kind="custom",
+        note="request.py --client-batching: one JSON object of 4 base64 JPEG frames (the kitten)",
+    ),
+    _detector("fcn", "image_segmenter", "fcn_resnet_101", "fcn_resnet101_coco-7ecb50ca.pth",
+              "examples/image_segmenter/fcn/fcn.py,examples/image_segmenter/fcn/intermediate_layer_getter.py",
+              "fcn"),
+    _detector("deeplabv3", "image_segmenter", "deeplabv3_resnet_101", "deeplabv3_resnet101_coco-586e9e4e.pth",
+              "examples/image_segmenter/deeplabv3/deeplabv3.py,"
+              "examples/image_segmenter/deeplabv3/intermediate_layer_getter.py,"
+              "examples/image_segmenter/deeplabv3/fcn.py", "deeplabv3"),
+    _detector("fast-rcnn", "object_detector", "fastrcnn", "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth",
+              "examples/object_detector/index_to_name.json", "fastrcnn"),
+    _detector("maskrcnn", "object_detector", "maskrcnn", "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+              "examples/object_detector/index_to_name.json", "maskrcnn"),
+    Example(
+        name="micro_batching", cwd=".",
+        archive=f"--model-name resnet-18_mb --version 1.0 --model-file ./{RESNET18} --serialized-file "
+        "resnet18-f37072fd.pth --handler examples/micro_batching/micro_batching_handler.py --extra-files "
+        "./examples/image_classifier/index_to_name.json --config-file examples/micro_batching/config.yaml",
+        mar="resnet-18_mb.mar", models="resnet-18_mb.mar",
         requests=(Request("/predictions/resnet-18_mb", file="./examples/image_classifier/kitten.jpg"),),
-        weights=Weights(
-            "state_dict", "examples/image_classifier/resnet_18/model.py", "resnet18-f37072fd.pth"
-        ),
-        handler_kind="custom",
-    ),  # fmt: skip
+        weights=Weights("state_dict", RESNET18, "resnet18-f37072fd.pth"), handler_kind="custom",
+    ),
     _stateful("sequence_batching"),
     _stateful("sequence_continuous_batching"),
     Example(
-        name="pt2/torch_export_aot_compile",
-        cwd="examples/pt2/torch_export_aot_compile",
-        archive=(
-            "--model-name",
-            "res18-pt2",
-            "--handler",
-            "image_classifier",
-            "--version",
-            "1.0",
-            "--serialized-file",
-            "resnet18_pt2.so",
-            "--config-file",
-            "model-config.yaml",
-            "--extra-files",
-            "../../image_classifier/index_to_name.json",
-        ),
-        mar="res18-pt2.mar",
-        models="res18-pt2=res18-pt2.mar",
+        name="pt2/torch_export_aot_compile", cwd="examples/pt2/torch_export_aot_compile",
+        archive="--model-name res18-pt2 --handler image_classifier --version 1.0 --serialized-file "
+        "resnet18_pt2.so --config-file model-config.yaml --extra-files "
+        "../../image_classifier/index_to_name.json",
+        mar="res18-pt2.mar", models="res18-pt2=res18-pt2.mar",
         requests=(Request("/predictions/res18-pt2", file="../../image_classifier/kitten.jpg"),),
         weights=Weights("script", "resnet18_torch_export.py", "resnet18_pt2.so"),
         note="python resnet18_torch_export.py with weights=None: torch._export.aot_compile writes the .so",
-    ),  # fmt: skip
-    Example(
-        name="pt2/torch_compile",
-        cwd="examples/pt2/torch_compile",
-        archive=(
-            "--model-name",
-            "densenet161",
-            "--version",
-            "1.0",
-            "--model-file",
-            "model.py",
-            "--serialized-file",
-            "densenet161-8d451a50.pth",
-            "--export-path",
-            "model_store",
-            "--extra-files",
-            "../../image_classifier/index_to_name.json",
-            "--handler",
-            "image_classifier",
-            "--config-file",
-            "model-config.yaml",
-            "-f",
-        ),
-        mar="model_store/densenet161.mar",
-        models="densenet161.mar",
-        requests=(Request("/predictions/densenet161", file="../../image_classifier/kitten.jpg"),),
-        weights=Weights("state_dict", "model.py", "densenet161-8d451a50.pth"),
-        slow=True,
-    ),  # fmt: skip
-    Example(
-        name="pt2/torch_inductor_caching",
-        cwd="examples/pt2/torch_inductor_caching",
-        archive=(
-            "--model-name",
-            "densenet161",
-            "--version",
-            "1.0",
-            "--model-file",
-            "../../image_classifier/densenet_161/model.py",
-            "--serialized-file",
-            "densenet161-8d451a50.pth",
-            "--export-path",
-            "model_store",
-            "--extra-files",
-            "../../image_classifier/index_to_name.json",
-            "--handler",
-            "./caching_handler.py",
-            "--config-file",
-            "model-config-fx-cache.yaml",
-            "-f",
-        ),
-        mar="model_store/densenet161.mar",
-        models="densenet161.mar",
-        requests=(Request("/predictions/densenet161", file="../../image_classifier/kitten.jpg"),) * 2,
-        weights=Weights(
-            "state_dict", "../../image_classifier/densenet_161/model.py", "densenet161-8d451a50.pth"
-        ),
-        handler_kind="custom",
-        slow=True,
-    ),  # fmt: skip
+    ),
+    _densenet_compiled("torch_compile", "model.py", "image_classifier", "model-config.yaml", 1),
+    _densenet_compiled("torch_inductor_caching", "../../image_classifier/densenet_161/model.py",
+                       "./caching_handler.py", "model-config-fx-cache.yaml", 2),
 )
+# fmt: on
