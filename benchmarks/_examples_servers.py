@@ -48,23 +48,26 @@ class SideResult:
     answers: list[Answer]
     error: str = ""
     same: bool | None = None  # answers agree with TorchServe's (None: this is TorchServe's run)
+    differs: str = ""  # how they differ, when they do
 
     @property
     def ok(self) -> bool:
         return bool(self.answers) and all(a.status == 200 for a in self.answers)
 
 
-def agree(ours: Answer, theirs: Answer) -> bool:
-    """The same answer as TorchServe's: JSON of the same shape with numbers within float noise, the
-    same text, or (Prometheus text) every metric name TorchServe's carries."""
+def difference(ours: Answer, theirs: Answer) -> str:
+    """How ours differs from TorchServe's answer ("" when it agrees): JSON of the same shape with
+    numbers within float noise, the same text, or (Prometheus text) every metric name TorchServe's has."""
     if ours.status != theirs.status:
-        return False
+        return f"status {ours.status}, TorchServe {theirs.status}"
     if theirs.body.startswith("# HELP") or "\n# TYPE" in theirs.body:
-        return _metric_names(theirs.body) <= _metric_names(ours.body)
+        missing = sorted(_metric_names(theirs.body) - _metric_names(ours.body))
+        return f"metrics missing: {', '.join(missing)}" if missing else ""
     try:
-        return _same(json.loads(ours.body), json.loads(theirs.body))
+        same = _same(json.loads(ours.body), json.loads(theirs.body))
     except ValueError:
-        return " ".join(ours.body.split()) == " ".join(theirs.body.split())
+        same = " ".join(ours.body.split()) == " ".join(theirs.body.split())
+    return "" if same else f"answer {ours.short(40)!r}, TorchServe {theirs.short(40)!r}"
 
 
 def _same(a: object, b: object) -> bool:

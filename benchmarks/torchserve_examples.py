@@ -30,8 +30,8 @@ from _examples_servers import (
     OUR_BIN,
     TS_ARCHIVER,
     SideResult,
-    agree,
     build_archive,
+    difference,
     ours,
     run_side,
     torchserve,
@@ -147,8 +147,12 @@ def run_example(example: Example, root: Path, work: Path, torch_home: Path) -> d
     theirs = results["torchserve"]
     for side in SIDES[1:]:
         mine = results[side]
-        same = theirs.ok and len(mine.answers) == len(theirs.answers)
-        mine.same = same and all(agree(a, b) for a, b in zip(mine.answers, theirs.answers, strict=True))
+        if not theirs.ok or len(mine.answers) != len(theirs.answers):
+            mine.same = False
+            continue
+        diffs = [difference(a, b) for a, b in zip(mine.answers, theirs.answers, strict=True)]
+        mine.differs = "; ".join(d for d in diffs if d)
+        mine.same = not mine.differs
     return {
         "name": example.name,
         "handler": example.handler_kind,
@@ -157,6 +161,7 @@ def run_example(example: Example, root: Path, work: Path, torch_home: Path) -> d
             side: {
                 "ok": r.ok,
                 "same": r.ok if r.same is None else r.same,
+                "differs": r.differs,
                 "loaded": r.loaded,
                 "error": r.error,
                 "answers": [{"status": a.status, "body": a.short(300)} for a in r.answers],
@@ -171,7 +176,7 @@ def _cell(side: dict) -> str:
         return f"✗ {side['error'][:80]}"
     statuses = ",".join(str(a["status"]) for a in side["answers"])
     if side["ok"] and not side["same"]:
-        return "≠ " + statuses + " (not TorchServe's answer)"
+        return "≠ " + statuses + f" ({side.get('differs', '')[:90]})"
     return ("✓ " if side["ok"] else "✗ ") + statuses
 
 
@@ -202,7 +207,11 @@ def main() -> None:
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/ts-examples"))
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "torchserve-examples.json")
+    parser.add_argument("--table", type=Path, help="print the table of an earlier run's JSON and stop")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     if not (REPO / ".venv-ts" / "bin" / "torchserve").exists() or not shutil.which("java"):
         sys.exit("needs TorchServe 0.12 in .venv-ts (benchmarks/setup_torchserve.sh) and java")
     root = checkout(args.work)
