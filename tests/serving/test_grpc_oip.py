@@ -210,3 +210,60 @@ def test_kserves_grpc_client_sends_typed_contents(server: ServerThread, tmp_path
     assert out["tiny"] == linear([[1, 2, 3, 4], [0.5, -1, 2, 0]]) and out["id"] == "k-1"
     assert out["ints"] == [[3, -3, 2**41 + 1]]
     assert out["nope"] == ["NOT_FOUND", "Model not found: nope"]
+
+
+def infer_call(server: ServerThread) -> Any:
+    import grpc
+
+    from archiver.serving.front.grpc_api.messages import message
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.server.ports['grpc']}")
+    method = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=message("inference.ModelInferRequest").SerializeToString,
+        response_deserializer=message("inference.ModelInferResponse").FromString,
+    )
+    return channel, method, message("inference.ModelInferRequest")
+
+
+def refused(method: Any, request: Any) -> tuple[str, str]:
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as caught:
+        method(request, timeout=60)
+    return caught.value.code().name, caught.value.details()
+
+
+def test_model_infer_checks_tensors_as_rest_does_with_one_line_reasons(server: ServerThread) -> None:
+    import struct
+
+    channel, method, Request = infer_call(server)
+    with channel:
+        typed = Request(model_name="ints", id="typed")
+        typed.inputs.add(name="n", datatype="INT64", shape=[1, 3]).contents.int64_contents.extend([1, -2, 7])
+        answer = method(typed, timeout=60)
+        assert answer.id == "typed" and answer.outputs[0].datatype == "INT64"
+        assert list(struct.unpack("<3q", answer.raw_output_contents[0])) == [3, -3, 15]
+
+        half = Request(model_name="tiny")
+        half.inputs.add(name="x", datatype="FP16", shape=[1]).contents.fp32_contents.append(1.0)
+        code, details = refused(method, half)
+        assert code == "INVALID_ARGUMENT" and details == "input 'x' is FP16: send it in raw_input_contents"
+
+        short = Request(model_name="tiny")
+        short.inputs.add(name="a", datatype="FP32", shape=[1, 4])
+        short.inputs.add(name="b", datatype="FP32", shape=[1, 4])
+        short.raw_input_contents.append(struct.pack("<4f", 1, 2, 3, 4))
+        assert refused(method, short) == ("INVALID_ARGUMENT", "raw_input_contents has 1 entries for 2 inputs")
+
+        unknown = Request(model_name="tiny")
+        unknown.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        unknown.raw_input_contents.append(struct.pack("<4f", 1, 2, 3, 4))
+        unknown.outputs.add(name="logits")
+        code, details = refused(method, unknown)
+        assert code == "INVALID_ARGUMENT" and "unknown output 'logits'" in details
+
+        unknown.ClearField("outputs")
+        unknown.model_version = "9.9"
+        code, details = refused(method, unknown)
+        assert code == "NOT_FOUND" and "9.9" in details and "\n" not in details
