@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from archiver import settings_bounds
 from archiver.errors import UsageError
 from archiver.integrations import log_handler_errors, require_extra, signatures
 from archiver.integrations.archive_plan import ServePlan, local_path, parse_archive_list, plan_archive
-from archiver.integrations.routes import Infer, ModelRoute, ModelTable, dispatch
-from archiver.serving.protocols.records import InferenceResponse
+from archiver.integrations.replica_streams import ReplicaSink, Streamed, first_answer
+from archiver.integrations.routes import Infer, ModelRoute, ModelTable, dispatch_reply
+from archiver.serving.protocols.answer_stream import AnswerStream
+from archiver.serving.protocols.records import InferenceResponse, error_response
 from archiver.serving.protocols.request_bounds import DEFAULT_MAX_REQUEST_SIZE
 from archiver.serving.protocols.wire import RawRequest, to_inference_request
 
@@ -33,7 +36,7 @@ require_extra("ray", "ray.serve")
 from ray import serve  # noqa: E402 - after the one-line message for a missing extra
 from ray.serve import Application  # noqa: E402
 from starlette.requests import Request  # noqa: E402
-from starlette.responses import Response  # noqa: E402
+from starlette.responses import Response, StreamingResponse  # noqa: E402
 
 log = logging.getLogger("archiver.integrations.ray_serve")
 # How many requests the batch that answered a request had: Ray's metrics do not say, and it is what
@@ -70,21 +73,46 @@ class ArchiveModel:
         )
         log_handler_errors(self.model, log)
         _pin_torch_threads()
-        self.table = ModelTable([ModelRoute(plan.name, plan.version, self.infer, plan.source)])
+        self.sink = ReplicaSink(self.model)  # a streaming handler's answers to their requests
+        route = ModelRoute(plan.name, plan.version, self.infer, plan.source, self.infer_first)
+        self.table = ModelTable([route])
         self._handle_batch.set_max_batch_size(plan.batch_size)
         self._handle_batch.set_batch_wait_timeout_s(plan.max_batch_delay_ms / 1000.0)
 
     @serve.batch
-    async def _handle_batch(self, requests: list[RawRequest]) -> list[InferenceResponse]:
+    async def _handle_batch(self, items: list[tuple[RawRequest, Streamed]]) -> list[InferenceResponse]:
         # The handler is blocking code: a thread keeps this replica's loop taking the next batch's requests.
-        answers = await asyncio.to_thread(self.model.handle, [to_inference_request(r) for r in requests])
+        requests = [to_inference_request(raw) for raw, _ in items]
+        states = [state for _, state in items]
+        answers = await asyncio.to_thread(self.sink.run, states, lambda: self.model.handle(requests))
         for answer in answers:
-            answer.headers[BATCH_SIZE_HEADER] = str(len(requests))
+            answer.headers[BATCH_SIZE_HEADER] = str(len(items))
         return answers
 
     async def infer(self, request: RawRequest) -> InferenceResponse:
-        """One request, answered from the batch it joins (what the router calls)."""
-        return await self._handle_batch(request)
+        """One request, answered from the batch it joins (what the router calls): a streaming
+        handler's last answer."""
+        state = Streamed(streaming=False)
+        return state.final(await self._handle_batch((request, state)))
+
+    async def infer_first(self, request: RawRequest) -> InferenceResponse:
+        """One request's first answer; a streaming handler's comes with ``rest``, the ones after."""
+        state = Streamed(streaming=True)
+        return await first_answer(state, asyncio.ensure_future(self._handle_batch((request, state))))
+
+    async def infer_stream(self, request: RawRequest) -> AsyncIterator[Any]:
+        """``infer_first`` over a streaming deployment handle (the multi-model router's call): the
+        first answer with whether more follow, then each of the others."""
+        first = await self.infer_first(request)
+        rest, first.rest = first.rest, None
+        yield first, rest is not None
+        if rest is None:
+            return
+        try:
+            async for answer in rest:
+                yield answer
+        finally:
+            await rest.aclose()
 
     async def __call__(self, request: Request) -> Response:
         """HTTP, when this model is the application's only one."""
@@ -122,7 +150,7 @@ class ArchiveRouter:
         self.max_request_size = max_request_size or DEFAULT_MAX_REQUEST_SIZE
         self.table = ModelTable(
             [
-                ModelRoute(plan.name, plan.version, _remote_infer(handle), plan.source)
+                ModelRoute(plan.name, plan.version, _remote_infer(handle), plan.source, _remote_first(handle))
                 for plan, handle in models
             ]
         )
@@ -138,6 +166,39 @@ def _remote_infer(handle: Any) -> Infer:
     return infer
 
 
+_PUMPS: set[asyncio.Task] = set()
+
+
+def _remote_first(handle: Any) -> Infer:
+    """The first answer over the model deployment's ``infer_stream``; a streaming handler's comes with
+    ``rest``, fed by the rest of Ray's response stream (closing it cancels that stream)."""
+
+    async def infer_first(raw: RawRequest) -> InferenceResponse:
+        answers = handle.options(stream=True).infer_stream.remote(raw)
+        first, more = await answers.__anext__()
+        if more:
+            first.rest = AnswerStream(cancel=answers.cancel)
+            pump = asyncio.get_running_loop().create_task(_pump(answers, first.rest))
+            _PUMPS.add(pump)  # held until it ends: the loop keeps only weak references to tasks
+            pump.add_done_callback(_PUMPS.discard)
+        return first
+
+    return infer_first
+
+
+async def _pump(answers: Any, rest: AnswerStream) -> None:
+    try:
+        async for answer in answers:
+            rest.put(answer)
+        rest.end()
+    except Exception as exc:  # noqa: BLE001 - the replica died or the stream was cancelled: its last answer
+        rest.end(
+            error_response(
+                503, "ServiceUnavailableError", f"the model's replica failed: {type(exc).__name__}"
+            )
+        )
+
+
 def _path(request: Request) -> str:
     path = request.url.path
     root = request.scope.get("root_path") or ""
@@ -147,13 +208,28 @@ def _path(request: Request) -> str:
 
 
 async def answer_http(request: Request, table: ModelTable, max_request_size: int) -> Response:
-    """One HTTP request from Ray's proxy, answered by ``routes.dispatch``."""
-    status, headers, body = await dispatch(
+    """One HTTP request from Ray's proxy, answered by ``routes.dispatch_reply``; a streaming handler's
+    answers as a streaming response (chunked), each written as it comes."""
+    reply = await dispatch_reply(
         table, request.method, _path(request), dict(request.headers), await request.body(), max_request_size
     )
+    headers = reply.headers
     headers.pop("x-request-id", None)  # Ray's proxy sends its own (the client's, when it gave one)
     content_type = headers.pop("Content-Type", None)
-    return Response(content=body, status_code=status, headers=headers, media_type=content_type)
+    if reply.stream is not None:
+        chunks = _chunks(reply.body, reply.stream)
+        return StreamingResponse(chunks, status_code=reply.status, headers=headers, media_type=content_type)
+    return Response(content=reply.body, status_code=reply.status, headers=headers, media_type=content_type)
+
+
+async def _chunks(first: bytes, rest: AnswerStream) -> AsyncIterator[bytes]:
+    """The body of a streamed answer; closed early (the client left), it cancels the request."""
+    try:
+        yield first
+        async for answer in rest:
+            yield answer.body
+    finally:
+        await rest.aclose()
 
 
 # ---- the application builder ---------------------------------------------------------------------

@@ -47,6 +47,8 @@ class ModelRoute:
     version: str
     infer: Infer
     source: str | None = None
+    # the first answer of a request whose handler may stream (``rest``: the others); None: ``infer``
+    infer_first: Infer | None = None
 
 
 class ModelTable:
@@ -89,8 +91,11 @@ class ModelTable:
 
     async def predict(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
         route = self.pick(name, version)
+        return await self._call(route, route.infer, request)
+
+    async def _call(self, route: ModelRoute, infer: Infer, request: RawRequest) -> InferenceResponse:
         try:
-            return await route.infer(request)
+            return await infer(request)
         except ArchiverError:
             raise
         except Exception as exc:  # noqa: BLE001 - the engine's own failure (a replica died mid-request)
@@ -110,8 +115,9 @@ class ModelTable:
         return list(await asyncio.gather(*(self.predict(name, version, r) for r in requests)))
 
     async def predict_first(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
-        """The request's first answer, ``rest`` the ones after when the route's ``infer`` streams."""
-        return await self.predict(name, version, request)
+        """The request's first answer, ``rest`` the ones after when its handler streams."""
+        route = self.pick(name, version)
+        return await self._call(route, route.infer_first or route.infer, request)
 
     async def predict_stream(
         self, name: str, version: str | None, request: RawRequest
@@ -178,19 +184,33 @@ async def dispatch(
 
     ``max_request_items``: the v1 instances or form fields one request may carry (request_bounds).
     """
+    reply = await dispatch_reply(table, method, path, headers, body, max_request_size, max_request_items)
+    if reply.stream is not None:  # a caller that takes one answer: the stream is not read
+        await reply.stream.aclose()
+    return reply.status, reply.headers, reply.body
+
+
+async def dispatch_reply(
+    table: ModelTable,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    max_request_size: int,
+    max_request_items: int = DEFAULT_MAX_REQUEST_ITEMS,
+) -> router.Reply:
+    """``dispatch``'s router reply, its ``stream`` (a streaming handler's answers after the first) kept."""
     lowered = {k.lower(): v for k, v in headers.items()}
     route, params, known = router.match(method, path)
     if route is None:
         request_id = lowered.get("x-request-id") or new_request_id()
         if path.startswith(("/v2", "/v1/")):
-            reply = router.oip_error(404, "Requested resource is not found", request_id)
-            return reply.status, reply.headers, reply.body
+            return router.oip_error(404, "Requested resource is not found", request_id)
         if known:
             answer = error_response(405, "MethodNotAllowed", f"{method} is not allowed on {path}")
-            return http_response(answer, request_id)
+            return router.Reply(*http_response(answer, request_id))
         missing = ModelNotFoundError("Requested resource is not found, please refer to API document.")
-        return error_http_response(missing, request_id)
+        return router.Reply(*error_http_response(missing, request_id))
     whole = WholeBody(body, headers, lowered.get("content-type"), max_request_size, max_request_items)
     call = router.Call(method, path, params, headers, whole, max_request_items, lookup=lowered)
-    reply = await route.operation(table, call)
-    return reply.status, reply.headers, reply.body
+    return await route.operation(table, call)

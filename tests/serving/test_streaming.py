@@ -219,3 +219,14 @@ def test_a_handler_that_does_not_stream_answers_as_before(echo_model, serve, rou
     assert response.headers["Content-Length"] == str(len(response.content))
     assert "Transfer-Encoding" not in response.headers
     assert response.json()["echo"] == "hi"
+
+
+def test_callers_that_take_one_answer_get_the_streams_last(make_model, serve):
+    words = make_model("words", handler_source=GENERATOR_HANDLER)
+    server = serve([words, make_model("hello", handler_source=TS_STREAM_HANDLER)])
+    base = server.url("inference")
+    body = {"instances": [{"body": "words"}, {"body": "none"}]}
+    v1 = requests.post(f"{base}/v1/models/words:predict", json=body, timeout=30)
+    assert v1.status_code == 200 and v1.json() == {"predictions": ["three", ""]}
+    v1 = requests.post(f"{base}/v1/models/hello:predict", json={"instances": [42]}, timeout=30)
+    assert v1.status_code == 200 and v1.json() == {"predictions": ["hello world "]}

@@ -56,8 +56,9 @@ async def streamed_reply(
         log.info("%s: the client went away mid-stream; its request was cancelled", request.path)
     finally:
         await stream.aclose()
-        if reply.label is not None:
-            metrics.observe_request(reply.label, reply.status, time.perf_counter() - started)
+        if reply.label is not None:  # labelled as inference_routes labels a whole answer
+            version = request.match_info.get("version") or "default"
+            metrics.observe_request(reply.label, reply.status, time.perf_counter() - started, version)
     if failed is not None:
         log.warning(
             "%s: the stream ended with %d after %d answers: %s",
