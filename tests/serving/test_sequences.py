@@ -153,6 +153,9 @@ def test_two_interleaved_sequences_each_keep_their_own_sum_on_their_own_worker(
         assert second.result() == "2 6 12 20 30"
     description = describe(call, server, "stateful")
     assert description["stateful"] is True and description["maxNumSequence"] == 4
+    metrics = call("GET", server.url("metrics") + "/metrics").body.decode()
+    waited = [line for line in metrics.splitlines() if line.startswith("ts_queue_latency_microseconds{")]
+    assert any('model_name="stateful"' in line for line in waited), "queue waits are counted per sequence too"
     assert description["openSequences"] == 4
 
     # Scaling down retires a worker: its sequences end with a clear error, the other worker's go on.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -150,7 +151,9 @@ class SequenceBatcher(Batcher):
         return seq
 
     def _check_room(self, count: int, *, new: bool, seq: OpenSequence | None = None) -> None:
-        if new and len(self._open) >= self.max_sequences:
+        # TorchServe's rule: maxNumSequence, but never fewer than a batch for every worker
+        most = max(self.limits.max_num_sequence, self.batch_size * max(1, len(self._slots)))
+        if new and len(self._open) >= most:
             raise ServiceUnavailableError(
                 f'model "{self.name}" has {len(self._open)} open sequences, its most '
                 f"(maxNumSequence, or batchSize x workers): end one, or wait for an idle one to expire"
@@ -165,11 +168,6 @@ class SequenceBatcher(Batcher):
             raise ServiceUnavailableError(
                 f'model "{self.name}" is overloaded: its queue of {self.queue_size} requests is full'
             )
-
-    @property
-    def max_sequences(self) -> int:
-        """TorchServe's rule: maxNumSequence, but never fewer than a batch for every worker."""
-        return max(self.limits.max_num_sequence, self.batch_size * max(1, len(self._slots)))
 
     def _open_sequence(self, sid: str, slot: int | None) -> OpenSequence:
         now = asyncio.get_running_loop().time()
@@ -188,7 +186,7 @@ class SequenceBatcher(Batcher):
 
     def _enqueue_in(self, seq: OpenSequence, request: RawRequest, timeout_s: float | None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        job = SequenceJob(request=request, future=loop.create_future(), sequence=seq)
+        job = SequenceJob(request=request, future=loop.create_future(), sequence=seq, queued=time.monotonic())
         if timeout_s is not None:
             job.deadline, job.timeout_s = loop.time() + timeout_s, timeout_s
             self._arm(job.deadline)
@@ -221,6 +219,9 @@ class SequenceBatcher(Batcher):
                     del self._slot_waiters[key]
             mine = self._slots.setdefault(key, mine)
         self._last_batch_size = len(batch)
+        if self._on_wait is not None:  # the batch's time in the queue, as the shared queue reports it
+            now = time.monotonic()
+            self._on_wait(sum(now - job.queued for job in batch), now - batch[-1].queued)
         return batch
 
     def _ready(self, mine: OrderedDict[str, OpenSequence]) -> list[Job]:
