@@ -43,7 +43,9 @@ log = logging.getLogger("archiver.serving")
 MARGIN = 1.03  # several workers must beat one by this much: a tie keeps one copy of the model in memory
 PHASE_S = 1.2  # seconds of load timed for each split...
 WARM_S = 0.8  # ...after this long under the same load (a TorchScript model profiles its first runs)
-WARM_ROUNDS = 3  # ...and this many answers per client in flight
+WARM_ROUNDS = 3  # ...and this many answers per client in flight...
+WARM_MAX_S = 3.0  # ...but no longer than this (a slow model)
+PHASE_MAX_S = 6.0  # the longest one split is timed (a slow model: at least one answer per client)
 MOST_WORKERS = 4  # the most workers calibration tries, whatever the cores (each holds the model)
 _MAX_EXAMPLE_ELEMENTS = 1 << 22  # a signature of bigger tensors is not calibrated on (4M zeros of JSON)
 _VISION = ("image_classifier", "image_segmenter", "object_detector")
@@ -168,31 +170,36 @@ class ExampleFailed(Exception):
 async def throughput(
     submit: Callable[[RawRequest], Any], request: RawRequest, clients: int, seconds: float
 ) -> float:
-    """Requests per second answered with ``clients`` requests always in flight, timed for ``seconds``
-    once warm: WARM_S after the first answer and WARM_ROUNDS answers per client (a TorchScript model
-    profiles its first runs of each batch size). Raises ExampleFailed on any answer but 200."""
+    """Requests per second answered with ``clients`` requests always in flight. Timing begins once
+    warm: WARM_S after the first answer and WARM_ROUNDS answers per client (a TorchScript model
+    profiles its first runs of each batch size), or WARM_MAX_S at most; it lasts ``seconds`` and at
+    least one answer per client, or PHASE_MAX_S at most. Raises ExampleFailed on any answer but 200."""
     loop = asyncio.get_running_loop()
     answered = done = 0
     first: float | None = None
-    start = end = math.inf
+    start: float | None = None
+    rate: float | None = None
 
     async def client() -> None:
-        nonlocal answered, done, first, start, end
-        while True:
+        nonlocal answered, done, first, start, rate
+        while rate is None:
             response = await submit(request)
             if response.status != 200:
                 raise ExampleFailed(f"the example request was answered {response.status}: {response.message}")
             now, answered = loop.time(), answered + 1
             first = now if first is None else first
-            if start == math.inf and now >= first + WARM_S and answered >= WARM_ROUNDS * clients:
-                start, end = now, now + seconds  # warm: timing begins
-            elif start <= now < end:
-                done += 1
-            elif now >= end:
-                return
+            if start is None:
+                warm = now - first >= WARM_S and answered >= WARM_ROUNDS * clients
+                if warm or now - first >= WARM_MAX_S:
+                    start = now
+                continue
+            done += 1
+            if rate is None and ((now - start >= seconds and done >= clients) or now - start >= PHASE_MAX_S):
+                rate = done / max(1e-9, now - start)
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    return done / max(1e-9, seconds)
+    assert rate is not None
+    return rate
 
 
 def choose(one: float, several: float, workers: int, cores_: int) -> Split:
