@@ -163,6 +163,7 @@ def test_reflection_lists_and_describes_the_services_as_grpcurl_does(
     names = {s.name for s in listed.list_services_response.service}
     assert names == {
         "inference.GRPCInferenceService",
+        "org.pytorch.serve.grpc.openinference.GRPCInferenceService",
         TS + "InferenceAPIsService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",

@@ -101,14 +101,19 @@ def client_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import google.rpc.status_pb2
 
     folder = tmp_path_factory.mktemp("ts-grpc-client")
-    for name in ("inference.proto", "management.proto", "torchserve_grpc_client.py"):
+    for name in (
+        "inference.proto",
+        "management.proto",
+        "open_inference_grpc.proto",
+        "torchserve_grpc_client.py",
+    ):
         shutil.copy(TS_FILES / name, folder / name)
     (folder / "run_client.py").write_text(textwrap.dedent(RUN_CLIENT))
     (folder / "ts_calls.py").write_text(textwrap.dedent(TS_CALLS))
     googleapis = Path(google.rpc.status_pb2.__file__).parents[2]  # google/rpc/status.proto
     compiled = subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I.", f"-I{googleapis}", "--python_out=.",
-         "--grpc_python_out=.", "inference.proto", "management.proto"],
+         "--grpc_python_out=.", "inference.proto", "management.proto", "open_inference_grpc.proto"],
         cwd=folder, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
@@ -298,3 +303,36 @@ def test_with_a_token_the_client_needs_it(client_dir: Path, store: Path, tmp_pat
         assert ping["code"] == "OK"
     finally:
         thread.stop()
+
+
+# TorchServe's Open Inference Protocol client, from its own open_inference_grpc.proto.
+TS_OIP = """
+import sys
+
+import grpc
+
+import open_inference_grpc_pb2 as pb
+import open_inference_grpc_pb2_grpc as pb_grpc
+
+stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1]))
+print(stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live)
+request = pb.ModelInferRequest(model_name="echo", id="ts-oip")
+request.inputs.add(name="t", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"via its proto")
+answer = stub.ModelInfer(request, timeout=60)
+print(answer.id, answer.outputs[0].datatype, answer.raw_output_contents[0][4:].decode())
+"""
+
+
+def test_torchserves_open_inference_proto_works_under_its_own_service_name(
+    client_dir: Path, server: ServerThread
+) -> None:
+    (client_dir / "ts_oip.py").write_text(textwrap.dedent(TS_OIP))
+    address = f"127.0.0.1:{server.server.ports['grpc']}"
+    done = subprocess.run(
+        [sys.executable, "ts_oip.py", address], cwd=client_dir, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    live, answered = done.stdout.splitlines()
+    request_id, datatype, text = answered.split(" ", 2)
+    assert live == "True" and request_id == "ts-oip" and datatype == "BYTES"
+    assert json.loads(text)["echo"] == "via its proto"

@@ -15,7 +15,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROTOS = HERE / "protos"
 DESCRIPTORS = HERE / "descriptors.binpb"
-FILES = ("torchserve_inference.proto", "torchserve_management.proto", "open_inference.proto", "health.proto")
+FILES = (
+    "torchserve_inference.proto",
+    "torchserve_management.proto",
+    "open_inference.proto",
+    "torchserve_open_inference.proto",
+    "health.proto",
+)
 
 
 def compile_descriptors() -> bytes:

@@ -19,6 +19,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 TORCHSERVE_INFERENCE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 TORCHSERVE_MANAGEMENT = "org.pytorch.serve.grpc.management.ManagementAPIsService"
 OPEN_INFERENCE = "inference.GRPCInferenceService"
+# TorchServe's name for the same service (its open_inference_grpc.proto; messages identical on the wire)
+TORCHSERVE_OPEN_INFERENCE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"
 _DESCRIPTORS = Path(__file__).with_name("descriptors.binpb")
 

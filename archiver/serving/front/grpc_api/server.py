@@ -1,11 +1,12 @@
 """The two gRPC servers of the front process, on its own event loop (grpc.aio): inference and management.
 
 The inference port (TorchServe's 7070) serves TorchServe's InferenceAPIsService and the Open Inference
-Protocol's GRPCInferenceService; the management port (7071) TorchServe's ManagementAPIsService. Both
-serve health checking and reflection (from our own descriptor pool, so ``grpcurl list`` and
-``grpcurl describe`` work), take the HTTP server's token, refuse a message past the server's
-``max_request_size`` (RESOURCE_EXHAUSTED), and bound the calls in flight. Host and Origin rules do not
-apply here: a browser cannot speak native gRPC (it needs a grpc-web proxy, whose own origin rules do).
+Protocol's GRPCInferenceService (under KServe's and Triton's name, and under TorchServe's); the
+management port (7071) TorchServe's ManagementAPIsService. Both serve health checking and reflection
+(from our own descriptor pool, so ``grpcurl list`` and ``grpcurl describe`` work), take the HTTP
+server's token, refuse a message past the server's ``max_request_size`` (RESOURCE_EXHAUSTED), and bound
+the calls in flight. Host and Origin rules do not apply here: a browser cannot speak native gRPC (it
+needs a grpc-web proxy, whose own origin rules do).
 """
 
 from __future__ import annotations
@@ -101,10 +102,12 @@ class GrpcServers:
                 messages.TORCHSERVE_INFERENCE: rpc_handlers(
                     messages.TORCHSERVE_INFERENCE, ts.implementations(), token, _PROBES
                 ),
-                messages.OPEN_INFERENCE: rpc_handlers(
-                    messages.OPEN_INFERENCE, oip.implementations(), token, _PROBES
-                ),
             }
+            for name in (
+                messages.OPEN_INFERENCE,
+                messages.TORCHSERVE_OPEN_INFERENCE,
+            ):  # one service, two names
+                services[name] = rpc_handlers(name, oip.implementations(), token, _PROBES)
             planned.append(("grpc", inference_port, services))
         if management_port is not None:
             management = ManagementService(self.registry)
