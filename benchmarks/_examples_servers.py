@@ -238,11 +238,14 @@ def call(method: str, url: str, body: bytes | None, headers: dict[str, str], tim
 def wait_loaded(example: Example, ports: dict, timeout: float) -> bool:
     """The model registered (the README's management call) or READY (loaded by --models)."""
     base = f"http://127.0.0.1:{ports['management']}"
+    deadline = time.monotonic() + timeout
+    # torchserve --start returns before its frontend listens: wait for the management API first.
+    while call("GET", f"{base}/models", None, {}, 5).status != 200 and time.monotonic() < deadline:
+        time.sleep(1)
     if example.register:
         answer = call("POST", f"{base}/models?{example.register}", None, {}, timeout)
         return answer.status == 200
     name = (example.models or "").split("=")[0].removesuffix(".mar")
-    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         answer = call("GET", f"{base}/models/{name}", None, {}, 5)
         if answer.status == 200 and '"READY"' in answer.body.replace(" ", ""):
