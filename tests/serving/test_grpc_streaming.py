@@ -4,6 +4,7 @@ that cancels frees the worker; unary Predictions and ModelInfer get the final an
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ TS = "org.pytorch.serve.grpc.inference."
 # TorchServe's documented streaming pattern, a pause after each send so arrival times show when each
 # answer was made. "long" streams for 20 s unless its client goes; anything else three parts.
 STREAM_HANDLER = """
+import json
 import time
 
 from ts.handler_utils.utils import send_intermediate_predict_response
@@ -110,15 +112,15 @@ def test_model_stream_infer_sends_a_response_per_answer(streamer: tuple[Any, grp
     got = []
     for reply in call(iter([request("a"), request("b", "nope")]), timeout=60):
         got.append((reply, time.monotonic() - started))
+    streamed = [(reply.infer_response, at) for reply, at in got if not reply.error_message]
     texts = []
-    for reply, _ in got[:4]:
-        response = reply.infer_response
+    for response, _ in streamed:
         assert response.id == "a" and response.outputs[0].datatype == "BYTES"
         texts.append(split_bytes_elements(response.raw_output_contents[0], 1, "output")[0])
-    assert texts[:3] == [b"part 0;", b"part 1;", b"part 2;"]
-    assert texts[3] == b"done", texts
-    assert got[2][1] - got[0][1] > 0.6
-    assert got[4][0].error_message == "Model not found: nope" and len(got) == 5
+    assert texts == [b"part 0;", b"part 1;", b"part 2;", b"done"]  # one request's answers in order
+    assert streamed[2][1] - streamed[0][1] > 0.6  # each sent as it was made
+    failed = [reply.error_message for reply, _ in got if reply.error_message]
+    assert failed == ["Model not found: nope"] and len(got) == 5  # the other request's failure, alone
 
 
 def test_torchserves_client_prints_each_streamed_answer(
@@ -200,3 +202,31 @@ def test_stream_predictions2_is_one_sequence_of_a_stateful_model(serve: Any, mak
         assert len(ids) == 1 and ids.pop().startswith("ts-seq-")
         mine = stream(10, 5, sequence="mine")
         assert [r.prediction for r in mine] == [b"10", b"15"] and {r.sequence_id for r in mine} == {"mine"}
+
+
+def test_model_stream_infer_requests_of_one_stream_share_a_batch(serve: Any, make_model: Any) -> None:
+    model = make_model("batched", config_yaml="batchSize: 8\nmaxBatchDelay: 300\n")
+    server = serve([model], grpc_port=0)
+    Request = message("inference.ModelInferRequest")
+    asks = []
+    for k in range(6):
+        r = Request(model_name="batched", id=f"r{k}")
+        r.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+            f"n{k}".encode()
+        )
+        asks.append(r)
+    with grpc.insecure_channel(f"127.0.0.1:{server.server.ports['grpc']}") as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=Request.SerializeToString,
+            response_deserializer=message("inference.ModelStreamInferResponse").FromString,
+        )
+        replies = list(call(iter(asks), timeout=60))
+    answers = {
+        r.infer_response.id: json.loads(
+            split_bytes_elements(r.infer_response.raw_output_contents[0], 1, "o")[0]
+        )
+        for r in replies
+    }
+    assert {k: v["echo"] for k, v in answers.items()} == {f"r{k}": f"n{k}" for k in range(6)}
+    assert max(v["batch"] for v in answers.values()) > 1, answers  # not one at a time

@@ -9,6 +9,7 @@ streaming handler's intermediate answers each one), one request's failure its re
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -26,6 +27,8 @@ from archiver.serving.protocols import oip, router
 from archiver.serving.protocols.records import InferenceResponse, new_request_id
 
 _PACKAGE = "inference."
+# Requests of one ModelStreamInfer stream answered at once; past it the stream is not read further.
+STREAM_IN_FLIGHT = 64
 
 
 def _error_message(answer: InferenceResponse) -> str:
@@ -149,13 +152,43 @@ class OpenInferenceService:
     async def model_stream_infer(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
+        """Up to ``STREAM_IN_FLIGHT`` requests of the stream at once (so they can share a batch, as
+        Triton runs them), each request's responses in order, the requests' interleaved as they come
+        (tritonclient matches them by ``id``); reading stops while that many are in flight."""
         Reply = self.m["ModelStreamInferResponse"]
-        async for request in requests:
+        out: asyncio.Queue[Any] = asyncio.Queue(maxsize=STREAM_IN_FLIGHT)
+        room = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+        done = object()
+
+        async def answer(request: Any) -> None:
             answers = self._answers(request, context, stream=True)
             try:
-                async for answer in answers:
-                    yield Reply(infer_response=answer)
+                async for one in answers:
+                    await out.put(Reply(infer_response=one))
             except (ArchiverError, Failure) as exc:
-                yield Reply(error_message=Failure.of(exc).message)
+                await out.put(Reply(error_message=Failure.of(exc).message))
             finally:
                 await answers.aclose()
+                room.release()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await room.acquire()
+                    task = asyncio.ensure_future(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*list(running), return_exceptions=True)
+            finally:
+                await out.put(done)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (reply := await out.get()) is not done:
+                yield reply
+            await reader  # a failure reading the stream is the call's
+        finally:
+            for task in [reader, *running]:
+                task.cancel()
