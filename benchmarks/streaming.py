@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import _torchserve
 import requests
 from _common import REPO, free_port, stop_server, wait_ready_file
-from serve import TS_VENV, started_torchserve
 
 HANDLER = """
 import time
@@ -141,10 +141,12 @@ def main() -> None:
     with ours(mar, args.out) as url:
         results["ours"] = {c: measure(url, c, args.requests) for c in levels}
     if not args.skip_torchserve:
-        if not (TS_VENV / "bin" / "torchserve").exists():
-            sys.exit(f"no TorchServe in {TS_VENV} (benchmarks/setup_torchserve.sh); or --skip-torchserve")
-        with started_torchserve("streamer", mar, (args.out / "stream-ts").resolve()) as url:
-            results["torchserve"] = {c: measure(url, c, args.requests) for c in levels}
+        if not _torchserve.available():
+            sys.exit("no TorchServe 0.12 here (benchmarks/setup_torchserve.sh); or --skip-torchserve")
+        setup = _torchserve.Setup("torchserve", workers=args.workers)
+        home = (args.out / "stream-ts").resolve()
+        with _torchserve.started(setup, mar, home, batch=1, delay_ms=0) as ts:
+            results["torchserve"] = {c: measure(ts.url, c, args.requests) for c in levels}
     ideal = args.chunks * args.gap_ms
     print(
         f"streaming handler: {args.chunks} chunks {args.gap_ms:g} ms apart, then the last "
