@@ -230,3 +230,23 @@ def test_model_stream_infer_requests_of_one_stream_share_a_batch(serve: Any, mak
     }
     assert {k: v["echo"] for k, v in answers.items()} == {f"r{k}": f"n{k}" for k in range(6)}
     assert max(v["batch"] for v in answers.values()) > 1, answers  # not one at a time
+
+
+def test_a_model_stream_infer_client_that_cancels_frees_the_worker(
+    streamer: tuple[Any, grpc.Channel],
+) -> None:
+    _, channel = streamer
+    Request = message("inference.ModelInferRequest")
+    call = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=Request.SerializeToString,
+        response_deserializer=message("inference.ModelStreamInferResponse").FromString,
+    )
+    long = Request(model_name="streamer", id="long")
+    long.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"long")
+    stream = call(iter([long]), timeout=60)
+    assert next(stream).infer_response.id == "long"
+    stream.cancel()  # 20 s of answers left unread
+    started = time.monotonic()
+    answers = [r.prediction for r in stream_predictions(channel)(ask("next"), timeout=60)]
+    assert answers[-1] == b"done" and time.monotonic() - started < 8  # not behind the 20 s stream
