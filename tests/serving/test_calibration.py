@@ -193,3 +193,36 @@ def test_the_cli_calibrates_a_model_nobody_sized(serve_process: Any, make_model:
     assert described["workerSplit"]["chosenBy"] == "calibration"
     log = textwrap.dedent(Path(proc.log).read_text())
     assert 'model "linear":' in log and "(calibration: measured" in log, log
+
+
+def test_a_built_in_image_classifier_is_calibrated_on_a_generated_picture(
+    serve: Any, call: Any, describe: Any, tmp_path: Path
+) -> None:
+    import json
+
+    import torch
+
+    folder = tmp_path / "pets"
+    (folder / "MAR-INF").mkdir(parents=True)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=4),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    ).eval()
+    with torch.inference_mode():
+        torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), folder / "net.pt")
+    (folder / "index_to_name.json").write_text(json.dumps({"0": "cat", "1": "dog"}))
+    (folder / "model-config.yaml").write_text("batchSize: 4\n")
+    model = {
+        "modelName": "pets",
+        "modelVersion": "1.0",
+        "handler": "image_classifier",
+        "serializedFile": "net.pt",
+    }
+    model["configFile"] = "model-config.yaml"
+    (folder / "MAR-INF" / "MANIFEST.json").write_text(json.dumps({"runtime": "python", "model": model}))
+    server = serve([folder])
+    split = describe(call, server, "pets")["workerSplit"]
+    assert split["chosenBy"] == "calibration" and split["reason"].startswith("measured "), split
+    assert split["workers"] * split["threadsPerWorker"] <= cores()
