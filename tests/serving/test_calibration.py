@@ -106,12 +106,13 @@ def test_the_operator_and_the_archive_choose_over_calibration(
     server = serve([folder], operator={"workers": 2})
     split, described = _split(describe, call, server, "linear")
     assert split["chosenBy"] == "operator" and split["workers"] == 2 == len(described["workers"])
+    assert split["threadsPerWorker"] == max(1, cores() // 2)
     server.stop()
     pinned = serve([folder], torch_threads=1)
     split, _ = _split(describe, call, pinned, "linear")
     assert split == {
         "workers": 1,
-        "threadsPerWorker": cores(),
+        "threadsPerWorker": 1,  # --torch-threads 1
         "chosenBy": "rule",
         "reason": "1 worker with every core (--torch-threads is set: the threads are the operator's)",
     }

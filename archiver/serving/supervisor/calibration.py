@@ -31,7 +31,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,16 @@ async def start_sized(entry: Any, registry: Any) -> None:
     await entry.pool.start(entry.settings.workers)
     if example is not None:
         entry.split = await calibrate(entry, example, remember, registry.max_workers_per_model)
+    entry.split = replace(entry.split, threads=threads_now(registry))  # with every model's workers counted
     log_split(entry.name, entry.split)
+
+
+def threads_now(registry: Any) -> int:
+    """The torch threads each worker runs with now: the operator's figure, else the cores over all workers."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if not registry.torch_threads and omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return registry.threads_per_worker()
 
 
 def chosen(
@@ -343,8 +352,13 @@ async def calibrate(entry: Any, request: RawRequest, path: Path | None, max_work
             entry.settings = entry.settings.merged(workers=several)
             await pool.scale(several)
             many = await throughput(pool.submit, request, clients, PHASE_S)
-    except (ExampleFailed, ArchiverError, TimeoutError) as exc:
-        why = exc.message if isinstance(exc, ArchiverError) else str(exc) or "it took too long"
+    except Exception as exc:  # noqa: BLE001 - calibration must never cost a model its start
+        if isinstance(exc, ArchiverError):
+            why = exc.message
+        elif isinstance(exc, (ExampleFailed, TimeoutError)):
+            why = str(exc) or "it took too long"
+        else:
+            why = f"{type(exc).__name__}: {exc}"
         log.warning('model "%s": calibration failed, so the rule applies: %s', entry.name, why)
         await _back_to_one(entry)
         return rule(n, f"calibration failed: {why}")
