@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from _spread import ratio_lines, spread_table
+
 CONCURRENCY = (1, 8, 32)
 TARGETS = {"c8": 0.98, "c1_p50": 1.05}  # ResNet34 c=8 >= 0.98x bare; c=1 p50 <= 1.05x bare
 
@@ -105,6 +107,8 @@ def report(results: dict) -> str:
     for label, bare_path, path, unit in ROWS:
         b = pick(bare, bare_path) if bare_path else None
         o, t = pick(ours, path), pick(ts, path)
+        if b is None and o is None and t is None:
+            continue
         rows.append(
             f"| {label} | {fmt(b, unit)} | {fmt(o, unit)} | {fmt(t, unit)} | {ratio(o, b)} | {ratio(t, b)} "
             f"| {ratio(o, t)} |"
@@ -113,16 +117,25 @@ def report(results: dict) -> str:
 
 
 def report_shapes(results: dict) -> str:
-    """Each shape on its own: the bare model's and ours, beside TorchServe (one worker)."""
-    names = list(results["bare_shapes"])
-    head = [f"bare {s}" for s in names] + [f"ours {s}" for s in names] + ["TorchServe"]
+    """Each shape on its own: the bare model's and ours, beside each TorchServe setup."""
+    bare_names, ours_names = list(results["bare_shapes"]), list(results["ours_shapes"])
+    ts_setups = merge_ts_setups(results)
+    head = [f"bare {s}" for s in bare_names] + [f"ours {s}" for s in ours_names] + list(ts_setups)
     rows = ["| measure | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    ts = results.get("torchserve") or {}
     for label, bare_path, path, unit in ROWS:
-        cells = [fmt(pick(results["bare_shapes"][s], bare_path), unit) if bare_path else "n/a" for s in names]
-        cells += [fmt(pick(results["ours_shapes"][s], path), unit) for s in names]
-        rows.append(f"| {label} | " + " | ".join([*cells, fmt(pick(ts, path), unit)]) + " |")
+        values = [pick(results["bare_shapes"][s], bare_path) if bare_path else None for s in bare_names]
+        values += [pick(results["ours_shapes"][s], path) for s in ours_names]
+        values += [pick(side, path) for side in ts_setups.values()]
+        if any(v is not None for v in values):
+            rows.append(f"| {label} | " + " | ".join(fmt(v, unit) for v in values) + " |")
     return "\n".join(rows)
+
+
+def merge_ts_setups(results: dict) -> dict:
+    """Each TorchServe setup's best round."""
+    rounds = results.get("rounds") or []
+    labels = rounds[0].get("ts_setups", {}) if rounds else {}
+    return {label: merge_rounds([r["ts_setups"][label] for r in rounds]) for label in labels}
 
 
 def report_memory(results: dict) -> str:
@@ -193,3 +206,31 @@ def report_targets(results: dict) -> str:
         f"(ours {p50_shape}): {'met' if met1 else 'MISSED'}"
     )
     return "\n".join(lines)
+
+
+def spread(rounds: list[dict], names: list[str]) -> str:
+    """Every round's figure, best and median, for the measures the targets use, per side and shape."""
+    measures = [  # (title, unit, higher is better, path in a bare shape, path in a server run)
+        ("ResNet34 c=1 p50", "ms", False, "batch1/p50_ms", "resnet34/c1/p50_ms"),
+        ("ResNet34 c=8", "img/s", True, "batched/img_per_s", "resnet34/c8/req_per_s"),
+        ("tiny c=32", "req/s", True, None, "tiny/c32/req_per_s"),
+    ]
+    parts = []
+    for title, unit, higher, bare_path, path in measures:
+        if path.split("/")[0] not in names:
+            continue
+        series: dict[str, list] = {}
+        if bare_path:
+            for shape in rounds[0]["bare_shapes"]:
+                series[f"bare {shape}"] = [pick(r["bare_shapes"][shape], bare_path) for r in rounds]
+        for shape in rounds[0]["ours_shapes"]:
+            series[f"ours {shape}"] = [pick(r["ours_shapes"][shape], path) for r in rounds]
+        for label in rounds[0].get("ts_setups", {}):
+            series[label] = [pick(r["ts_setups"][label], path) for r in rounds]
+        series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+        parts.append(spread_table(title, unit, series, higher))
+        peers = [k for k in series if k.startswith(("bare", "torchserve"))]
+        for ours_label in [k for k in series if k.startswith("ours")]:
+            parts += ratio_lines(title, ours_label, series, higher, peers)
+        parts.append("")
+    return "\n".join(parts)

@@ -24,7 +24,6 @@ times (default 2) and keeps the best figure of each measure: on a shared machine
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -32,13 +31,12 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
+import _torchserve
 import psutil
 from _bare import run_bare
 from _common import (
@@ -46,15 +44,20 @@ from _common import (
     REPO,
     MemorySampler,
     free_port,
-    kill_leftovers,
     our_child_role,
     stop_server,
     tree_roles,
     wait_ready_file,
 )
-from _serve_report import CONCURRENCY, merge_rounds, report, report_memory, report_shapes, report_targets
-
-TS_VENV = REPO / ".venv-ts"
+from _serve_report import (
+    CONCURRENCY,
+    merge_rounds,
+    report,
+    report_memory,
+    report_shapes,
+    report_targets,
+    spread,
+)
 
 RESNET_HANDLER = '''
 """ResNet34 handler in TorchServe's style: batched decode + ImageNet preprocessing, top-1 answer."""
@@ -179,14 +182,29 @@ def hey(url: str, concurrency: int, duration_s: float, body_file: Path, content_
     return {"req_per_s": rps, "p50_ms": pct.get(50), "p99_ms": pct.get(99), "codes": codes, "errors": errors}
 
 
-def load_runs(url: str, duration: float, body_file: Path, ctype: str, roles) -> dict:
+def load_runs(
+    url: str,
+    duration: float,
+    body_file: Path,
+    ctype: str,
+    roles,
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    warmup_s: float = 3.0,
+    memory: bool = True,
+) -> dict:
     """Warm-up, the timed runs at each concurrency, then memory under c=32 load in a run of its own
     (reading a torch process's memory maps costs CPU, which the timed runs must not pay)."""
-    hey(url, 8, min(3.0, duration), body_file, ctype)  # warm-up: allocator, JIT profiling, caches
-    runs = {f"c{c}": hey(url, c, duration, body_file, ctype) for c in CONCURRENCY}
+    hey(url, max(concurrency), warmup_s, body_file, ctype)  # allocator, Java's JIT, torch's profiling
+    runs = {f"c{c}": hey(url, c, duration, body_file, ctype) for c in concurrency}
+    if not memory:
+        return runs
     with MemorySampler(roles) as mem:
         hey(url, 32, min(5.0, duration), body_file, ctype)
     return {**runs, "memory": mem.result()}
+
+
+def shape_label(shape: tuple[int, int] | None) -> str:
+    return "default" if shape is None else f"{shape[0]}x{shape[1]}"
 
 
 def shapes(cores: int) -> dict[str, tuple[int, int]]:
@@ -197,9 +215,18 @@ def shapes(cores: int) -> dict[str, tuple[int, int]]:
 
 # ---- the servers --------------------------------------------------------------------------------
 def run_ours(
-    name: str, mar: Path, shape: tuple[int, int], duration: float, body_file: Path, ctype: str, out: Path
+    name: str,
+    mar: Path,
+    shape: tuple[int, int] | None,
+    duration: float,
+    body_file: Path,
+    ctype: str,
+    out: Path,
+    **load: object,
 ) -> dict:
-    ports = [free_port() for _ in range(3)]
+    """Our server on ``mar``: ``shape`` (workers, torch threads) as flags, or None for its defaults;
+    ``load`` goes to load_runs (concurrency, warm-up, memory)."""
+    ports = [free_port() for _ in range(5)]
     ready_file = out / f"ours-{name}-ready.json"
     ready_file.unlink(missing_ok=True)
     cmd = [str(REPO / ".venv" / "bin" / "model-archiver"), "serve", "--model-store", str(mar.parent)]
@@ -207,105 +234,54 @@ def run_ours(
     cmd += [
         "--metrics-port",
         str(ports[2]),
+        "--grpc-port",
+        str(ports[3]),
+        "--grpc-management-port",
+        str(ports[4]),
         "--cache-dir",
         str(out / "cache"),
         "--ready-file",
         str(ready_file),
     ]
-    cmd += ["--workers", str(shape[0]), "--torch-threads", str(shape[1])]
+    if shape is not None:
+        cmd += ["--workers", str(shape[0]), "--torch-threads", str(shape[1])]
     url = f"http://127.0.0.1:{ports[0]}/predictions/{name}"
-    log = open(out / f"ours-{name}-{shape[0]}x{shape[1]}.log", "w")  # noqa: SIM115 - closed in finally
+    log = open(out / f"ours-{name}-{shape_label(shape)}.log", "w")  # noqa: SIM115 - closed in finally
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         startup = wait_first_prediction(url, body_file.read_bytes(), ctype, started)
         ready = wait_ready_file(ready_file, proc, 30)
-        if len(ready["workers"].get(name, [])) != shape[0]:
+        if shape is not None and len(ready["workers"].get(name, [])) != shape[0]:
             raise RuntimeError(f"asked for {shape[0]} workers, READY says {ready['workers']}")
         roles = tree_roles(psutil.Process(proc.pid), "front", our_child_role)
-        runs = load_runs(url, duration, body_file, ctype, roles)
+        runs = load_runs(url, duration, body_file, ctype, roles, **load)
         return {"startup_s": startup, "ready_workers": ready["workers"], **runs}
     finally:
         stop_server(proc)
         log.close()
 
 
-def _ts_env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": f"{TS_VENV / 'bin'}:{os.environ['PATH']}",
-        "TS_DISABLE_SYSTEM_METRICS": "true",
-    }
-
-
-def _find_torchserve(home: Path) -> psutil.Process | None:
-    """The Java frontend of the TorchServe started in ``home`` (not anyone else's on this machine)."""
-    for p in psutil.process_iter(["cmdline", "cwd"]):
-        cmdline = p.info["cmdline"] or []
-        if p.info["cwd"] == str(home) and any("org.pytorch.serve.ModelServer" in c for c in cmdline):
-            return p
-    return None
-
-
-def _ts_child_role(proc: psutil.Process) -> str:
-    return "worker" if "model_service_worker" in " ".join(proc.cmdline()) else proc.name()
-
-
-@contextlib.contextmanager
-def started_torchserve(name: str, mar: Path, home: Path) -> Iterator[str]:
-    """TorchServe 0.12 serving ``mar`` as ``name`` from a fresh ``home`` on free ports: its prediction
-    URL while the block runs (it may still be loading); stopped, with every process it started, after."""
-    ports = [free_port() for _ in range(3)]
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
-    (home / "config.properties").write_text(
-        textwrap.dedent(
-            f"""\
-            inference_address=http://127.0.0.1:{ports[0]}
-            management_address=http://127.0.0.1:{ports[1]}
-            metrics_address=http://127.0.0.1:{ports[2]}
-            disable_token_authorization=true
-            python={TS_VENV / "bin" / "python"}
-            job_queue_size=1000
-            """
-        )
-    )
-    cmd = [str(TS_VENV / "bin" / "torchserve"), "--start", "--ncs", "--model-store", str(mar.parent)]
-    cmd += ["--models", f"{name}={mar.name}", "--ts-config", str(home / "config.properties")]
-    cmd += ["--disable-token-auth"]
-    try:
-        # The launcher leaves Java running with its stdout: a pipe here would never reach EOF.
-        with open(home / "torchserve-start.log", "w") as log:
-            subprocess.run(
-                cmd, cwd=home, env=_ts_env(), stdout=log, stderr=subprocess.STDOUT, timeout=120, check=True
-            )
-        yield f"http://127.0.0.1:{ports[0]}/predictions/{name}"
-    finally:
-        java = _find_torchserve(home)
-        tree = [java, *java.children(recursive=True)] if java is not None else []
-        stop = [str(TS_VENV / "bin" / "torchserve"), "--stop"]
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(
-                stop,
-                cwd=home,
-                env=_ts_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=60,
-            )
-        kill_leftovers(tree, grace_s=30)  # its workers can outlive a frontend stopped mid-start
-
-
-def run_torchserve(name: str, mar: Path, duration: float, body_file: Path, ctype: str, out: Path) -> dict:
-    home = (out / f"ts-{name}").resolve()
+def run_torchserve(
+    setup: _torchserve.Setup,
+    name: str,
+    mar: Path,
+    duration: float,
+    body_file: Path,
+    ctype: str,
+    out: Path,
+    batch: int,
+    delay_ms: int,
+    **load: object,
+) -> dict:
+    """TorchServe in one of its setups (benchmarks/_torchserve.py) on ``mar``, loaded like ours."""
+    home = (out / f"ts-{setup.label}-{name}").resolve()
     started = time.perf_counter()
-    with started_torchserve(name, mar, home) as url:
-        startup = wait_first_prediction(url, body_file.read_bytes(), ctype, started)
-        java = _find_torchserve(home)
-        if java is None:
-            raise RuntimeError("TorchServe answers but its Java process was not found")
-        runs = load_runs(url, duration, body_file, ctype, tree_roles(java, "frontend (java)", _ts_child_role))
-        return {"startup_s": startup, **runs}
+    with _torchserve.started(setup, mar, home, batch, delay_ms) as ts:
+        startup = wait_first_prediction(ts.url, body_file.read_bytes(), ctype, started)
+        roles = tree_roles(ts.java, "frontend (java)", _torchserve.worker_role)
+        runs = load_runs(ts.url, duration, body_file, ctype, roles, **load)
+        return {"startup_s": startup, "description": ts.description, **runs}
 
 
 def main() -> None:
@@ -320,7 +296,24 @@ def main() -> None:
         "--rounds", type=int, default=2, help="repeat everything; the table keeps each measure's best round"
     )
     parser.add_argument(
-        "--shapes", help="processes x threads to run, comma-separated (default: 1xCORES,CORESx1)"
+        "--shapes", help="processes x threads of the bare model, comma-separated (default: 1xCORES,CORESx1)"
+    )
+    parser.add_argument(
+        "--ours-shapes",
+        help="our server's shapes, comma-separated; 'default' runs it with no --workers/--torch-threads "
+        "(default: default and every --shapes)",
+    )
+    parser.add_argument(
+        "--ts-setups",
+        default="best,2workers",
+        help=f"TorchServe setups, comma-separated, from {sorted(_torchserve.SETUPS)} (see _torchserve.py)",
+    )
+    parser.add_argument("--models", default="resnet34,tiny", help="comma-separated: resnet34, tiny")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before ResNet34's runs")
+    parser.add_argument(
+        "--tiny-warmup", type=float, default=20.0, help="seconds before the tiny model's (Java's JIT)"
     )
     args = parser.parse_args()
     if shutil.which("hey") is None:
@@ -331,11 +324,26 @@ def main() -> None:
     all_shapes = shapes(cores)
     if args.shapes:
         all_shapes = {s: tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")}
+    ours_shapes = {"default": None, **all_shapes}
+    if args.ours_shapes:
+        ours_shapes = {
+            s: None if s == "default" else tuple(int(x) for x in s.split("x"))
+            for s in args.ours_shapes.split(",")
+        }
+    names = args.models.split(",")
+    concurrency = tuple(int(c) for c in args.concurrency.split(","))
     load_before = os.getloadavg()
     mars = build_models(args.out, args.resnet_batch, args.tiny_batch, args.max_batch_delay)
+    mars = {name: Path(mars[name]) for name in names}
     tiny_body = args.out / "tiny.json"
     tiny_body.write_text(json.dumps([0.1, 0.2, 0.3, 0.4]))
     inputs = {"resnet34": (KITTEN, "image/jpeg"), "tiny": (tiny_body, "application/json")}
+    batches = {"resnet34": args.resnet_batch, "tiny": args.tiny_batch}
+
+    def load(name: str) -> dict:
+        warm = args.tiny_warmup if name == "tiny" else args.warmup
+        return {"concurrency": concurrency, "warmup_s": warm, "memory": not args.no_memory}
+
     results: dict = {
         "machine": {"cpus": cores, "python": platform.python_version(), "load_before": load_before}
     }
@@ -344,38 +352,84 @@ def main() -> None:
         f"machine: {cores} cpus, load average before {load_before[0]:.2f}; shapes {list(all_shapes)}",
         flush=True,
     )
-    have_ts = (TS_VENV / "bin" / "torchserve").exists() and shutil.which("java")
-    if not have_ts or args.skip_torchserve:
+    setups = []
+    if _torchserve.available() and not args.skip_torchserve:
+        setups = [_torchserve.SETUPS[s] for s in args.ts_setups.split(",") if s]
+    else:
         print("TorchServe skipped (run benchmarks/setup_torchserve.sh to compare)", flush=True)
+    configs = {
+        "bare PxT": "P processes x T torch threads: decode, preprocess, forward, top-1 in-process; no server",
+        "ours default": "model-archiver serve with no --workers/--torch-threads (its own defaults)",
+        "ours PxT": "model-archiver serve --workers P --torch-threads T",
+        **{
+            s.label: s.describe(batches.get(names[0], 0), args.max_batch_delay).split(": ", 1)[1]
+            for s in setups
+        },
+    }
     rounds: list[dict] = []
     for number in range(1, args.rounds + 1):
-        # All runs take turns within each round, so a busy spell hits all of them alike.
-        one: dict = {"bare_shapes": {}, "ours_shapes": {}}
-        for shape, (procs, threads) in all_shapes.items():
-            one["bare_shapes"][shape] = run_bare(
-                args.out / "work", procs, threads, args.duration, args.resnet_batch, args.tiny_batch
-            )
-            print(f"round {number} bare {shape}:", json.dumps(one["bare_shapes"][shape]), flush=True)
-        for shape, pair in all_shapes.items():
-            one["ours_shapes"][shape] = {}
-            for name, mar in mars.items():
-                got = run_ours(name, mar, pair, args.duration, *inputs[name], args.out)
-                one["ours_shapes"][shape][name] = got
-                print(f"round {number} ours {shape} {name}:", json.dumps(got), flush=True)
-        if have_ts and not args.skip_torchserve:
-            one["torchserve"] = {}
-            for name, mar in mars.items():
-                one["torchserve"][name] = run_torchserve(name, mar, args.duration, *inputs[name], args.out)
-                print(f"round {number} torchserve {name}:", json.dumps(one["torchserve"][name]), flush=True)
+        # All runs take turns within each round, so a busy spell hits all of them alike; the order of
+        # the sides reverses every other round.
+        one: dict = {"bare_shapes": {}, "ours_shapes": {}, "ts_setups": {}}
+
+        def bare(number: int, one: dict) -> None:
+            if "resnet34" not in names:
+                return
+            for shape, (procs, threads) in all_shapes.items():
+                one["bare_shapes"][shape] = run_bare(
+                    args.out / "work", procs, threads, args.duration, args.resnet_batch, args.tiny_batch
+                )
+                print(f"round {number} bare {shape}:", json.dumps(one["bare_shapes"][shape]), flush=True)
+
+        def ours(number: int, one: dict) -> None:
+            for shape, pair in ours_shapes.items():
+                one["ours_shapes"][shape] = {}
+                for name, mar in mars.items():
+                    got = run_ours(name, mar, pair, args.duration, *inputs[name], args.out, **load(name))
+                    one["ours_shapes"][shape][name] = got
+                    print(f"round {number} ours {shape} {name}:", json.dumps(got), flush=True)
+
+        def torchserve(number: int, one: dict) -> None:
+            for setup in setups:
+                one["ts_setups"][setup.label] = {}
+                for name, mar in mars.items():
+                    got = run_torchserve(
+                        setup,
+                        name,
+                        mar,
+                        args.duration,
+                        *inputs[name],
+                        args.out,
+                        batches[name],
+                        args.max_batch_delay,
+                        **load(name),
+                    )
+                    one["ts_setups"][setup.label][name] = got
+                    print(f"round {number} {setup.label} {name}:", json.dumps(got), flush=True)
+
+        sides = [bare, ours, torchserve]
+        for side in sides if number % 2 else reversed(sides):
+            side(number, one)
+        if setups:
+            one["torchserve"] = merge_rounds(list(one["ts_setups"].values()))
         rounds.append(one)
     results |= merge_rounds(rounds)
-    results["bare"] = merge_rounds(list(results["bare_shapes"].values()))
+    results["bare"] = merge_rounds(list(results["bare_shapes"].values())) if results["bare_shapes"] else {}
     results["ours"] = merge_rounds(list(results["ours_shapes"].values()))
     results["rounds"] = rounds
+    results["configs"] = configs
     results["machine"]["load_after"] = os.getloadavg()
-    text = "\n\n".join(
-        [report(results), report_shapes(results), report_memory(results), report_targets(results)]
-    )
+    sections = [
+        "Configurations:\n" + "\n".join(f"- {k}: {v}" for k, v in configs.items()),
+        spread(rounds, names),
+        report(results),
+        report_shapes(results),
+    ]
+    if not args.no_memory:
+        sections.append(report_memory(results))
+    if "resnet34" in names:
+        sections.append(report_targets(results))
+    text = "\n\n".join(sections)
     (args.out / "serve.json").write_text(json.dumps(results, indent=2))
     (args.out / "serve.md").write_text(text + "\n")
     print()
