@@ -267,7 +267,8 @@ class WorkerPool:
             limit = f"{self.response_timeout_s:g} s"
             # a stream's clock restarts at each answer it sends: it stopped sending, not answering
             did = f"sent nothing for {limit}" if worker.streamed else f"did not answer within {limit}"
-            worker.kill("timeout", f"its batch of {len(jobs)} ran past responseTimeout ({limit})")
+            ran = f"{did} (responseTimeout)" if worker.streamed else f"ran past responseTimeout ({limit})"
+            worker.kill("timeout", f"its batch of {len(jobs)} {ran}")
             self._fail(
                 worker,
                 jobs,

@@ -82,7 +82,10 @@ def _log_handler_error(model: Any, exc: BaseException) -> None:
     """A batch the handler failed (each request got a 500): the frames in the archive's own files, so
     the server's log shows where the handler broke (the front logs these stderr lines)."""
     from archiver.serving.worker.tracebacks import user_trace
+    from handlers.streaming import StreamCancelledError
 
+    if isinstance(exc, StreamCancelledError):  # its client went away: the front said so already
+        return
     _log_block(f'handler error in model "{model.name}"', user_trace(exc, model.model_dir))
 
 
