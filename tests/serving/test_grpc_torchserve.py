@@ -72,9 +72,9 @@ out = {"code": "OK", "details": "", "replies": []}
 try:
     call = getattr(stub, method)
     if method == "StreamPredictions2":
-        answers = call(iter(requests), metadata=metadata, timeout=60)
+        answers = call(iter(requests), metadata=metadata, timeout=150)
     else:
-        answers = call(requests[0], metadata=metadata, timeout=60)
+        answers = call(requests[0], metadata=metadata, timeout=150)
     if method.startswith("Stream"):
         for a in answers:
             out["replies"].append(json_format.MessageToDict(a))
@@ -163,7 +163,7 @@ def ts_call(folder: Path, server: ServerThread, service: str, method: str, *bodi
     env = {**os.environ, "TS_TOKEN": token}
     done = subprocess.run(
         [sys.executable, "ts_calls.py", address, service, method, *(json.dumps(b) for b in bodies)],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=120,
+        cwd=folder, env=env, capture_output=True, text=True, timeout=200,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -265,6 +265,7 @@ def test_every_management_method_answers_the_http_apis_json(client_dir: Path, se
     )
     assert described[0]["modelName"] == "echo" and described[0]["modelVersion"] == "1.0"
     scaled = ts_call(client_dir, server, "management", "ScaleWorker", {"model_name": "echo", "min_worker": 2})
+    assert scaled["code"] == "OK", scaled
     assert json.loads(scaled["replies"][0]["msg"]) == {"status": "Workers scaled to 2 for model: echo"}
     assert server.server.registry.get("echo").settings.workers == 2
     ts_call(client_dir, server, "management", "ScaleWorker", {"model_name": "echo", "min_worker": 1})
