@@ -34,6 +34,18 @@ _MAX_DIMENSION_VALUE = 128
 # TorchServe adds these dimensions itself; on /metrics the model is the server's ``model`` label.
 _IMPLICIT_DIMENSIONS = frozenset({"ModelName", "Level", "Hostname"})
 _DEFAULT_DIMENSIONS = ["ModelName", "Level"]  # what TorchServe's add calls give a metric by default
+# TorchServe's ts.metrics.unit: the short units a handler passes, as a metric reports them
+_UNITS = {
+    "ms": "Milliseconds",
+    "s": "Seconds",
+    "percent": "Percent",
+    "count": "Count",
+    "MB": "Megabytes",
+    "GB": "Gigabytes",
+    "kB": "Kilobytes",
+    "B": "Bytes",
+    "": "unit",
+}
 
 
 class MetricTypes(enum.Enum):
@@ -87,7 +99,7 @@ class CachingMetric:
     ) -> None:
         self._metrics = metrics
         self.metric_name = metric_name
-        self.unit = unit
+        self.unit = _UNITS.get(unit or "", unit) if unit is None or isinstance(unit, str) else str(unit)
         self.dimension_names = list(dimension_names)
         self.metric_type = MetricTypes(kind)
 

@@ -77,7 +77,10 @@ def test_handler_metrics_appear_on_metrics_labelled_by_model(serve, make_model, 
     for name in ("Images", "Tokens", "Cached"):
         assert counter.format(name) in text
     assert "# TYPE model_archiver_handler_Latency summary" in text
-    assert "# HELP model_archiver_handler_InferenceTime Handler metric 'InferenceTime' (unit: ms)" in text
+    assert (
+        "# HELP model_archiver_handler_InferenceTime Handler metric 'InferenceTime' (unit: Milliseconds)"
+        in text
+    )  # TorchServe's unit names
 
     assert sample(text, 'model_archiver_handler_InferenceTime{model="metered"}') == 37.5  # the last value
     assert sample(text, 'model_archiver_handler_Images_total{model="metered"}') == 3.0  # a running total
@@ -135,8 +138,8 @@ def test_the_in_process_path_accepts_every_call(make_model):
     model = load_model(make_model("local", handler_source=METRICS_HANDLER))
     try:
         assert model.predict(["1", "12.5"]) == [{"ok": True}, {"ok": True}]
-        assert model.context.metrics.values["Images"] == (2.0, "count")
-        assert model.context.metrics.values["InferenceTime"] == (12.5, "ms")
+        assert model.context.metrics.values["Images"] == (2.0, "Count")
+        assert model.context.metrics.values["InferenceTime"] == (12.5, "Milliseconds")
     finally:
         model.close()
 
@@ -153,12 +156,12 @@ def test_metrics_aggregate_a_batch_into_records_and_drain():
     metrics.add_metric("H", 3.0, "ms", None, [Dimension("Stage", "post")], "histogram")
     metrics.add_percent("P", 50, None, [Dimension("ModelName", "x"), ("Level", "Model")])
     records = {r["name"]: r for r in metrics.drain()}
-    assert records["Images"] == {"name": "Images", "kind": "counter", "unit": "count", "value": 5.0}
-    assert records["T"] == {"name": "T", "kind": "gauge", "unit": "ms", "value": 4.0}
+    assert records["Images"] == {"name": "Images", "kind": "counter", "unit": "Count", "value": 5.0}
+    assert records["T"] == {"name": "T", "kind": "gauge", "unit": "Milliseconds", "value": 4.0}
     assert records["H"] == {
         "name": "H",
         "kind": "histogram",
-        "unit": "ms",
+        "unit": "Milliseconds",
         "value": 5.0,
         "count": 2,
         "dims": [["Stage", "post"]],

@@ -188,6 +188,9 @@ def test_the_custom_metrics_example_answers_and_its_metrics_carry_torchserve_s_n
     assert (
         sample(text, f'ExamplePercentMetric_count{{ModelName="mnist",Level="Model",Hostname="{HOST}"}}') == 4
     )
+    # HELP's unit: the declaration's for a declared metric, TorchServe's long name for a detected one
+    assert "# HELP SizeOfImage Torchserve prometheus gauge metric with unit: kB" in text
+    assert "# HELP HandlerMethodTime Torchserve prometheus gauge metric with unit: Milliseconds" in text
     # HandlerTime is declared but this handler is not a BaseHandler: declared, no sample, as TorchServe
     assert "# TYPE HandlerTime gauge" in text and "\nHandlerTime{" not in text
 
@@ -254,7 +257,7 @@ def test_metrics_yaml_declarations_are_in_the_cache_and_checked_as_torchserve_ch
         model_name="m",
         declared=[("RequestBatchSize", "gauge", "count", ("ModelName",)), ("Calls", "counter", "count", ())],
     )
-    assert metrics.get_metric("RequestBatchSize", MetricTypes.GAUGE).unit == "count"
+    assert metrics.get_metric("RequestBatchSize", MetricTypes.GAUGE).unit == "Count"  # TorchServe's name
     with pytest.raises(MetricsCacheKeyError, match=re.escape("name 'RequestBatchSize' doesn't exist")):
         metrics.get_metric("RequestBatchSize", MetricTypes.COUNTER)  # declared as a gauge
     metrics.get_metric("RequestBatchSize", MetricTypes.GAUGE).add_or_update(4, ["m"])
@@ -264,7 +267,7 @@ def test_metrics_yaml_declarations_are_in_the_cache_and_checked_as_torchserve_ch
     assert records["RequestBatchSize"] == {
         "name": "RequestBatchSize",
         "kind": "gauge",
-        "unit": "count",
+        "unit": "Count",
         "value": 4.0,
     }
     assert records["invalid"]["value"] == 1  # the mismatched Calls

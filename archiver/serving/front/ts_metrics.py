@@ -17,7 +17,6 @@ worker thread in the front) is declared and left without samples.
 
 from __future__ import annotations
 
-import shutil
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -126,8 +125,9 @@ class TorchServeMetrics:
                 row = per_version.setdefault((model, version), [0.0, 0.0])
                 row[0] += count
                 row[1] += seconds
-        out: dict[str, Any] = {
-            name: ([(("Host", host), by_class[cls])], 2) for name, cls in _STATUS_FAMILIES.items()
+        out: dict[str, Any] = {  # as TorchServe's counters: no sample before the first answer of a class
+            name: ([(("Host", host), by_class[cls])] if by_class[cls] else [], 2)
+            for name, cls in _STATUS_FAMILIES.items()
         }
         out["ts_inference_requests_total"] = (
             [((m, v, host), row[0]) for (m, v), row in per_version.items()],
@@ -160,7 +160,7 @@ class TorchServeMetrics:
 
         out: dict[str, Any] = {}
         memory = psutil.virtual_memory()
-        disk = shutil.disk_usage("/")
+        disk = psutil.disk_usage("/")  # its percent leaves out the blocks kept for root, as TorchServe's
         for name, value in (
             ("CPUUtilization", psutil.cpu_percent(interval=None)),
             ("MemoryUsed", memory.used / 2**20),
@@ -168,7 +168,7 @@ class TorchServeMetrics:
             ("MemoryUtilization", memory.percent),
             ("DiskUsage", disk.used / 2**30),
             ("DiskAvailable", disk.free / 2**30),
-            ("DiskUtilization", 100.0 * disk.used / disk.total if disk.total else 0.0),
+            ("DiskUtilization", disk.percent),
         ):
             out[name] = ([(("Host", host), value)], 2)
         if self.gpu_monitor is not None:
