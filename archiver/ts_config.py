@@ -85,6 +85,8 @@ IGNORED: dict[str, str] = {
     "limit_max_image_pixels": "PIL's pixel limit stays on (it guards the workers' memory)",
     "version": "a key TorchServe writes into snapshots",
 }
+# Ignored keys whose value, when it is this, asks for what this server does anyway: not reported.
+_SAME_HERE = {"limit_max_image_pixels": "true", "enable_metrics_api": "true", "decode_input_request": "true"}
 # Keys read below (the rest of TorchServe's known keys are in IGNORED).
 _ADDRESSES = {
     "inference_address": "port",
@@ -191,6 +193,8 @@ class _Reader:
 
     def read(self) -> TsConfig:
         for key in self.props:
+            if _SAME_HERE.get(key) == (self.value(key) or "").lower():
+                continue  # TorchServe's default, which is what this server does anyway
             if key in IGNORED:
                 self.note(key, IGNORED[key])
             elif key not in _READ:

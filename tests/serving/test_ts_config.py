@@ -188,7 +188,7 @@ def test_flags_and_config_over_the_file_and_the_file_under_the_archive_s_model_c
     config.write_text(
         "default_workers_per_model=3\ndefault_response_timeout=30\nmax_request_size=1000\n"
         "install_py_dep_per_model=true\nnumber_of_gpu=0\ndisable_token_authorization=true\n"
-        "grpc_inference_port=17070\nmetrics_mode=log\n"
+        "grpc_inference_port=17070\nmetrics_mode=log\nenable_metrics_api=true\nlimit_max_image_pixels=false\n"
     )
     ts = read_ts_config(config, {"grpc_port"})
     assert ts.defaults == {"workers": 3, "response_timeout_s": 30}  # under model-config.yaml
@@ -199,9 +199,11 @@ def test_flags_and_config_over_the_file_and_the_file_under_the_archive_s_model_c
         "no_auth": True,
         "grpc_port": 17070,
     }
-    assert ts.notes == [
+    assert ts.notes == [  # enable_metrics_api=true asks for what happens anyway: not reported
+        "config.properties: ignoring limit_max_image_pixels (line 10): PIL's pixel limit stays on (it guards "
+        "the workers' memory)",
         "config.properties: ignoring metrics_mode (line 8): no metric log files are written; "
-        "/metrics serves TorchServe's names"
+        "/metrics serves TorchServe's names",
     ]
 
 
