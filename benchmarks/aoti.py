@@ -37,9 +37,10 @@ from pathlib import Path
 
 from _bare import BareProcess, run_bare, run_group
 from _common import KITTEN, REPO
+from _models import RESNET_HANDLER, build_models
 from _serve_report import merge_rounds
 from _spread import ratio_lines, spread_table
-from serve import RESNET_HANDLER, build_models, run_ours, shape_label, shapes
+from serve import run_ours, shape_label, shapes
 
 TARGET_C8 = 1.1  # served with defaults, c=8 img/s >= this x the bare TorchScript model's best (issue 25)
 TARGET_OWN_C8 = 0.98  # served with defaults, c=8 img/s >= this x the bare package's own best (issue 25)

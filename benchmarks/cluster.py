@@ -35,8 +35,9 @@ from pathlib import Path
 import psutil
 import yaml
 from _common import KITTEN, REPO, free_port
+from _models import build_models
 from _serve_report import merge_rounds
-from serve import build_models, load_runs, run_ours, wait_first_prediction
+from serve import load_runs, run_ours, wait_first_prediction
 
 BIN = REPO / ".venv" / "bin"
 MARK = "ARCHIVER_CLUSTER_BENCH"

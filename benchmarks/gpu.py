@@ -42,7 +42,8 @@ from urllib.parse import urlsplit
 from _bare import BareProcess, measure_bare
 from _common import KITTEN, REPO, free_port, get_json, stop_server, wait_ready_file
 from _load import load
-from serve import RESNET_HANDLER, wait_first_prediction
+from _models import RESNET_HANDLER
+from serve import wait_first_prediction
 
 # A GPU's kernels sum in another order than the CPU's (and cuDNN convolutions use TF32 by default).
 PROB_ABS_TOLERANCE = 1e-3

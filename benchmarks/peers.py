@@ -46,8 +46,9 @@ from pathlib import Path
 import psutil
 import yaml
 from _common import KITTEN, REPO, free_port, wait_ready_file
+from _models import build_models
 from _spread import ratio_lines, spread_table
-from serve import build_models, hey, wait_first_prediction
+from serve import hey, wait_first_prediction
 
 BIN = REPO / ".venv" / "bin"
 MARK = "ARCHIVER_PEERS_BENCH"

@@ -36,8 +36,9 @@ from pathlib import Path
 import _torchserve
 import psutil
 from _common import REPO, free_port, stop_server, wait_ready_file
+from _models import TINY_HANDLER
 from _spread import best, ratio_lines, spread_table
-from serve import TINY_HANDLER, hey, wait_first_prediction
+from serve import hey, wait_first_prediction
 
 
 def build_tiny(out: Path, batch: int, delay_ms: int) -> Path:
