@@ -6,10 +6,12 @@ reads ``/predictions`` with ``requests`` and ``stream=True``, timing each chunk'
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,40 @@ def test_callers_that_take_one_answer_get_the_streams_last(make_model, serve):
     assert v1.status_code == 200 and v1.json() == {"predictions": ["three", ""]}
     v1 = requests.post(f"{base}/v1/models/hello:predict", json={"instances": [42]}, timeout=30)
     assert v1.status_code == 200 and v1.json() == {"predictions": ["hello world "]}
+
+
+def test_two_streams_in_one_batch_each_get_their_own_chunks_in_turn(make_model, serve):
+    config = "batchSize: 2\nmaxBatchDelay: 200\n"
+    server = serve([make_model("words", handler_source=GENERATOR_HANDLER, config_yaml=config)])
+    url = server.url("inference") + "/predictions/words"
+    busy = requests.post(url, data="words", stream=True, timeout=30)
+    busy_chunks = busy.iter_content(chunk_size=None)
+    assert next(busy_chunks) == b"one "  # the only worker is streaming: the two below queue together
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(timed_chunks, url, "words") for _ in range(2)]
+        assert b"".join(busy_chunks) == b"two three"
+        both = [p.result() for p in pending]
+    for response, chunks in both:
+        assert response.status_code == 200
+        assert [c for _, c in chunks] == [b"one ", b"two ", b"three"]
+    (_, first), (_, second) = both
+    # one batch, its generators advanced in turn: both streams began together, not 0.9 s apart
+    assert abs(first[0][0] - second[0][0]) < 0.3, (first, second)
+
+
+def test_a_reader_far_slower_than_its_handler_ends_with_507_and_cancels_the_request():
+    from archiver.serving.protocols.answer_stream import MAX_BUFFERED_ANSWERS, AnswerStream
+    from archiver.serving.protocols.records import InferenceResponse
+
+    cancelled: list[bool] = []
+
+    async def unread_for_a_while() -> list[InferenceResponse]:
+        stream = AnswerStream(cancel=lambda: cancelled.append(True))
+        for _ in range(MAX_BUFFERED_ANSWERS + 10):  # the handler goes on; nobody reads
+            stream.put(InferenceResponse(body=b"token "))
+        return [answer async for answer in stream]
+
+    answers = asyncio.run(unread_for_a_while())
+    assert len(answers) == MAX_BUFFERED_ANSWERS + 1
+    assert answers[-1].status == 507 and json.loads(answers[-1].body)["type"] == "StreamOverflow"
+    assert cancelled == [True]  # once: the handler's next send raises
