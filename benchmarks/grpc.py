@@ -249,27 +249,15 @@ def ours(mar: Path, out: Path) -> Iterator[dict]:
 
 @contextlib.contextmanager
 def torchserve(mar: Path, out: Path, batch: int, delay_ms: int) -> Iterator[dict]:
-    """TorchServe as ``_torchserve.started`` runs it, its gRPC ports set to free ones (its defaults are
-    7070 and 7071, which another server on this machine may hold)."""
+    """TorchServe as ``_torchserve.started`` runs it (its own free gRPC ports, read back from the
+    config.properties it wrote)."""
     import _torchserve
 
-    grpc_port = free_port()
-    plain = _torchserve._properties
-
-    def with_grpc(setup, ports, home):  # noqa: ANN001, ANN202 - _torchserve's own signature
-        return (
-            plain(setup, ports, home)
-            + f"grpc_inference_port={grpc_port}\ngrpc_management_port={free_port()}\n"
-        )
-
-    _torchserve._properties = with_grpc
-    try:
-        with _torchserve.started(
-            _torchserve.SETUPS["best"], mar, (out / "grpc-torchserve").resolve(), batch, delay_ms
-        ) as ts:
-            yield {"grpc": f"127.0.0.1:{grpc_port}", "root": ts.java, "description": ts.description}
-    finally:
-        _torchserve._properties = plain
+    home = (out / "grpc-torchserve").resolve()
+    with _torchserve.started(_torchserve.SETUPS["best"], mar, home, batch, delay_ms) as ts:
+        lines = (home / "config.properties").read_text().splitlines()
+        port = next(line.split("=", 1)[1] for line in lines if line.startswith("grpc_inference_port="))
+        yield {"grpc": f"127.0.0.1:{port}", "root": ts.java, "description": ts.description}
 
 
 def _line(label: str, r: dict) -> str:
