@@ -76,7 +76,8 @@ def grpc_code(http_status: int) -> grpc.StatusCode:
 
 
 def one_line(text: str) -> str:
-    """A status message: its first line, shortened, with the server's paths taken out."""
+    """A status message on one line, bounded (an ``ArchiverError``'s message is written for clients, as
+    HTTP sends it; any other exception's comes through ``public_message``, its paths shortened)."""
     line = " ".join(text.split())
     return line if len(line) <= _MAX_DETAILS else line[: _MAX_DETAILS - 3] + "..."
 
