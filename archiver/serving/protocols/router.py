@@ -88,34 +88,18 @@ class ModelHost(Protocol):
     def predict_stream(
         self, name: str, version: str | None, request: RawRequest
     ) -> AsyncIterator[InferenceResponse]:
-        """One request whose handler may stream: every answer it sends, each as soon as it is produced.
-
-        An async generator (``async for answer in host.predict_stream(...)``). A streaming handler's
-        intermediate answers (``send_intermediate_predict_response``, or the items of the generator it
-        returned) come first, in order, then its last answer; a handler that does not stream gives one
-        answer, the same ``predict`` gives. The first answer's ``status``, ``content_type`` and
-        ``headers`` are the stream's (HTTP sends them with the first chunk); the later answers' bodies
-        matter, their headers do not.
-
-        Errors: before the first answer they are raised, as ``predict`` raises them (ModelNotFoundError
-        404, ServiceUnavailableError 503, RequestTimeoutError 504...). After it, a failure (the handler
-        raised mid-stream, sent an error code, its worker died, or it sent nothing for responseTimeout
-        and its worker was stopped) comes as one last answer with ``status`` >= 400 and the
-        ``{"code", "type", "message"}`` body, and the generator ends: an answer with ``ok`` False is
-        always the last.
-
-        Cancelling: close the generator early (``await stream.aclose()``, or cancel the task reading it,
-        e.g. when the client has gone) and the request is cancelled: the handler's next send raises and
-        its worker is free for the next batch. Unread answers are bounded (``answer_stream.py``).
+        """One request whose handler may stream: an async generator of every answer it sends, each as
+        soon as it is produced (a handler that does not stream gives one, ``predict``'s). The first
+        answer's status, content type and headers are the stream's. Errors before the first answer are
+        raised as ``predict`` raises them; after it, a failure (the handler raised or sent an error, its
+        worker died or sent nothing for responseTimeout) is one last answer with ``ok`` False. Closing
+        the generator early (``aclose``, or cancelling its reader) cancels the request: the handler's
+        next send raises. docs/streaming.md has the whole contract.
         """
 
     async def predict_first(self, name: str, version: str | None, request: RawRequest) -> InferenceResponse:
-        """``predict_stream``'s first answer without a generator per request (``/predictions``' fast path).
-
-        For a handler that does not stream this is ``predict``; otherwise the first answer's ``rest`` is
-        an ``AnswerStream`` of the answers that follow (iterate it; ``aclose`` it to cancel).
-        ``answer_stream.answers(first)`` turns the pair back into ``predict_stream``'s generator.
-        """
+        """``predict_stream``'s first answer, no generator per request (``/predictions``' fast path): its
+        ``rest`` is the ``AnswerStream`` of the answers after it (None: there are none)."""
 
 
 class Body(Protocol):

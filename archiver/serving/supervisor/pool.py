@@ -269,24 +269,20 @@ class WorkerPool:
             did = f"sent nothing for {limit}" if worker.streamed else f"did not answer within {limit}"
             ran = f"{did} (responseTimeout)" if worker.streamed else f"ran past responseTimeout ({limit})"
             worker.kill("timeout", f"its batch of {len(jobs)} {ran}")
-            self._fail(
-                worker,
-                jobs,
-                RequestTimeoutError(
-                    f'model "{self.spec.model}" {did} (responseTimeout); '
-                    f"worker {worker.slot} was stopped and is being replaced"
-                ),
+            late = RequestTimeoutError(
+                f'model "{self.spec.model}" {did} (responseTimeout); '
+                f"worker {worker.slot} was stopped and is being replaced"
             )
+            self.batcher.deliver_error(jobs, streams.failed(jobs, late))
             return
         except WorkerGoneError:
             self.batcher.requeue(jobs)  # it died before taking them: they never ran, another worker will
             return
         except WorkerDiedError as exc:
-            self._fail(worker, jobs, exc)
+            self.batcher.deliver_error(jobs, streams.failed(jobs, exc))
             return
         except asyncio.CancelledError:
-            if worker.streamed:
-                streams.fail(jobs, ServiceUnavailableError("server is shutting down"))
+            streams.failed(jobs, ServiceUnavailableError("server is shutting down"))
             self.batcher.requeue(jobs)
             raise
         if self._memory is not None:
@@ -296,12 +292,6 @@ class WorkerPool:
         if worker.streamed or worker.ended:
             streams.finish(jobs, responses, worker.ended)
         self.batcher.deliver(jobs, responses)
-
-    def _fail(self, worker: WorkerProcess, jobs: list[Job], exc: BaseException) -> None:
-        """Answer a failed batch: its streams already answered end with the error, the others get it."""
-        if worker.streamed:
-            streams.fail(jobs, exc)
-        self.batcher.deliver_error(jobs, exc)
 
     def _on_exit(self, worker: WorkerProcess, ended: asyncio.Future[WorkerExit]) -> None:
         """A serving worker's process ended: count it, then restart it or fail the model."""

@@ -96,9 +96,9 @@ def finish(jobs: Sequence[Job], responses: list[InferenceResponse], ended: Seque
         job.stream = None
 
 
-def fail(jobs: Sequence[Job], exc: BaseException) -> None:
+def failed(jobs: Sequence[Job], exc: BaseException) -> BaseException:
     """The batch failed (its worker died or overran responseTimeout): each started stream ends with
-    the error as its last answer (the batcher answers the jobs still waiting)."""
+    the error as its last answer; ``exc`` back, for the batcher to answer the jobs still waiting."""
     response: InferenceResponse | None = None
     for job in jobs:
         stream = job.stream
@@ -107,6 +107,7 @@ def fail(jobs: Sequence[Job], exc: BaseException) -> None:
                 response = response_for_exception(exc)
             stream.end(response)
         job.stream = None
+    return exc
 
 
 def _empty() -> InferenceResponse:
