@@ -58,6 +58,20 @@ def handle(data, context):
 NO_GRPC = ("--grpc-port", "off", "--grpc-management-port", "off")  # their fixed ports: one server at a time
 
 
+# A custom handler in TorchServe's style that reads pictures itself (PIL only: no torch, a quick load).
+PICTURE_HANDLER = """
+import io
+
+from PIL import Image
+
+
+def handle(data, context):
+    if not data:
+        return None
+    return [{"size": list(Image.open(io.BytesIO(row["body"])).convert("RGB").size)} for row in data]
+"""
+
+
 def _calibrated(make_model: Any, name: str = "linear", fail: bool = False) -> Path:
     return make_model(name, handler_source=V2_HANDLER.format(fail=fail), config_yaml=SIGNATURE)
 
@@ -227,3 +241,19 @@ def test_a_built_in_image_classifier_is_calibrated_on_a_generated_picture(
     split = describe(call, server, "pets")["workerSplit"]
     assert split["chosenBy"] == "calibration" and split["reason"].startswith("measured "), split
     assert split["workers"] * split["threadsPerWorker"] <= cores()
+
+
+def test_a_custom_handler_that_opens_images_is_calibrated_on_a_picture(
+    serve: Any, make_model: Any, call: Any, describe: Any
+) -> None:
+    server = serve([make_model("photos", handler_source=PICTURE_HANDLER, config_yaml="batchSize: 4\n")])
+    split = describe(call, server, "photos")["workerSplit"]
+    assert split["chosenBy"] == "calibration" and split["reason"].startswith("measured "), split
+    import io
+
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(picture, format="JPEG")
+    reply = call("POST", server.url() + "/predictions/photos", body=picture.getvalue())
+    assert reply.status == 200 and reply.json() == {"size": [40, 30]}

@@ -13,10 +13,11 @@ cache folder by the archive's sha256, the cores and the batch size, so later sta
 once. Each batch carries its worker's torch threads (``threads_for_batch``: the cores over all
 workers), so the worker that started alone with every core drops to its share when others join.
 
-The example is what a client would send: a small generated PNG for the built-in image handlers, a v2
-request of zeros shaped by the model's signature (model-config.yaml ``signature:`` or a torch.export
-program) otherwise. A model without either, or whose example is not answered 200, keeps the rule (1
-worker, all cores), and the log says why.
+The example is what a client would send: a v2 request of zeros shaped by the model's signature
+(model-config.yaml ``signature:`` or a torch.export program), else a small generated PNG for the
+built-in image handlers and for a custom handler whose file opens images (PIL) or extends them. A
+model without either, or whose example is not answered 200, keeps the rule (1 worker, all cores), and
+the log says why.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import logging
 import math
 import os
 import struct
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -49,6 +49,9 @@ PHASE_MAX_S = 6.0  # the longest one split is timed (a slow model: at least one 
 MOST_WORKERS = 4  # the most workers calibration tries, whatever the cores (each holds the model)
 _MAX_EXAMPLE_ELEMENTS = 1 << 22  # a signature of bigger tensors is not calibrated on (4M zeros of JSON)
 _VISION = ("image_classifier", "image_segmenter", "object_detector")
+# in a custom handler's file: it reads pictures (PIL), or extends one of the image handlers
+_IMAGE_MARKS = ("Image.open(", "ImageClassifier", "VisionHandler", "ImageSegmenter", "ObjectDetector")
+_MAX_HANDLER_BYTES = 1 << 20
 _LAYOUT = 1  # bump when what is cached changes, so old entries are simply not found
 
 
@@ -93,9 +96,10 @@ def threads_for_batch(share: Callable[[], int]) -> Callable[[int], int]:
 
 
 # ---- the example request ---------------------------------------------------------------------------
-def example_request(handler: str, signature_inputs: list[dict[str, Any]]) -> RawRequest | None:
-    """A request like a client's for this model, or None when there is no way to make one."""
-    if handler in _VISION:
+def example_request(image: bool, signature_inputs: list[dict[str, Any]]) -> RawRequest | None:
+    """A request like a client's for this model (a picture for a handler that reads images, else a v2
+    request shaped by its signature), or None when there is no way to make one."""
+    if image:
         return RawRequest("calibration", {"content-type": "image/png"}, [("body", _png(256), "image/png")])
     if not signature_inputs:
         return None
@@ -284,7 +288,6 @@ async def plan(
     if on_gpu or getattr(entry.settings, "sequence_batching", False):
         why = "its workers use GPUs" if on_gpu else "a stateful model keeps its sequences on workers"
         return rule(n, why), None, None
-    started = time.monotonic()
     found = await asyncio.get_running_loop().run_in_executor(None, _example_and_key, entry)
     if found is None:
         return (
@@ -301,7 +304,6 @@ async def plan(
         path = None
     cached = read_cached(path) if path is not None else None
     if cached is not None:
-        log.debug('model "%s": calibration read back in %s', entry.name, timed(started))
         return cached, None, None
     return rule(n, "until calibrated"), request, path
 
@@ -319,7 +321,8 @@ def _example_and_key(entry: Any) -> tuple[RawRequest, str] | None:
         inputs = [] if handler in _VISION else read_signature(entry.source, manifest)[0]
     except (ArchiverError, OSError, ValueError, KeyError, TypeError):
         inputs = []
-    request = example_request(handler, inputs)
+    image = handler in _VISION or (not inputs and _reads_images(entry.source, handler))
+    request = example_request(image, inputs)
     if request is None:
         return None
     if entry.signature is not None:
@@ -331,6 +334,25 @@ def _example_and_key(entry: Any) -> tuple[RawRequest, str] | None:
         return None
 
 
+def _reads_images(source: Path, handler: str) -> bool:
+    """Whether a custom handler's own file opens images (PIL's ``Image.open``) or extends one of the
+    image handlers: then a picture is what its clients send."""
+    from archiver.handler_spec import handler_file_in_archive
+    from archiver.reader import open_archive
+
+    try:
+        name = handler_file_in_archive(handler)
+        if not name:
+            return False
+        with open_archive(source) as reader:
+            if reader.size(name) > _MAX_HANDLER_BYTES:
+                return False
+            text = reader.read(name).decode("utf-8", "replace")
+    except (ArchiverError, OSError, ValueError):
+        return False
+    return any(mark in text for mark in _IMAGE_MARKS)
+
+
 async def calibrate(entry: Any, request: RawRequest, path: Path | None, max_workers: int) -> Split:
     """Time ``entry``'s started pool (1 worker) on ``request``, then on several workers; keep the
     faster, remember it in ``path``. Any failure keeps (or goes back to) 1 worker, by the rule."""
@@ -339,7 +361,6 @@ async def calibrate(entry: Any, request: RawRequest, path: Path | None, max_work
     if several < 2:
         return rule(n, "--max-workers-per-model allows one worker")
     clients = max(2, min(entry.settings.queue_size, 2 * entry.settings.batch_size * several))
-    started = time.monotonic()
     try:
         async with asyncio.timeout(30 + 2 * entry.settings.response_timeout_s):
             one = await throughput(pool.submit, request, clients, PHASE_S)
@@ -359,7 +380,6 @@ async def calibrate(entry: Any, request: RawRequest, path: Path | None, max_work
     split = choose(one, many, several, n)
     if split.workers == 1:
         await _back_to_one(entry)
-    log.debug('model "%s": calibrated in %s', entry.name, timed(started))
     if path is not None:
         write_cached(path, split)
     return split
@@ -370,7 +390,3 @@ async def _back_to_one(entry: Any) -> None:
         entry.settings = entry.settings.merged(workers=1)
         with contextlib.suppress(ArchiverError):
             await entry.pool.scale(1)
-
-
-def timed(started: float) -> str:
-    return f"{time.monotonic() - started:.1f} s"
