@@ -107,15 +107,17 @@ def _properties(example: Example, checkout: Path, ports: dict[str, int], torchse
     text = ""
     if example.ts_config:
         text = (checkout / example.cwd / example.ts_config).read_text()
+    # Free gRPC ports for both: the stateful example's own values (http://127.0.0.1:7070) are not
+    # port numbers, and TorchServe's Integer.parseInt fails on them as our reader does.
     lines = [
         f"inference_address=http://127.0.0.1:{ports['inference']}",
         f"management_address=http://127.0.0.1:{ports['management']}",
         f"metrics_address=http://127.0.0.1:{ports['metrics']}",
+        f"grpc_inference_port={free_port()}",
+        f"grpc_management_port={free_port()}",
     ]
     if torchserve:
         lines += [
-            f"grpc_inference_port={free_port()}",
-            f"grpc_management_port={free_port()}",
             f"python={TS_VENV / 'bin' / 'python'}",
             "disable_token_authorization=true",
         ]
