@@ -5,9 +5,11 @@
 One deployment per model; each replica loads its archive with ``load_model`` (the safe reader and the
 unpack cache, as a bundled server's worker does) and runs batches formed by ``@serve.batch`` through
 ``LoadedModel.handle``, the bundled server's own code. Requests are routed by the bundled server's
-own router (``protocols/router.py``, through ``routes.dispatch``): the same routes, codecs and answers.
+own router (``protocols/router.py``, through ``routes.dispatch_reply``): the same routes, codecs and answers.
 With one archive its deployment is the ingress; with several a small router (no torch, no CPU reserved)
 sends each request to its model's deployment. Ray places, restarts and scales the replicas.
+A streaming handler streams (``replica_streams.py``): ``/predictions`` answers with Ray's streaming
+response, and the router reads its model's answers over a streaming deployment handle.
 With ``trusted_keys`` (PEM texts or paths) the builder verifies each archive's signature (``ARCHIVE.sig``
 beside it) before reading its settings, and each replica verifies it again before loading it (a replica
 may start much later, on another node), refusing to start otherwise.
