@@ -20,7 +20,7 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -36,6 +36,7 @@ TS_ARCHIVER = TS_VENV / "bin" / "torch-model-archiver"
 class Answer:
     status: int | None  # None: no answer within the timeout (or no connection)
     body: str
+    headers: dict[str, str] = field(default_factory=dict)
 
     def short(self, limit: int = 70) -> str:
         text = " ".join(self.body.split())
@@ -230,7 +231,8 @@ def call(method: str, url: str, body: bytes | None, headers: dict[str, str], tim
     try:
         conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
         resp = conn.getresponse()
-        return Answer(resp.status, resp.read(1 << 20).decode(errors="replace"))
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        return Answer(resp.status, resp.read(1 << 20).decode(errors="replace"), headers)
     except (OSError, http.client.HTTPException) as exc:
         return Answer(None, f"no answer: {exc}")
     finally:
@@ -269,14 +271,26 @@ def send_requests(example: Example, checkout: Path, ports: dict, timeout: float)
     """The README's requests: in order, or all at once where the README sends them with ``&``."""
     cwd = checkout / example.cwd
 
+    answers: list[Answer] = []
+
     def one(request: Request) -> Answer:
         url = f"http://127.0.0.1:{ports[request.port]}{request.path}"
-        return call(request.method, url, _body(request, cwd), dict(request.headers), timeout)
+        headers = {k: _answered_header(v, k, answers) for k, v in request.headers}
+        return call(request.method, url, _body(request, cwd), headers, timeout)
 
     if example.register:  # resnet_152_batch: the README's three curl ... &
         with concurrent.futures.ThreadPoolExecutor(len(example.requests)) as pool:
             return list(pool.map(one, example.requests))
-    return [one(request) for request in example.requests]
+    for request in example.requests:
+        answers.append(one(request))
+    return answers
+
+
+def _answered_header(value: str, name: str, answers: list[Answer]) -> str:
+    """``@N``: header ``name`` of the answer to request N (a sequence id the server made), else ``value``."""
+    if value.startswith("@") and value[1:].isdigit() and int(value[1:]) < len(answers):
+        return answers[int(value[1:])].headers.get(name.lower(), "")
+    return value
 
 
 def run_side(server, example: Example, checkout: Path, mar: Path, home: Path, torch_home: Path) -> SideResult:

@@ -107,18 +107,23 @@ def _detector(folder: str, kind: str, model: str, weights: str, extra: str, serv
     )
 
 
-def _stateful(folder: str) -> Example:
+def _stateful(folder: str, server_ids: bool = False) -> Example:
+    """The README's curl (the client names the sequence, seq_0 and seq_1) or, with ``server_ids``, the
+    sequence protocol: a request without an id opens a sequence, the server's id names it afterwards."""
     seq = [("seq_0", n) for n in (1, 2, 3)] + [("seq_1", n) for n in (1, 2)]
+    if server_ids:
+        seq = [("", 1), ("@0", 2), ("@0", 3), ("", 1), ("@3", 2)]
     return Example(
-        name=f"stateful/{folder}", cwd=f"examples/stateful/{folder}",
+        name=f"stateful/{folder}" + (" (server-made ids)" if server_ids else ""),
+        cwd=f"examples/stateful/{folder}",
         archive="--model-name stateful --version 1.0 --model-file ../model.py --serialized-file "
         "../model_cnn.pt --handler stateful_handler.py -r ../requirements.txt "
         "--config-file model-config.yaml",
         mar="stateful.mar", models="stateful.mar", ts_config="../config.properties",
         requests=tuple(Request("/predictions/stateful", file=f"../sample/sample{n}.txt",
-                               headers=(("ts_request_sequence_id", s),)) for s, n in seq),
+                               headers=(("ts_request_sequence_id", s),) if s else ()) for s, n in seq),
         weights=Weights("state_dict", "../model.py", "../model_cnn.pt"), handler_kind="custom",
-        note="in order: seq_0 samples 1, 2, 3, then seq_1 samples 1, 2",
+        note="in order: sequence A samples 1, 2, 3, then sequence B samples 1, 2 (1, 3, 6, 1, 3 expected)",
     )
 
 
@@ -206,7 +211,9 @@ EXAMPLES: tuple[Example, ...] = (
         weights=Weights("state_dict", RESNET18, "resnet18-f37072fd.pth"), handler_kind="custom",
     ),
     _stateful("sequence_batching"),
+    _stateful("sequence_batching", server_ids=True),
     _stateful("sequence_continuous_batching"),
+    _stateful("sequence_continuous_batching", server_ids=True),
     Example(
         name="pt2/torch_export_aot_compile", cwd="examples/pt2/torch_export_aot_compile",
         archive="--model-name res18-pt2 --handler image_classifier --version 1.0 --serialized-file "
