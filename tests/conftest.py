@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from pathlib import Path
 
 import pytest
+
+# Before any test module imports grpc: with gRPC's fork support on (its default once grpc is imported
+# without this), each worker the in-process servers start by fork runs gRPC's fork handlers, and a
+# worker died of SIGSEGV in them now and then. The server itself sets this before it imports grpc
+# (archiver/serving/front/grpc_api/__init__.py); here a test module may import grpc first.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 DATA = Path(__file__).parent / "data"
 
