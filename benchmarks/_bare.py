@@ -138,15 +138,26 @@ def measure_bare(group: list[BareProcess], phase: str, duration: float, unit: st
     }
 
 
-def run_bare(work: Path, processes: int, threads: int, duration: float, batch: int, tiny_batch: int) -> dict:
+def run_bare(
+    work: Path,
+    processes: int,
+    threads: int,
+    duration: float,
+    batch: int,
+    tiny_batch: int | None,
+    memory: bool = True,
+) -> dict:
     return run_group(
-        [BareProcess(work, threads, duration) for _ in range(processes)], duration, batch, tiny_batch
+        [BareProcess(work, threads, duration) for _ in range(processes)], duration, batch, tiny_batch, memory
     )
 
 
-def run_group(group: list[BareProcess], duration: float, batch: int, tiny_batch: int | None = None) -> dict:
+def run_group(
+    group: list[BareProcess], duration: float, batch: int, tiny_batch: int | None = None, memory: bool = True
+) -> dict:
     """Measure started bare processes (this module's, or any driven the same way): batch 1, the batched
-    run, the tiny model when ``tiny_batch`` is given, then memory; every process is closed after."""
+    run, the tiny model when ``tiny_batch`` is given, then memory (unless ``memory`` is false); every
+    process is closed after."""
     try:
         for bare in group:
             bare.expect(300)  # loaded
@@ -157,6 +168,8 @@ def run_group(group: list[BareProcess], duration: float, batch: int, tiny_batch:
         }
         if tiny_batch is not None:
             out["tiny"] = measure_bare(group, f"tiny{tiny_batch}", duration, "req_per_s")
+        if not memory:
+            return out
         # Memory in a batched run of its own: reading memory maps costs CPU the timed runs must not pay.
         with MemorySampler(lambda: [(f"process {i + 1}", b.proc.pid) for i, b in enumerate(group)]) as mem:
             measure_bare(group, f"batch{batch}", min(5.0, duration), "img_per_s")

@@ -103,7 +103,8 @@ class PackageProcess(BareProcess):
 
 
 def run_bare_package(package: Path, processes: int, threads: int, duration: float, batch: int) -> dict:
-    return run_group([PackageProcess(package, threads, duration) for _ in range(processes)], duration, batch)
+    group = [PackageProcess(package, threads, duration) for _ in range(processes)]
+    return run_group(group, duration, batch, memory=False)
 
 
 # ---- building -----------------------------------------------------------------------------------
@@ -335,7 +336,9 @@ def main() -> None:
 
         def bare(number: int, one: dict) -> None:
             for shape, (procs, threads) in shapes(cores).items():
-                got = run_bare(args.out / "work", procs, threads, args.duration, args.batch, 32)
+                got = run_bare(
+                    args.out / "work", procs, threads, args.duration, args.batch, None, memory=False
+                )
                 one["bare_torchscript"][shape] = got
                 print(f"round {number} bare TorchScript {shape}:", json.dumps(got), flush=True)
                 got = run_bare_package(built["package"], procs, threads, args.duration, args.batch)

@@ -288,8 +288,15 @@ def main() -> None:
             if "resnet34" not in names:
                 return
             for shape, (procs, threads) in all_shapes.items():
+                tiny_batch = args.tiny_batch if "tiny" in names else None
                 one["bare_shapes"][shape] = run_bare(
-                    args.out / "work", procs, threads, args.duration, args.resnet_batch, args.tiny_batch
+                    args.out / "work",
+                    procs,
+                    threads,
+                    args.duration,
+                    args.resnet_batch,
+                    tiny_batch,
+                    not args.no_memory,
                 )
                 print(f"round {number} bare {shape}:", json.dumps(one["bare_shapes"][shape]), flush=True)
 
