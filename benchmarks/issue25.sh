@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 25's four comparisons, one after the other, for a quiet machine (about 15-17 minutes on 2 cores):
+# Issue 25's four comparisons, one after the other, for a quiet machine (about 17 minutes on 2 cores):
 #   benchmarks/issue25.sh            # everything; each script's full output in bench-out/issue25/*.txt
 #   benchmarks/issue25.sh tiny aoti  # only those (tiny, resnet, aoti, peers)
 #   QUICK=1 benchmarks/issue25.sh    # one short round each: checks the tooling, not the figures
