@@ -10,8 +10,11 @@ call nor the archive's ``minWorkers`` chose), its requests are timed for about a
 then on ``candidate_workers`` of them, through the real queue and workers. The faster split is kept
 (several workers only when they win by ``MARGIN``), logged with both figures, and written under the
 cache folder by the archive's sha256, the cores and the batch size, so later starts read it back at
-once. Each batch carries its worker's torch threads (``threads_for_batch``: the cores over all
-workers), so the worker that started alone with every core drops to its share when others join.
+once. Each batch carries its worker's torch threads (the registry's cores over all workers, read for
+every batch), so the worker that started alone with every core drops to its share when others join.
+Threads that followed the load (all cores to a lone batch, a share beside busy siblings) were tried
+and dropped: on a busy 2-core machine a lone request took 121 ms at p50 against 9.9 ms with fixed
+threads (benchmarks/calibration.py part 3), each batch's threads waiting on descheduled siblings.
 
 The example is what a client would send: a v2 request of zeros shaped by the model's signature
 (model-config.yaml ``signature:`` or a torch.export program), else a small generated PNG for the
@@ -84,15 +87,6 @@ def candidate_workers(cores_: int, max_workers: int) -> int:
     """The several-workers split tried against 1 worker: one per core, at most MOST_WORKERS and the
     server's --max-workers-per-model."""
     return max(1, min(cores_, MOST_WORKERS, max_workers))
-
-
-def threads_for_batch(share: Callable[[], int]) -> Callable[[int], int]:
-    """Torch threads for a worker's next batch: its ``share()`` of the cores now (cores / all workers),
-    whatever it started with, so a model scaled from 1 worker to 2 never runs 2 + 1 threads on 2
-    cores. ``busy`` (siblings running a batch) is not used: threads that followed it, all cores to a
-    lone batch, measured worse on a busy 2-core machine (c=1 p50 121 ms against 9.9 ms for fixed
-    threads, benchmarks/calibration.py part 3), each batch's threads waiting on descheduled siblings."""
-    return lambda busy: max(1, share())
 
 
 # ---- the example request ---------------------------------------------------------------------------
@@ -195,7 +189,19 @@ async def throughput(
             if rate is None and ((now - start >= seconds and done >= clients) or now - start >= PHASE_MAX_S):
                 rate = done / max(1e-9, now - start)
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    # Once timed, the requests still in flight are dropped, not waited for: on a slow model they
+    # would add seconds to the start (the batcher never runs a request whose caller has gone).
+    tasks = [loop.create_task(client()) for _ in range(clients)]
+    try:
+        pending = set(tasks)
+        while rate is None and pending:
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                task.result()  # an ExampleFailed ends the measurement
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     assert rate is not None
     return rate
 
@@ -214,15 +220,9 @@ def rule(cores_: int, why: str) -> Split:
 
 
 def log_split(model: str, split: Split) -> None:
-    threads = "thread" if split.threads == 1 else "threads"
+    threads = f"{split.threads} torch thread" + ("" if split.threads == 1 else "s")
     log.info(
-        'model "%s": %d worker(s) x %d torch %s (%s: %s)',
-        model,
-        split.workers,
-        split.threads,
-        threads,
-        split.chosen_by,
-        split.reason,
+        'model "%s": %d worker(s) x %s (%s: %s)', model, split.workers, threads, split.chosen_by, split.reason
     )
 
 

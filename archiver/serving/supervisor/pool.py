@@ -93,9 +93,8 @@ class WorkerPool:
         self._closing = False
         self._memory: MemoryWatcher | None = None  # with a memory limit, from the first start
         self._background: set[asyncio.Task] = set()
-        # torch threads for a batch given how many other workers are busy (calibration.threads_for_batch);
-        # None: each worker keeps the threads it started with
-        self.batch_threads: Callable[[int], int] | None = None
+        # torch threads for each batch (the cores over all workers now); None: a worker keeps its own
+        self.batch_threads: Callable[[], int] | None = None
 
     # ---- requests ------------------------------------------------------------------------------
     async def submit(self, request: RawRequest, stream: bool = False) -> InferenceResponse:
@@ -260,7 +259,7 @@ class WorkerPool:
 
     async def _run(self, worker: WorkerProcess, jobs: list[Job]) -> None:
         try:
-            threads = self.batch_threads(self._busy_count()) if self.batch_threads is not None else None
+            threads = self.batch_threads() if self.batch_threads is not None else None
             requests = [job.request for job in jobs]
             responses = await worker.run(requests, self.response_timeout_s, threads, tag=jobs)
         except TimeoutError:
@@ -383,9 +382,6 @@ class WorkerPool:
 
     def _busy(self) -> bool:
         return any(w.state == WorkerState.BUSY for w in self.workers.values())
-
-    def _busy_count(self) -> int:
-        return sum(1 for w in self.workers.values() if w.state == WorkerState.BUSY)
 
     # ---- reporting -----------------------------------------------------------------------------
     @property

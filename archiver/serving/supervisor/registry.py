@@ -298,7 +298,7 @@ class ModelRegistry:
             gpu_monitor=self.gpu_monitor,
         )
         if not calibration.threads_pinned(self.torch_threads):  # each batch at cores / all workers of now
-            pool.batch_threads = calibration.threads_for_batch(self.threads_per_worker)
+            pool.batch_threads = self.threads_per_worker
         return pool
 
     async def start(self, entry: ModelEntry) -> None:
