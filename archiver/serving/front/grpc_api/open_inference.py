@@ -181,8 +181,10 @@ class OpenInferenceService:
                     task.add_done_callback(running.discard)
                 if running:
                     await asyncio.gather(*list(running), return_exceptions=True)
-            finally:
+            except Exception:  # the client's stream broke: end ours (cancelled: nobody reads, put nothing)
                 await out.put(done)
+                raise
+            await out.put(done)
 
         reader = asyncio.ensure_future(read())
         try:
