@@ -20,7 +20,15 @@ from archiver import __version__
 from archiver.errors import ArchiverError, ModelNotFoundError
 from archiver.manifest import MODEL_NAME_PATTERN
 from archiver.serving.front.grpc_api import tensors
-from archiver.serving.front.grpc_api.calls import Counted, Failure, Observe, grpc_code, metadata, one_line
+from archiver.serving.front.grpc_api.calls import (
+    Counted,
+    Failure,
+    Observe,
+    grpc_code,
+    log,
+    metadata,
+    one_line,
+)
 from archiver.serving.front.grpc_api.messages import message
 from archiver.serving.front.grpc_api.torchserve import answer_stream
 from archiver.serving.protocols import oip, router
@@ -166,7 +174,9 @@ class OpenInferenceService:
             try:
                 async for one in answers:
                     await out.put(Reply(infer_response=one))
-            except (ArchiverError, Failure) as exc:
+            except Exception as exc:  # noqa: BLE001 - this request's error response; the stream goes on
+                if not isinstance(exc, (ArchiverError, Failure)):
+                    log.exception("internal error in gRPC ModelStreamInfer")
                 await out.put(Reply(error_message=Failure.of(exc).message))
             finally:
                 await answers.aclose()
