@@ -199,7 +199,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     watched = _watch_list(settings.models, flag_model, bool(settings.trusted_keys)) if reload else []
     from archiver.heap_trim import HeapTrimmer
-    from archiver.serving.front.server import Server, run
+    from archiver.serving.front.event_loop import run
+    from archiver.serving.front.server import Server
 
     trimmer = HeapTrimmer().start()
     try:

@@ -292,3 +292,36 @@ def test_a_taken_default_grpc_port_turns_grpc_off_with_a_line_not_a_failure(
         proc.terminate()
         proc.wait(30)
         holder.close()
+
+
+def test_stopping_with_requests_stuck_on_every_port_takes_one_drain_period_not_one_per_port(
+    serve: Any, echo_model: Path, channel_to: Any, call: Any
+) -> None:
+    # Each port once drained in turn, each with the whole drain period, and then the workers had it
+    # again: 3 periods where an orchestrator's grace period (e.g. Kubernetes' 30 s) allows one.
+    server = serve([echo_model], grpc_port=0, drain_timeout_s=3.0, defaults=ModelSettings(workers=2))
+    stuck_grpc = predictions(channel_to(server))
+    url = server.url() + "/predictions/echo"
+    with ThreadPoolExecutor(2) as pool:
+        on_grpc = pool.submit(code_of, lambda: stuck_grpc(ask("sleep:60"), timeout=120))
+        on_http = pool.submit(call, "POST", url, b"sleep:60", timeout=120)
+        deadline = time.monotonic() + 60
+        while (
+            len(
+                [
+                    w
+                    for w in server.server.registry.get("echo").pool.describe_workers()
+                    if w["status"] == "BUSY"
+                ]
+            )
+            < 2
+        ):
+            assert time.monotonic() < deadline, "the two requests never reached the workers"
+            time.sleep(0.05)
+        started = time.monotonic()
+        server.stop()
+        took = time.monotonic() - started
+        assert on_grpc.result(30)[0] != grpc.StatusCode.OK
+        stuck = on_http.result(30)  # the drain period ran out on it: answered, not dropped
+        assert stuck.status >= 500 and stuck.json()["message"], stuck.body
+    assert took < 3.0 + 4.0, f"stopping took {took:.1f} s for a 3 s drain period"

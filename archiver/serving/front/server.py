@@ -17,15 +17,16 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
 from archiver.errors import UsageError
 from archiver.serving.front.app import inference_app, management_app, metrics_app
+from archiver.serving.front.event_loop import new_event_loop
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.parse_errors import JsonErrorRunner
@@ -35,31 +36,6 @@ from archiver.serving.supervisor.devices import server_gpus
 from archiver.serving.supervisor.registry import ModelEntry, ModelRegistry, ModelSettings
 from archiver.serving.supervisor.signature_gate import SignatureGate
 from archiver.serving.supervisor.states import ModelState
-
-T = TypeVar("T")
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop when it is installed (it is a dependency), else asyncio's.
-
-    uvloop runs the sockets, timers and callbacks in C: on the tiny model it cuts the front's own
-    cost per request by about a fifth (docs/performance.md). ``MODEL_ARCHIVER_EVENT_LOOP=asyncio``
-    picks asyncio's loop anyway, to tell a uvloop problem from ours.
-    """
-    if os.environ.get("MODEL_ARCHIVER_EVENT_LOOP", "").lower() != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on the server's event loop (``new_event_loop``)."""
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(main)
 
 
 @dataclass
@@ -251,13 +227,16 @@ class Server:
         return entries
 
     async def stop(self) -> None:
-        """Stop listening, let in-flight requests finish (up to drain_timeout_s), then end the workers."""
+        """Drain every port at once; at drain_timeout_s end the workers, so what still runs is answered
+        (aiohttp would wait its timeout again for a handler awaiting a worker). One period in all."""
+        draining = [runner.cleanup() for runner in self._runners]
         if self._grpc is not None:  # (stopping twice is harmless)
-            await self._grpc.stop(self.settings.drain_timeout_s)
-        for runner in self._runners:
-            await runner.cleanup()
+            draining.append(self._grpc.stop(self.settings.drain_timeout_s))
+        drained = asyncio.ensure_future(asyncio.gather(*draining))
+        await asyncio.wait([drained], timeout=self.settings.drain_timeout_s)
+        await self.registry.close(1.0 if not drained.done() else self.settings.drain_timeout_s)
+        await drained
         self._runners.clear()
-        await self.registry.close(self.settings.drain_timeout_s)
 
     # ---- the whole life, as ``model-archiver serve`` runs it -----------------------------------
     async def serve(

@@ -276,6 +276,9 @@ class ModelRegistry:
         if entry.split is None and own.get("workers") is not None:  # the operator's, in --ts-config
             why = "default_workers_per_model or models' minWorkers in --ts-config"
             entry.split = calibration.Split(settings.workers, self.threads_per_worker(), "operator", why)
+        elif entry.split is None and self.defaults.workers != ModelSettings.workers:  # a build script's
+            why = "the server's default workers (ServerSettings.defaults)"
+            entry.split = calibration.Split(settings.workers, self.threads_per_worker(), "operator", why)
         self._add(entry)
         entry.pool = self.new_pool(entry)
         return entry
