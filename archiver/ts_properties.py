@@ -19,7 +19,9 @@ from archiver.errors import ConfigError
 
 MAX_PROPERTIES_BYTES = 1 << 20  # a config file, not a data file: TorchServe's are a few hundred bytes
 _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
-_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# TorchServe's ConfigManager.resolveEnvVarVals: $$NAME$$ is the environment variable NAME (two or more
+# characters, no "$"), and an unset one stops the start.
+_PLACEHOLDER = re.compile(r"\$\$([^$]+[^$])\$\$")
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,22 @@ def read_properties(path: Path) -> dict[str, Property]:
 
 
 def parse_properties(text: str, source: str = "config.properties") -> dict[str, Property]:
-    """Parse properties text; ``${NAME}`` in a value becomes that environment variable (TorchServe does
-    this too), left as written when the variable is not set."""
+    """Parse properties text; ``$$NAME$$`` in a value becomes that environment variable, as in
+    TorchServe, and one that is not set is a ConfigError naming it, the key and the line."""
     out: dict[str, Property] = {}
     for line_no, logical in _logical_lines(text):
         key, value = _split(logical, source, line_no)
-        value = _PLACEHOLDER.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value)
-        out[key] = Property(value, line_no)
+
+        def env(match: re.Match[str], key: str = key, line_no: int = line_no) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(
+                    f"{source} line {line_no}: {key} uses $${name}$$, but the environment variable "
+                    f"{name} is not set: set it, or write the value itself"
+                )
+            return os.environ[name]
+
+        out[key] = Property(_PLACEHOLDER.sub(env, value), line_no)
     return out
 
 

@@ -129,6 +129,7 @@ def test_a_torchserve_config_properties_is_served_with_its_ports_models_workers_
         ("install_py_dep_per_model=yes", "install_py_dep_per_model (line 2 of config.properties) must be"),
         ('models={"m": {"1.0": {"batchSize": 5000}}}', "models (line 2 of config.properties): m 1.0"),
         ("metrics_config=/nonexistent/metrics.yaml", "metrics_config (line 2 of config.properties): cannot"),
+        ("model_store=$$ARCHIVER_TEST_UNSET_VARIABLE$$", "line 2: model_store uses $$ARCHIVER_TEST_UNSET"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_key_and_its_line_and_exits_2(tmp_path, echo_model, line, message):
@@ -211,3 +212,11 @@ def _env() -> dict[str, str]:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "MODEL_ARCHIVER_TOKEN": ""}
+
+
+def test_environment_placeholders_are_torchserve_s_double_dollar_ones(monkeypatch):
+    monkeypatch.setenv("TS_TEST_PORT", "8123")
+    text = "inference_address=http://127.0.0.1:$$TS_TEST_PORT$$\nprice=a$b ${TS_TEST_PORT}\n"
+    props = parse_properties(text)
+    assert props["inference_address"].value == "http://127.0.0.1:8123"
+    assert props["price"].value == "a$b ${TS_TEST_PORT}"  # only $$NAME$$ is TorchServe's syntax
