@@ -102,7 +102,8 @@ def plan_archive(
     )
     with open_archive(local_path(source)) as reader:
         manifest = reader.manifest
-        config = _config(reader, manifest.config_file)
+        config = read_config(reader, manifest.config_file)
+    refuse_stateful(config, manifest.model_name)
     min_replicas = config.min_workers if config.min_workers is not None else 1
     max_replicas = config.max_workers if config.max_workers is not None else min_replicas
     if replicas is not None:
@@ -124,6 +125,17 @@ def plan_archive(
         device_type=config.raw.get("deviceType"),
         gpus=gpus_per_replica(config.raw),
     )
+
+
+def refuse_stateful(config: ModelConfig, name: str) -> None:
+    """A stateful archive (``sequenceBatching: true``) is refused: the engines route no sequence to one
+    replica, in order, one request at a time, so each replica would keep its own state and mix
+    sequences; even one replica would batch two requests of a sequence together (docs/sequences.md)."""
+    if config.raw.get("sequenceBatching"):
+        raise ConfigError(
+            f'model "{name}" is stateful (model-config.yaml sequenceBatching: true): Ray Serve and KServe '
+            "have no sequence routing, so its sequences would be mixed; serve it with 'model-archiver serve'"
+        )
 
 
 def actor_options(config: ModelConfig) -> dict[str, Any]:
@@ -150,7 +162,8 @@ def actor_options(config: ModelConfig) -> dict[str, Any]:
     return options
 
 
-def _config(reader: Any, config_file: str | None) -> ModelConfig:
+def read_config(reader: Any, config_file: str | None) -> ModelConfig:
+    """An archive's model-config.yaml (``config_file``, as its manifest names it), or the defaults."""
     if not config_file:
         return ModelConfig()
     if config_file not in reader.files():

@@ -212,7 +212,9 @@ def build_models(
 ) -> list[ArchiveModel]:
     """One model per archive, named by its manifest; ``model_name`` renames a lone archive's model
     (KServe passes the InferenceService's name, the name its URLs use). With ``trusted_keys`` each
-    archive's signature is verified first (SignatureError when it does not)."""
+    archive's signature is verified first (SignatureError when it does not). A stateful archive is
+    refused (ConfigError: ``archive_plan.refuse_stateful``)."""
+    from archiver.integrations.archive_plan import read_config, refuse_stateful
     from archiver.reader import open_archive
 
     sources = find_archives(model_dir)
@@ -224,6 +226,7 @@ def build_models(
             log.info("%s: signature verified, signed by key %s", source.name, signer)
         with open_archive(source) as reader:
             name = reader.manifest.model_name
+            refuse_stateful(read_config(reader, reader.manifest.config_file), name)
         if model_name and len(sources) == 1:
             name = model_name
         models.append(ArchiveModel(name, source, cache_dir, signer, signatures.signed_sha256(check)))
