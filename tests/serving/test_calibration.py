@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from archiver.serving.supervisor.calibration import PHASE_S, candidate_workers, cores
+from archiver.serving.supervisor.calibration import candidate_workers, cores
+from archiver.serving.supervisor.calibration_timing import WINDOW_S
 
 # A pure-Python handler (its worker never imports torch, so it loads in a moment) for v2 requests:
 # one answer per request. With FAIL set it refuses every request, as a model whose example input is
@@ -92,11 +93,11 @@ def test_the_split_is_measured_once_then_read_back_from_the_cache(
     assert split["workers"] in (1, candidate_workers(cores(), 8))
     assert split["workers"] * split["threadsPerWorker"] <= cores()
     assert described["minWorkers"] == split["workers"] == len(described["workers"])
-    assert described["loadTimeSeconds"] >= 2 * PHASE_S  # both splits were timed before it was READY
+    assert described["loadTimeSeconds"] >= 2 * WINDOW_S  # both splits were timed before it was READY
     said = [r.getMessage() for r in caplog.records if "linear" in r.getMessage()]
     assert any(f"{split['workers']} worker(s) x" in m and "calibration: measured" in m for m in said), said
     [cached] = (tmp_path / "cache" / "calibration").iterdir()
-    assert cached.name.endswith(f"-{cores()}cores-batch4-v1.json")
+    assert cached.name.endswith(f"-{cores()}cores-batch4-v2.json")
     first.stop()
 
     second = serve([folder])  # same archive, same cache: nothing is measured again

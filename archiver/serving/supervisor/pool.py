@@ -93,8 +93,9 @@ class WorkerPool:
         self._closing = False
         self._memory: MemoryWatcher | None = None  # with a memory limit, from the first start
         self._background: set[asyncio.Task] = set()
-        # torch threads for each batch (the cores over all workers now); None: a worker keeps its own
-        self.batch_threads: Callable[[], int] | None = None
+        # torch threads for each batch (the cores over all workers, set by the registry as workers come
+        # and go: calibration.share_threads); None: a worker keeps its own
+        self.batch_threads: int | None = None
 
     # ---- requests ------------------------------------------------------------------------------
     async def submit(self, request: RawRequest, stream: bool = False) -> InferenceResponse:
@@ -259,9 +260,8 @@ class WorkerPool:
 
     async def _run(self, worker: WorkerProcess, jobs: list[Job]) -> None:
         try:
-            threads = self.batch_threads() if self.batch_threads is not None else None
             requests = [job.request for job in jobs]
-            responses = await worker.run(requests, self.response_timeout_s, threads, tag=jobs)
+            responses = await worker.run(requests, self.response_timeout_s, self.batch_threads, tag=jobs)
         except TimeoutError:
             limit = f"{self.response_timeout_s:g} s"
             # a stream's clock restarts at each answer it sends: it stopped sending, not answering

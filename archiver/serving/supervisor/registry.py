@@ -196,6 +196,8 @@ class ModelRegistry:
         def count(cause: str, restarted: bool) -> None:
             if self._death_counter is not None:
                 self._death_counter(model, cause, restarted)
+            if not restarted:  # the model FAILED: its cores go to the other models' workers
+                calibration.share_threads(self)
 
         return count
 
@@ -270,17 +272,10 @@ class ModelRegistry:
             loaded_at_startup=startup,
             signature=signature,
         )
-        entry.split = calibration.chosen(
-            config.min_workers, self.operator, overrides, settings.workers, self.threads_per_worker()
-        )
-        if entry.split is None and own.get("workers") is not None:  # the operator's, in --ts-config
-            why = "default_workers_per_model or models' minWorkers in --ts-config"
-            entry.split = calibration.Split(settings.workers, self.threads_per_worker(), "operator", why)
-        elif entry.split is None and self.defaults.workers != ModelSettings.workers:  # a build script's
-            why = "the server's default workers (ServerSettings.defaults)"
-            entry.split = calibration.Split(settings.workers, self.threads_per_worker(), "operator", why)
+        entry.split = calibration.chosen(self, config.min_workers, own, overrides, settings.workers)
         self._add(entry)
         entry.pool = self.new_pool(entry)
+        calibration.share_threads(self)  # its workers count from now: every pool's share is worked out
         return entry
 
     def new_pool(self, entry: ModelEntry) -> WorkerPool:
@@ -300,8 +295,7 @@ class ModelRegistry:
             placement=self.gpu_counter.for_model(settings.device_type, settings.device_ids),
             gpu_monitor=self.gpu_monitor,
         )
-        if not calibration.threads_pinned(self.torch_threads):  # each batch at cores / all workers of now
-            pool.batch_threads = self.threads_per_worker
+        pool.batch_threads = calibration.thread_share(self)  # kept up to date by calibration.share_threads
         return pool
 
     async def start(self, entry: ModelEntry) -> None:
@@ -366,6 +360,7 @@ class ModelRegistry:
         entry.split = calibration.Split(
             workers, self.threads_per_worker(), "operator", "scaled by min_worker"
         )
+        calibration.share_threads(self)
         if entry.state == FAILED:
             await self.use_model_env(entry)  # a failed install is tried again, as a new start would
         await entry.pool.scale(workers)
@@ -385,6 +380,7 @@ class ModelRegistry:
             del self._default[name]
         elif self._default.get(name) == entry.version:
             self._default[name] = next(iter(versions))
+        calibration.share_threads(self)  # its cores go to the other models' workers
         if entry.pool is not None:
             await entry.pool.close(entry.settings.response_timeout_s)
         return entry
