@@ -258,3 +258,103 @@ def test_a_custom_handler_that_opens_images_is_calibrated_on_a_picture(
     Image.new("RGB", (40, 30), (200, 10, 10)).save(picture, format="JPEG")
     reply = call("POST", server.url() + "/predictions/photos", body=picture.getvalue())
     assert reply.status == 200 and reply.json() == {"size": [40, 30]}
+
+
+# Takes 2.5 s a request: well under 1 request/s on 1 worker, so the split hardly matters.
+SLOW_HANDLER = """
+import time
+
+
+def handle(data, context):
+    if not data:
+        return None
+    time.sleep(2.5)
+    return [{"ok": True} for _ in data]
+"""
+
+
+def test_a_slow_model_is_given_up_on_within_seconds_and_that_is_remembered(
+    serve: Any, make_model: Any, call: Any, describe: Any, tmp_path: Path, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, "archiver.serving")
+    config = SIGNATURE.replace("batchSize: 4", "batchSize: 1")
+    folder = make_model("slow", handler_source=SLOW_HANDLER, config_yaml=config)
+    first = serve([folder])  # the default responseTimeout (120 s) used to allow 270 s of calibration
+    split, described = _split(describe, call, first, "slow")
+    assert split["chosenBy"] == "rule" and split["workers"] == 1 == len(described["workers"]), split
+    assert "calibration gave up" in split["reason"] and "requests/s on 1 worker, under 1" in split["reason"]
+    assert described["loadTimeSeconds"] < 15, described["loadTimeSeconds"]  # was 40 s and more
+    said = [r.getMessage() for r in caplog.records]
+    assert any('model "slow": calibration gave up, so the rule applies' in m for m in said), said
+    [cached] = (tmp_path / "cache" / "calibration").iterdir()
+    first.stop()
+
+    second = serve([folder])  # the outcome was remembered: nothing is timed again
+    again, described_again = _split(describe, call, second, "slow")
+    assert again["chosenBy"] == "cache" and again["workers"] == 1
+    assert "calibration gave up" in again["reason"] and cached.name in again["reason"]
+    assert described_again["loadTimeSeconds"] < described["loadTimeSeconds"]
+
+
+def test_a_split_measured_on_a_busy_machine_says_so(
+    serve: Any, make_model: Any, call: Any, describe: Any, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from archiver.serving.supervisor.calibration import BUSY
+
+    spin = [sys.executable, "-c", "while True: pass"]
+    hogs = [subprocess.Popen(spin) for _ in range(cores() + 1)]  # other programs using every core
+    try:
+        folder = _calibrated(make_model)
+        first = serve([folder])
+        split, _ = _split(describe, call, first, "linear")
+        assert split["chosenBy"] == "calibration", split
+        assert "other programs used" in split["reason"] and "a busy machine" in split["reason"], split
+        [cached] = (tmp_path / "cache" / "calibration").iterdir()
+        assert json.loads(cached.read_text())["others"] > BUSY
+        first.stop()
+        # still as busy: the figure stands (a start on a much quieter machine would measure again)
+        second = serve([folder])
+        again, _ = _split(describe, call, second, "linear")
+        assert again["chosenBy"] == "cache" and again["workers"] == split["workers"], again
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def test_several_workers_are_kept_only_when_they_win_clearly() -> None:
+    from archiver.serving.supervisor.calibration import choose
+    from archiver.serving.supervisor.calibration_timing import Timing
+
+    one = Timing(rate=100.0, low=90.0, high=110.0, windows=7, others=0.05)
+    close = choose(one, Timing(112.0, 100.0, 120.0, 7, 0.05), workers=2, cores_=2)
+    assert (close.workers, close.threads) == (1, 2)
+    assert "no clear winner" in close.reason and "medians of 7 and 7 windows" in close.reason
+    assert "other programs used 5% of the cores" in close.reason and "busy" not in close.reason
+    clear = choose(one, Timing(140.0, 130.0, 150.0, 7, 0.6), workers=2, cores_=2)
+    assert (clear.workers, clear.threads) == (2, 1)
+    assert "other programs used 60% of the cores (a busy machine" in clear.reason
+    unknown = Timing(100.0, 90.0, 110.0, 7, None)  # no /proc to read how busy the machine was
+    slower = choose(unknown, Timing(80.0, 70.0, 90.0, 5, None), workers=2, cores_=2)
+    assert slower.workers == 1 and "1 worker was faster" in slower.reason and "unknown" in slower.reason
+
+
+def test_each_pool_holds_its_thread_share_as_a_number_that_follows_the_workers(
+    serve: Any, make_model: Any, echo_model: Path, call: Any, describe: Any
+) -> None:
+    other = make_model("other", handler_source=V2_HANDLER.format(fail=False))
+    server = serve([echo_model, other], operator={"workers": 1})
+    registry = server.server.registry
+    shares = lambda: {e.name: e.pool.batch_threads for e in registry.entries()}  # noqa: E731
+    half = max(1, cores() // 2)
+    assert shares() == {"echo": half, "other": half}  # a plain int per batch, not worked out per batch
+    manage = server.url("management") + "/models"
+    assert call("DELETE", manage + "/other", timeout=60).status == 200
+    assert shares() == {"echo": cores()}  # its cores went back to echo's worker
+    assert call("PUT", manage + "/echo?min_worker=2&synchronous=true", timeout=60).status == 200
+    assert shares() == {"echo": half}
+    assert call("POST", server.url() + "/predictions/echo", body=b"hi").status == 200
