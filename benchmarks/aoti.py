@@ -372,6 +372,11 @@ def main() -> None:
         f"ours PxT = --workers P --torch-threads T; batch {args.batch}, "
         f"max batch delay {args.max_batch_delay} ms"
     )
+    picked = {
+        shape: "; ".join(sorted({str(r["ours_aoti"][shape]["resnet34"].get("chosen")) for r in rounds}))
+        for shape in rounds[0]["ours_aoti"]
+    }
+    configs += "\nOur server chose: " + ", ".join(f"{shape}: {p}" for shape, p in picked.items())
     text = "\n\n".join([configs, spread(rounds), report(results)])
     (args.out / "aoti.json").write_text(json.dumps(results, indent=2, default=str))
     (args.out / "aoti.md").write_text(text + "\n")

@@ -115,6 +115,15 @@ def load_runs(
     return {**runs, "memory": mem.result()}
 
 
+def chosen(log_path: str, name: str) -> str:
+    """What our server says it chose for a model (its start-up line 'model "NAME": ...'), for the report."""
+    with open(log_path, errors="replace") as stream:
+        for line in stream:
+            if line.startswith(f'model "{name}": '):
+                return line.split(": ", 1)[1].strip()
+    return "?"
+
+
 def shape_label(shape: tuple[int, int] | None) -> str:
     return "default" if shape is None else f"{shape[0]}x{shape[1]}"
 
@@ -168,7 +177,12 @@ def run_ours(
             raise RuntimeError(f"asked for {shape[0]} workers, READY says {ready['workers']}")
         roles = tree_roles(psutil.Process(proc.pid), "front", our_child_role)
         runs = load_runs(url, duration, body_file, ctype, roles, **load)
-        return {"startup_s": startup, "ready_workers": ready["workers"], **runs}
+        return {
+            "startup_s": startup,
+            "ready_workers": ready["workers"],
+            "chosen": chosen(log.name, name),
+            **runs,
+        }
     finally:
         stop_server(proc)
         log.close()
@@ -336,6 +350,10 @@ def main() -> None:
     results["bare"] = merge_rounds(list(results["bare_shapes"].values())) if results["bare_shapes"] else {}
     results["ours"] = merge_rounds(list(results["ours_shapes"].values()))
     results["rounds"] = rounds
+    for name in names:
+        if "default" in ours_shapes:
+            picked = {r["ours_shapes"]["default"][name].get("chosen") for r in rounds}
+            configs[f"ours default, {name}"] = "; ".join(sorted(str(p) for p in picked))
     results["configs"] = configs
     results["machine"]["load_after"] = os.getloadavg()
     sections = [

@@ -38,7 +38,7 @@ import psutil
 from _common import REPO, free_port, stop_server, wait_ready_file
 from _models import TINY_HANDLER
 from _spread import best, ratio_lines, spread_table
-from serve import hey, wait_first_prediction
+from serve import chosen, hey, wait_first_prediction
 
 
 def build_tiny(out: Path, batch: int, delay_ms: int) -> Path:
@@ -120,11 +120,11 @@ def ours(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.out)
         try:
             wait_first_prediction(url, body_file.read_bytes(), "application/json", time.perf_counter())
-            ready = wait_ready_file(ready_file, proc, 30)
+            wait_ready_file(ready_file, proc, 30)
             flags = args.ours_args or "defaults"
             description = (
                 f"{label}: model-archiver serve ({flags}; the archive's batchSize {args.batch}, "
-                f"maxBatchDelay {args.max_batch_delay} ms), {len(ready['workers']['tiny'])} worker(s)"
+                f"maxBatchDelay {args.max_batch_delay} ms), {chosen(log.name, 'tiny')}"
                 + (f", {loop} event loop" if loop else "")
                 + (f", package from {package_root}" if package_root else "")
             )
