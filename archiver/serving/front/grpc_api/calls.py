@@ -10,6 +10,7 @@ token; probes stay open as ``/ping`` does), then any ``ArchiverError`` becomes i
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -20,7 +21,7 @@ import grpc
 
 from archiver.errors import ArchiverError, UnauthorizedError
 from archiver.serving.front.grpc_api.messages import message, service
-from archiver.serving.protocols.redaction import public_message
+from archiver.serving.protocols.redaction import public_message, redact_paths
 
 log = logging.getLogger("archiver.serving")
 
@@ -41,6 +42,7 @@ _CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+TOKEN_REFUSED = "missing or wrong 'authorization: Bearer <token>' metadata"
 # gRPC status details travel in a header: one line, bounded.
 _MAX_DETAILS = 1000
 
@@ -76,9 +78,11 @@ def grpc_code(http_status: int) -> grpc.StatusCode:
 
 
 def one_line(text: str) -> str:
-    """A status message on one line, bounded (an ``ArchiverError``'s message is written for clients, as
-    HTTP sends it; any other exception's comes through ``public_message``, its paths shortened)."""
-    line = " ".join(text.split())
+    """A status message on one line, bounded, its absolute paths shortened as an answer's are
+    (``redact_paths``: an ``ArchiverError`` raised in the front may name the server's files; any other
+    exception's message comes through ``public_message``, which does the same)."""
+    line = " ".join(text[: _MAX_DETAILS * 4].split())  # cut first: a client's 1 MB name is not scanned
+    line = redact_paths(line if len(line) <= _MAX_DETAILS else line[: _MAX_DETAILS - 3] + "...")
     return line if len(line) <= _MAX_DETAILS else line[: _MAX_DETAILS - 3] + "..."
 
 
@@ -108,14 +112,55 @@ def metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return found
 
 
+def token_matches(token: str, pairs: Any) -> bool:
+    """Whether the metadata ``pairs`` carry ``authorization: Bearer <token>``."""
+    for key, value in pairs or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, given = value.partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return False
+
+
 def check_token(token: str | None, context: grpc.aio.ServicerContext) -> None:
     """UnauthorizedError unless the call carries ``authorization: Bearer <token>`` (when one is set)."""
-    if token is None:
-        return
-    scheme, _, given = metadata(context).get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
-        return
-    raise UnauthorizedError("missing or wrong 'authorization: Bearer <token>' metadata")
+    if token is not None and not token_matches(token, context.invocation_metadata()):
+        raise UnauthorizedError(TOKEN_REFUSED)
+
+
+_END = object()
+
+
+async def _next(requests: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(requests)
+    except StopAsyncIteration:
+        return _END
+
+
+async def idle_bounded(
+    requests: AsyncIterator[Any], idle_s: float, busy: Callable[[], bool] = lambda: False
+) -> AsyncIterator[Any]:
+    """A bidirectional stream's requests, ended by DEADLINE_EXCEEDED (``Failure``) when none comes for
+    ``idle_s`` while ``busy()`` is false: an idle stream would hold one of the server's calls forever."""
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(_next(requests))
+            done, _ = await asyncio.wait({pending}, timeout=idle_s)
+            if not done:
+                if busy():
+                    continue
+                raise Failure(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no request on this stream for {idle_s:g} s: closed"
+                )
+            request, pending = pending.result(), None
+            if request is _END:
+                return
+            yield request
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
 def _log(exc: BaseException, method: str) -> None:

@@ -25,6 +25,7 @@ from archiver.serving.front.grpc_api.calls import (
     Failure,
     Observe,
     grpc_code,
+    idle_bounded,
     log,
     metadata,
     one_line,
@@ -56,10 +57,14 @@ async def _one(answer: Awaitable[InferenceResponse]) -> AsyncIterator[InferenceR
 
 class OpenInferenceService:
     """The seven methods over a ``ModelHost``; ``max_items``: inputs per request; ``observe``: the
-    request metrics (model, HTTP-equivalent status, seconds)."""
+    request metrics (model, HTTP-equivalent status, seconds); ``max_size``: the bytes one request's
+    tensors may take (typed contents grow when packed: a varint 0 is 8 bytes as INT64)."""
 
-    def __init__(self, host: router.ModelHost, max_items: int, observe: Observe) -> None:
-        self.host, self.max_items, self.observe = host, max_items, observe
+    def __init__(
+        self, host: router.ModelHost, max_items: int, observe: Observe, max_size: int, idle_s: float = 120.0
+    ) -> None:
+        self.host, self.max_items, self.observe, self.max_size = host, max_items, observe, max_size
+        self.idle_s = idle_s  # how long ModelStreamInfer waits for a request while none is in flight
         self.m = {
             name: message(_PACKAGE + name)
             for name in (
@@ -121,11 +126,11 @@ class OpenInferenceService:
         """Each ModelInferResponse of one request: with ``stream``, one per answer of a streaming
         handler; without, its final answer alone (as ``predict`` gives it)."""
         counted = Counted(self.observe)
-        counted.version = request.model_version or "default"
         try:
             model = self._model(request.model_name, request.model_version)
-            counted.label = model.name
-            body, header_length = tensors.request_body(request)
+            # the version only once found: an unknown one is not kept (a scanner cannot grow the series)
+            counted.label, counted.version = model.name, request.model_version or "default"
+            body, header_length = await tensors.request_body(request, self.max_size)
             headers = metadata(context)
             request_id = headers.get("x-request-id") or new_request_id()
             raw = oip.body_raw_request(body, str(header_length), request_id, headers, self.max_items)
@@ -184,7 +189,7 @@ class OpenInferenceService:
 
         async def read() -> None:
             try:
-                async for request in requests:
+                async for request in idle_bounded(requests, self.idle_s, lambda: bool(running)):
                     await room.acquire()
                     task = asyncio.ensure_future(answer(request))
                     running.add(task)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from archiver.errors import UsageError
 from archiver.serving.front.grpc_api import messages
+from archiver.serving.front.grpc_api.admission import Admission
 from archiver.serving.front.grpc_api.calls import Observe, rpc_handlers
 from archiver.serving.front.grpc_api.health import HealthService
 from archiver.serving.front.grpc_api.management import ManagementService
@@ -26,10 +27,13 @@ from archiver.serving.front.grpc_api.torchserve import InferenceService
 from archiver.serving.protocols import router
 from archiver.serving.supervisor.registry import ModelRegistry
 
-# Calls one server runs at once; past it a call gets RESOURCE_EXHAUSTED at once (the models' own
-# queues bound the work behind them: a full queue is UNAVAILABLE, as HTTP's 503).
+# Calls with the token one server runs at once; past it a call gets RESOURCE_EXHAUSTED at once (the
+# models' own queues bound the work behind them: a full queue is UNAVAILABLE, as HTTP's 503). The calls
+# that need no token have their own caps on top (admission.py), so they never take these slots.
 MAX_CONCURRENT_RPCS = 4096
 _PROBES = frozenset({"Ping", "ServerLive", "ServerReady"})
+# A connection with no call for this long is closed (its client reconnects when it next calls).
+_CONNECTION_IDLE_MS = 300_000
 
 
 def _options(max_message: int) -> list[tuple[str, int]]:
@@ -37,6 +41,7 @@ def _options(max_message: int) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ("grpc.max_connection_idle_ms", _CONNECTION_IDLE_MS),
     ]
 
 
@@ -56,8 +61,13 @@ class GrpcServers:
         max_request_size: int,
         max_request_items: int,
         observe: Observe,
+        first_message_s: float = 15.0,
+        stream_idle_s: float = 120.0,
     ) -> None:
         self.registry, self.host, self.token = registry, host, token
+        # how long a call without the token may wait for its message; a bidirectional stream for its
+        # next one while nothing of it is in flight
+        self.first_message_s, self.stream_idle_s = first_message_s, stream_idle_s
         self.max_request_size, self.max_request_items, self.observe = (
             max_request_size,
             max_request_items,
@@ -69,11 +79,20 @@ class GrpcServers:
     def _server(
         self, bind: str, port: int, services: dict[str, grpc.GenericRpcHandler]
     ) -> tuple[grpc.aio.Server, int]:
+        inference = [name for name in services if name != messages.TORCHSERVE_MANAGEMENT]
+        watch = f"/{messages.HEALTH}/Watch"
+        open_methods = {f"/{messages.HEALTH}/Check", watch}
+        for name in inference:
+            open_methods.update(
+                f"/{name}/{m.name}" for m in messages.service(name).methods if m.name in _PROBES
+            )
+        admission = Admission(self.token, frozenset(open_methods), frozenset({watch}), self.first_message_s)
         server = grpc.aio.server(
-            options=_options(self.max_request_size), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS
+            options=_options(self.max_request_size),
+            interceptors=(admission,),
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS + admission.calls.cap + admission.streams.cap,
         )
         server.add_generic_rpc_handlers(tuple(services.values()))
-        inference = [name for name in services if name != messages.TORCHSERVE_MANAGEMENT]
         always = [name for name in services if name == messages.TORCHSERVE_MANAGEMENT]
         health = HealthService(self.host.server_ready, inference, always)
         server.add_generic_rpc_handlers(
@@ -96,8 +115,9 @@ class GrpcServers:
         token = self.token
         planned = []
         if inference_port is not None:
-            ts = InferenceService(self.host, self.max_request_items, self.observe)
-            oip = OpenInferenceService(self.host, self.max_request_items, self.observe)
+            idle_s, size = self.stream_idle_s, self.max_request_size
+            ts = InferenceService(self.host, self.max_request_items, self.observe, idle_s)
+            oip = OpenInferenceService(self.host, self.max_request_items, self.observe, size, idle_s)
             services = {
                 messages.TORCHSERVE_INFERENCE: rpc_handlers(
                     messages.TORCHSERVE_INFERENCE, ts.implementations(), token, _PROBES
@@ -144,6 +164,8 @@ async def start_grpc(server: Any) -> GrpcServers:
         max_request_size=settings.max_request_size,
         max_request_items=settings.max_request_items,
         observe=server.metrics.observe_request,
+        first_message_s=settings.idle_timeout_s,
+        stream_idle_s=settings.defaults.response_timeout_s,
     )
     await servers.start(settings.host, settings.grpc_port, settings.grpc_management_port)
     server.ports.update(servers.ports)

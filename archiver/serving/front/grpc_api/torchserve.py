@@ -17,7 +17,15 @@ import grpc
 
 from archiver.errors import ArchiverError, ModelNotFoundError, UsageError
 from archiver.manifest import MODEL_NAME_PATTERN
-from archiver.serving.front.grpc_api.calls import Counted, Failure, Observe, grpc_code, metadata, one_line
+from archiver.serving.front.grpc_api.calls import (
+    Counted,
+    Failure,
+    Observe,
+    grpc_code,
+    idle_bounded,
+    metadata,
+    one_line,
+)
 from archiver.serving.front.grpc_api.messages import message
 from archiver.serving.protocols import router
 from archiver.serving.protocols.records import InferenceResponse, new_request_id
@@ -41,10 +49,12 @@ def _message(answer: InferenceResponse) -> str:
 
 class InferenceService:
     """The four methods over a ``ModelHost``; ``max_items``: the most input fields one request holds;
-    ``observe``: the request metrics."""
+    ``observe``: the request metrics; ``idle_s``: how long StreamPredictions2 waits for a request."""
 
-    def __init__(self, host: router.ModelHost, max_items: int, observe: Observe) -> None:
-        self.host, self.max_items, self.observe = host, max_items, observe
+    def __init__(
+        self, host: router.ModelHost, max_items: int, observe: Observe, idle_s: float = 120.0
+    ) -> None:
+        self.host, self.max_items, self.observe, self.idle_s = host, max_items, observe, idle_s
         self.Response = message(_PACKAGE + "PredictionResponse")
         self.Health = message(_PACKAGE + "TorchServeHealthResponse")
 
@@ -87,6 +97,9 @@ class InferenceService:
         counted = Counted(self.observe)
         try:
             name, version, raw = self._request(request, context)
+            # found first, as HTTP finds it: an unknown name or version is counted as "-" with no
+            # version, so a scanner's names and versions cannot grow the request metrics
+            self.host.find(name, version)
             counted.label, counted.version = name, version or "default"
             answer = await self.host.predict(name, version, raw)
             counted.status = answer.status
@@ -94,7 +107,7 @@ class InferenceService:
         except ArchiverError as exc:
             counted.status = exc.http_status
             if isinstance(exc, ModelNotFoundError):  # unknown names share one label, as over HTTP
-                counted.label = "-"
+                counted.label, counted.version = "-", "default"
             raise
         finally:
             counted.count()
@@ -119,7 +132,7 @@ class InferenceService:
         later requests that name none, so one stream is one sequence, as in TorchServe."""
         Status = message("google.rpc.Status")
         learned: str | None = None
-        async for request in requests:
+        async for request in idle_bounded(requests, self.idle_s):
             sequence = request.sequence_id or learned
             try:
                 if sequence and not request.sequence_id:
