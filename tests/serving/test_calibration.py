@@ -141,16 +141,21 @@ def test_the_operator_and_the_archive_choose_over_calibration(
 
 
 def test_a_model_whose_example_fails_keeps_the_rule_and_the_log_says_why(
-    serve: Any, make_model: Any, call: Any, describe: Any, caplog: Any
+    serve: Any, make_model: Any, call: Any, describe: Any, caplog: Any, tmp_path: Path
 ) -> None:
     caplog.set_level(logging.INFO, "archiver.serving")
-    server = serve([_calibrated(make_model, "picky", fail=True)])
+    folder = _calibrated(make_model, "picky", fail=True)
+    server = serve([folder])
     split, described = _split(describe, call, server, "picky")
     assert split["chosenBy"] == "rule" and split["workers"] == 1 == len(described["workers"])
     assert split["reason"].startswith("1 worker with every core (calibration failed: the example request")
     assert described["status"] == "READY"
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any('model "picky": calibration failed, so the rule applies' in m for m in warned), warned
+    assert len(list((tmp_path / "cache" / "calibration").iterdir())) == 1  # the failure is remembered
+    server.stop()
+    again, _ = _split(describe, call, serve([folder]), "picky")  # and not paid for again
+    assert again["chosenBy"] == "cache" and "calibration failed: the example request" in again["reason"]
 
 
 def test_a_model_without_an_example_gets_the_rule_at_once(
