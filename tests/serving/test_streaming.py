@@ -269,3 +269,106 @@ def test_a_reader_far_slower_than_its_handler_ends_with_507_and_cancels_the_requ
     assert len(answers) == MAX_BUFFERED_ANSWERS + 1
     assert answers[-1].status == 507 and json.loads(answers[-1].body)["type"] == "StreamOverflow"
     assert cancelled == [True]  # once: the handler's next send raises
+
+
+def test_a_v1_caller_of_a_handler_that_streams_on_gets_504_at_the_response_timeout(
+    tmp_path: Path, make_model, serve, describe, call, poll
+):
+    # the handler sends a part every 50 ms for 30 s: only a reader of the stream may keep its clock going
+    model = make_model("ticker", handler_source=TICKER_HANDLER.format(mark=str(tmp_path / "unused")))
+    server = serve([model], defaults=ModelSettings(response_timeout_s=2))
+    base = server.url("inference")
+
+    started = time.perf_counter()
+    one = {"instances": [{"body": "ticks"}]}
+    v1 = requests.post(f"{base}/v1/models/ticker:predict", json=one, timeout=60)
+    took = time.perf_counter() - started
+
+    assert v1.status_code == 504, v1.text
+    assert "did not answer within 2 s (responseTimeout)" in v1.text, v1.text
+    assert 1.5 < took < 15  # bounded by responseTimeout, not by the handler's 30 s of parts
+    death = poll(lambda: describe(call, server, "ticker")["deaths"], 10, "the worker's death")[-1]
+    assert death["cause"] == "timeout" and death["during"] == "batch"
+    assert requests.post(f"{base}/predictions/ticker", data="quick", timeout=60).text == "quick answer"
+
+
+@pytest.mark.parametrize("route", ["v1", "v2"])
+def test_a_v1_or_v2_client_that_goes_away_cancels_its_streaming_request_and_frees_the_worker(
+    tmp_path: Path, make_model, serve, poll, route
+):
+    mark = tmp_path / "ticker-ended"
+    model = make_model("ticker", handler_source=TICKER_HANDLER.format(mark=str(mark)))
+    server = serve([model])  # the default responseTimeout (120 s) is far away
+    base = server.url("inference")
+    if route == "v1":
+        url, body = f"{base}/v1/models/ticker:predict", {"instances": [{"body": "ticks"}]}
+    else:
+        tensor = {"name": "body", "shape": [1], "datatype": "BYTES", "data": ["ticks"]}
+        url, body = f"{base}/v2/models/ticker/infer", {"inputs": [tensor]}
+
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(url, json=body, timeout=1)  # like curl -m 1: the client gives up and closes
+
+    assert poll(lambda: mark.exists(), 10, "the handler to see the cancellation")
+    assert mark.read_text() == "StreamCancelledError"
+    started = time.perf_counter()
+    assert requests.post(f"{base}/predictions/ticker", data="quick", timeout=30).text == "quick answer"
+    assert time.perf_counter() - started < 5  # its only worker was free, not held for 30 s
+
+
+# Every request ticks for 20 s (one generator each, advanced in turn); "quick" answers at once.
+TICKS_GENERATOR = """
+import time
+
+
+def ticks():
+    for i in range(400):
+        yield f"tick {i}\\n"
+        time.sleep(0.05)
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    bodies = [row.get("body") for row in data]
+    return ["quick answer" if body in (b"quick", "quick") else ticks() for body in bodies]
+"""
+
+
+def test_a_one_answer_caller_batched_with_a_live_stream_gets_504_while_the_stream_goes_on(
+    make_model, serve, describe, call, poll
+):
+    config = "batchSize: 2\nmaxBatchDelay: 200\n"
+    model = make_model("ticks", handler_source=TICKS_GENERATOR, config_yaml=config)
+    server = serve([model], defaults=ModelSettings(response_timeout_s=2))
+    url = server.url("inference") + "/predictions/ticks"
+    busy = requests.post(url, data="ticks", stream=True, timeout=30)
+    busy_chunks = busy.iter_content(chunk_size=None)
+    assert next(busy_chunks).startswith(b"tick 0")
+
+    with ThreadPoolExecutor(2) as pool:
+        # queued behind the busy stream, a v1 call and a stream run as one batch once it is closed
+        one = {"instances": [{"body": "ticks"}]}
+        v1 = pool.submit(requests.post, url.replace("predictions/ticks", "v1/models/ticks:predict"), json=one)
+        second = pool.submit(requests.post, url, data="ticks", stream=True, timeout=30)
+
+        def both_queued() -> bool:
+            return describe(call, server, "ticks")["jobQueueStatus"]["pendingRequests"] == 2
+
+        assert poll(both_queued, 30, "both requests to queue")
+        busy.close()
+        started = time.perf_counter()
+        chunks = second.result(timeout=30).iter_content(chunk_size=None)
+        assert next(chunks).startswith(b"tick 0")
+        answer = v1.result(timeout=60)
+        took = time.perf_counter() - started
+        # the stream, read all along, goes on past responseTimeout
+        while time.perf_counter() - started < took + 1:
+            assert next(chunks).startswith(b"tick ")
+        second.result().close()
+
+    assert answer.status_code == 504, answer.text
+    assert "the handler did not answer within 2 s (responseTimeout); the request was cancelled" in answer.text
+    assert took < 15
+    assert requests.post(url, data="quick", timeout=30).text == "quick answer"
+    assert not describe(call, server, "ticks").get("deaths")  # its request was cancelled, not its worker

@@ -11,6 +11,7 @@ request metrics).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from archiver.errors import RequestTooLargeError
+from archiver.serving.front.client_watch import ClientGone, while_connected
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.request_bodies import in_time, read_capped, read_inference_request
@@ -32,6 +34,7 @@ from archiver.serving.supervisor.registry import ModelRegistry
 from archiver.serving.supervisor.states import ModelState
 
 _READY = ModelState.READY
+log = logging.getLogger("archiver.serving")
 
 
 class RegistryHost:
@@ -132,7 +135,11 @@ def _endpoint(
             StreamedBody(request, limits),
             limits.max_request_items,
         )
-        reply = await operation(host, call)
+        try:
+            reply = await while_connected(request, operation(host, call))
+        except ClientGone:  # nobody reads an answer now: its request was cancelled (client_watch.py)
+            log.info("%s: the client went away before its answer; its request was cancelled", request.path)
+            return web.Response(status=499)
         if reply.stream is not None:
             return await streamed_reply(request, reply, reply.stream, metrics, started)
         resp = web.Response(status=reply.status, body=reply.body, headers=reply.headers)

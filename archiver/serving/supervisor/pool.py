@@ -265,8 +265,9 @@ class WorkerPool:
         except TimeoutError:
             limit = f"{self.response_timeout_s:g} s"
             # a stream's clock restarts at each answer it sends: it stopped sending, not answering
-            did = f"sent nothing for {limit}" if worker.streamed else f"did not answer within {limit}"
-            ran = f"{did} (responseTimeout)" if worker.streamed else f"ran past responseTimeout ({limit})"
+            streamed = streams.kept_alive(jobs)
+            did = f"sent nothing for {limit}" if streamed else f"did not answer within {limit}"
+            ran = f"{did} (responseTimeout)" if streamed else f"ran past responseTimeout ({limit})"
             worker.kill("timeout", f"its batch of {len(jobs)} {ran}")
             late = RequestTimeoutError(
                 f'model "{self.spec.model}" {did} (responseTimeout); '

@@ -11,6 +11,11 @@ submitted for one answer (``predict``: v2, v1, gRPC unary) keeps only the latest
 its answer is the final one, or that latest one when the stream ended without a final answer. An
 error part is a request's last: its stream ends, or the one-answer job gets it as its answer, and the
 worker is told to cancel the rest, as it is for a request whose client has gone.
+
+responseTimeout restarts at a part only while some request of the batch streams to a reader: a caller
+that takes one answer, or whose stream has not begun, is answered 504 at responseTimeout whatever the
+handler sends (its request cancelled while others stream on; with none streaming, the clock stops the
+worker), so a handler that streams forever cannot hold its worker for callers that are not reading.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
-from archiver.errors import WireError
+from archiver.errors import RequestTimeoutError, WireError
 from archiver.serving.protocols.answer_stream import AnswerStream
 from archiver.serving.protocols.records import InferenceResponse, response_for_exception
 from archiver.serving.protocols.wire import Frame, read_parts
@@ -38,21 +43,52 @@ async def route_parts(
     clock: Any,
 ) -> Frame | None:
     """Hand each intermediate answer of ``worker``'s running batch (``batch``: its requests, its run's
-    tag and its timeout) to ``worker.on_part`` as its ``parts`` frames come, up to the next other frame
-    (``read``'s). Each restarts the batch's responseTimeout ``clock``: a stream times out when it stops
-    sending, however long it runs."""
-    requests, tag, timeout_s = batch
+    tag, the jobs, and its timeout) to ``worker.on_part`` as its ``parts`` frames come, up to the next
+    other frame (``read``'s). While a job of the batch streams to a reader each part restarts the
+    batch's responseTimeout ``clock`` (a stream times out when it stops sending, however long it runs),
+    and the jobs still without an answer past the batch's own deadline get 504 (``_expire``)."""
+    requests, jobs, timeout_s = batch
     count = len(requests)
     worker.streamed = True
+    due = clock.when()  # the batch's own deadline, before any stream moved it
     while frame is not None and frame.kind == "parts":
         if frame.header.get("batch") != worker.batch_id:
             raise WireError(f"parts of batch {frame.header.get('batch')!r} during batch {worker.batch_id}")
         for index, answer in read_parts(frame, count):
-            worker.on_part(worker, tag, index, answer)
-        if timeout_s is not None:
-            clock.reschedule(asyncio.get_running_loop().time() + timeout_s)
+            worker.on_part(worker, jobs, index, answer)
+        if timeout_s is not None and kept_alive(jobs, reading=True):
+            now = asyncio.get_running_loop().time()
+            if due is not None and now >= due:
+                _expire(worker, jobs, timeout_s)
+                due = None
+            clock.reschedule(now + timeout_s)
         frame = await read()
     return frame
+
+
+def kept_alive(jobs: Sequence[Job], reading: bool = False) -> bool:
+    """Whether a job of the batch streams (``reading``: to a reader still there), the only thing that
+    restarts its responseTimeout."""
+    return any(isinstance(job.stream, AnswerStream) and not (reading and job.stream.ended) for job in jobs)
+
+
+def _expire(worker: Any, jobs: Sequence[Job], timeout_s: float) -> None:
+    """responseTimeout is over for the jobs of a batch that streams on for others: each still without
+    an answer (one that takes one answer, or a stream not begun) gets 504 and is cancelled."""
+    late: InferenceResponse | None = None
+    for index, job in enumerate(jobs):
+        if job.future.done():
+            continue
+        if late is None:
+            late = response_for_exception(
+                RequestTimeoutError(
+                    f"the handler did not answer within {timeout_s:g} s (responseTimeout); "
+                    "the request was cancelled"
+                )
+            )
+        job.stream = _CLOSED
+        job.future.set_result(late)
+        worker.cancel(worker.batch_id, index)
 
 
 def route_part(worker: Any, jobs: Sequence[Job], index: int, answer: InferenceResponse) -> None:
