@@ -138,24 +138,34 @@ def test_an_idle_bidirectional_stream_ends_after_the_response_timeout(
 ) -> None:
     server = serve([echo_model], grpc_port=0, defaults=ModelSettings(response_timeout_s=1.5))
     stop = threading.Event()
+    infer = message("inference.ModelInferRequest")(model_name="echo")
+    infer.inputs.add(name="t", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"first")
 
-    def one_then_nothing() -> Iterator[Any]:
-        yield ask("first")
+    def one_then_nothing(first: Any) -> Iterator[Any]:
+        yield first
         stop.wait(60)
 
-    stream = channels(server.server.ports["grpc"]).stream_stream(
-        f"/{TS}InferenceAPIsService/StreamPredictions2",
-        request_serializer=message(TS + "PredictionsRequest").SerializeToString,
-        response_deserializer=message(TS + "PredictionResponse").FromString,
-    )(one_then_nothing(), timeout=60)
+    streams = [
+        (f"/{TS}InferenceAPIsService/StreamPredictions2", ask("first"), TS + "PredictionsRequest",
+         TS + "PredictionResponse"),
+        ("/inference.GRPCInferenceService/ModelStreamInfer", infer, "inference.ModelInferRequest",
+         "inference.ModelStreamInferResponse"),
+    ]  # fmt: skip
     try:
-        assert json.loads(next(stream).prediction)["echo"] == "first"
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as ended:
-            next(stream)
-        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "no request on this stream for 1.5 s" in ended.value.details()
-        assert time.monotonic() - started < 10
+        for path, first, request, response in streams:
+            stream = channels(server.server.ports["grpc"]).stream_stream(
+                path,
+                request_serializer=message(request).SerializeToString,
+                response_deserializer=message(response).FromString,
+            )(one_then_nothing(first), timeout=60)
+            answer = next(stream)
+            assert answer.ByteSize() and not getattr(answer, "error_message", ""), answer  # answered
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as ended:
+                next(stream)
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, path
+            assert "no request on this stream for 1.5 s" in ended.value.details()
+            assert time.monotonic() - started < 10
     finally:
         stop.set()
 
