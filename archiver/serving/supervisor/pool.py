@@ -1,11 +1,11 @@
 """The supervisor of one model version's workers: the one place that owns every worker's life.
 
-It starts the worker processes, gives each free worker its next batch from the model's queue, and
-decides what an ending means: a worker that dies (signal, exit, the OOM killer), overruns
-``responseTimeout`` or grows past its memory limit costs its own batch (500, or 504 for a timeout)
-and is restarted after a backoff (1, 1, 2, 3, 5, 8 … times ``restart_backoff_s``, as TorchServe
-does), while requests still queued wait for it. Other models never notice any of this: each has its
-own pool.
+It starts the worker processes, gives each free worker its next batch from the model's queue (run and
+answered by ``batch_run.py``), and decides what an ending means: a worker that dies (signal, exit,
+the OOM killer), overruns ``responseTimeout`` or grows past its memory limit costs its own batch (500,
+or 504 for a timeout) and is restarted after a backoff (1, 1, 2, 3, 5, 8 … times
+``restart_backoff_s``, as TorchServe does), while requests still queued wait for it. Other models
+never notice any of this: each has its own pool.
 
 How an ending counts (``restart_policy``): one while its worker held a batch may be a request's
 doing, so it costs that batch and a restart with backoff but never the model. So does a stop for
@@ -29,16 +29,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from archiver.errors import (
-    RequestTimeoutError,
     ServiceUnavailableError,
-    WorkerDiedError,
-    WorkerGoneError,
     WorkerStartError,
 )
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor import streams
-from archiver.serving.supervisor.batcher import Batcher, Job
+from archiver.serving.supervisor.batch_run import run_batch
+from archiver.serving.supervisor.batcher import Batcher
 from archiver.serving.supervisor.memory_watch import MemoryWatcher
 from archiver.serving.supervisor.restart_policy import Death, DeathLog, RestartPolicy
 from archiver.serving.supervisor.states import ModelState, WorkerState, unavailable
@@ -251,47 +249,18 @@ class WorkerPool:
                 if not self._ours(worker) or worker.state != WorkerState.IDLE:
                     self.batcher.requeue(jobs)  # it died or was retired while waiting for work
                     break
-                await self._run(worker, jobs)
+                await run_batch(self, worker, jobs, self._answered)
         finally:
             if self._loops.get(worker.slot) is asyncio.current_task():
                 del self._loops[worker.slot]
             if not self._ours(worker) and worker.state != WorkerState.DEAD:
                 self._in_background(worker.stop())  # retired: end it now
 
-    async def _run(self, worker: WorkerProcess, jobs: list[Job]) -> None:
-        try:
-            requests = [job.request for job in jobs]
-            responses = await worker.run(requests, self.response_timeout_s, self.batch_threads, tag=jobs)
-        except TimeoutError:
-            limit = f"{self.response_timeout_s:g} s"
-            # a stream's clock restarts at each answer it sends: it stopped sending, not answering
-            streamed = streams.kept_alive(jobs)
-            did = f"sent nothing for {limit}" if streamed else f"did not answer within {limit}"
-            ran = f"{did} (responseTimeout)" if streamed else f"ran past responseTimeout ({limit})"
-            worker.kill("timeout", f"its batch of {len(jobs)} {ran}")
-            late = RequestTimeoutError(
-                f'model "{self.spec.model}" {did} (responseTimeout); '
-                f"worker {worker.slot} was stopped and is being replaced"
-            )
-            self.batcher.deliver_error(jobs, streams.failed(jobs, late))
-            return
-        except WorkerGoneError:
-            self.batcher.requeue(jobs)  # it died before taking them: they never ran, another worker will
-            return
-        except WorkerDiedError as exc:
-            self.batcher.deliver_error(jobs, streams.failed(jobs, exc))
-            return
-        except asyncio.CancelledError:
-            streams.failed(jobs, ServiceUnavailableError("server is shutting down"))
-            self.batcher.requeue(jobs)
-            raise
+    def _answered(self, worker: WorkerProcess) -> None:
         if self._memory is not None:
             self._memory.answered(worker)  # its streak ends once the watcher finds it in bounds
         else:
             self.death_log.answered(worker.slot)
-        if worker.streamed or worker.ended:
-            streams.finish(jobs, responses, worker.ended)
-        self.batcher.deliver(jobs, responses)
 
     def _on_exit(self, worker: WorkerProcess, ended: asyncio.Future[WorkerExit]) -> None:
         """A serving worker's process ended: count it, then restart it or fail the model."""
