@@ -82,8 +82,9 @@ def one_line(text: str) -> str:
     (``redact_paths``: an ``ArchiverError`` raised in the front may name the server's files; any other
     exception's message comes through ``public_message``, which does the same)."""
     line = " ".join(text[: _MAX_DETAILS * 4].split())  # cut first: a client's 1 MB name is not scanned
-    line = redact_paths(line if len(line) <= _MAX_DETAILS else line[: _MAX_DETAILS - 3] + "...")
-    return line if len(line) <= _MAX_DETAILS else line[: _MAX_DETAILS - 3] + "..."
+    if len(line) > _MAX_DETAILS:
+        line = line[: _MAX_DETAILS - 3] + "..."
+    return redact_paths(line)  # which only ever shortens it
 
 
 class Failure(Exception):
