@@ -294,11 +294,14 @@ async def calibrate(entry: Any, request: RawRequest, path: Path | None, registry
     clients = max(2, min(entry.settings.queue_size, 2 * entry.settings.batch_size * several))
     others: float | None = None
     try:
-        one = await throughput(pool.submit, request, clients, _pids(pool), give_up_slow=True)
+        batch = entry.settings.batch_size
+        one = await throughput(
+            pool.submit, request, clients, _pids(pool), per_window=batch, give_up_slow=True
+        )
         entry.settings = entry.settings.merged(workers=several)
         share_threads(registry)  # the first worker drops to its share before the several are timed
         await pool.scale(several)
-        many = await throughput(pool.submit, request, clients, _pids(pool))
+        many = await throughput(pool.submit, request, clients, _pids(pool), per_window=batch)
     except GaveUp as exc:
         split, others = rule(n, f"calibration gave up: {exc}"), exc.others
         log.info(

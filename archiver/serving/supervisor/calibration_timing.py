@@ -2,8 +2,8 @@
 
 One timing of about a second decides little on a machine that other programs share: a burst of their
 work in it can make either split look several times faster. So after a warm-up (a TorchScript model
-profiles its first runs) the answers are cut into WINDOWS windows, each at least WINDOW_S long and one
-answer per client in flight, and the split's figure is the median of their rates. Meanwhile the CPU
+profiles its first runs) the answers are cut into WINDOWS windows, each at least WINDOW_S long and a
+batch's worth of answers, and the split's figure is the median of their rates. Meanwhile the CPU
 time other programs took on our cores is read from /proc (every core's busy time less ours and our
 workers'), so calibration.py can say how busy the machine was and not trust such a figure for good.
 
@@ -27,10 +27,11 @@ from archiver.serving.protocols.wire import RawRequest
 WARM_S = 0.4  # the warm-up: at least this long after the first answer...
 WARM_ROUNDS = 2  # ...and this many answers per client in flight...
 WARM_MAX_S = 1.5  # ...but no longer than this
-WINDOW_S = 0.15  # a window: at least this long, and at least one answer per client
+WINDOW_S = 0.15  # a window: at least this long, and at least a batch's worth of answers
 WINDOWS = 7  # the split's figure is the median of this many windows' rates...
-MEASURE_MAX_S = 2.5  # ...or of those finished by then
-SPLIT_BUDGET_S = 5.0  # the most one split is timed, first answer and warm-up included
+MEASURE_MAX_S = 2.5  # ...or of those finished by then, when they are at least MIN_WINDOWS...
+MIN_WINDOWS = 3
+SPLIT_BUDGET_S = 5.0  # ...or of those finished by this, first answer and warm-up included (none: gave up)
 SLOW_RATE = 1.0  # requests/s: below this on 1 worker the model keeps the rule...
 SLOW_AFTER_S = 2.0  # ...judged this long after its first answer
 _TICK_S = 0.05
@@ -61,10 +62,10 @@ class Timing:
 
 
 class _Windows:
-    """Answer times turned into a warm-up, then windows of at least WINDOW_S and ``clients`` answers."""
+    """Answer times turned into a warm-up, then windows of at least WINDOW_S and ``per_window`` answers."""
 
-    def __init__(self, clients: int) -> None:
-        self.clients = clients
+    def __init__(self, clients: int, per_window: int) -> None:
+        self.clients, self.per_window = clients, per_window
         self.answers = self.in_window = 0
         self.first: float | None = None
         self.warm_at: float | None = None
@@ -81,14 +82,18 @@ class _Windows:
                 self.warm_at = self.window_start = t
         else:
             self.in_window += 1
-            if self.in_window >= self.clients and t - self.window_start >= WINDOW_S:
+            if self.in_window >= self.per_window and t - self.window_start >= WINDOW_S:
                 self.rates.append(self.in_window / (t - self.window_start))
                 self.window_start, self.in_window = t, 0
 
     def done(self, now: float) -> bool:
         if len(self.rates) >= WINDOWS:
             return True
-        return bool(self.rates) and self.warm_at is not None and now - self.warm_at >= MEASURE_MAX_S
+        return (
+            len(self.rates) >= MIN_WINDOWS
+            and self.warm_at is not None
+            and now - self.warm_at >= MEASURE_MAX_S
+        )
 
     def slow(self, now: float) -> float | None:
         """The rate since the first answer when it is clearly below SLOW_RATE, else None."""
@@ -104,13 +109,15 @@ async def throughput(
     clients: int,
     pids: list[int],
     *,
+    per_window: int = 1,
     give_up_slow: bool = False,
 ) -> Timing:
-    """Time ``request`` with ``clients`` of them always in flight; ``pids`` are our worker processes.
+    """Time ``request`` with ``clients`` of them always in flight, windows of at least ``per_window``
+    answers (a batch); ``pids`` are our worker processes.
     Raises ExampleFailed on any answer but 200, GaveUp past SPLIT_BUDGET_S or (``give_up_slow``) on
     a model clearly below SLOW_RATE."""
     loop = asyncio.get_running_loop()
-    windows, cpu = _Windows(clients), CpuWatch([os.getpid(), *pids])
+    windows, cpu = _Windows(clients, max(1, per_window)), CpuWatch([os.getpid(), *pids])
 
     async def client() -> None:
         while True:
@@ -132,6 +139,8 @@ async def throughput(
             slow = windows.slow(now) if give_up_slow else None
             if slow is not None:
                 raise GaveUp(f"{slow:.2f} requests/s on 1 worker, under {SLOW_RATE:g}", cpu.others())
+            if now >= deadline and windows.rates:
+                break  # fewer windows than wished: the log says how many
             if now >= deadline:
                 raise GaveUp(f"no figure within {SPLIT_BUDGET_S:g} s per split", cpu.others())
     finally:
