@@ -155,7 +155,7 @@ def started(engine: str, name: str, mar: Path, args: argparse.Namespace) -> Iter
             start_new_session=True,
         )
     try:
-        startup = wait_first_prediction(url, body, "application/json", began, limit_s=300)
+        startup = wait_first_prediction(url, body, "application/json", began, limit_s=300, proc=proc)
         if engine == "ours":
             workers = len(wait_ready_file(ready, proc, 30)["workers"][name])
             config += f", {workers} worker(s)"

@@ -72,10 +72,18 @@ def post_ok(url: str, body: bytes, content_type: str, timeout: float = 10) -> bo
 
 
 def wait_first_prediction(
-    url: str, body: bytes, content_type: str, started: float, limit_s: float = 180
+    url: str,
+    body: bytes,
+    content_type: str,
+    started: float,
+    limit_s: float = 180,
+    proc: subprocess.Popen | None = None,
 ) -> float:
+    """Seconds from ``started`` to the first 200; fails at once if ``proc`` (the server) has exited."""
     deadline = started + limit_s
     while time.perf_counter() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}) before answering {url}")
         if post_ok(url, body, content_type, timeout=5):
             return time.perf_counter() - started
         time.sleep(0.05)
@@ -171,7 +179,7 @@ def run_ours(
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        startup = wait_first_prediction(url, body_file.read_bytes(), ctype, started)
+        startup = wait_first_prediction(url, body_file.read_bytes(), ctype, started, proc=proc)
         ready = wait_ready_file(ready_file, proc, 30)
         if shape is not None and len(ready["workers"].get(name, [])) != shape[0]:
             raise RuntimeError(f"asked for {shape[0]} workers, READY says {ready['workers']}")

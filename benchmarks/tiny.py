@@ -93,6 +93,15 @@ def measure_once(url: str, body_file: Path, c: int, duration: float, root: psuti
     return run
 
 
+def has_grpc_flags(package_root: Path | None) -> bool:
+    """Whether this copy of the package has --grpc-port (older commits have no gRPC server)."""
+    if package_root is None:
+        return True
+    return any(
+        '"--grpc-port"' in f.read_text(errors="replace") for f in (package_root / "archiver").rglob("*.py")
+    )
+
+
 @contextlib.contextmanager
 def ours(
     label: str, package_root: Path | None, mar: Path, args: argparse.Namespace, loop: str = ""
@@ -111,15 +120,19 @@ def ours(
     cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "archiver.cli", "serve"]
     cmd += ["--model-store", str(mar.parent), "--models", f"tiny={mar.name}"]
     cmd += ["--port", str(ports[0]), "--management-port", str(ports[1]), "--metrics-port", str(ports[2])]
-    cmd += ["--grpc-port", str(ports[3]), "--grpc-management-port", str(ports[4])]
+    if has_grpc_flags(package_root):
+        cmd += ["--grpc-port", str(ports[3]), "--grpc-management-port", str(ports[4])]
     cmd += ["--cache-dir", str(args.out / "tiny-cache"), "--ready-file", str(ready_file)]
-    cmd += args.ours_args.split()
+    if package_root is None:  # an older copy may not know these flags
+        cmd += args.ours_args.split()
     url = f"http://127.0.0.1:{ports[0]}/predictions/tiny"
     body_file = args.out / "tiny.json"
     with open(args.out / f"tiny-{label}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.out)
         try:
-            wait_first_prediction(url, body_file.read_bytes(), "application/json", time.perf_counter())
+            wait_first_prediction(
+                url, body_file.read_bytes(), "application/json", time.perf_counter(), proc=proc
+            )
             wait_ready_file(ready_file, proc, 30)
             flags = args.ours_args or "defaults"
             description = (
@@ -193,7 +206,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-batch-delay", type=int, default=5, help="ms, for both servers")
     parser.add_argument(
-        "--ours-args", default="", help="extra flags for our server (default: none, its defaults)"
+        "--ours-args",
+        default="",
+        help="extra flags for our server from this checkout (default: none, its defaults)",
     )
     parser.add_argument("--concurrency", default="32,1", help="comma-separated")
     parser.add_argument(
