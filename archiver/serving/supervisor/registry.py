@@ -364,6 +364,7 @@ class ModelRegistry:
         if entry.state == FAILED:
             await self.use_model_env(entry)  # a failed install is tried again, as a new start would
         await entry.pool.scale(workers)
+        calibration.share_threads(self)  # a FAILED model that started again counts again
         return entry
 
     async def unregister(self, name: str, version: str | None = None, force: bool = False) -> ModelEntry:
