@@ -363,3 +363,21 @@ def test_each_pool_holds_its_thread_share_as_a_number_that_follows_the_workers(
     assert call("PUT", manage + "/echo?min_worker=2&synchronous=true", timeout=60).status == 200
     assert shares() == {"echo": half}
     assert call("POST", server.url() + "/predictions/echo", body=b"hi").status == 200
+
+
+def test_a_model_that_crash_loops_gives_its_cores_back(
+    serve: Any, crashy_model: Any, echo_model: Path, call: Any, describe: Any, poll: Any
+) -> None:
+    from archiver.serving.supervisor.registry import ModelSettings
+
+    crashy, _ = crashy_model("crashy")
+    quick = ModelSettings(restart_backoff_s=0.05)
+    server = serve([echo_model, crashy], operator={"workers": 1}, defaults=quick)
+    echo = server.server.registry.get("echo").pool
+    assert echo.batch_threads == max(1, cores() // 2)
+    # its handler now crashes on every start: after max_worker_deaths the model is FAILED
+    reply = call("POST", server.url() + "/predictions/crashy", body=b"initcrash:exit", timeout=60)
+    assert reply.status >= 500
+    poll(lambda: describe(call, server, "crashy")["status"] == "FAILED", 60, "crashy FAILED")
+    assert echo.batch_threads == cores()  # echo's worker has every core again
+    assert call("POST", server.url() + "/predictions/echo", body=b"hi").status == 200
