@@ -138,7 +138,9 @@ async def throughput(
             now = loop.time()
             slow = windows.slow(now) if give_up_slow else None
             if slow is not None:
-                raise GaveUp(f"{slow:.2f} requests/s on 1 worker, under {SLOW_RATE:g}", cpu.others())
+                after = f"{windows.answers - 1} more answer(s) in {now - (windows.first or now):.1f} s"
+                why = f"{slow:.2f} requests/s on 1 worker ({after} after its first), under {SLOW_RATE:g}"
+                raise GaveUp(why, cpu.others())
             if now >= deadline and windows.rates:
                 break  # fewer windows than wished: the log says how many
             if now >= deadline:
