@@ -65,20 +65,31 @@ def difference(ours: Answer, theirs: Answer) -> str:
         missing = sorted(_metric_names(theirs.body) - _metric_names(ours.body))
         return f"metrics missing: {', '.join(missing)}" if missing else ""
     try:
-        same = _same(json.loads(ours.body), json.loads(theirs.body))
+        differ, compared = _unlike(json.loads(ours.body), json.loads(theirs.body))
     except ValueError:
-        same = " ".join(ours.body.split()) == " ".join(theirs.body.split())
-    return "" if same else f"answer {ours.short(40)!r}, TorchServe {theirs.short(40)!r}"
+        differ, compared = int(" ".join(ours.body.split()) != " ".join(theirs.body.split())), 1
+    if not differ:
+        return ""
+    if compared > 10:
+        return f"{differ} of {compared} values differ"
+    return f"answer {ours.short(40)!r}, TorchServe {theirs.short(40)!r}"
 
 
-def _same(a: object, b: object) -> bool:
+def _unlike(a: object, b: object) -> tuple[int, int]:
+    """(values that differ, values compared) between two JSON documents of the same structure."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return abs(a - b) <= 1e-3 + 1e-2 * abs(b)
-    return a == b
+        if a.keys() != b.keys():
+            return 1, 1
+        pairs = [_unlike(a[k], b[k]) for k in a]
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return 1, 1
+        pairs = [_unlike(x, y) for x, y in zip(a, b, strict=True)]
+    elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return int(abs(a - b) > 1e-3 + 1e-2 * abs(b)), 1
+    else:
+        return int(a != b), 1
+    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
 
 def _metric_names(text: str) -> set[str]:
