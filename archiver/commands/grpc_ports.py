@@ -9,6 +9,7 @@ because something else took a port it never named.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from typing import Any
 
@@ -51,18 +52,26 @@ def _taken(host: str, port: int) -> bool:
     return False
 
 
-def grpc_ports(
-    flags: dict[str, Any], file_cfg: dict[str, Any], port: int, host: str
-) -> dict[str, int | None]:
-    """ServerSettings' ``grpc_port`` and ``grpc_management_port`` (a taken default: off, said on stderr)."""
-    ports = {key: grpc_port(key, flags, file_cfg, port) for key in DEFAULTS}
-    for key, value in ports.items():
-        defaulted = flags.get(key) is None and file_cfg.get(key) is None
-        if defaulted and value and _taken(host, value):
-            ports[key] = None
+def grpc_ports(flags: dict[str, Any], file_cfg: dict[str, Any], port: int) -> dict[str, Any]:
+    """ServerSettings' ``grpc_port`` and ``grpc_management_port``, as given or defaulted, and which
+    were defaulted (``grpc_defaulted``)."""
+    ports: dict[str, Any] = {key: grpc_port(key, flags, file_cfg, port) for key in DEFAULTS}
+    ports["grpc_defaulted"] = tuple(k for k in DEFAULTS if flags.get(k) is None and file_cfg.get(k) is None)
+    return ports
+
+
+def without_taken_defaults(settings: Any) -> Any:
+    """``settings`` with each defaulted gRPC port that is taken turned off (a line on stderr for each).
+
+    Called once the server is sure to start (after the exposure check), so a refusal stays one line."""
+    off = {}
+    for key in DEFAULTS:
+        value = getattr(settings, key)
+        if key in settings.grpc_defaulted and value and _taken(settings.host, value):
+            off[key] = None
             click.echo(
                 f"model-archiver serve: gRPC port {value} is taken (another server?): that gRPC server is "
                 f"off; choose one with {_NAMES[key]} PORT (0: a free one)",
                 err=True,
             )
-    return ports
+    return dataclasses.replace(settings, **off) if off else settings

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from archiver.commands.grpc_ports import grpc_ports
+from archiver.commands.grpc_ports import grpc_ports, without_taken_defaults
 from archiver.commands.options import cache_dir_option, trusted_key_option
 from archiver.commands.serve_config import CONFIG_TYPES, read_server_config
 from archiver.errors import UsageError
@@ -196,6 +196,7 @@ def serve(
     from archiver.serving.front.server import check_exposure
 
     warning = check_exposure(settings)  # refuse an exposed bind before starting anything
+    settings = without_taken_defaults(settings)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     watched = _watch_list(settings.models, flag_model, bool(settings.trusted_keys)) if reload else []
     from archiver.heap_trim import HeapTrimmer
@@ -283,7 +284,7 @@ def build_settings(
         port=pick("port"),
         management_port=pick("management_port"),
         metrics_port=pick("metrics_port"),
-        **grpc_ports(flags, file_cfg, pick("port"), pick("host")),
+        **grpc_ports(flags, file_cfg, pick("port")),
         model_store=store_path,
         models=models,
         defaults=_model_defaults().merged(**ts.defaults),

@@ -253,7 +253,9 @@ def _problem(status: int | None, headers: Any, body: bytes, oip: bool = False) -
         return "no answer: " + body.decode("utf-8", "replace")[:200]
     text = body[:4000].decode("utf-8", "replace")
     leaks = [leak for leak in LEAKS if leak and leak in text]
-    if status >= 500:
+    # 501 is a declared answer, not a failure: /explanations to a model whose handler cannot explain
+    declined = status == 501 and '"type": "ExplanationUnsupportedError"' in text
+    if status >= 500 and not declined:
         return f"{status} from the server itself: {text[:300]}"
     if status < 400:
         return f"{status} quoting {leaks}: {text[:300]}" if leaks else None

@@ -126,7 +126,7 @@ def test_the_image_classifier_answers_from_the_compiled_package(
 def test_a_batch_past_the_max_batch_is_a_500_for_its_requests_alone(
     serve, call, archives: SimpleNamespace, kitten_bytes: bytes
 ) -> None:
-    server = serve([archives.burst])
+    server = serve([archives.burst], operator={"workers": 1})  # one worker, whatever calibration says
     url = server.url() + "/predictions/burst"
     management = server.url("management") + "/models/burst"
     (worker,) = call("GET", management).json()[0]["workers"]

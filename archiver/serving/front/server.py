@@ -80,6 +80,7 @@ class ServerSettings:
     # gRPC (grpc_api/): the inference and management ports; None: off (``serve`` sets 7070 and 7071).
     grpc_port: int | None = None
     grpc_management_port: int | None = None
+    grpc_defaulted: tuple[str, ...] = ()  # the gRPC ports nobody named: serve turns them off if taken
     # serve --ts-config: per-model defaults from its models= JSON (name -> version -> ModelSettings
     # fields, under each archive's model-config.yaml; "*" -> "*": the file's defaults for every model,
     # which the registry counts as the operator's choice of workers), its metrics.yaml
