@@ -243,7 +243,7 @@ def call(method: str, url: str, body: bytes | None, headers: dict[str, str], tim
         conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
         resp = conn.getresponse()
         headers = {k.lower(): v for k, v in resp.getheaders()}
-        return Answer(resp.status, resp.read(1 << 20).decode(errors="replace"), headers)
+        return Answer(resp.status, resp.read(64 << 20).decode(errors="replace"), headers)
     except (OSError, http.client.HTTPException) as exc:
         return Answer(None, f"no answer: {exc}")
     finally:
