@@ -254,7 +254,7 @@ def _problem(status: int | None, headers: Any, body: bytes, oip: bool = False) -
     text = body[:4000].decode("utf-8", "replace")
     leaks = [leak for leak in LEAKS if leak and leak in text]
     # 501 is a declared answer, not a failure: /explanations to a model whose handler cannot explain
-    declined = status == 501 and '"type": "ExplanationUnsupportedError"' in text
+    declined = status == 501 and " cannot explain: " in text  # its type (v1's {"error"} has none) or text
     if status >= 500 and not declined:
         return f"{status} from the server itself: {text[:300]}"
     if status < 400:
