@@ -5,9 +5,9 @@ queue, or its worker (a streaming handler's for as long as it streams).
 One timer per event loop looks at every waiting request's connection each ``POLL_S`` (a sweep); a closed
 one cancels the awaited work, whose request the batcher then drops (still queued) or the supervisor
 cancels in its worker (running: the handler's next send raises). Per request this is a dict entry added
-and removed: a timer per request cost a handle and a closure each, and the closure's reference cycle
-(callback -> cell -> handle) kept the whole finished request (its Request, Task, writer, Response) alive
-until the garbage collector found it, which was most of the front's added CPU per request.
+and removed: a timer per request cost a handle and a closure each, and the closure (which re-armed itself
+by its own name, a reference cycle) kept the whole finished request (its Request, Task, writer, Response)
+alive until the garbage collector found it, which was most of the front's added CPU per request.
 """
 
 from __future__ import annotations
