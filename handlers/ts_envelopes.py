@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from handlers.tensors import TORCH_DTYPES
+
 logger = logging.getLogger(__name__)
 
 
@@ -111,21 +113,8 @@ class KServeEnvelope(BaseEnvelope):
         return bool(self.context) and self.context.get_request_header(0, "explain") == "True"
 
 
-_DATATYPE_TO_NUMPY = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-    "BYTES": "byte",
-}
+# TorchServe's kservev2 envelope's table: the v2 datatypes numpy can hold (not BF16), BYTES as numpy bytes
+_DATATYPE_TO_NUMPY = {k: v for k, v in TORCH_DTYPES.items() if k != "BF16"} | {"BYTES": "byte"}
 _NUMPY_TO_DATATYPE = {v: k for k, v in _DATATYPE_TO_NUMPY.items()} | {"object": "BYTES", "U": "BYTES"}
 
 
