@@ -21,26 +21,11 @@ import torch
 from PIL import Image
 
 from handlers.vision import imagenet_tensor
+from tests.serving.tiny_cnn import LABELS, TinyCNN
 
 pytestmark = pytest.mark.slow
 
-LABELS = ["tench", "goldfish", "shark", "tabby", "tiger cat", "heron", "robin", "wren", "lynx", "otter"]
 AOT_CONFIG = "pt2 :\n  export:\n    aot_compile: true\n"  # the example's model-config.yaml, as written
-
-
-class TinyCNN(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 5, stride=4),
-            torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(),
-        )
-        self.head = torch.nn.Linear(8, len(LABELS))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ from PIL import Image
 import archiver
 from archiver.serving.supervisor.registry import ModelSettings
 from handlers.vision import imagenet_tensor
+from tests.serving.tiny_cnn import LABELS, TinyCNN
 
 pytestmark = pytest.mark.slow
 
 MAX_BATCH = 2
-LABELS = ["tench", "goldfish", "shark", "tabby", "tiger cat", "heron", "robin", "wren", "lynx", "otter"]
 
 # Each request's image goes through the model as many times as its X-Copies header says, in one
 # batch: the way to make a batch larger than the server's batch_size, request by request.
@@ -40,21 +40,6 @@ class Burst(ImageClassifier):
     def postprocess(self, data):
         return super().postprocess(data[:: self.copies])
 """
-
-
-class TinyCNN(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 5, stride=4),
-            torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(),
-        )
-        self.head = torch.nn.Linear(8, len(LABELS))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 @pytest.fixture(scope="module")
