@@ -85,7 +85,8 @@ def build_models(out: Path, resnet_batch: int, tiny_batch: int, delay_ms: int) -
         ("tiny", "tiny_handler.py", "tiny.pt", tiny_batch),
     ]:
         config = work / f"{name}-config.yaml"
-        config.write_text(f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {batch}\nmaxBatchDelay: {delay_ms}\n")
+        # no minWorkers: the worker split is the server's own default (calibration), as a user gets it
+        config.write_text(f"batchSize: {batch}\nmaxBatchDelay: {delay_ms}\n")
         mars[name] = build_archive(
             model_name=name,
             version="1.0",

@@ -135,7 +135,8 @@ def build_aoti(out: Path, batch: int, delay_ms: int) -> dict:
     handler = work / "resnet_aoti_handler.py"
     handler.write_text(RESNET_HANDLER)
     config = work / "resnet34_aoti-config.yaml"
-    config.write_text(f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {batch}\nmaxBatchDelay: {delay_ms}\n")
+    # no minWorkers: served with the server's own default split (calibration), as a user gets it
+    config.write_text(f"batchSize: {batch}\nmaxBatchDelay: {delay_ms}\n")
     mar = build_archive(
         model_name="resnet34",
         version="1.0",

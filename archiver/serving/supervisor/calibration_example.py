@@ -1,8 +1,9 @@
 """The request a model is calibrated on: what its clients would send, made without its handler.
 
-A v2 request of zeros shaped by the model's signature (model-config.yaml ``signature:`` or a
-torch.export program), else a small generated PNG for the built-in image handlers and for a custom
-handler whose file opens images (PIL) or extends them; None when there is no way to make one.
+A small generated PNG for the built-in image handlers and for a custom handler whose file opens
+images (PIL) or extends them, whatever the model's signature says (that is the tensor its preprocess
+makes); else a v2 request of zeros shaped by the signature (model-config.yaml ``signature:`` or a
+torch.export program); None when there is no way to make one.
 Split from calibration.py, which decides what to do with the timings.
 """
 
@@ -73,7 +74,9 @@ def example_and_key(entry: Any) -> tuple[RawRequest, str] | None:
         inputs = [] if handler in _VISION else read_signature(entry.source, manifest)[0]
     except (ArchiverError, OSError, ValueError, KeyError, TypeError):
         inputs = []
-    image = handler in _VISION or (not inputs and _reads_images(entry.source, handler))
+    # A handler that opens pictures is sent one even when the model has a signature: the signature
+    # describes the tensor its preprocess makes, not what its clients send (an AOTInductor ResNet).
+    image = handler in _VISION or _reads_images(entry.source, handler)
     request = example_request(image, inputs)
     if request is None:
         return None
