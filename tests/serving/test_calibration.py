@@ -381,3 +381,23 @@ def test_a_model_that_crash_loops_gives_its_cores_back(
     poll(lambda: describe(call, server, "crashy")["status"] == "FAILED", 60, "crashy FAILED")
     assert echo.batch_threads == cores()  # echo's worker has every core again
     assert call("POST", server.url() + "/predictions/echo", body=b"hi").status == 200
+
+
+def test_a_handler_that_opens_pictures_is_calibrated_on_a_picture_even_with_a_signature(make_model):
+    # An AOTInductor ResNet's archive has a signature (the tensor its preprocess makes) and an image
+    # handler: a v2 request of zeros shaped by the signature was refused by that handler, so such a
+    # model was never calibrated.
+    import json
+    from types import SimpleNamespace
+
+    from archiver.serving.supervisor.calibration_example import example_and_key
+
+    picture = make_model("pictures", handler_source=PICTURE_HANDLER, config_yaml=SIGNATURE)
+    tensors = _calibrated(make_model, "tensors")
+    found = {}
+    for folder in (picture, tensors):
+        manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+        request, _ = example_and_key(SimpleNamespace(source=folder, manifest=manifest, signature=None))
+        found[folder.name] = b"".join(body for _, body, _ in request.parts)
+    assert found["pictures"].startswith(b"\x89PNG")
+    assert not found["tensors"].startswith(b"\x89PNG") and found["tensors"]
