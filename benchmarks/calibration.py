@@ -223,37 +223,12 @@ def loaded(url: str, body: Path, seconds: float, concurrency: int) -> tuple[dict
 
 
 def cpu_server(label: str, package: Path | None, mar: Path, args: argparse.Namespace) -> dict:
-    ports = [free_port() for _ in range(3)]
-    ready = args.out / f"cpu-{label}-ready.json"
-    ready.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    if package is not None:
-        env["PYTHONPATH"] = str(package)
-    cmd = [
-        str(REPO / ".venv" / "bin" / "python"),
-        "-m",
-        "archiver.cli",
-        "serve",
-        "--model-store",
-        str(mar.parent),
-    ]
-    cmd += [
-        "--models",
-        f"tiny={mar.name}",
-        "--ready-file",
-        str(ready),
-        "--cache-dir",
-        str(args.out / "cpu-cache"),
-    ]
-    cmd += ["--port", str(ports[0]), "--management-port", str(ports[1]), "--metrics-port", str(ports[2])]
-    cmd += ["--workers", str(args.workers)]
+    extra = ["--workers", str(args.workers)]
     if args.torch_threads:
-        cmd += ["--torch-threads", str(args.torch_threads)]
-    if ((package or REPO) / "archiver" / "commands" / "grpc_ports.py").exists():
-        cmd += ["--grpc-port", "off", "--grpc-management-port", "off"]
-    url = f"http://127.0.0.1:{ports[0]}/predictions/tiny"
-    with open(args.out / f"cpu-{label}.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.out)
+        extra += ["--torch-threads", str(args.torch_threads)]
+    proc, ready, ports = start(mar, args.out, f"cpu-{label}", extra, package)
+    url = f"http://127.0.0.1:{ports[0]}/predictions/{mar.stem}"
+    with proc.log_file:
         try:
             wait_ready_file(ready, proc, 120)
             front = psutil.Process(proc.pid)
