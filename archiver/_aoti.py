@@ -104,7 +104,14 @@ def compile_package(
     stage("AOTInductor: generating and compiling C++ (ResNet34 takes about 30 s on 2 cores)")
     # freezing: weights become constants the compiler may fold into the graph (e.g. batch norm into
     # the convolutions before them), which a served model never changes.
-    configs = {"aot_inductor.metadata": {MAX_BATCH_KEY: str(max_batch)}, "freezing": True}
+    # cpp.dynamic_threads: the compiled kernels ask OpenMP for their threads when they run, instead of
+    # baking in this machine's count (num_threads(N) in the C++), so a package made on 64 cores does not
+    # run 64 threads on an 8-core server, and a worker's torch.set_num_threads share is obeyed.
+    configs = {
+        "aot_inductor.metadata": {MAX_BATCH_KEY: str(max_batch)},
+        "freezing": True,
+        "cpp.dynamic_threads": True,
+    }
     try:
         with _quiet_cpp_extension():
             torch._inductor.aoti_compile_and_package(

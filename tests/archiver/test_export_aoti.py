@@ -242,3 +242,37 @@ def test_method_export_takes_any_batch_where_the_model_allows(work: Path) -> Non
         4.0,
         4.0,
     ]
+
+
+WIDE_SOURCE = textwrap.dedent(
+    """
+    import torch
+
+
+    class Wide(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x * 2.0 + 1.0).sum(dim=1)
+
+
+    def make_wide():
+        return Wide()
+    """
+)
+
+
+def test_a_package_exported_with_one_thread_still_uses_the_servers_threads(tmp_path: Path) -> None:
+    """Exported in a shell with OMP_NUM_THREADS=1 (a container, a CI job), the compiled kernels must not
+    bake one thread in: they ask OpenMP when they run, so each worker's torch thread share applies."""
+    import zipfile
+
+    (tmp_path / "wide_model.py").write_text(WIDE_SOURCE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["export", "--model", "wide_model.py:make_wide", "--method", "aoti", "--example-input", "2,65536"]
+    result = run_cli(*args, "-o", "wide.pt2", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "wide.pt2") as package:
+        kernels = "".join(
+            package.read(name).decode() for name in package.namelist() if name.endswith("kernel.cpp")
+        )
+    assert "#pragma omp parallel" in kernels  # without it the package runs on one thread, always
+    assert "num_threads(" not in kernels
