@@ -1,12 +1,12 @@
 """How many workers a model gets when nobody said: measured on its own example the first time, read
 back from the cache after that, overridden by the operator, never more threads than cores, and the
-rule (1 worker, every core) when the example fails; each batch at the cores over all workers."""
+rule (1 worker, every core) when the example fails; each pool's thread share at the cores over all
+workers (what a lone batch gets: test_thread_follow.py)."""
 
 from __future__ import annotations
 
 import logging
 import textwrap
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +34,6 @@ signature:
   inputs: [{name: x, datatype: FP32, shape: [-1, 3]}]
   outputs: [{name: output-0, datatype: FP32, shape: [-1, 1]}]
 """
-
-# Answers the torch threads its worker ran the request with; "sleep:S" holds the worker S seconds.
-THREADS_HANDLER = """
-import os
-import time
-
-import torch
-
-
-def handle(data, context):
-    if not data:
-        return None
-    answers = []
-    for row in data:
-        text = bytes(row.get("body") or b"").decode()
-        if text.startswith("sleep:"):
-            time.sleep(float(text.split(":")[1]))
-        answers.append({"threads": torch.get_num_threads(), "pid": os.getpid()})
-    return answers
-"""
-
 
 NO_GRPC = ("--grpc-port", "off", "--grpc-management-port", "off")  # their fixed ports: one server at a time
 
@@ -97,7 +76,7 @@ def test_the_split_is_measured_once_then_read_back_from_the_cache(
     said = [r.getMessage() for r in caplog.records if "linear" in r.getMessage()]
     assert any(f"{split['workers']} worker(s) x" in m and "calibration: measured" in m for m in said), said
     [cached] = (tmp_path / "cache" / "calibration").iterdir()
-    assert cached.name.endswith(f"-{cores()}cores-batch4-v2.json")
+    assert cached.name.endswith(f"-{cores()}cores-batch4-v3.json")
     first.stop()
 
     second = serve([folder])  # same archive, same cache: nothing is measured again
@@ -165,30 +144,6 @@ def test_a_model_without_an_example_gets_the_rule_at_once(
     split, _ = _split(describe, call, server, "echo")
     assert split["chosenBy"] == "rule" and split["workers"] == 1
     assert "no example input to calibrate on" in split["reason"]
-
-
-def test_every_batch_runs_with_the_cores_over_all_workers_of_now(
-    serve: Any, make_model: Any, call: Any, describe: Any, poll: Any
-) -> None:
-    folder = make_model("threads", handler_source=THREADS_HANDLER)
-    server = serve([folder], operator={"workers": 1})
-    url, manage = server.url() + "/predictions/threads", server.url("management") + "/models/threads"
-    assert call("POST", url, body=b"now").json()["threads"] == cores()  # alone: every core
-    assert call("PUT", manage + "?min_worker=2&synchronous=true", timeout=60).status == 200
-    poll(lambda: len(describe(call, server, "threads")["workers"]) == 2, 60, "two workers")
-    held: dict[str, Any] = {}
-    slow = threading.Thread(target=lambda: held.update(call("POST", url, body=b"sleep:2").json()))
-    slow.start()
-    busy = lambda: [w for w in describe(call, server, "threads")["workers"] if w["status"] == "BUSY"]  # noqa: E731
-    poll(busy, 20, "one worker busy")
-    beside = call("POST", url, body=b"now").json()
-    slow.join(30)
-    # both workers, the one that started with every core included, now run with their share
-    assert held["pid"] != beside["pid"]
-    assert held["threads"] == beside["threads"] == max(1, cores() // 2)
-    assert held["threads"] + beside["threads"] <= max(2, cores())
-    split = describe(call, server, "threads")["workerSplit"]
-    assert split["chosenBy"] == "operator" and split["workers"] == 2
 
 
 def test_the_real_cli_shows_the_operator_choice(serve_process: Any, make_model: Any, call: Any) -> None:

@@ -83,7 +83,8 @@ def test_torch_threads_default_to_the_cores_divided_by_all_workers(serve_process
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     _, ready = serve_process(str(model), "--workers", "2", env={**env, "MODEL_ARCHIVER_TOKEN": ""})
     url = _url(ready, "inference") + "/predictions/threads"
-    assert call("POST", url, b"x").json() == {"threads": max(1, _cores() // 2)}
+    # a lone request gets its share or more: the cores other programs leave free (test_thread_follow.py)
+    assert max(1, _cores() // 2) <= call("POST", url, b"x").json()["threads"] <= _cores()
 
     _, ready = serve_process(str(model), "--workers", "2", "--torch-threads", "3")
     assert call("POST", _url(ready, "inference") + "/predictions/threads", b"x").json() == {"threads": 3}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from archiver.errors import RequestTimeoutError, ServiceUnavailableError, WorkerDiedError, WorkerGoneError
 from archiver.serving.supervisor import streams
 from archiver.serving.supervisor.batcher import Job
+from archiver.serving.supervisor.core_share import cpu_batch
 from archiver.serving.supervisor.worker_handle import WorkerProcess
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ async def run_batch(
     batcher = pool.batcher
     try:
         requests = [job.request for job in jobs]
-        responses = await worker.run(requests, pool.response_timeout_s, pool.batch_threads, tag=jobs)
+        with cpu_batch(pool, worker) as threads:  # a lone CPU batch gets the free cores (core_share.py)
+            responses = await worker.run(requests, pool.response_timeout_s, threads, tag=jobs)
     except TimeoutError:
         limit = f"{pool.response_timeout_s:g} s"
         # a stream's clock restarts at each answer it sends: it stopped sending, not answering

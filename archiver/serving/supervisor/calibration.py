@@ -11,8 +11,12 @@ worker, then on ``candidate_workers`` of them, through the real queue and worker
 (calibration_timing.py: the median of 7 short windows each, at most SPLIT_BUDGET_S a split).
 
 The rule, as the log says it:
-- several workers are kept only when their median beats 1 worker's by CLEAR (25%); a smaller lead is
-  no clear winner, and 1 worker keeps one copy of the model;
+- several workers are kept when their median beats 1 worker's by CLEAR (25%), or by MODEST (5%) with
+  every one of their windows faster than every one of 1 worker's (many.low > one.high): a clear win
+  either way. Since a lone batch gets every free core whatever the split (core_share.py), several
+  workers no longer cost a lone client its latency, only memory (one more copy of the model;
+  TorchServe's own default is a worker per core), so a steady small win is worth keeping. A lead
+  under MODEST, or one whose windows overlap, is no clear winner, and 1 worker keeps one copy;
 - a model under 1 request/s on 1 worker, a split not timed within its budget, or an example not
   answered 200 keeps the rule (1 worker, every core) and that outcome is remembered too, with its
   reason, so no later start pays for it again (delete the file to measure again);
@@ -20,11 +24,12 @@ The rule, as the log says it:
   size, with the share of the cores other programs used while it was measured. One measured while
   they used over BUSY (25%) is used, and said to be from a busy machine; a later start measures it
   again when others now use under half of that share (sampled 0.3 s), else reads it back at once.
-Each batch carries its worker's torch threads (the registry's cores over all workers, worked out when
-a model is registered, scaled, calibrated, unregistered or fails), so the worker that started alone
-with every core drops to its share when others join. Threads that followed the load (all cores to a
-lone batch, a share beside busy siblings) were tried and dropped: on a busy 2-core machine a lone
-request took 121 ms at p50 against 9.9 ms with fixed threads (benchmarks/calibration.py part 3).
+Each batch carries its torch threads: its share (the registry's cores over all workers, worked out
+when a model is registered, scaled, calibrated, unregistered or fails) when other CPU batches run,
+else the cores other programs leave free (core_share.py). Threads that followed the load without
+looking at other programs were tried and dropped: on a busy 2-core machine a lone request took 121 ms
+at p50 against 9.9 ms with fixed threads (benchmarks/calibration.py part 3); core_share.py gives a
+lone batch only the cores nobody else holds.
 """
 
 from __future__ import annotations
@@ -48,14 +53,16 @@ from archiver.serving.supervisor.calibration_timing import (
     others_now,
     throughput,
 )
+from archiver.serving.supervisor.core_share import CoreShare
 from archiver.serving.supervisor.states import ModelState
 
 log = logging.getLogger("archiver.serving")
 
-CLEAR = 1.25  # several workers must beat one by this much (medians): a tie keeps one copy of the model
+CLEAR = 1.25  # several workers must beat one by this much (medians): a tie keeps one copy of the model...
+MODEST = 1.05  # ...or by this much with no window of theirs slower than any of one worker's
 BUSY = 0.25  # a figure measured while other programs used more of the cores than this is not final
 MOST_WORKERS = 4  # the most workers calibration tries, whatever the cores (each holds the model)
-_LAYOUT = 2  # bump when what is cached changes, so old entries are simply not found
+_LAYOUT = 3  # bump when what is cached changes, so old entries are simply not found
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,8 @@ def write_cached(path: Path, split: Split, others: float | None) -> None:
 
 # ---- the decision ----------------------------------------------------------------------------------
 def choose(one: Timing, many: Timing, workers: int, cores_: int) -> Split:
-    """The split to keep from the two timings: several workers only when they win clearly."""
+    """The split to keep from the two timings: several workers only when they win clearly (by CLEAR,
+    or by MODEST with windows that do not overlap)."""
     figures = (
         f"{many.rate:.1f} requests/s on {workers} workers ({many.low:.1f} to {many.high:.1f}) against "
         f"{one.rate:.1f} on 1 ({one.low:.1f} to {one.high:.1f}), medians of {many.windows} and "
@@ -128,7 +136,11 @@ def choose(one: Timing, many: Timing, workers: int, cores_: int) -> Split:
     )
     if many.rate >= one.rate * CLEAR:
         return Split(workers, max(1, cores_ // workers), "calibration", f"measured {figures}")
-    verdict = "1 worker was faster" if one.rate >= many.rate else f"no clear winner (under {CLEAR - 1:.0%})"
+    if many.rate >= one.rate * MODEST and many.low > one.high:
+        steady = f"a steady win (over {MODEST - 1:.0%}, every window faster); a lone batch gets every core"
+        return Split(workers, max(1, cores_ // workers), "calibration", f"measured {figures}: {steady}")
+    unclear = f"no clear winner (under {CLEAR - 1:.0%}, and under {MODEST - 1:.0%} or windows that overlap)"
+    verdict = "1 worker was faster" if one.rate >= many.rate else unclear
     return Split(1, cores_, "calibration", f"measured {figures}: {verdict}, 1 worker keeps one copy")
 
 
@@ -232,7 +244,13 @@ def chosen(
     return None
 
 
-def _worker_pids(registry: Any) -> list[int]:
+def core_ledger(registry: Any) -> CoreShare:
+    """The server's count of CPU batches in flight, which gives a lone one every free core."""
+    return CoreShare(cores(), lambda: worker_pids(registry))
+
+
+def worker_pids(registry: Any) -> list[int]:
+    """The pids of every model's workers now."""
     pools = [e.pool for e in registry.entries() if e.pool is not None]
     return [w.pid for pool in pools for w in pool.workers.values() if w.pid]
 
@@ -270,7 +288,7 @@ async def plan(entry: Any, registry: Any, pinned: str | None) -> tuple[Split, Ra
     split, then = cached
     if then is None or then <= BUSY:
         return split, None, None
-    now = await loop.run_in_executor(None, others_now, _worker_pids(registry))
+    now = await loop.run_in_executor(None, others_now, worker_pids(registry))
     if now is not None and now < then / 2:
         log.info(
             'model "%s": measuring again: its cached split was measured while other programs used %.0f%% '

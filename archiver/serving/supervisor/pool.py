@@ -43,6 +43,7 @@ from archiver.serving.supervisor.states import ModelState, WorkerState, unavaila
 from archiver.serving.supervisor.worker_handle import WorkerExit, WorkerProcess, WorkerSpec
 
 if TYPE_CHECKING:
+    from archiver.serving.supervisor.core_share import CoreShare
     from archiver.serving.supervisor.devices import GpuMonitor
     from archiver.serving.supervisor.placement import ModelPlacement
 
@@ -94,6 +95,7 @@ class WorkerPool:
         # torch threads for each batch (the cores over all workers, set by the registry as workers come
         # and go: calibration.share_threads); None: a worker keeps its own
         self.batch_threads: int | None = None
+        self.core_share: CoreShare | None = None  # the server's CPU batches: a lone one gets the free cores
 
     # ---- requests ------------------------------------------------------------------------------
     async def submit(self, request: RawRequest, stream: bool = False) -> InferenceResponse:

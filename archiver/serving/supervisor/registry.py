@@ -87,6 +87,7 @@ class ModelRegistry:
         self.gpus = list(gpus or [])  # the GPUs workers are placed on (devices.py); none: the CPU
         self.gpu_counter = SharedGpuCounter([g.index for g in self.gpus])
         self.gpu_monitor = GpuMonitor(self.gpus) if self.gpus else None
+        self.core_share = calibration.core_ledger(self)  # CPU batches in flight, all models (core_share.py)
         # True from the moment the server binds its ports until its startup models are listed: a probe
         # in that window must not hear "Healthy"/"ready" from a registry that is merely still empty.
         self.listing_startup_models = False
@@ -295,7 +296,7 @@ class ModelRegistry:
             placement=self.gpu_counter.for_model(settings.device_type, settings.device_ids),
             gpu_monitor=self.gpu_monitor,
         )
-        pool.batch_threads = calibration.thread_share(self)  # kept up to date by calibration.share_threads
+        pool.batch_threads, pool.core_share = calibration.thread_share(self), self.core_share  # share_threads
         return pool
 
     async def start(self, entry: ModelEntry) -> None:
@@ -395,3 +396,4 @@ class ModelRegistry:
         """Finish every queued request, then stop all workers (the server's shutdown)."""
         pools = [e.pool for e in self.entries() if e.pool is not None]
         await asyncio.gather(*(p.close(timeout_s) for p in pools), return_exceptions=True)
+        await self.core_share.close()
