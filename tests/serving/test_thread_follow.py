@@ -101,8 +101,9 @@ def _post(call: Any, server: Any, body: bytes) -> dict[str, Any]:
 
 
 def test_two_workers_give_a_lone_request_the_free_cores_and_overlapping_ones_their_share(
-    serve: Any, make_model: Any, call: Any, poll: Any, tmp_path: Path
+    serve: Any, make_model: Any, call: Any, poll: Any, tmp_path: Path, monkeypatch: Any
 ) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the user's OMP_NUM_THREADS pins the threads
     folder = make_model("threads", handler_source=THREADS_HANDLER)
     server = serve([folder], operator={"workers": 2})  # 2 workers, threads not pinned
     ledger = server.server.registry.core_share
@@ -131,7 +132,10 @@ def test_two_workers_give_a_lone_request_the_free_cores_and_overlapping_ones_the
     assert again["threads"] == ledger.last[0] >= share
 
 
-def test_pinned_threads_stay_pinned_for_a_lone_request(serve: Any, make_model: Any, call: Any) -> None:
+def test_pinned_threads_stay_pinned_for_a_lone_request(
+    serve: Any, make_model: Any, call: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     folder = make_model("threads", handler_source=THREADS_HANDLER)
     server = serve([folder], operator={"workers": 2}, torch_threads=1)  # serve --torch-threads 1
     for _ in range(3):
