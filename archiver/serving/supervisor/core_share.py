@@ -80,11 +80,6 @@ class CoreShare:
     def end(self) -> None:
         self.running = max(0, self.running - 1)
 
-    def describe(self) -> dict[str, Any]:
-        others = self.others_now()
-        share = None if others is None else round(others, 3)
-        return {"cores": self.cores, "cpuBatchesRunning": self.running, "othersShare": share}
-
     # ---- the sampler -------------------------------------------------------------------------
     def _ensure_sampler(self) -> None:
         if self._sampler is None or self._sampler.done():
