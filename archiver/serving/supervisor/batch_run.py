@@ -31,8 +31,13 @@ async def run_batch(
     batcher = pool.batcher
     try:
         requests = [job.request for job in jobs]
-        with cpu_batch(pool, worker) as threads:  # a lone CPU batch gets the free cores (core_share.py)
-            responses = await worker.run(requests, pool.response_timeout_s, threads, tag=jobs)
+        # a CPU batch that holds all the recent load, with no other batch running, gets the free cores
+        alone = len(jobs) >= batcher.peak
+        try:
+            with cpu_batch(pool, worker, alone=alone) as threads:  # core_share.py
+                responses = await worker.run(requests, pool.response_timeout_s, threads, tag=jobs)
+        finally:
+            batcher.released(jobs)
     except TimeoutError:
         limit = f"{pool.response_timeout_s:g} s"
         # a stream's clock restarts at each answer it sends: it stopped sending, not answering

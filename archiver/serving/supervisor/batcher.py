@@ -8,6 +8,12 @@ Batching is adaptive: a worker takes everything queued (up to ``batch_size``), a
 ``max_batch_delay_ms`` for more only until the batch is as large as the previous one: the load the
 model is actually seeing. A lone request on an idle model goes at once, and 8 clients are not kept
 waiting for a batch of 32 that will never fill; TorchServe waits out the delay in both cases.
+
+With several workers free at once, the first would otherwise take every request of a burst and leave
+the others idle (8 clients, batch 8, 2 workers: one batch of 8 at a time, one worker always idle). So
+the batcher keeps the load it saw lately (the most requests queued or running at once, ``peak``), and
+while another worker also waits for work, a worker takes only its part of that load: 4 and 4.
+``peak`` also tells a batch whether it runs alone (``core_share.py``: then it gets every free core).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor.states import ModelState, unavailable
 
 BatchObserver = Callable[[int], None]
+PEAK_WINDOW_S = 0.5  # the recent load is the most requests at once in this window and the one before
 
 
 @dataclass(eq=False)
@@ -78,6 +85,12 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._waiters: deque[asyncio.Future] = deque()
         self._last_batch_size = 0
+        # the load seen lately: the most requests queued or held by workers at once, in this window of
+        # PEAK_WINDOW_S and the one before (a burst is forgotten within two windows)
+        self._held = 0  # requests in batches workers took and have not answered
+        self._peak_now = self._peak_before = 0
+        self._window_ends = 0.0
+        self._takers = 0  # workers inside take(): more than one means a burst should be shared
         # One timer for the whole queue, at its earliest deadline, instead of one per request.
         self._expiry: asyncio.TimerHandle | None = None
         # Batches workers are filling, not yet dispatched, by id (lists compare by content).
@@ -130,13 +143,27 @@ class Batcher:
 
     def _enqueue(self, request: RawRequest, timeout_s: float | None, stream: bool = False) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        job = Job(request=request, future=loop.create_future(), streaming=stream, queued=time.monotonic())
+        now = time.monotonic()
+        job = Job(request=request, future=loop.create_future(), streaming=stream, queued=now)
+        self._see_load(now, len(self._queue) + self._held + 1)
         if timeout_s is not None:
             job.deadline, job.timeout_s = loop.time() + timeout_s, timeout_s
             self._arm(job.deadline)
         self._queue.append(job)
         self._wake_one()
         return job.future
+
+    def _see_load(self, now: float, load: int) -> None:
+        if now >= self._window_ends:  # a new window; the last one is kept only if it just ended
+            self._peak_before = self._peak_now if now < self._window_ends + PEAK_WINDOW_S else 0
+            self._peak_now, self._window_ends = 0, now + PEAK_WINDOW_S
+        if load > self._peak_now:
+            self._peak_now = load
+
+    @property
+    def peak(self) -> int:
+        """The most requests queued or running at once lately (this window and the last)."""
+        return max(self._peak_now, self._peak_before)
 
     def _arm(self, deadline: float) -> None:
         """Make sure the expiry timer fires by ``deadline``. Requests share one timeout, so a new one's
@@ -184,12 +211,17 @@ class Batcher:
 
         ``slot`` is the asking worker's; any worker may take any request here (a sequence batcher,
         ``sequences.py``, gives each worker only its own sequences' requests)."""
-        while True:
-            batch = await self._gather()
-            # A request whose client left, or that timed out, while its batch gathered is not run.
-            batch = [job for job in batch if not job.future.done()]
-            if batch:
-                break
+        self._takers += 1
+        try:
+            while True:
+                batch = await self._gather()
+                # A request whose client left, or that timed out, while its batch gathered is not run.
+                batch = [job for job in batch if not job.future.done()]
+                if batch:
+                    break
+        finally:
+            self._takers -= 1
+        self._held += len(batch)
         self._last_batch_size = len(batch)
         for job in batch:
             job.dispatched = True
@@ -206,10 +238,10 @@ class Batcher:
         try:
             while not self._pop_into(batch, 1):
                 await self._arrival(None)
-            target = self.batch_size if not self.adaptive else min(self.batch_size, self._last_batch_size)
+            target, most = self._target()
             deadline = time.monotonic() + self.max_batch_delay_ms / 1000.0
-            while len(batch) < self.batch_size:
-                if self._pop_into(batch, self.batch_size - len(batch)):
+            while len(batch) < most:
+                if self._pop_into(batch, most - len(batch)):
                     continue
                 remaining = deadline - time.monotonic()
                 if len(batch) >= target or remaining <= 0:
@@ -223,6 +255,16 @@ class Batcher:
         finally:
             del self._gathering[id(batch)]
         return batch
+
+    def _target(self) -> tuple[int, int]:
+        """How many requests this batch waits for, and the most it takes."""
+        if not self.adaptive:
+            return self.batch_size, self.batch_size
+        target = min(self.batch_size, self._last_batch_size)
+        if self._takers > 1:  # another worker is free too: take this one's part of the recent load
+            part = -(-self.peak // self._takers)
+            return min(target, part), min(self.batch_size, max(1, part))
+        return target, self.batch_size
 
     def _pop_into(self, batch: list[Job], count: int) -> bool:
         """Move up to ``count`` live jobs from the queue into ``batch``; whether any moved."""
@@ -249,6 +291,10 @@ class Batcher:
         finally:
             if not waiter.done():
                 waiter.cancel()
+
+    def released(self, jobs: Sequence[Job]) -> None:
+        """A worker is done with ``jobs`` (answered, failed or handed back): they no longer count as load."""
+        self._held = max(0, self._held - len(jobs))
 
     def deliver(self, jobs: Sequence[Job], responses: Sequence[InferenceResponse]) -> None:
         """Answer each job (a job whose client has gone is skipped)."""

@@ -67,12 +67,14 @@ class CoreShare:
         """The latest sample, or None when there is none or it is older than STALE_S."""
         return self.others if time.monotonic() - self.sampled_at <= STALE_S else None
 
-    def begin(self, share: int) -> int:
-        """Count one CPU batch about to run; return its torch threads (its pool's ``share`` when
-        others run, else ``lone_threads``). Every begin is followed by one ``end``."""
+    def begin(self, share: int, alone: bool = True) -> int:
+        """Count one CPU batch about to run; return its torch threads: its pool's ``share`` when others
+        run or its model expects more batches beside it (not ``alone``: the recent load is more than
+        this batch, so a sibling worker is about to start one), else ``lone_threads``. Every begin is
+        followed by one ``end``."""
         self._ensure_sampler()
         others = self.others_now()
-        threads = share if self.running else lone_threads(self.cores, share, others)
+        threads = share if self.running or not alone else lone_threads(self.cores, share, others)
         self.running += 1
         self.last = (threads, others)
         return threads
@@ -105,15 +107,16 @@ class CoreShare:
 
 
 @contextlib.contextmanager
-def cpu_batch(pool: Any, worker: Any) -> Iterator[int | None]:
+def cpu_batch(pool: Any, worker: Any, alone: bool = True) -> Iterator[int | None]:
     """The torch threads ``worker``'s next batch runs with, counted as running until the block ends:
-    ``pool.batch_threads`` as it is for a GPU worker, pinned threads or a pool without a ledger."""
+    ``pool.batch_threads`` as it is for a GPU worker, pinned threads or a pool without a ledger.
+    ``alone``: the batch holds all of its model's recent load (the batcher's ``peak``)."""
     ledger: CoreShare | None = getattr(pool, "core_share", None)
     share = pool.batch_threads
     if ledger is None or share is None or worker.spec.gpu_id is not None:
         yield share
         return
-    threads = ledger.begin(share)
+    threads = ledger.begin(share, alone)
     try:
         yield threads
     finally:
