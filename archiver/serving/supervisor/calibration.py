@@ -8,17 +8,16 @@ on one core while the others wait. Which wins depends on the model, so it is mea
 an archive loads here (neither ``--workers``, ``--torch-threads``, ``OMP_NUM_THREADS``, a register
 call nor the archive's ``minWorkers`` chose), its example (calibration_example.py) is timed on 1
 worker, then on ``candidate_workers`` of them, through the real queue and workers
-(calibration_timing.py: the median of 7 short windows each, at most SPLIT_BUDGET_S a split).
+(calibration_timing.py: answers per second over 7 windows each, at most SPLIT_BUDGET_S a split).
 
 The rule, as the log says it:
-- several workers are kept when their median beats 1 worker's by CLEAR (25%), or by MODEST (8%) with
-  their median above every one of 1 worker's windows (many.rate > one.high): a clear win either way.
-  Not their slowest window: several workers share a burst and answer it in parts, so their windows
-  scatter (18.6 to 35.9 requests/s around a median of 31.7, ResNet34 on 2 cores). Since a lone batch
-  gets every free core whatever the split (core_share.py), several workers no longer cost a lone
-  client its latency, only memory (one more copy of the model; TorchServe's own default is a worker
-  per core), so a steady small win is worth keeping. A lead under MODEST, or a median within 1
-  worker's windows, is no clear winner, and 1 worker keeps one copy;
+- several workers are kept when their rate beats 1 worker's by CLEAR (25%), or by MODEST (5%) while
+  also above every one of 1 worker's windows (many.rate > one.high): a clear win either way. Since a
+  lone batch gets every free core whatever the split (core_share.py), several workers no longer cost
+  a lone client its latency, only memory (one more copy of the model; TorchServe's own default is a
+  worker per core), so a steady small win is worth keeping: ResNet34 on 2 cores measured 6 to 12%
+  for 2 workers in three starts. A lead under MODEST, or a rate within 1 worker's windows, is no
+  clear winner, and 1 worker keeps one copy;
 - a model under 1 request/s on 1 worker, a split not timed within its budget, or an example not
   answered 200 keeps the rule (1 worker, every core) and that outcome is remembered too, with its
   reason, so no later start pays for it again (delete the file to measure again);
@@ -60,8 +59,8 @@ from archiver.serving.supervisor.states import ModelState
 
 log = logging.getLogger("archiver.serving")
 
-CLEAR = 1.25  # several workers must beat one by this much (medians): a tie keeps one copy of the model...
-MODEST = 1.08  # ...or by this much with their median above every window of one worker's
+CLEAR = 1.25  # several workers must beat one by this much: a tie keeps one copy of the model...
+MODEST = 1.05  # ...or by this much with their rate above every window of one worker's
 BUSY = 0.25  # a figure measured while other programs used more of the cores than this is not final
 MOST_WORKERS = 4  # the most workers calibration tries, whatever the cores (each holds the model)
 _LAYOUT = 3  # bump when what is cached changes, so old entries are simply not found
@@ -130,10 +129,10 @@ def write_cached(path: Path, split: Split, others: float | None) -> None:
 # ---- the decision ----------------------------------------------------------------------------------
 def choose(one: Timing, many: Timing, workers: int, cores_: int) -> Split:
     """The split to keep from the two timings: several workers only when they win clearly (by CLEAR,
-    or by MODEST with their median above 1 worker's fastest window)."""
+    or by MODEST with their rate above 1 worker's fastest window)."""
     figures = (
         f"{many.rate:.1f} requests/s on {workers} workers ({many.low:.1f} to {many.high:.1f}) against "
-        f"{one.rate:.1f} on 1 ({one.low:.1f} to {one.high:.1f}), medians of {many.windows} and "
+        f"{one.rate:.1f} on 1 ({one.low:.1f} to {one.high:.1f}), over {many.windows} and "
         f"{one.windows} windows; {busy_words(worst(one.others, many.others))}"
     )
     if many.rate >= one.rate * CLEAR:
@@ -323,7 +322,8 @@ async def calibrate(entry: Any, request: RawRequest, path: Path | None, registry
         entry.settings = entry.settings.merged(workers=several)
         share_threads(registry)  # the first worker drops to its share before the several are timed
         await pool.scale(several)
-        many = await throughput(pool.submit, request, clients, _pids(pool), per_window=batch)
+        # a window holds a batch from each worker: several workers answer a shared load in parts
+        many = await throughput(pool.submit, request, clients, _pids(pool), per_window=batch * several)
     except GaveUp as exc:
         split, others = rule(n, f"calibration gave up: {exc}"), exc.others
         log.info(
