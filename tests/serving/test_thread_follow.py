@@ -157,3 +157,24 @@ def test_calibration_keeps_several_workers_on_a_small_win_above_every_window_of_
     assert small.workers == 1 and "no clear winner" in small.reason  # above every window, under 5%
     big = choose(one, Timing(130.0, 90.0, 160.0, 7, 0.02), workers=2, cores_=2)  # 30%: clear anyway
     assert big.workers == 2 and "steady" not in big.reason
+
+
+def test_timing_waits_until_every_worker_has_run_its_first_batches() -> None:
+    """A worker started for the timing profiles its first batches (TorchScript): they are not timed."""
+    from types import SimpleNamespace
+
+    from archiver.serving.supervisor import calibration_timing as timing
+    from archiver.serving.supervisor.calibration import _workers_warm
+
+    pool = SimpleNamespace(workers={1: SimpleNamespace(batch_id=5), 2: SimpleNamespace(batch_id=1)})
+    warm = _workers_warm(pool)
+    windows = timing._Windows(clients=2, per_window=1, warm=warm)
+    for t in (0.0, 0.5, 1.0, 1.5):  # past WARM_S and WARM_ROUNDS answers, but worker 2 is cold
+        windows.add(t)
+    assert windows.warm_at is None
+    pool.workers[2].batch_id = timing.WARM_BATCHES
+    windows.add(2.0)
+    assert windows.warm_at == 2.0
+    cold = timing._Windows(clients=2, per_window=1, warm=lambda: False)
+    cold.add(0.0), cold.add(timing.WARM_MAX_S)  # never warm: the cap ends the warm-up anyway
+    assert cold.warm_at == timing.WARM_MAX_S

@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from archiver.errors import ArchiverError
 from archiver.serving.protocols.wire import RawRequest
 from archiver.serving.supervisor.calibration_example import example_and_key
 from archiver.serving.supervisor.calibration_timing import (
+    WARM_BATCHES,
     ExampleFailed,
     GaveUp,
     Timing,
@@ -316,14 +318,17 @@ async def calibrate(entry: Any, request: RawRequest, path: Path | None, registry
     others: float | None = None
     try:
         batch = entry.settings.batch_size
+        warm = _workers_warm(pool)
         one = await throughput(
-            pool.submit, request, clients, _pids(pool), per_window=batch, give_up_slow=True
+            pool.submit, request, clients, _pids(pool), per_window=batch, give_up_slow=True, warm=warm
         )
         entry.settings = entry.settings.merged(workers=several)
         share_threads(registry)  # the first worker drops to its share before the several are timed
         await pool.scale(several)
         # a window holds a batch from each worker: several workers answer a shared load in parts
-        many = await throughput(pool.submit, request, clients, _pids(pool), per_window=batch * several)
+        many = await throughput(
+            pool.submit, request, clients, _pids(pool), per_window=batch * several, warm=warm
+        )
     except GaveUp as exc:
         split, others = rule(n, f"calibration gave up: {exc}"), exc.others
         log.info(
@@ -350,6 +355,13 @@ async def calibrate(entry: Any, request: RawRequest, path: Path | None, registry
         write_cached(path, split, others)
         log.info('model "%s": remembered in %s (delete it to measure again)', entry.name, path)
     return split
+
+
+def _workers_warm(pool: Any) -> Callable[[], bool]:
+    """Whether every worker of ``pool`` has started WARM_BATCHES batches: a new worker's first batches
+    are slow (TorchScript profiles them), and timing them made 2 ResNet34 workers look no faster
+    than 1 in one start out of four."""
+    return lambda: all(w.batch_id >= WARM_BATCHES for w in pool.workers.values())
 
 
 def _pids(pool: Any) -> list[int]:

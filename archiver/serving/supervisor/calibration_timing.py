@@ -1,7 +1,8 @@
 """Timing one split for calibration: its answers per second over several windows, and what else used
 the cores.
 
-After a warm-up (a TorchScript model profiles its first runs and every new batch shape: up to 3 s)
+After a warm-up (a TorchScript model profiles its first runs and every new batch shape, so until
+every worker has started WARM_BATCHES batches, up to WARM_MAX_S)
 the answers are cut into WINDOWS windows, each at least WINDOW_S long and a batch's worth of answers
 from every worker, and the split's figure is the answers of all its windows over their time. Not the
 median of the windows' rates: answers come a batch at a time, so a short window's rate jumps with
@@ -29,12 +30,13 @@ from archiver.serving.protocols.wire import RawRequest
 
 WARM_S = 0.4  # the warm-up: at least this long after the first answer...
 WARM_ROUNDS = 2  # ...and this many answers per client in flight...
-WARM_MAX_S = 3.0  # ...but no longer than this
+WARM_MAX_S = 6.0  # ...but no longer than this...
+WARM_BATCHES = 3  # ...and (given a way to tell) not before every worker has started this many batches
 WINDOW_S = 0.15  # a window: at least this long, and at least a batch's worth of answers
 WINDOWS = 7  # the split's figure is the answers over the time of this many windows...
 MEASURE_MAX_S = 3.0  # ...or of those finished by then, when they are at least MIN_WINDOWS...
 MIN_WINDOWS = 3
-SPLIT_BUDGET_S = 8.0  # ...or of those finished by this, first answer and warm-up included (none: gave up)
+SPLIT_BUDGET_S = 10.0  # ...or of those finished by this, first answer and warm-up included (none: gave up)
 SLOW_RATE = 1.0  # requests/s: below this on 1 worker the model keeps the rule...
 SLOW_AFTER_S = 2.0  # ...judged this long after its first answer
 _TICK_S = 0.05
@@ -67,8 +69,9 @@ class Timing:
 class _Windows:
     """Answer times turned into a warm-up, then windows of at least WINDOW_S and ``per_window`` answers."""
 
-    def __init__(self, clients: int, per_window: int) -> None:
+    def __init__(self, clients: int, per_window: int, warm: Callable[[], bool] | None = None) -> None:
         self.clients, self.per_window = clients, per_window
+        self.workers_warm = warm or (lambda: True)
         self.answers = self.in_window = 0
         self.first: float | None = None
         self.warm_at: float | None = None
@@ -83,6 +86,7 @@ class _Windows:
             self.first = t
         elif self.warm_at is None:
             warm = t - self.first >= WARM_S and self.answers >= WARM_ROUNDS * self.clients
+            warm = warm and self.workers_warm()
             if warm or t - self.first >= WARM_MAX_S:
                 self.warm_at = self.window_start = t
         else:
@@ -117,13 +121,15 @@ async def throughput(
     *,
     per_window: int = 1,
     give_up_slow: bool = False,
+    warm: Callable[[], bool] | None = None,
 ) -> Timing:
     """Time ``request`` with ``clients`` of them always in flight, windows of at least ``per_window``
-    answers (a batch); ``pids`` are our worker processes.
+    answers (a batch); ``pids`` are our worker processes; ``warm`` says when every worker has run
+    enough batches to be timed (a worker started for the timing profiles its first ones).
     Raises ExampleFailed on any answer but 200, GaveUp past SPLIT_BUDGET_S or (``give_up_slow``) on
     a model clearly below SLOW_RATE."""
     loop = asyncio.get_running_loop()
-    windows, cpu = _Windows(clients, max(1, per_window)), CpuWatch([os.getpid(), *pids])
+    windows, cpu = _Windows(clients, max(1, per_window), warm), CpuWatch([os.getpid(), *pids])
 
     async def client() -> None:
         while True:
