@@ -126,23 +126,3 @@ def test_the_recent_load_is_forgotten_two_windows_after_it_ends(monkeypatch):
         return peak_then
 
     assert _run(scenario()) == 1  # the lone request is all the load now: it runs alone
-
-
-def test_a_lone_client_keeps_going_to_the_worker_that_answered_it_last():
-    """Its OpenMP threads and caches are warm; taking turns made a lone ResNet34 request slower."""
-    batcher = Batcher("m", batch_size=8, max_batch_delay_ms=LONG_DELAY_MS, queue_size=100)
-
-    async def scenario():
-        a, b = GatedWorker(batcher), GatedWorker(batcher)
-        await asyncio.sleep(0)
-        for i in range(6):
-            request = _submit(batcher, f"r{i}")
-            await _until(lambda n=i + 1: len(a.batches) + len(b.batches) == n)
-            a.gate.set(), b.gate.set()
-            await request
-            await asyncio.sleep(0)  # the worker that answered waits for work again
-        await a.stop(), await b.stop()
-        return a.batches, b.batches
-
-    a_batches, b_batches = _run(scenario())
-    assert sorted([len(a_batches), len(b_batches)]) == [0, 6]
