@@ -249,7 +249,8 @@ class WorkerPool:
             while self._ours(worker) and worker.state == WorkerState.IDLE:
                 jobs = await self.batcher.take(worker.slot)
                 if not self._ours(worker) or worker.state != WorkerState.IDLE:
-                    self.batcher.requeue(jobs)  # it died or was retired while waiting for work
+                    self.batcher.released(jobs)  # never ran: no longer held as load...
+                    self.batcher.requeue(jobs)  # ...it died or was retired while waiting for work
                     break
                 await run_batch(self, worker, jobs, self._answered)
         finally:
