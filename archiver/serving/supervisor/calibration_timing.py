@@ -1,16 +1,15 @@
 """Timing one split for calibration: its answers per second over several windows, and what else used
 the cores.
 
-After a warm-up (a TorchScript model profiles its first runs and every new batch shape, so until
-every worker has started WARM_BATCHES batches, up to WARM_MAX_S)
-the answers are cut into WINDOWS windows, each at least WINDOW_S long and a batch's worth of answers
-from every worker, and the split's figure is the answers of all its windows over their time. Not the
-median of the windows' rates: answers come a batch at a time, so a short window's rate jumps with
-where its batches fell (2 ResNet34 workers on 2 cores: windows of 18.6 to 35.9 requests/s around a
-median of 31.7, and medians of 15 to 32 in runs minutes apart); the slowest and fastest windows are
-kept to show how steady the figure was. Meanwhile the CPU
-time other programs took on our cores is read from /proc (every core's busy time less ours and our
-workers'), so calibration.py can say how busy the machine was and not trust such a figure for good.
+After a warm-up (a TorchScript model profiles its first runs and every new batch shape, so until every
+worker has started WARM_BATCHES batches, up to WARM_MAX_S) the answers are cut into WINDOWS windows,
+each at least WINDOW_S long and a batch's worth of answers from every worker, and the split's figure is
+the answers of all its windows over their time. Not the median of the windows' rates: answers come a
+batch at a time, so a short window's rate jumps with where its batches fell (2 ResNet34 workers on 2
+cores: windows of 18.6 to 35.9 requests/s around a median of 31.7, and medians of 15 to 32 in runs
+minutes apart); the slowest and fastest windows are kept to show how steady the figure was. Meanwhile
+the CPU time other programs took on our cores is read from /proc (every core's busy time less ours and
+our workers'), so calibration.py can say how busy the machine was and not trust such a figure for good.
 
 A split is bounded by SPLIT_BUDGET_S whatever the model, and a model that answers 1 worker's share
 below SLOW_RATE requests/s is given up on SLOW_AFTER_S after its first answer: on a slow model the
