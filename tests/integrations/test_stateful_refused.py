@@ -4,13 +4,10 @@ sequence to one replica, so each replica would keep its own state and the sequen
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import pytest
 
-from archiver.cli import main
 from archiver.errors import ConfigError
+from tests.integrations.test_deploy import run_cli
 
 STATEFUL = "batchSize: 2\nsequenceBatching: true\nsequenceMaxIdleMSec: 60000\nmaxNumSequence: 4\n"
 WHY = 'model "echo" is stateful (model-config.yaml sequenceBatching: true)'
@@ -19,17 +16,6 @@ WHY = 'model "echo" is stateful (model-config.yaml sequenceBatching: true)'
 @pytest.fixture
 def stateful_echo(tmp_path, kit):
     return kit.write_echo(tmp_path, "3.0", STATEFUL)
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue()
 
 
 def test_kserves_runtime_refuses_a_stateful_archive_before_loading_it(stateful_echo, tmp_path, kit, capsys):
@@ -60,7 +46,8 @@ def test_ray_serve_refuses_a_stateful_archive_among_its_archives(stateful_echo, 
 def test_deploy_refuses_a_stateful_archive_and_writes_nothing(stateful_echo, tmp_path, engine):
     out = tmp_path / ("serve_config.yaml" if engine == "ray" else "k8s")
     extra = ["--storage-uri", "pvc://models/echo"] if engine == "kserve" else []
-    code, output = run_cli("deploy", engine, str(stateful_echo), *extra, "-o", str(out))
+    result = run_cli("deploy", engine, str(stateful_echo), *extra, "-o", str(out))
+    code, output = result.code, result.output
     assert code == 1, output
     assert WHY in output and len(output.strip().splitlines()) == 1, output
     assert not out.exists()
