@@ -23,6 +23,7 @@ from archiver.serving.front.grpc_api.messages import message
 from archiver.serving.front.server import ServerSettings, ServerThread
 from archiver.serving.supervisor.registry import ModelSettings
 from tests.serving.ping_watch import PingWatch
+from tests.serving.test_grpc_rules import code_of
 
 TS = "org.pytorch.serve.grpc.inference."
 HEALTH = "grpc.health.v1."
@@ -50,14 +51,6 @@ def model_infer(channel: grpc.Channel) -> Any:
 
 def ask(text: str, **fields: Any) -> Any:
     return message(TS + "PredictionsRequest")(model_name="echo", input={"data": text.encode()}, **fields)
-
-
-def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details()
-    return grpc.StatusCode.OK, ""
 
 
 def never_sent(stop: threading.Event) -> Iterator[Any]:
