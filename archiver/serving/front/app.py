@@ -18,6 +18,7 @@ from aiohttp import web
 from archiver.errors import UsageError
 from archiver.serving.front import management_ops as ops
 from archiver.serving.front import openapi, page_routes
+from archiver.serving.front.fast_lane import Lane
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.inference_routes import add_inference_routes
 from archiver.serving.front.metrics import ServerMetrics
@@ -28,6 +29,7 @@ from archiver.serving.supervisor.registry import ModelRegistry
 REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 LIMITS_KEY = web.AppKey("limits", object)
+LANE_KEY = web.AppKey("lane", Lane)
 
 
 def _json(status: int, payload: Any) -> web.Response:
@@ -46,7 +48,8 @@ def inference_app(registry: ModelRegistry, metrics: ServerMetrics, limits: HttpL
     page_routes.add_page_routes(app, registry)  # GET /, its files and /page/models
     openapi.add_openapi_routes(app, "inference")  # OPTIONS /, /openapi.json, /docs
     # /ping, /predictions, /explanations, v2 and v1: the one router's routes (protocols/router.py)
-    add_inference_routes(app, registry, metrics, limits)
+    host = add_inference_routes(app, registry, metrics, limits)
+    app[LANE_KEY] = Lane(host, metrics, limits, open_paths)  # plain predictions skip aiohttp's objects
     return app
 
 

@@ -158,8 +158,10 @@ def _endpoint(
 
 def add_inference_routes(
     app: web.Application, registry: ModelRegistry, metrics: ServerMetrics, limits: HttpLimits
-) -> None:
-    """Register every route of ``router.ROUTES`` on the inference app, in the router's order."""
+) -> RegistryHost:
+    """Register every route of ``router.ROUTES`` on the inference app, in the router's order; the host
+    they answer through (the fast lane answers through it too)."""
     host = RegistryHost(registry)
     for route in router.ROUTES:
         app.router.add_route(route.method, route.path, _endpoint(route.operation, host, metrics, limits))
+    return host

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -45,24 +45,42 @@ def _arrival_port(request: web.Request) -> int | None:
     return sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
 
 
-def _refusal(request: web.Request, limits: HttpLimits, open_paths: frozenset[str]) -> web.Response | None:
-    """With a token: 401 unless the request carries it (open paths aside). Without one: 403 for another
-    host name or web origin (site_guard.py), on every path. None lets the request through."""
+def refusal(
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    port: int | None,
+    limits: HttpLimits,
+    open_paths: frozenset[str],
+) -> ArchiverError | None:
+    """With a token: UnauthorizedError unless the request carries it (open paths aside). Without one:
+    CrossSiteRequestError for another host name or web origin (site_guard.py), on every path. None lets
+    the request through. ``fast_lane.py`` asks the same for the requests it answers itself."""
     if limits.token is not None:
-        if request.path in open_paths:
+        if path in open_paths:
             return None
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        scheme, _, given = headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), limits.token.encode()):
             return None
-        resp = exception_response(UnauthorizedError("missing or wrong 'Authorization: Bearer <token>'"))
-        resp.headers["WWW-Authenticate"] = "Bearer"
-        return resp
+        return UnauthorizedError("missing or wrong 'Authorization: Bearer <token>'")
     if limits.site is not None:
         try:
-            limits.site.check(request.method, request.headers, _arrival_port(request))
+            limits.site.check(method, headers, port)
         except CrossSiteRequestError as exc:
-            return exception_response(exc)
+            return exc
     return None
+
+
+def _refusal(request: web.Request, limits: HttpLimits, open_paths: frozenset[str]) -> web.Response | None:
+    refused = refusal(
+        request.method, request.path, request.headers, _arrival_port(request), limits, open_paths
+    )
+    if refused is None:
+        return None
+    resp = exception_response(refused)
+    if isinstance(refused, UnauthorizedError):
+        resp.headers["WWW-Authenticate"] = "Bearer"
+    return resp
 
 
 def middlewares(limits: HttpLimits, open_paths: frozenset[str]) -> list[Any]:

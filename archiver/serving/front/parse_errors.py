@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -72,7 +73,7 @@ class JsonErrorProtocol(RequestHandler):
 # aiohttp's version. Should a release rename them, ``JsonErrorRunner.setup`` fails the server's start
 # with a message saying so, rather than it quietly answering text/plain again
 # (tests/serving/test_request_heads.py starts a server and reads the JSON answers).
-_PRIVATE_SERVER_NAMES = ("_loop", "_kwargs")
+_PRIVATE_SERVER_NAMES = ("_loop", "_kwargs", "_connections")
 
 
 class JsonErrorServer(web.Server):
@@ -82,8 +83,25 @@ class JsonErrorServer(web.Server):
         return JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
 
 
+class LaneServer(JsonErrorServer):
+    """A ``JsonErrorServer`` whose connections start in the fast lane (``fast_lane.py``): each is
+    handed to a ``JsonErrorProtocol`` at its first request the lane does not take."""
+
+    lane: Any
+
+    def __call__(self) -> Any:
+        from archiver.serving.front.fast_lane import LaneConnection
+
+        return LaneConnection(self.lane, self, lambda: JsonErrorServer.__call__(self))
+
+
 class JsonErrorRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer aiohttp's own errors as JSON."""
+    """``web.AppRunner`` whose connections answer aiohttp's own errors as JSON; with ``lane``, plain
+    predictions go through the fast lane first."""
+
+    def __init__(self, app: web.Application, *, lane: Any = None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._lane = lane
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -91,7 +109,11 @@ class JsonErrorRunner(web.AppRunner):
         if missing:
             raise RuntimeError(f"this aiohttp's web.Server has no {', '.join(missing)}: see parse_errors.py")
         # The server aiohttp built, with every setting it was given; only its connection class changes.
-        server.__class__ = JsonErrorServer
+        if self._lane is not None:
+            server.__class__ = LaneServer
+            server.lane = self._lane  # type: ignore[attr-defined]
+        else:
+            server.__class__ = JsonErrorServer
         return server
 
     async def setup(self) -> None:

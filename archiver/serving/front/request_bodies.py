@@ -8,7 +8,7 @@ The handler decodes what is read in its worker (JSON parsed, text as str): here 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
@@ -95,14 +95,30 @@ async def _read_request(request: web.Request, limits: HttpLimits, request_id: st
                 raise RequestTooLargeError(f"request body is over the server's limit of {limit} bytes")
         else:
             body = await read_capped(request.content.read, limit)
-        if mime == "application/x-www-form-urlencoded":
-            fields = form_fields_at_most(body, content_type)
-            check_items(fields, limits.max_request_items, "form fields", exact=False)
-            parts.extend(form_parts(body))
-        else:
-            parts.append(("body", body, content_type or ""))
+        return plain_request(request.headers, body, limits, request_id)
+    return _raw_request(request.headers, parts, request_id)
+
+
+def plain_request(
+    headers: Mapping[str, str], body: bytes, limits: HttpLimits, request_id: str | None = None
+) -> RawRequest:
+    """A request whose whole body is read and is not a multipart form: one ``body`` param, or one param
+    per field of a urlencoded form (``fast_lane.py`` reads its bodies itself and calls this too)."""
+    content_type = headers.get("Content-Type")
+    if mime_type(content_type) == "application/x-www-form-urlencoded":
+        check_items(
+            form_fields_at_most(body, content_type), limits.max_request_items, "form fields", exact=False
+        )
+        parts = form_parts(body)
+    else:
+        parts = [("body", body, content_type or "")]
+    return _raw_request(headers, parts, request_id)
+
+
+def _raw_request(
+    headers: Mapping[str, str], parts: list[tuple[str, bytes, str]], request_id: str | None
+) -> RawRequest:
     # The handler decodes them in its worker (JSON parsed, text as str): the front only moves bytes.
-    request_id = request_id or request.headers.get("x-request-id") or new_request_id()
+    request_id = request_id or headers.get("x-request-id") or new_request_id()
     # A client's x-archiver- headers dropped: only the front tells the worker how to read a body.
-    headers = client_headers(request.headers)
-    return RawRequest(request_id=request_id, headers=headers, parts=last_wins(parts))
+    return RawRequest(request_id=request_id, headers=client_headers(headers), parts=last_wins(parts))

@@ -25,8 +25,9 @@ from typing import Any
 from aiohttp import web
 
 from archiver.errors import UsageError
-from archiver.serving.front.app import inference_app, management_app, metrics_app
+from archiver.serving.front.app import LANE_KEY, inference_app, management_app, metrics_app
 from archiver.serving.front.event_loop import new_event_loop
+from archiver.serving.front.fast_lane import Lane, fast_lane_on
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.parse_errors import JsonErrorRunner
@@ -172,6 +173,7 @@ class Server:
         self.ports: dict[str, int] = {}
         self._runners: list[web.AppRunner] = []
         self._grpc: Any = None
+        self.lane: Lane | None = None  # the inference port's fast lane (fast_lane.py), unless turned off
 
     def url(self, which: str = "inference") -> str:
         host = self.settings.host
@@ -189,8 +191,13 @@ class Server:
         socks = {which: _bind(self.settings.host, port) for which, (_, port) in apps.items()}
         for which, (factory, _) in apps.items():
             app = factory(self.registry, self.metrics, self.limits)
+            lane = app.get(LANE_KEY) if fast_lane_on() else None
+            if lane is not None:
+                lane.idle_timeout_s = self.settings.idle_timeout_s
+                self.lane = lane
             runner = JsonErrorRunner(
                 app,
+                lane=lane,
                 access_log=None,
                 handle_signals=False,
                 keepalive_timeout=self.settings.idle_timeout_s,

@@ -66,7 +66,9 @@ class RawRequest:
 def client_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     """A client's request headers as the worker gets them: every ``x-archiver-`` one dropped, in any
     case, so a client cannot pose as the front and change how the worker reads its body."""
-    kept = dict(headers or {})
+    # Plain str keys: a CIMultiDict's are ``istr``, which orjson refuses (the frame then took the
+    # standard codec's slower road every time).
+    kept = {str(name): value for name, value in (headers or {}).items()}
     size = len(INTERNAL_HEADER_PREFIX)
     if any(name[:size].lower() == INTERNAL_HEADER_PREFIX for name in kept):
         kept = {k: v for k, v in kept.items() if k[:size].lower() != INTERNAL_HEADER_PREFIX}

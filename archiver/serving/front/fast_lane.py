@@ -1,0 +1,523 @@
+"""The inference port's fast lane: a plain ``POST /predictions/{model}`` answered without aiohttp's request
+and response objects; every other request, from its first byte, is aiohttp's as before.
+
+Why: on the tiny model at 32 clients the front spent about 80 µs of CPU per request, 40% of it building
+and tearing down aiohttp's per-request objects (request, task, middleware chain, response, writer), and
+the front is the slowest of the three programs sharing the cores (client, front, worker). A prediction's
+own work (the token or site check, the router, the batcher, the metrics) is the same in both lanes: this
+file only reads the request's head and body and writes the answer's bytes.
+
+What the lane takes is narrow on purpose, so that whatever it does not understand meets aiohttp's
+strict parser and every limit it enforces: HTTP/1.1, ``POST`` or ``PUT`` on ``/predictions/{model}``
+or ``/predictions/{model}/{version}`` (or ``/explanations``) with a plain path, header names that are
+tokens and values with no control bytes, one ``Content-Length`` and no ``Transfer-Encoding``, ``Expect``
+or ``Upgrade``, a body within the server's size limit and ``BODY_MAX``, and not a multipart form. The
+first request on a connection that is anything else hands the connection, with every byte not yet
+answered, to aiohttp's protocol (``JsonErrorProtocol``) for the rest of its life.
+
+The lane keeps aiohttp's promises: one request at a time per connection, answered in order; an idle
+connection (no complete head) closed after ``idle_timeout_s``; a body that has not all come within
+``body_read_timeout_s`` answered 408; a client that goes away cancels its request (``client_watch``);
+reading stops while the client does not read its answers; and a drain (``close``, ``shutdown``) lets
+the request in hand finish. It leans on aiohttp's ``web.Server._connections`` to be drained with the
+rest, which ``parse_errors.py`` already pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from archiver.errors import ArchiverError, UnauthorizedError
+from archiver.serving.front.client_watch import ClientGone, while_connected
+from archiver.serving.front.http_limits import HttpLimits
+from archiver.serving.front.metrics import ServerMetrics
+from archiver.serving.front.middlewares import refusal
+from archiver.serving.front.request_bodies import plain_request
+from archiver.serving.protocols import router
+from archiver.serving.protocols.answer_stream import AnswerStream
+from archiver.serving.protocols.media_types import mime_type
+from archiver.serving.protocols.records import InferenceResponse, response_for_exception
+from archiver.serving.protocols.redaction import public_message
+from archiver.serving.protocols.wire import RawRequest
+
+log = logging.getLogger("archiver.serving")
+
+# The largest body the lane holds itself; a bigger one streams through aiohttp under the same limits.
+BODY_MAX = 4 * 1024 * 1024
+# A head longer than this goes to aiohttp, whose limits answer it (431) or read it.
+HEAD_MAX = 16 * 1024
+# How often the lane looks for idle connections and bodies that have not come.
+SWEEP_S = 1.0
+# How often a silent stream looks whether its client is still there (as streamed_replies.py).
+POLL_S = 0.25
+
+_PATH = re.compile(rb"/(predictions|explanations)/([!$&-.0-9;=@-Z_a-z~]+)(?:/([!$&-.0-9;=@-Z_a-z~]+))?")
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile(rb"[0-9]{1,12}")
+# Headers aiohttp refuses or acts on that the lane does not: whichever is present sends the request there.
+_NOT_OURS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+# Headers of an answer the lane writes itself.
+_OWN = frozenset({"content-length", "transfer-encoding", "connection", "date", "server", "keep-alive"})
+_OPERATIONS = {b"predictions": router.predictions, b"explanations": router.explanations}
+# The Server header aiohttp's answers carry, so that both lanes look alike.
+_SERVER = f"Python/{sys.version_info[0]}.{sys.version_info[1]} aiohttp/{aiohttp.__version__}"
+
+
+class Lane:
+    """What every fast-lane connection of one inference port shares."""
+
+    def __init__(
+        self,
+        host: Any,
+        metrics: ServerMetrics,
+        limits: HttpLimits,
+        open_paths: frozenset[str],
+        idle_timeout_s: float = 15.0,
+    ) -> None:
+        self.host, self.metrics, self.limits, self.open_paths = host, metrics, limits, open_paths
+        self.idle_timeout_s = idle_timeout_s
+        self.body_max = min(BODY_MAX, limits.max_request_size)
+        self.connections: set[LaneConnection] = set()
+        # requests the lane took, and connections it handed to aiohttp (tests and diagnosis read them)
+        self.taken = 0
+        self.handed = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._date_second = -1
+        self._date = ""
+
+    def date(self) -> str:
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second, self._date = now, formatdate(now, usegmt=True)
+        return self._date
+
+    def add(self, conn: LaneConnection) -> None:
+        self.connections.add(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.look(now)
+        if self.connections:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+
+
+class _Head:
+    """A request the lane answers: its parts, read from its head."""
+
+    __slots__ = ("close", "headers", "length", "operation", "params", "path", "method", "size")
+
+    def __init__(self) -> None:
+        self.close = False
+
+
+class _Body:
+    """The router's ``Body`` over a body the lane has read whole."""
+
+    __slots__ = ("body", "headers", "limits")
+
+    def __init__(self, body: bytes, headers: CIMultiDict[str], limits: HttpLimits) -> None:
+        self.body, self.headers, self.limits = body, headers, limits
+
+    async def read(self) -> bytes:
+        return self.body
+
+    async def inference(self, request_id: str) -> RawRequest:
+        return plain_request(self.headers, self.body, self.limits, request_id)
+
+
+class LaneConnection(asyncio.Protocol):
+    """One connection of the inference port: the lane's requests here, the rest handed to aiohttp."""
+
+    def __init__(self, lane: Lane, server: web.Server, make_aiohttp: Callable[[], Any]) -> None:
+        self.lane, self.server, self._make_aiohttp = lane, server, make_aiohttp
+        self.transport: asyncio.Transport | None = None
+        self._aiohttp: Any = None  # aiohttp's protocol, once the connection is handed over
+        self._buffer = bytearray()
+        self._busy = False  # a request taken, not yet answered
+        self._task: asyncio.Task | None = None
+        self._since = time.monotonic()  # the connection's last answer (or its start)
+        self._body_since: float | None = None  # when a head came whose body has not all come
+        self._write_paused = False
+        self._drained: asyncio.Future | None = None
+        self._reading_paused = False
+        self._closing = False  # answer what is in hand, then close (a drain, or Connection: close)
+        self._port: int | None = None
+
+    # ---- asyncio's protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sockname = transport.get_extra_info("sockname")
+        self._port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+        self.server._connections[self] = transport  # drained with aiohttp's own (web.Server.shutdown)
+        self.lane.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._aiohttp is not None:
+            self._aiohttp.data_received(data)
+            return
+        self._buffer += data
+        if not self._busy:
+            self._next()
+        elif len(self._buffer) > HEAD_MAX + self.lane.body_max and not self._reading_paused:
+            self._pause_reading()  # a pipelining client waits for its answers
+
+    def eof_received(self) -> bool | None:
+        if self._aiohttp is not None:
+            return self._aiohttp.eof_received()
+        return None  # as aiohttp: the transport closes; a request in hand sees its client gone
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lane.connections.discard(self)
+        self.server._connections.pop(self, None)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if self._aiohttp is not None:
+            self._aiohttp.connection_lost(exc)
+        self.transport = None if self._aiohttp is None else self.transport
+
+    def pause_writing(self) -> None:
+        if self._aiohttp is not None:
+            self._aiohttp.pause_writing()
+            return
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        if self._aiohttp is not None:
+            self._aiohttp.resume_writing()
+            return
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if not self._busy and self.transport is not None:
+            self._next()
+
+    # ---- aiohttp's web.Server drains connections through these ---------------------------------
+    def close(self) -> None:
+        """Answer the request in hand, then close (aiohttp's pre-shutdown)."""
+        if self._aiohttp is not None:
+            self._aiohttp.close()
+            return
+        self._closing = True
+        if not self._busy and self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """Wait up to ``timeout`` for the request in hand, then close."""
+        if self._aiohttp is not None:
+            await self._aiohttp.shutdown(timeout)
+            return
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait([task], timeout=timeout)
+            if not task.done():
+                task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---- the lane --------------------------------------------------------------------------------
+    def look(self, now: float) -> None:
+        """The sweep's look: close an idle connection; answer 408 to a body that has not all come."""
+        transport = self.transport
+        if self._aiohttp is not None or transport is None or self._busy:
+            return
+        if self._body_since is not None:
+            if now - self._body_since > self.lane.limits.body_read_timeout_s:
+                self._refuse_now(408, "BodyTimeoutError", self._body_timeout_message())
+        elif now - self._since > self.lane.idle_timeout_s:
+            transport.close()
+
+    def _body_timeout_message(self) -> str:
+        return f"request body not received within {self.lane.limits.body_read_timeout_s:g} seconds"
+
+    def _next(self) -> None:
+        """Take the next complete request in the buffer, or hand the connection over."""
+        if self._write_paused or self._closing or self.transport is None:
+            if self._closing and self.transport is not None:
+                self.transport.close()
+            return
+        head = self._head()
+        if head is None:
+            return  # more bytes to come (the sweep watches the time)
+        if head is False:
+            self._hand_over()
+            return
+        buffer = self._buffer
+        end = head.size + head.length
+        if len(buffer) < end:
+            if self._body_since is None:
+                self._body_since = time.monotonic()
+            return
+        self._body_since = None
+        body = bytes(buffer[head.size : end])
+        del buffer[:end]
+        self._busy = True
+        self.lane.taken += 1
+        self._task = asyncio.get_running_loop().create_task(self._answer(head, body))
+        if self._reading_paused and len(buffer) <= HEAD_MAX:
+            self._resume_reading()
+
+    def _head(self) -> _Head | bool | None:
+        """The buffer's next request head: a ``_Head`` the lane answers, False for aiohttp's, None when
+        it has not all come."""
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n", 0, HEAD_MAX + 4)
+        if end < 0:
+            return False if len(buffer) > HEAD_MAX else None
+        lines = bytes(buffer[:end]).split(b"\r\n")
+        request_line = lines[0].split(b" ")
+        if (
+            len(request_line) != 3
+            or request_line[2] != b"HTTP/1.1"
+            or request_line[0] not in (b"POST", b"PUT")
+        ):
+            return False
+        found = _PATH.fullmatch(request_line[1])
+        if found is None:
+            return False
+        length: int | None = None
+        headers: CIMultiDict[str] = CIMultiDict()
+        close = False
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or _NAME.fullmatch(name) is None or _VALUE.fullmatch(value) is None:
+                return False  # obs-fold, a bad name, a control byte: aiohttp's parser says what
+            lower = name.lower()
+            value = value.strip(b" \t")
+            if lower == b"content-length":
+                if length is not None or _DIGITS.fullmatch(value) is None:
+                    return False
+                length = int(value)
+            elif lower in _NOT_OURS:
+                return False
+            elif lower == b"connection" and b"close" in value.lower():
+                close = True
+            headers.add(name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
+        if length is None or length > self.lane.body_max:
+            return False
+        if mime_type(headers.get("Content-Type")) == "multipart/form-data":
+            return False
+        head = _Head()
+        head.size, head.length, head.headers, head.close = end + 4, length, headers, close
+        head.method = request_line[0].decode("ascii")
+        head.path = request_line[1].decode("ascii")
+        head.operation = _OPERATIONS[found.group(1)]
+        params = {"model": found.group(2).decode("ascii")}
+        if found.group(3) is not None:
+            params["version"] = found.group(3).decode("ascii")
+        head.params = params
+        return head
+
+    def _hand_over(self) -> None:
+        """From here on the connection is aiohttp's, starting with the bytes not yet answered."""
+        transport = self.transport
+        assert transport is not None
+        self.lane.connections.discard(self)
+        self.lane.handed += 1
+        self.server._connections.pop(self, None)
+        self._aiohttp = handler = self._make_aiohttp()
+        handler.connection_made(transport)
+        if self._reading_paused:
+            self._resume_reading()
+        data, self._buffer = bytes(self._buffer), bytearray()
+        if data:
+            handler.data_received(data)
+
+    async def _answer(self, head: _Head, body: bytes) -> None:
+        lane = self.lane
+        started = time.perf_counter()
+        try:
+            refused = refusal(head.method, head.path, head.headers, self._port, lane.limits, lane.open_paths)
+            if refused is not None:
+                extra = {"WWW-Authenticate": "Bearer"} if isinstance(refused, UnauthorizedError) else {}
+                self._write(_error_reply(refused, extra), head.close)
+                return
+            call = router.Call(
+                head.method, head.path, head.params, head.headers, _Body(body, head.headers, lane.limits),
+                lane.limits.max_request_items,
+            )  # fmt: skip
+            try:
+                reply = await while_connected(self, head.operation(lane.host, call))
+            except ClientGone:
+                log.info("%s: the client went away before its answer; its request was cancelled", head.path)
+                return
+            except ArchiverError as exc:
+                reply = _error_reply(exc)
+            except Exception as exc:  # noqa: BLE001 - the HTTP edge: a bug answers 500 JSON, never a traceback
+                log.exception("internal error on %s %s", head.method, head.path)
+                said, name = public_message(exc), type(exc).__name__
+                reply = _error_reply(exc, message=said if said == name else f"{name}: {said}")
+            if reply.stream is not None:
+                await self._write_stream(head, reply, reply.stream, started)
+                return
+            self._write(reply, head.close)
+            if reply.label is not None:
+                version = head.params.get("version") if reply.label != "-" else None
+                lane.metrics.observe_request(
+                    reply.label, reply.status, time.perf_counter() - started, version or "default"
+                )
+        finally:
+            self._busy = False
+            self._task = None
+            self._since = time.monotonic()
+            if self.transport is not None and not self.transport.is_closing():
+                self._next()
+
+    def _head_bytes(self, reply: router.Reply, close: bool, chunked: bool = False) -> bytes:
+        status = reply.status
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        lines = [f"HTTP/1.1 {status} {phrase}\r\n"]
+        for name, value in reply.headers.items():
+            if name.lower() in _OWN:
+                continue
+            if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+                raise ValueError(f"header {name[:40]!r} holds a line break")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append(
+            "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {len(reply.body)}\r\n"
+        )
+        lines.append(f"Date: {self.lane.date()}\r\nServer: {_SERVER}\r\n")
+        if close:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    def _write(self, reply: router.Reply, close: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        close = close or reply.close or self._closing
+        try:
+            head = self._head_bytes(reply, close)
+        except ValueError as exc:  # a handler's header no answer can carry (answer_checks.py should catch it)
+            log.error("%s: %s", reply.label, exc)
+            reply, close = _error_reply(ArchiverError(str(exc))), True
+            head = self._head_bytes(reply, close)
+        transport.write(head + reply.body if len(reply.body) < 65536 else head)
+        if len(reply.body) >= 65536:
+            transport.write(reply.body)
+        if close:
+            self._closing = True
+            transport.close()
+
+    async def _drain(self) -> None:
+        if self._write_paused and self.transport is not None:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+            self._drained = None
+
+    async def _write_stream(
+        self, head: _Head, reply: router.Reply, stream: AnswerStream, started: float
+    ) -> None:
+        """A streaming handler's answers, each one chunk the moment it arrives (as streamed_replies.py)."""
+        failed: InferenceResponse | None = None
+        try:
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            transport.write(self._head_bytes(reply, self._closing, chunked=True))
+            self._chunk(reply.body)
+            while True:
+                await self._drain()
+                if self.transport is None or self.transport.is_closing():
+                    raise ClientGone  # as aiohttp's write would raise: nobody reads the rest
+                answer = await self._next_answer(stream)
+                if answer is None:
+                    break
+                self._chunk(answer.body)
+                if not answer.ok:
+                    failed = answer
+            if self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
+        except ClientGone:
+            log.info("%s: the client went away mid-stream; its request was cancelled", head.path)
+        finally:
+            await stream.aclose()
+            if reply.label is not None:
+                version = head.params.get("version") or "default"
+                self.lane.metrics.observe_request(
+                    reply.label, reply.status, time.perf_counter() - started, version
+                )
+        if failed is not None:
+            log.warning(
+                "%s: the stream ended with %d after %d answers: %s",
+                head.path,
+                failed.status,
+                stream.received - 1,
+                failed.message,
+            )
+        if self._closing and self.transport is not None:
+            self.transport.close()
+
+    def _chunk(self, data: bytes) -> None:
+        if data and self.transport is not None:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    async def _next_answer(self, stream: AnswerStream) -> InferenceResponse | None:
+        while True:
+            try:
+                async with asyncio.timeout(POLL_S):
+                    return await anext(stream)
+            except StopAsyncIteration:
+                return None
+            except TimeoutError:
+                if self.transport is None or self.transport.is_closing():
+                    raise ClientGone from None
+
+    def _refuse_now(self, status: int, error_type: str, message: str) -> None:
+        """Answer a request the lane cannot read to its end, and close."""
+        from archiver.serving.protocols.records import error_response
+
+        answer = error_response(status, error_type, message)
+        self._closing = True
+        self._write(router.Reply(status, {"Content-Type": "application/json"}, answer.body), close=True)
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._reading_paused = False
+
+
+def _error_reply(
+    exc: BaseException, extra: dict[str, str] | None = None, message: str | None = None
+) -> router.Reply:
+    """The JSON ``{"code", "type", "message"}`` answer the middleware gives ``exc``."""
+    answer = response_for_exception(exc)
+    if message is not None:
+        from archiver.serving.protocols.records import error_response
+
+        answer = error_response(500, "InternalServerError", message)
+    headers = {"Content-Type": "application/json", **(extra or {})}
+    return router.Reply(answer.status, headers, answer.body, close=answer.status in (408, 413))
+
+
+def fast_lane_on() -> bool:
+    """The lane is on unless ``MODEL_ARCHIVER_FAST_LANE=0``: every request then goes through aiohttp, to
+    tell a lane problem from another (as ``MODEL_ARCHIVER_EVENT_LOOP=asyncio`` does for uvloop)."""
+    return os.environ.get("MODEL_ARCHIVER_FAST_LANE", "1").strip() not in ("0", "off", "false", "no")
