@@ -28,53 +28,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-import sys
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from archiver.errors import ArchiverError, UnauthorizedError
 from archiver.serving.front.client_watch import ClientGone, while_connected
+from archiver.serving.front.fast_lane_heads import HEAD_MAX, Head, PlainBody, read_head
+from archiver.serving.front.fast_lane_replies import error_reply, head_bytes
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.middlewares import refusal
-from archiver.serving.front.request_bodies import plain_request
 from archiver.serving.protocols import router
 from archiver.serving.protocols.answer_stream import AnswerStream
-from archiver.serving.protocols.media_types import mime_type
-from archiver.serving.protocols.records import InferenceResponse, response_for_exception
+from archiver.serving.protocols.records import InferenceResponse, error_response
 from archiver.serving.protocols.redaction import public_message
-from archiver.serving.protocols.wire import RawRequest
 
 log = logging.getLogger("archiver.serving")
 
 # The largest body the lane holds itself; a bigger one streams through aiohttp under the same limits.
 BODY_MAX = 4 * 1024 * 1024
-# A head longer than this goes to aiohttp, whose limits answer it (431) or read it.
-HEAD_MAX = 16 * 1024
 # How often the lane looks for idle connections and bodies that have not come.
 SWEEP_S = 1.0
 # How often a silent stream looks whether its client is still there (as streamed_replies.py).
 POLL_S = 0.25
-
-_PATH = re.compile(rb"/(predictions|explanations)/([!$&-.0-9;=@-Z_a-z~]+)(?:/([!$&-.0-9;=@-Z_a-z~]+))?")
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_DIGITS = re.compile(rb"[0-9]{1,12}")
-# Headers aiohttp refuses or acts on that the lane does not: whichever is present sends the request there.
-_NOT_OURS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-# Headers of an answer the lane writes itself.
-_OWN = frozenset({"content-length", "transfer-encoding", "connection", "date", "server", "keep-alive"})
-_OPERATIONS = {b"predictions": router.predictions, b"explanations": router.explanations}
-# The Server header aiohttp's answers carry, so that both lanes look alike.
-_SERVER = f"Python/{sys.version_info[0]}.{sys.version_info[1]} aiohttp/{aiohttp.__version__}"
 
 
 class Lane:
@@ -117,30 +97,6 @@ class Lane:
             conn.look(now)
         if self.connections:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
-
-
-class _Head:
-    """A request the lane answers: its parts, read from its head."""
-
-    __slots__ = ("close", "headers", "length", "operation", "params", "path", "method", "size")
-
-    def __init__(self) -> None:
-        self.close = False
-
-
-class _Body:
-    """The router's ``Body`` over a body the lane has read whole."""
-
-    __slots__ = ("body", "headers", "limits")
-
-    def __init__(self, body: bytes, headers: CIMultiDict[str], limits: HttpLimits) -> None:
-        self.body, self.headers, self.limits = body, headers, limits
-
-    async def read(self) -> bytes:
-        return self.body
-
-    async def inference(self, request_id: str) -> RawRequest:
-        return plain_request(self.headers, self.body, self.limits, request_id)
 
 
 class LaneConnection(asyncio.Protocol):
@@ -220,16 +176,18 @@ class LaneConnection(asyncio.Protocol):
             self.transport.close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
-        """Wait up to ``timeout`` for the request in hand, then close."""
+        """Wait up to ``timeout`` for the request in hand, then as long again while the server ends
+        its workers (its answer then says so: ``Server.stop``), then close (as aiohttp's own do)."""
         if self._aiohttp is not None:
             await self._aiohttp.shutdown(timeout)
             return
         self._closing = True
         task = self._task
+        for _ in range(2):
+            if task is not None and not task.done():
+                await asyncio.wait([task], timeout=timeout)
         if task is not None and not task.done():
-            await asyncio.wait([task], timeout=timeout)
-            if not task.done():
-                task.cancel()
+            task.cancel()
         if self.transport is not None:
             self.transport.close()
 
@@ -254,7 +212,7 @@ class LaneConnection(asyncio.Protocol):
             if self._closing and self.transport is not None:
                 self.transport.close()
             return
-        head = self._head()
+        head = read_head(self._buffer, self.lane.body_max)
         if head is None:
             return  # more bytes to come (the sweep watches the time)
         if head is False:
@@ -275,57 +233,6 @@ class LaneConnection(asyncio.Protocol):
         if self._reading_paused and len(buffer) <= HEAD_MAX:
             self._resume_reading()
 
-    def _head(self) -> _Head | bool | None:
-        """The buffer's next request head: a ``_Head`` the lane answers, False for aiohttp's, None when
-        it has not all come."""
-        buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n", 0, HEAD_MAX + 4)
-        if end < 0:
-            return False if len(buffer) > HEAD_MAX else None
-        lines = bytes(buffer[:end]).split(b"\r\n")
-        request_line = lines[0].split(b" ")
-        if (
-            len(request_line) != 3
-            or request_line[2] != b"HTTP/1.1"
-            or request_line[0] not in (b"POST", b"PUT")
-        ):
-            return False
-        found = _PATH.fullmatch(request_line[1])
-        if found is None:
-            return False
-        length: int | None = None
-        headers: CIMultiDict[str] = CIMultiDict()
-        close = False
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or _NAME.fullmatch(name) is None or _VALUE.fullmatch(value) is None:
-                return False  # obs-fold, a bad name, a control byte: aiohttp's parser says what
-            lower = name.lower()
-            value = value.strip(b" \t")
-            if lower == b"content-length":
-                if length is not None or _DIGITS.fullmatch(value) is None:
-                    return False
-                length = int(value)
-            elif lower in _NOT_OURS:
-                return False
-            elif lower == b"connection" and b"close" in value.lower():
-                close = True
-            headers.add(name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
-        if length is None or length > self.lane.body_max:
-            return False
-        if mime_type(headers.get("Content-Type")) == "multipart/form-data":
-            return False
-        head = _Head()
-        head.size, head.length, head.headers, head.close = end + 4, length, headers, close
-        head.method = request_line[0].decode("ascii")
-        head.path = request_line[1].decode("ascii")
-        head.operation = _OPERATIONS[found.group(1)]
-        params = {"model": found.group(2).decode("ascii")}
-        if found.group(3) is not None:
-            params["version"] = found.group(3).decode("ascii")
-        head.params = params
-        return head
-
     def _hand_over(self) -> None:
         """From here on the connection is aiohttp's, starting with the bytes not yet answered."""
         transport = self.transport
@@ -341,17 +248,17 @@ class LaneConnection(asyncio.Protocol):
         if data:
             handler.data_received(data)
 
-    async def _answer(self, head: _Head, body: bytes) -> None:
+    async def _answer(self, head: Head, body: bytes) -> None:
         lane = self.lane
         started = time.perf_counter()
         try:
             refused = refusal(head.method, head.path, head.headers, self._port, lane.limits, lane.open_paths)
             if refused is not None:
                 extra = {"WWW-Authenticate": "Bearer"} if isinstance(refused, UnauthorizedError) else {}
-                self._write(_error_reply(refused, extra), head.close)
+                self._write(error_reply(refused, extra), head.close)
                 return
             call = router.Call(
-                head.method, head.path, head.params, head.headers, _Body(body, head.headers, lane.limits),
+                head.method, head.path, head.params, head.headers, PlainBody(body, head.headers, lane.limits),
                 lane.limits.max_request_items,
             )  # fmt: skip
             try:
@@ -360,11 +267,11 @@ class LaneConnection(asyncio.Protocol):
                 log.info("%s: the client went away before its answer; its request was cancelled", head.path)
                 return
             except ArchiverError as exc:
-                reply = _error_reply(exc)
+                reply = error_reply(exc)
             except Exception as exc:  # noqa: BLE001 - the HTTP edge: a bug answers 500 JSON, never a traceback
                 log.exception("internal error on %s %s", head.method, head.path)
                 said, name = public_message(exc), type(exc).__name__
-                reply = _error_reply(exc, message=said if said == name else f"{name}: {said}")
+                reply = error_reply(exc, message=said if said == name else f"{name}: {said}")
             if reply.stream is not None:
                 await self._write_stream(head, reply, reply.stream, started)
                 return
@@ -381,39 +288,17 @@ class LaneConnection(asyncio.Protocol):
             if self.transport is not None and not self.transport.is_closing():
                 self._next()
 
-    def _head_bytes(self, reply: router.Reply, close: bool, chunked: bool = False) -> bytes:
-        status = reply.status
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = ""
-        lines = [f"HTTP/1.1 {status} {phrase}\r\n"]
-        for name, value in reply.headers.items():
-            if name.lower() in _OWN:
-                continue
-            if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
-                raise ValueError(f"header {name[:40]!r} holds a line break")
-            lines.append(f"{name}: {value}\r\n")
-        lines.append(
-            "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {len(reply.body)}\r\n"
-        )
-        lines.append(f"Date: {self.lane.date()}\r\nServer: {_SERVER}\r\n")
-        if close:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
-
     def _write(self, reply: router.Reply, close: bool) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         close = close or reply.close or self._closing
         try:
-            head = self._head_bytes(reply, close)
+            head = head_bytes(reply, self.lane.date(), close)
         except ValueError as exc:  # a handler's header no answer can carry (answer_checks.py should catch it)
             log.error("%s: %s", reply.label, exc)
-            reply, close = _error_reply(ArchiverError(str(exc))), True
-            head = self._head_bytes(reply, close)
+            reply, close = error_reply(ArchiverError(str(exc))), True
+            head = head_bytes(reply, self.lane.date(), close)
         transport.write(head + reply.body if len(reply.body) < 65536 else head)
         if len(reply.body) >= 65536:
             transport.write(reply.body)
@@ -428,7 +313,7 @@ class LaneConnection(asyncio.Protocol):
             self._drained = None
 
     async def _write_stream(
-        self, head: _Head, reply: router.Reply, stream: AnswerStream, started: float
+        self, head: Head, reply: router.Reply, stream: AnswerStream, started: float
     ) -> None:
         """A streaming handler's answers, each one chunk the moment it arrives (as streamed_replies.py)."""
         failed: InferenceResponse | None = None
@@ -436,7 +321,7 @@ class LaneConnection(asyncio.Protocol):
             transport = self.transport
             if transport is None or transport.is_closing():
                 return
-            transport.write(self._head_bytes(reply, self._closing, chunked=True))
+            transport.write(head_bytes(reply, self.lane.date(), self._closing, chunked=True))
             self._chunk(reply.body)
             while True:
                 await self._drain()
@@ -487,8 +372,6 @@ class LaneConnection(asyncio.Protocol):
 
     def _refuse_now(self, status: int, error_type: str, message: str) -> None:
         """Answer a request the lane cannot read to its end, and close."""
-        from archiver.serving.protocols.records import error_response
-
         answer = error_response(status, error_type, message)
         self._closing = True
         self._write(router.Reply(status, {"Content-Type": "application/json"}, answer.body), close=True)
@@ -502,19 +385,6 @@ class LaneConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
         self._reading_paused = False
-
-
-def _error_reply(
-    exc: BaseException, extra: dict[str, str] | None = None, message: str | None = None
-) -> router.Reply:
-    """The JSON ``{"code", "type", "message"}`` answer the middleware gives ``exc``."""
-    answer = response_for_exception(exc)
-    if message is not None:
-        from archiver.serving.protocols.records import error_response
-
-        answer = error_response(500, "InternalServerError", message)
-    headers = {"Content-Type": "application/json", **(extra or {})}
-    return router.Reply(answer.status, headers, answer.body, close=answer.status in (408, 413))
 
 
 def fast_lane_on() -> bool:

@@ -1,0 +1,103 @@
+"""The fast lane's reading of a request head (``fast_lane.py``): a request it answers, or False for one
+aiohttp must read. Narrow on purpose: whatever is unusual (another method, version or path, a header
+name that is not a token, a control byte, a folded line, two lengths, a chunked or expected body, an
+upgrade, a multipart form) goes to aiohttp's strict parser, so the lane never reads a request
+differently from it (no request smuggling between the two)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from multidict import CIMultiDict
+
+from archiver.serving.front.http_limits import HttpLimits
+from archiver.serving.front.request_bodies import plain_request
+from archiver.serving.protocols import router
+from archiver.serving.protocols.media_types import mime_type
+from archiver.serving.protocols.wire import RawRequest
+
+# A head longer than this goes to aiohttp, whose limits answer it (431) or read it.
+HEAD_MAX = 16 * 1024
+
+_PATH = re.compile(rb"/(predictions|explanations)/([!$&-.0-9;=@-Z_a-z~]+)(?:/([!$&-.0-9;=@-Z_a-z~]+))?")
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile(rb"[0-9]{1,12}")
+# Headers aiohttp refuses or acts on that the lane does not: whichever is present sends the request there.
+_NOT_OURS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_OPERATIONS = {b"predictions": router.predictions, b"explanations": router.explanations}
+
+
+class Head:
+    """A request the lane answers: its parts, read from its head."""
+
+    __slots__ = ("close", "headers", "length", "method", "operation", "params", "path", "size")
+    headers: CIMultiDict[str]
+    operation: Any
+    params: dict[str, str]
+
+    def __init__(self) -> None:
+        self.close = False
+
+
+class PlainBody:
+    """The router's ``Body`` over a body the lane has read whole."""
+
+    __slots__ = ("body", "headers", "limits")
+
+    def __init__(self, body: bytes, headers: CIMultiDict[str], limits: HttpLimits) -> None:
+        self.body, self.headers, self.limits = body, headers, limits
+
+    async def read(self) -> bytes:
+        return self.body
+
+    async def inference(self, request_id: str) -> RawRequest:
+        return plain_request(self.headers, self.body, self.limits, request_id)
+
+
+def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
+    """The buffer's next request head: a ``Head`` the lane answers, False for aiohttp's, None when it
+    has not all come."""
+    end = buffer.find(b"\r\n\r\n", 0, HEAD_MAX + 4)
+    if end < 0:
+        return False if len(buffer) > HEAD_MAX else None
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    request_line = lines[0].split(b" ")
+    if len(request_line) != 3 or request_line[2] != b"HTTP/1.1" or request_line[0] not in (b"POST", b"PUT"):
+        return False
+    found = _PATH.fullmatch(request_line[1])
+    if found is None:
+        return False
+    length: int | None = None
+    headers: CIMultiDict[str] = CIMultiDict()
+    close = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _NAME.fullmatch(name) is None or _VALUE.fullmatch(value) is None:
+            return False  # obs-fold, a bad name, a control byte: aiohttp's parser says what
+        lower = name.lower()
+        value = value.strip(b" \t")
+        if lower == b"content-length":
+            if length is not None or _DIGITS.fullmatch(value) is None:
+                return False
+            length = int(value)
+        elif lower in _NOT_OURS:
+            return False
+        elif lower == b"connection" and b"close" in value.lower():
+            close = True
+        headers.add(name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
+    if length is None or length > body_max:
+        return False
+    if mime_type(headers.get("Content-Type")) == "multipart/form-data":
+        return False
+    head = Head()
+    head.size, head.length, head.headers, head.close = end + 4, length, headers, close
+    head.method = request_line[0].decode("ascii")
+    head.path = request_line[1].decode("ascii")
+    head.operation = _OPERATIONS[found.group(1)]
+    params = {"model": found.group(2).decode("ascii")}
+    if found.group(3) is not None:
+        params["version"] = found.group(3).decode("ascii")
+    head.params = params
+    return head
