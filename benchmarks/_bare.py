@@ -138,6 +138,14 @@ def measure_bare(group: list[BareProcess], phase: str, duration: float, unit: st
     }
 
 
+def in_flight(group: list[BareProcess], batch: int, duration: float, batched: dict) -> dict:
+    """The bare shape with ``batch`` images in flight in all (``batch / processes`` each), as many as
+    ``batch`` clients keep in a server: for one process that is ``batched`` itself."""
+    if len(group) == 1 or batch % len(group):
+        return batched
+    return measure_bare(group, f"batch{batch // len(group)}", duration, "img_per_s")
+
+
 def run_bare(
     work: Path,
     processes: int,
@@ -166,6 +174,9 @@ def run_group(
             "batch1": measure_bare(group[:1], "batch1", duration, "img_per_s"),
             "batched": measure_bare(group, f"batch{batch}", duration, "img_per_s"),
         }
+        # "batched" keeps a batch in every process: 2 x batch 8 is 16 images in flight, twice what
+        # 8 clients have. The same 8 split across the processes (2 x 4) is the like-for-like limit.
+        out["in_flight"] = in_flight(group, batch, duration, out["batched"])
         if tiny_batch is not None:
             out["tiny"] = measure_bare(group, f"tiny{tiny_batch}", duration, "req_per_s")
         if not memory:

@@ -40,6 +40,11 @@ def fmt(v: float | None, unit: str) -> str:
     return f"{v:,.1f} {unit}" if v is not None else "n/a"
 
 
+# The bare figure a server at c=8 is held to: as many images in flight as its 8 clients keep
+# (``_bare.in_flight``); runs from before it have only "batched".
+IN_FLIGHT = "in_flight/img_per_s"
+
+
 def pick(side: dict, path: str) -> float | None:
     """A figure by its path ('resnet34/c8/req_per_s'); None where the run has no such figure."""
     for part in path.split("/"):
@@ -168,11 +173,17 @@ def report_targets(results: dict) -> str:
             return None, "-"
         return (max if higher else min)(found)
 
-    bare_c8, bare_c8_shape = best(results["bare_shapes"], "batched/img_per_s", True)
+    # c=8 against the bare model with as many images in flight (8: 2 processes x 4), and, stricter,
+    # against a batch of 8 in every process (16 in flight): both are printed
+    bare_c8, bare_c8_shape = best(results["bare_shapes"], IN_FLIGHT, True)
+    strict_c8, strict_shape = best(results["bare_shapes"], "batched/img_per_s", True)
+    if bare_c8 is None:  # a run from before the in-flight measure
+        bare_c8, bare_c8_shape = strict_c8, strict_shape
     bare_p50, bare_p50_shape = best(results["bare_shapes"], "batch1/p50_ms", False)
     lines = [
-        f"bare model limit: c=8 {fmt(bare_c8, 'img/s')} ({bare_c8_shape}), c=1 p50 {fmt(bare_p50, 'ms')}"
-        f" ({bare_p50_shape})"
+        f"bare model limit: c=8 {fmt(bare_c8, 'img/s')} ({bare_c8_shape}, 8 images in flight), "
+        f"{fmt(strict_c8, 'img/s')} with a batch of 8 in every process ({strict_shape}); c=1 p50 "
+        f"{fmt(bare_p50, 'ms')} ({bare_p50_shape})"
     ]
     sides = {**{f"ours {s}": v for s, v in results["ours_shapes"].items()}}
     if results.get("torchserve"):
@@ -184,7 +195,7 @@ def report_targets(results: dict) -> str:
         both = "yes" if r8 and r1 and r8 >= TARGETS["c8"] and r1 <= TARGETS["c1_p50"] else "no"
         same = results["bare_shapes"].get(label.removeprefix("ours "))
         alike = (
-            f" (against the bare model in the same shape: c=8 {ratio(c8, pick(same, 'batched/img_per_s'))},"
+            f" (against the bare model in the same shape: c=8 {ratio(c8, pick(same, IN_FLIGHT))},"
             f" c=1 p50 {ratio(p50, pick(same, 'batch1/p50_ms'))})"
             if same and label.startswith("ours ")
             else ""
@@ -199,7 +210,8 @@ def report_targets(results: dict) -> str:
     met1 = bool(ours_p50 and bare_p50 and ours_p50 / bare_p50 <= TARGETS["c1_p50"])
     lines.append(
         f"TARGET ResNet34 c=8 throughput >= {TARGETS['c8']}x bare: {ratio(ours_c8, bare_c8)} "
-        f"(ours {c8_shape}): {'met' if met8 else 'MISSED'}"
+        f"(ours {c8_shape}; bare {bare_c8_shape} with 8 images in flight): {'met' if met8 else 'MISSED'}; "
+        f"{ratio(ours_c8, strict_c8)} the bare {strict_shape} with a batch of 8 in every process"
     )
     lines.append(
         f"TARGET ResNet34 c=1 p50 latency <= {TARGETS['c1_p50']}x bare: {ratio(ours_p50, bare_p50)} "
@@ -212,7 +224,7 @@ def spread(rounds: list[dict], names: list[str]) -> str:
     """Every round's figure, best and median, for the measures the targets use, per side and shape."""
     measures = [  # (title, unit, higher is better, path in a bare shape, path in a server run)
         ("ResNet34 c=1 p50", "ms", False, "batch1/p50_ms", "resnet34/c1/p50_ms"),
-        ("ResNet34 c=8", "img/s", True, "batched/img_per_s", "resnet34/c8/req_per_s"),
+        ("ResNet34 c=8", "img/s", True, IN_FLIGHT, "resnet34/c8/req_per_s"),
         ("tiny c=32", "req/s", True, None, "tiny/c32/req_per_s"),
     ]
     parts = []
