@@ -173,9 +173,11 @@ def test_a_multipart_form_and_a_query_string_are_read_by_aiohttp(lanes):
         ("a folded header", b"Content-Length: 2\r\nX-A: 1\r\n folded\r\n"),
         ("a control byte in a value", b"Content-Length: 2\r\nX-A: \x01\r\n"),
         ("a signed length", b"Content-Length: +2\r\n"),
+        ("a header over aiohttp's 8,190 bytes", b"Content-Length: 2\r\nX-Big: " + b"Q" * 9000 + b"\r\n"),
+        ("129 headers", b"Content-Length: 2\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(128))),
     ],
 )
-def test_heads_that_could_smuggle_a_request_meet_aiohttps_parser(lanes, what, head):
+def test_heads_that_could_smuggle_a_request_or_pass_a_limit_meet_aiohttps_parser(lanes, what, head):
     conn = Conn(lanes("lane"))
     conn.send(b"POST /predictions/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head + b"\r\nhi")
     status, headers, body = conn.answer()
@@ -273,3 +275,23 @@ def test_a_client_that_leaves_while_queued_never_reaches_the_handler(
     assert busy.answer()[2] == b"after"
     busy.close()
     assert seen.read_text().split() == ["sleep:1.5", "after"]
+
+
+def test_expect_100_continue_and_a_body_in_pieces_are_read_in_the_lane(lanes):
+    conn = Conn(lanes("lane"))
+    head, body = plain(b"x" * 5000, b"Expect: 100-continue\r\n").split(b"\r\n\r\n", 1)
+    conn.send(head + b"\r\n\r\n")  # as curl -T does: the head, then the body once told to go on
+    while b"\r\n\r\n" not in conn.data:
+        conn._fill()
+    assert conn.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    conn.data = conn.data[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+    for at in range(0, len(body), 1000):
+        conn.send(body[at : at + 1000])
+        time.sleep(0.01)
+    status, _, answer = conn.answer()
+    assert status == 200 and json.loads(answer)["echo"] == "x" * 5000
+    conn.send(plain(b"y", b"Expect: 100-coffee\r\n"))  # an expectation nobody can meet: aiohttp's 417
+    assert conn.answer()[0] == 417
+    conn.close()
+    lane = lanes.servers[0].lane
+    assert (lane.taken, lane.handed) == (1, 1)

@@ -111,6 +111,7 @@ class LaneConnection(asyncio.Protocol):
         self._task: asyncio.Task | None = None
         self._since = time.monotonic()  # the connection's last answer (or its start)
         self._body_since: float | None = None  # when a head came whose body has not all come
+        self._pending: Head | None = None  # that head
         self._write_paused = False
         self._drained: asyncio.Future | None = None
         self._reading_paused = False
@@ -130,10 +131,10 @@ class LaneConnection(asyncio.Protocol):
             self._aiohttp.data_received(data)
             return
         self._buffer += data
+        if len(self._buffer) > HEAD_MAX + self.lane.body_max and not self._reading_paused:
+            self._pause_reading()  # a client sending ahead of its answers waits for them
         if not self._busy:
             self._next()
-        elif len(self._buffer) > HEAD_MAX + self.lane.body_max and not self._reading_paused:
-            self._pause_reading()  # a pipelining client waits for its answers
 
     def eof_received(self) -> bool | None:
         if self._aiohttp is not None:
@@ -141,13 +142,14 @@ class LaneConnection(asyncio.Protocol):
         return None  # as aiohttp: the transport closes; a request in hand sees its client gone
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.lane.connections.discard(self)
-        self.server._connections.pop(self, None)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
         if self._aiohttp is not None:
             self._aiohttp.connection_lost(exc)
-        self.transport = None if self._aiohttp is None else self.transport
+            return
+        self.lane.connections.discard(self)
+        self.server._connections.pop(self, None)
+        self.transport = None  # a request in hand sees its client gone (client_watch)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     def pause_writing(self) -> None:
         if self._aiohttp is not None:
@@ -212,7 +214,7 @@ class LaneConnection(asyncio.Protocol):
             if self._closing and self.transport is not None:
                 self.transport.close()
             return
-        head = read_head(self._buffer, self.lane.body_max)
+        head = self._pending or read_head(self._buffer, self.lane.body_max)
         if head is None:
             return  # more bytes to come (the sweep watches the time)
         if head is False:
@@ -221,10 +223,12 @@ class LaneConnection(asyncio.Protocol):
         buffer = self._buffer
         end = head.size + head.length
         if len(buffer) < end:
-            if self._body_since is None:
-                self._body_since = time.monotonic()
+            if self._pending is None:  # its head is read once, however many reads its body takes
+                self._pending, self._body_since = head, time.monotonic()
+                if head.expect:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return
-        self._body_since = None
+        self._pending = self._body_since = None
         body = bytes(buffer[head.size : end])
         del buffer[:end]
         self._busy = True

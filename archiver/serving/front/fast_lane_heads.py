@@ -19,26 +19,31 @@ from archiver.serving.protocols.wire import RawRequest
 
 # A head longer than this goes to aiohttp, whose limits answer it (431) or read it.
 HEAD_MAX = 16 * 1024
+# aiohttp's own limits on a request's head (its HttpRequestParser's defaults): a head over them goes
+# there, to be refused as it always was.
+_MAX_LINE = 8190
+_MAX_LINES = 1 + 128
 
 _PATH = re.compile(rb"/(predictions|explanations)/([!$&-.0-9;=@-Z_a-z~]+)(?:/([!$&-.0-9;=@-Z_a-z~]+))?")
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _DIGITS = re.compile(rb"[0-9]{1,12}")
 # Headers aiohttp refuses or acts on that the lane does not: whichever is present sends the request there.
-_NOT_OURS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_NOT_OURS = frozenset({b"transfer-encoding", b"upgrade"})
 _OPERATIONS = {b"predictions": router.predictions, b"explanations": router.explanations}
 
 
 class Head:
     """A request the lane answers: its parts, read from its head."""
 
-    __slots__ = ("close", "headers", "length", "method", "operation", "params", "path", "size")
+    __slots__ = ("close", "expect", "headers", "length", "method", "operation", "params", "path", "size")
     headers: CIMultiDict[str]
     operation: Any
     params: dict[str, str]
 
     def __init__(self) -> None:
         self.close = False
+        self.expect = False  # the client waits for "100 Continue" before its body (curl -T does)
 
 
 class PlainBody:
@@ -63,6 +68,8 @@ def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
     if end < 0:
         return False if len(buffer) > HEAD_MAX else None
     lines = bytes(buffer[:end]).split(b"\r\n")
+    if len(lines) > _MAX_LINES or max(map(len, lines)) > _MAX_LINE:
+        return False  # aiohttp's limits answer it
     request_line = lines[0].split(b" ")
     if len(request_line) != 3 or request_line[2] != b"HTTP/1.1" or request_line[0] not in (b"POST", b"PUT"):
         return False
@@ -71,7 +78,7 @@ def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
         return False
     length: int | None = None
     headers: CIMultiDict[str] = CIMultiDict()
-    close = False
+    close = expect = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or _NAME.fullmatch(name) is None or _VALUE.fullmatch(value) is None:
@@ -84,6 +91,10 @@ def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
             length = int(value)
         elif lower in _NOT_OURS:
             return False
+        elif lower == b"expect":
+            if value.lower() != b"100-continue" or expect:
+                return False  # aiohttp answers any other expectation 417
+            expect = True
         elif lower == b"connection" and b"close" in value.lower():
             close = True
         headers.add(name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
@@ -92,7 +103,7 @@ def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
     if mime_type(headers.get("Content-Type")) == "multipart/form-data":
         return False
     head = Head()
-    head.size, head.length, head.headers, head.close = end + 4, length, headers, close
+    head.size, head.length, head.headers, head.close, head.expect = end + 4, length, headers, close, expect
     head.method = request_line[0].decode("ascii")
     head.path = request_line[1].decode("ascii")
     head.operation = _OPERATIONS[found.group(1)]
