@@ -216,6 +216,15 @@ def test_the_token_and_the_site_rules_hold_in_the_lane(lanes, serve, echo_model,
     conn.send(plain(b"with token", b"Authorization: Bearer s3cret\r\n"))
     assert conn.answer()[0] == 200
     conn.close()
+    # without the token, a big body is never waited for (nor held): 401 at once, and the connection
+    # closes, since the rest of the stream is that body
+    conn = Conn(port)
+    started = time.monotonic()
+    conn.send(plain(b"Q" * 3_000_000)[:300])
+    status, headers, _ = conn.answer()
+    assert status == 401 and headers["connection"] == "close" and time.monotonic() - started < 2
+    assert conn.closed()
+    conn.close()
     conn = Conn(lanes("lane"))
     conn.send(plain(b"x").replace(b"Host: 127.0.0.1", b"Host: evil.example"))
     status, _, body = conn.answer()

@@ -18,7 +18,7 @@ from aiohttp import web
 from archiver.errors import UsageError
 from archiver.serving.front import management_ops as ops
 from archiver.serving.front import openapi, page_routes
-from archiver.serving.front.fast_lane import Lane
+from archiver.serving.front.fast_lane_port import Lane
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.inference_routes import add_inference_routes
 from archiver.serving.front.metrics import ServerMetrics

@@ -27,76 +27,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
-from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
 
-from archiver.errors import ArchiverError, UnauthorizedError
+from archiver.errors import ArchiverError, BodyTimeoutError, UnauthorizedError
 from archiver.serving.front.client_watch import ClientGone, while_connected
 from archiver.serving.front.fast_lane_heads import HEAD_MAX, Head, PlainBody, read_head
+from archiver.serving.front.fast_lane_port import Lane
 from archiver.serving.front.fast_lane_replies import error_reply, head_bytes
-from archiver.serving.front.http_limits import HttpLimits
-from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.middlewares import refusal
 from archiver.serving.protocols import router
 from archiver.serving.protocols.answer_stream import AnswerStream
-from archiver.serving.protocols.records import InferenceResponse, error_response
+from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.redaction import public_message
 
 log = logging.getLogger("archiver.serving")
 
-# The largest body the lane holds itself; a bigger one streams through aiohttp under the same limits.
-BODY_MAX = 4 * 1024 * 1024
-# How often the lane looks for idle connections and bodies that have not come.
-SWEEP_S = 1.0
 # How often a silent stream looks whether its client is still there (as streamed_replies.py).
 POLL_S = 0.25
-
-
-class Lane:
-    """What every fast-lane connection of one inference port shares."""
-
-    def __init__(
-        self,
-        host: Any,
-        metrics: ServerMetrics,
-        limits: HttpLimits,
-        open_paths: frozenset[str],
-        idle_timeout_s: float = 15.0,
-    ) -> None:
-        self.host, self.metrics, self.limits, self.open_paths = host, metrics, limits, open_paths
-        self.idle_timeout_s = idle_timeout_s
-        self.body_max = min(BODY_MAX, limits.max_request_size)
-        self.connections: set[LaneConnection] = set()
-        # requests the lane took, and connections it handed to aiohttp (tests and diagnosis read them)
-        self.taken = 0
-        self.handed = 0
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._date_second = -1
-        self._date = ""
-
-    def date(self) -> str:
-        now = int(time.time())
-        if now != self._date_second:
-            self._date_second, self._date = now, formatdate(now, usegmt=True)
-        return self._date
-
-    def add(self, conn: LaneConnection) -> None:
-        self.connections.add(conn)
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = time.monotonic()
-        for conn in list(self.connections):
-            conn.look(now)
-        if self.connections:
-            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
 
 
 class LaneConnection(asyncio.Protocol):
@@ -111,7 +62,7 @@ class LaneConnection(asyncio.Protocol):
         self._task: asyncio.Task | None = None
         self._since = time.monotonic()  # the connection's last answer (or its start)
         self._body_since: float | None = None  # when a head came whose body has not all come
-        self._pending: Head | None = None  # that head
+        self._waiting: tuple[int, PlainBody] | None = None  # that body: its length, and its reader
         self._write_paused = False
         self._drained: asyncio.Future | None = None
         self._reading_paused = False
@@ -131,6 +82,8 @@ class LaneConnection(asyncio.Protocol):
             self._aiohttp.data_received(data)
             return
         self._buffer += data
+        if self._waiting is not None:
+            self._fill_body()
         if len(self._buffer) > HEAD_MAX + self.lane.body_max and not self._reading_paused:
             self._pause_reading()  # a client sending ahead of its answers waits for them
         if not self._busy:
@@ -195,47 +148,63 @@ class LaneConnection(asyncio.Protocol):
 
     # ---- the lane --------------------------------------------------------------------------------
     def look(self, now: float) -> None:
-        """The sweep's look: close an idle connection; answer 408 to a body that has not all come."""
+        """The sweep's look: close an idle connection; fail a body that has not all come in time (the
+        request then answers 408 and the connection closes)."""
         transport = self.transport
-        if self._aiohttp is not None or transport is None or self._busy:
+        if self._aiohttp is not None or transport is None:
             return
-        if self._body_since is not None:
+        if self._waiting is not None and self._body_since is not None:
             if now - self._body_since > self.lane.limits.body_read_timeout_s:
-                self._refuse_now(408, "BodyTimeoutError", self._body_timeout_message())
-        elif now - self._since > self.lane.idle_timeout_s:
+                arrived = self._waiting[1].arrived
+                if arrived is not None and not arrived.done():
+                    seconds = self.lane.limits.body_read_timeout_s
+                    arrived.set_exception(
+                        BodyTimeoutError(f"request body not received within {seconds:g} seconds")
+                    )
+        elif not self._busy and now - self._since > self.lane.idle_timeout_s:
             transport.close()
 
-    def _body_timeout_message(self) -> str:
-        return f"request body not received within {self.lane.limits.body_read_timeout_s:g} seconds"
-
     def _next(self) -> None:
-        """Take the next complete request in the buffer, or hand the connection over."""
+        """Take the next request in the buffer once its head is there, or hand the connection over."""
         if self._write_paused or self._closing or self.transport is None:
             if self._closing and self.transport is not None:
                 self.transport.close()
             return
-        head = self._pending or read_head(self._buffer, self.lane.body_max)
+        buffer = self._buffer
+        head = read_head(buffer, self.lane.body_max)
         if head is None:
             return  # more bytes to come (the sweep watches the time)
         if head is False:
             self._hand_over()
             return
-        buffer = self._buffer
+        body = PlainBody(head.headers, self.lane.limits)
         end = head.size + head.length
-        if len(buffer) < end:
-            if self._pending is None:  # its head is read once, however many reads its body takes
-                self._pending, self._body_since = head, time.monotonic()
-                if head.expect:
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return
-        self._pending = self._body_since = None
-        body = bytes(buffer[head.size : end])
-        del buffer[:end]
+        if len(buffer) >= end:  # most requests: the body came with its head
+            body.body = bytes(buffer[head.size : end])
+            del buffer[:end]
+        else:  # the request starts now; its body is read as it comes (``_fill_body``)
+            del buffer[: head.size]
+            body.arrived = asyncio.get_running_loop().create_future()
+            self._waiting, self._body_since = (head.length, body), time.monotonic()
+            if head.expect:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._busy = True
         self.lane.taken += 1
         self._task = asyncio.get_running_loop().create_task(self._answer(head, body))
         if self._reading_paused and len(buffer) <= HEAD_MAX:
             self._resume_reading()
+
+    def _fill_body(self) -> None:
+        """The body being waited for, once all of it is in the buffer."""
+        assert self._waiting is not None
+        length, body = self._waiting
+        if len(self._buffer) < length:
+            return
+        body.body = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        self._waiting = self._body_since = None
+        if body.arrived is not None and not body.arrived.done():
+            body.arrived.set_result(None)
 
     def _hand_over(self) -> None:
         """From here on the connection is aiohttp's, starting with the bytes not yet answered."""
@@ -252,17 +221,17 @@ class LaneConnection(asyncio.Protocol):
         if data:
             handler.data_received(data)
 
-    async def _answer(self, head: Head, body: bytes) -> None:
+    async def _answer(self, head: Head, body: PlainBody) -> None:
         lane = self.lane
         started = time.perf_counter()
         try:
             refused = refusal(head.method, head.path, head.headers, self._port, lane.limits, lane.open_paths)
             if refused is not None:
                 extra = {"WWW-Authenticate": "Bearer"} if isinstance(refused, UnauthorizedError) else {}
-                self._write(error_reply(refused, extra), head.close)
+                self._write(error_reply(refused, extra), self._must_close(head))
                 return
             call = router.Call(
-                head.method, head.path, head.params, head.headers, PlainBody(body, head.headers, lane.limits),
+                head.method, head.path, head.params, head.headers, body,
                 lane.limits.max_request_items,
             )  # fmt: skip
             try:
@@ -279,18 +248,28 @@ class LaneConnection(asyncio.Protocol):
             if reply.stream is not None:
                 await self._write_stream(head, reply, reply.stream, started)
                 return
-            self._write(reply, head.close)
+            self._write(reply, self._must_close(head))
             if reply.label is not None:
                 version = head.params.get("version") if reply.label != "-" else None
                 lane.metrics.observe_request(
                     reply.label, reply.status, time.perf_counter() - started, version or "default"
                 )
         finally:
+            if self._waiting is not None:  # answered without its body (refused, unknown, timed out):
+                self._waiting = self._body_since = None  # the rest of the stream is not a request
+                self._closing = True
             self._busy = False
             self._task = None
             self._since = time.monotonic()
             if self.transport is not None and not self.transport.is_closing():
                 self._next()
+
+    def _must_close(self, head: Head) -> bool:
+        """Whether the connection closes after this answer: the client asked, or the body was not
+        read to its end (what is left of it is not the next request)."""
+        if self._waiting is not None:
+            self._closing = True
+        return head.close or self._closing
 
     def _write(self, reply: router.Reply, close: bool) -> None:
         transport = self.transport
@@ -325,7 +304,7 @@ class LaneConnection(asyncio.Protocol):
             transport = self.transport
             if transport is None or transport.is_closing():
                 return
-            transport.write(head_bytes(reply, self.lane.date(), self._closing, chunked=True))
+            transport.write(head_bytes(reply, self.lane.date(), self._must_close(head), chunked=True))
             self._chunk(reply.body)
             while True:
                 await self._drain()
@@ -374,12 +353,6 @@ class LaneConnection(asyncio.Protocol):
                 if self.transport is None or self.transport.is_closing():
                     raise ClientGone from None
 
-    def _refuse_now(self, status: int, error_type: str, message: str) -> None:
-        """Answer a request the lane cannot read to its end, and close."""
-        answer = error_response(status, error_type, message)
-        self._closing = True
-        self._write(router.Reply(status, {"Content-Type": "application/json"}, answer.body), close=True)
-
     def _pause_reading(self) -> None:
         if self.transport is not None:
             self.transport.pause_reading()
@@ -389,9 +362,3 @@ class LaneConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
         self._reading_paused = False
-
-
-def fast_lane_on() -> bool:
-    """The lane is on unless ``MODEL_ARCHIVER_FAST_LANE=0``: every request then goes through aiohttp, to
-    tell a lane problem from another (as ``MODEL_ARCHIVER_EVENT_LOOP=asyncio`` does for uvloop)."""
-    return os.environ.get("MODEL_ARCHIVER_FAST_LANE", "1").strip() not in ("0", "off", "false", "no")

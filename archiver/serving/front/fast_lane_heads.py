@@ -6,6 +6,7 @@ differently from it (no request smuggling between the two)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -28,6 +29,11 @@ _PATH = re.compile(rb"/(predictions|explanations)/([!$&-.0-9;=@-Z_a-z~]+)(?:/([!
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _DIGITS = re.compile(rb"[0-9]{1,12}")
+# The headers aiohttp's parser refuses twice in one request (its SINGLETON_HEADERS).
+_SINGLETONS = frozenset(
+    {b"content-length", b"content-location", b"content-range", b"content-type", b"etag", b"host"}
+    | {b"max-forwards", b"server", b"transfer-encoding", b"user-agent"}
+)
 # Headers aiohttp refuses or acts on that the lane does not: whichever is present sends the request there.
 _NOT_OURS = frozenset({b"transfer-encoding", b"upgrade"})
 _OPERATIONS = {b"predictions": router.predictions, b"explanations": router.explanations}
@@ -47,18 +53,28 @@ class Head:
 
 
 class PlainBody:
-    """The router's ``Body`` over a body the lane has read whole."""
+    """The router's ``Body`` over a body the lane reads itself: ``body`` once it is all there (most
+    come with their head); until then ``read`` waits on ``arrived``, which the connection resolves when
+    the rest comes, or fails with ``BodyTimeoutError`` after ``body_read_timeout_s``. The router reads
+    it after the token check and the model lookup, so a refused or unknown request's body is never
+    waited for, as on aiohttp's side."""
 
-    __slots__ = ("body", "headers", "limits")
+    __slots__ = ("arrived", "body", "headers", "limits")
 
-    def __init__(self, body: bytes, headers: CIMultiDict[str], limits: HttpLimits) -> None:
-        self.body, self.headers, self.limits = body, headers, limits
+    def __init__(self, headers: CIMultiDict[str], limits: HttpLimits) -> None:
+        self.headers, self.limits = headers, limits
+        self.body: bytes | None = None
+        self.arrived: asyncio.Future[None] | None = None
 
     async def read(self) -> bytes:
+        if self.body is None:
+            assert self.arrived is not None
+            await self.arrived
+        assert self.body is not None
         return self.body
 
     async def inference(self, request_id: str) -> RawRequest:
-        return plain_request(self.headers, self.body, self.limits, request_id)
+        return plain_request(self.headers, await self.read(), self.limits, request_id)
 
 
 def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
@@ -66,7 +82,12 @@ def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
     has not all come."""
     end = buffer.find(b"\r\n\r\n", 0, HEAD_MAX + 4)
     if end < 0:
-        return False if len(buffer) > HEAD_MAX else None
+        if len(buffer) > HEAD_MAX:
+            return False
+        # anything but the start of a POST or PUT is aiohttp's at once (junk gets its 400 now, not
+        # after the idle timeout; a GET is answered as soon as its head is there)
+        start = bytes(buffer[:5])
+        return None if b"POST "[: len(start)] == start or b"PUT "[: len(start)] == start[:4] else False
     lines = bytes(buffer[:end]).split(b"\r\n")
     if len(lines) > _MAX_LINES or max(map(len, lines)) > _MAX_LINE:
         return False  # aiohttp's limits answer it
@@ -78,12 +99,17 @@ def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
         return False
     length: int | None = None
     headers: CIMultiDict[str] = CIMultiDict()
+    seen: set[bytes] = set()
     close = expect = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or _NAME.fullmatch(name) is None or _VALUE.fullmatch(value) is None:
             return False  # obs-fold, a bad name, a control byte: aiohttp's parser says what
         lower = name.lower()
+        if lower in _SINGLETONS:
+            if lower in seen:
+                return False  # aiohttp refuses a second Host, Content-Type, ...: 400
+            seen.add(lower)
         value = value.strip(b" \t")
         if lower == b"content-length":
             if length is not None or _DIGITS.fullmatch(value) is None:
@@ -98,8 +124,8 @@ def read_head(buffer: bytearray, body_max: int) -> Head | bool | None:
         elif lower == b"connection" and b"close" in value.lower():
             close = True
         headers.add(name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
-    if length is None or length > body_max:
-        return False
+    if length is None or length > body_max or b"host" not in seen:
+        return False  # (HTTP/1.1 without a Host: aiohttp's 400)
     if mime_type(headers.get("Content-Type")) == "multipart/form-data":
         return False
     head = Head()

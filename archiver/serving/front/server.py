@@ -27,7 +27,7 @@ from aiohttp import web
 from archiver.errors import UsageError
 from archiver.serving.front.app import LANE_KEY, inference_app, management_app, metrics_app
 from archiver.serving.front.event_loop import new_event_loop
-from archiver.serving.front.fast_lane import Lane, fast_lane_on
+from archiver.serving.front.fast_lane_port import Lane, fast_lane_on
 from archiver.serving.front.http_limits import HttpLimits
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.front.parse_errors import JsonErrorRunner
