@@ -304,3 +304,24 @@ def test_expect_100_continue_and_a_body_in_pieces_are_read_in_the_lane(lanes):
     conn.close()
     lane = lanes.servers[0].lane
     assert (lane.taken, lane.handed) == (1, 1)
+
+
+def test_both_lanes_stream_a_generator_handlers_answers_alike(monkeypatch, serve, make_model):
+    from tests.serving.test_streaming import GENERATOR_HANDLER
+
+    model = make_model("gen", handler_source=GENERATOR_HANDLER)
+    answers = {}
+    for which, flag in (("lane", "1"), ("aiohttp", "0")):
+        monkeypatch.setenv("MODEL_ARCHIVER_FAST_LANE", flag)
+        server = serve([model]).server
+        conn = Conn(server.ports["inference"])
+        for body in (b"words", b"fail", b"words"):  # a failure mid-stream leaves the connection usable
+            conn.send(plain(body).replace(b"/echo", b"/gen"))
+            status, headers, streamed = conn.answer()
+            answers.setdefault(which, []).append((status, headers.get("transfer-encoding"), streamed))
+        conn.close()
+        assert (server.lane.taken if server.lane else 3) == 3
+    assert answers["lane"] == answers["aiohttp"]
+    (status, chunked, words), (_, _, failed), _ = answers["lane"]
+    assert status == 200 and chunked == "chunked" and words == b"one two three"
+    assert failed.startswith(b"partial ") and json.loads(failed[len(b"partial ") :])["code"] == 500

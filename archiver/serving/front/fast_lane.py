@@ -39,15 +39,13 @@ from archiver.serving.front.fast_lane_heads import HEAD_MAX, Head, PlainBody, re
 from archiver.serving.front.fast_lane_port import Lane
 from archiver.serving.front.fast_lane_replies import error_reply, head_bytes
 from archiver.serving.front.middlewares import refusal
+from archiver.serving.front.streamed_replies import next_while_connected
 from archiver.serving.protocols import router
 from archiver.serving.protocols.answer_stream import AnswerStream
 from archiver.serving.protocols.records import InferenceResponse
 from archiver.serving.protocols.redaction import public_message
 
 log = logging.getLogger("archiver.serving")
-
-# How often a silent stream looks whether its client is still there (as streamed_replies.py).
-POLL_S = 0.25
 
 
 class LaneConnection(asyncio.Protocol):
@@ -310,7 +308,7 @@ class LaneConnection(asyncio.Protocol):
                 await self._drain()
                 if self.transport is None or self.transport.is_closing():
                     raise ClientGone  # as aiohttp's write would raise: nobody reads the rest
-                answer = await self._next_answer(stream)
+                answer = await next_while_connected(self, stream)
                 if answer is None:
                     break
                 self._chunk(answer.body)
@@ -341,17 +339,6 @@ class LaneConnection(asyncio.Protocol):
     def _chunk(self, data: bytes) -> None:
         if data and self.transport is not None:
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-
-    async def _next_answer(self, stream: AnswerStream) -> InferenceResponse | None:
-        while True:
-            try:
-                async with asyncio.timeout(POLL_S):
-                    return await anext(stream)
-            except StopAsyncIteration:
-                return None
-            except TimeoutError:
-                if self.transport is None or self.transport.is_closing():
-                    raise ClientGone from None
 
     def _pause_reading(self) -> None:
         if self.transport is not None:

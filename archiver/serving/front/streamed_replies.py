@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from aiohttp import web
 
+from archiver.serving.front.client_watch import ClientGone
 from archiver.serving.front.metrics import ServerMetrics
 from archiver.serving.protocols.answer_stream import AnswerStream
 from archiver.serving.protocols.records import InferenceResponse
@@ -25,10 +27,6 @@ from archiver.serving.protocols.router import Reply
 log = logging.getLogger("archiver.serving")
 # How often a silent stream looks whether its client is still there.
 POLL_S = 0.25
-
-
-class _ClientGone(Exception):
-    pass
 
 
 async def streamed_reply(
@@ -45,14 +43,14 @@ async def streamed_reply(
         await resp.prepare(request)
         await resp.write(reply.body)
         while True:
-            answer = await _next_while_connected(request, stream)
+            answer = await next_while_connected(request, stream)
             if answer is None:
                 break
             await resp.write(answer.body)
             if not answer.ok:
                 failed = answer
         await resp.write_eof()
-    except (_ClientGone, ConnectionError):
+    except (ClientGone, ConnectionError):
         log.info("%s: the client went away mid-stream; its request was cancelled", request.path)
     finally:
         await stream.aclose()
@@ -70,8 +68,9 @@ async def streamed_reply(
     return resp
 
 
-async def _next_while_connected(request: web.Request, stream: AnswerStream) -> InferenceResponse | None:
-    """The stream's next answer (None at its end); _ClientGone once the connection has closed."""
+async def next_while_connected(request: Any, stream: AnswerStream) -> InferenceResponse | None:
+    """The stream's next answer (None at its end); ClientGone once the connection of ``request`` (an
+    aiohttp request, or anything with its ``transport``: the fast lane's connection) has closed."""
     while True:
         try:
             async with asyncio.timeout(POLL_S):
@@ -81,4 +80,4 @@ async def _next_while_connected(request: web.Request, stream: AnswerStream) -> I
         except TimeoutError:
             transport = request.transport
             if transport is None or transport.is_closing():
-                raise _ClientGone from None
+                raise ClientGone from None
