@@ -12,6 +12,7 @@ import time
 import pytest
 
 from archiver.serving.supervisor.registry import ModelSettings
+from tests.serving.test_streaming import GENERATOR_HANDLER
 
 PLAIN = (
     b"POST /predictions/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
@@ -307,8 +308,6 @@ def test_expect_100_continue_and_a_body_in_pieces_are_read_in_the_lane(lanes):
 
 
 def test_both_lanes_stream_a_generator_handlers_answers_alike(monkeypatch, serve, make_model):
-    from tests.serving.test_streaming import GENERATOR_HANDLER
-
     model = make_model("gen", handler_source=GENERATOR_HANDLER)
     answers = {}
     for which, flag in (("lane", "1"), ("aiohttp", "0")):
