@@ -126,35 +126,3 @@ def test_the_recent_load_is_forgotten_two_windows_after_it_ends(monkeypatch):
         return peak_then
 
     assert _run(scenario()) == 1  # the lone request is all the load now: it runs alone
-
-
-def test_one_request_at_a_time_stays_on_the_worker_that_answered_last_and_a_burst_is_shared():
-    # c=1 on 2 workers: taking turns left each worker's threads cold for a whole request
-    async def main() -> list[str]:
-        batcher = Batcher("m", batch_size=8, max_batch_delay_ms=0, queue_size=100)
-        served: list[str] = []
-
-        async def worker(name: str) -> None:
-            while True:
-                jobs = await batcher.take()
-                served.append(name)
-                await asyncio.sleep(0.005)  # its work, long enough for a burst to queue behind it
-                batcher.released(jobs)
-                batcher.deliver(jobs, [InferenceResponse(body=b"ok") for _ in jobs])
-
-        workers = [asyncio.get_running_loop().create_task(worker(name)) for name in ("a", "b")]
-        await _until(lambda: batcher._takers == 2)
-        for i in range(10):
-            await batcher.submit(_request(f"lone-{i}"))
-        lone = served.copy()
-        await asyncio.sleep(1.1)  # the lone load is forgotten; now eight at once, round after round
-        served.clear()
-        for round_ in range(3):
-            await asyncio.gather(*(_submit(batcher, f"burst-{round_}-{i}") for i in range(8)))
-        for task in workers:
-            task.cancel()
-        return [*lone, "|", *served]
-
-    lone, _, burst = "".join(_run(main())).partition("|")
-    assert len(lone) == 10 and len(set(lone)) == 1, lone  # all ten on one worker
-    assert set(burst) == {"a", "b"}, burst  # a burst still goes to both
