@@ -10,17 +10,20 @@ file only reads the request's head and body and writes the answer's bytes.
 What the lane takes is narrow on purpose, so that whatever it does not understand meets aiohttp's
 strict parser and every limit it enforces: HTTP/1.1, ``POST`` or ``PUT`` on ``/predictions/{model}``
 or ``/predictions/{model}/{version}`` (or ``/explanations``) with a plain path, header names that are
-tokens and values with no control bytes, one ``Content-Length`` and no ``Transfer-Encoding``, ``Expect``
-or ``Upgrade``, a body within the server's size limit and ``BODY_MAX``, and not a multipart form. The
+tokens and values with no control bytes, a ``Host``, one ``Content-Length`` and no ``Transfer-Encoding``
+or ``Upgrade`` (``Expect: 100-continue`` is answered), a body within the server's size limit and
+``BODY_MAX``, and not a multipart form (``fast_lane_heads.py`` has the whole rule). The
 first request on a connection that is anything else hands the connection, with every byte not yet
 answered, to aiohttp's protocol (``JsonErrorProtocol``) for the rest of its life.
 
 The lane keeps aiohttp's promises: one request at a time per connection, answered in order; an idle
 connection (no complete head) closed after ``idle_timeout_s``; a body that has not all come within
-``body_read_timeout_s`` answered 408; a client that goes away cancels its request (``client_watch``);
-reading stops while the client does not read its answers; and a drain (``close``, ``shutdown``) lets
-the request in hand finish. It leans on aiohttp's ``web.Server._connections`` to be drained with the
-rest, which ``parse_errors.py`` already pins.
+``body_read_timeout_s`` answered 408 (the router reads the body after the token check and the model
+lookup, so a refused or unknown request is answered without waiting for it); a client that goes
+away cancels its request (``client_watch``); reading stops while the client does not read its
+answers; and a drain (``close``, ``shutdown``) lets the request in hand finish. It leans on
+aiohttp's ``web.Server._connections`` to be drained with the rest, which ``parse_errors.py``
+already pins.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class LaneConnection(asyncio.Protocol):
         self._busy = False  # a request taken, not yet answered
         self._task: asyncio.Task | None = None
         self._since = time.monotonic()  # the connection's last answer (or its start)
-        self._body_since: float | None = None  # when a head came whose body has not all come
-        self._waiting: tuple[int, PlainBody] | None = None  # that body: its length, and its reader
+        # a request whose body has not all come: its length, its reader, and when its head came
+        self._waiting: tuple[int, PlainBody, float] | None = None
         self._write_paused = False
         self._drained: asyncio.Future | None = None
         self._reading_paused = False
@@ -151,9 +154,10 @@ class LaneConnection(asyncio.Protocol):
         transport = self.transport
         if self._aiohttp is not None or transport is None:
             return
-        if self._waiting is not None and self._body_since is not None:
-            if now - self._body_since > self.lane.limits.body_read_timeout_s:
-                arrived = self._waiting[1].arrived
+        if self._waiting is not None:
+            _, body, since = self._waiting
+            if now - since > self.lane.limits.body_read_timeout_s:
+                arrived = body.arrived
                 if arrived is not None and not arrived.done():
                     seconds = self.lane.limits.body_read_timeout_s
                     arrived.set_exception(
@@ -183,7 +187,7 @@ class LaneConnection(asyncio.Protocol):
         else:  # the request starts now; its body is read as it comes (``_fill_body``)
             del buffer[: head.size]
             body.arrived = asyncio.get_running_loop().create_future()
-            self._waiting, self._body_since = (head.length, body), time.monotonic()
+            self._waiting = (head.length, body, time.monotonic())
             if head.expect:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._busy = True
@@ -195,12 +199,12 @@ class LaneConnection(asyncio.Protocol):
     def _fill_body(self) -> None:
         """The body being waited for, once all of it is in the buffer."""
         assert self._waiting is not None
-        length, body = self._waiting
+        length, body, _ = self._waiting
         if len(self._buffer) < length:
             return
         body.body = bytes(self._buffer[:length])
         del self._buffer[:length]
-        self._waiting = self._body_since = None
+        self._waiting = None
         if body.arrived is not None and not body.arrived.done():
             body.arrived.set_result(None)
 
@@ -254,7 +258,7 @@ class LaneConnection(asyncio.Protocol):
                 )
         finally:
             if self._waiting is not None:  # answered without its body (refused, unknown, timed out):
-                self._waiting = self._body_since = None  # the rest of the stream is not a request
+                self._waiting = None  # the rest of the stream is not a request
                 self._closing = True
             self._busy = False
             self._task = None
